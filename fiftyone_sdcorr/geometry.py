@@ -1,0 +1,138 @@
+"""Letterbox geometry: original pixels <-> square model frame <-> token grid.
+
+Conventions (RECIPE.md, as in the reference code ``preprocess_kps_pad``):
+
+- An image of ``width x height`` is resized so that its long side becomes ``size``
+  (``scale = size / max(width, height)``); the short side becomes
+  ``round(size * short / long)`` (at least 1 pixel) and is centred with an integer
+  offset ``(size - short) // 2``.
+- A point in original pixel coordinates ``(x, y)`` maps into the frame as
+  ``(x * scale + pad_left, y * scale + pad_top)``.
+- Token index of a frame coordinate: ``floor(frame / stride)``; the centre of token
+  ``p`` is ``stride * p + (stride - 1) / 2`` (``14 p + 6.5`` for DINOv2).
+- FiftyOne stores points normalised to ``[0, 1]``: ``x = nx * width``.
+
+Pure Python / torch; no FiftyOne import.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Letterbox:
+    """Where an original image sits inside a ``size x size`` square model frame."""
+
+    width: int
+    height: int
+    size: int
+    scale: float
+    resized_width: int
+    resized_height: int
+    pad_left: int
+    pad_top: int
+
+    @classmethod
+    def fit(cls, width: int, height: int, size: int) -> "Letterbox":
+        width, height, size = int(width), int(height), int(size)
+        if width < 1 or height < 1:
+            raise ValueError(f"image size must be positive, got {width}x{height}")
+        if size < 1:
+            raise ValueError(f"frame size must be positive, got {size}")
+        long_side = max(width, height)
+        scale = size / long_side
+        if width >= height:
+            rw = size
+            rh = min(size, max(1, int(round(size * height / width))))
+        else:
+            rh = size
+            rw = min(size, max(1, int(round(size * width / height))))
+        return cls(
+            width=width,
+            height=height,
+            size=size,
+            scale=scale,
+            resized_width=rw,
+            resized_height=rh,
+            pad_left=(size - rw) // 2,
+            pad_top=(size - rh) // 2,
+        )
+
+    # ---- points -------------------------------------------------------------
+    def pixel_to_frame(self, xy):
+        """Original pixel coordinates (..., 2) -> frame coordinates (..., 2)."""
+        xy = torch.as_tensor(xy, dtype=torch.float64)
+        off = torch.tensor([self.pad_left, self.pad_top], dtype=torch.float64)
+        return xy * self.scale + off
+
+    def frame_to_pixel(self, xy):
+        xy = torch.as_tensor(xy, dtype=torch.float64)
+        off = torch.tensor([self.pad_left, self.pad_top], dtype=torch.float64)
+        return (xy - off) / self.scale
+
+    def normalized_to_pixel(self, nxy):
+        nxy = torch.as_tensor(nxy, dtype=torch.float64)
+        return nxy * torch.tensor([self.width, self.height], dtype=torch.float64)
+
+    def pixel_to_normalized(self, xy):
+        xy = torch.as_tensor(xy, dtype=torch.float64)
+        return xy / torch.tensor([self.width, self.height], dtype=torch.float64)
+
+    def frame_to_token(self, xy, stride: int):
+        """Frame coordinates -> integer token indices (col, row), clamped to the grid."""
+        xy = torch.as_tensor(xy, dtype=torch.float64)
+        grid = self.size // stride
+        return torch.clamp(torch.floor(xy / stride), 0, grid - 1).long()
+
+    @staticmethod
+    def token_center(p, stride: int):
+        """Frame coordinate of the centre of token index ``p`` (e.g. 14 p + 6.5)."""
+        return torch.as_tensor(p, dtype=torch.float64) * stride + (stride - 1) / 2.0
+
+    def normalized_to_token(self, nxy, stride: int):
+        return self.frame_to_token(self.pixel_to_frame(self.normalized_to_pixel(nxy)), stride)
+
+    def token_to_normalized(self, cr, stride: int):
+        """Token indices (col, row), or fractional ones, -> normalised [0, 1] coordinates."""
+        cr = torch.as_tensor(cr, dtype=torch.float64)
+        return self.pixel_to_normalized(self.frame_to_pixel(self.token_center(cr, stride)))
+
+    def pixel_to_token(self, xy, stride: int):
+        return self.frame_to_token(self.pixel_to_frame(xy), stride)
+
+    def token_to_pixel(self, cr, stride: int):
+        return self.frame_to_pixel(self.token_center(cr, stride))
+
+    # ---- masks --------------------------------------------------------------
+    def valid_token_mask(self, stride: int) -> torch.Tensor:
+        """(grid, grid) bool mask of tokens whose centre lies on the image, not the padding."""
+        grid = self.size // stride
+        c = self.token_center(torch.arange(grid), stride)
+        cols = (c >= self.pad_left) & (c < self.pad_left + self.resized_width)
+        rows = (c >= self.pad_top) & (c < self.pad_top + self.resized_height)
+        mask = rows[:, None] & cols[None, :]
+        if not mask.any():  # degenerate 1-pixel images: keep the nearest token
+            nearest = self.frame_to_token(
+                [self.pad_left + self.resized_width / 2, self.pad_top + self.resized_height / 2], stride
+            )
+            mask[nearest[1], nearest[0]] = True
+        return mask
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Letterbox":
+        return cls(**{k: (float(v) if k == "scale" else int(v)) for k, v in d.items()})
+
+
+def grid_size(size: int, stride: int) -> int:
+    if size % stride:
+        raise ValueError(f"frame size {size} is not a multiple of the stride {stride}")
+    return size // stride
+
+
+__all__ = ["Letterbox", "grid_size"]
