@@ -1,0 +1,495 @@
+"""Matching fused dense descriptors: nearest neighbour, soft-argmax, confidence, flip.
+
+Pure tensors in, tensors out; no FiftyOne import (DESIGN.md, layer 3).
+
+Conventions
+-----------
+- Descriptors are ``C x H x W`` tensors on a token grid (``FusedFeatures.descriptors``).
+  They are compared by **cosine similarity**: every token vector is L2-normalised first
+  (the fused vectors are two unit-norm halves, so their overall norm is ``sqrt(2)``, not
+  1; for such vectors argmax cosine equals argmin L2, the recipe's nearest neighbour).
+- Token positions are ``(col, row)`` pairs, i.e. ``(x, y)`` order, like
+  :mod:`fiftyone_sdcorr.geometry`. Source positions are integer (long) tokens; matched
+  target positions are float, fractional when the window soft-argmax is used.
+- Keypoints are normalised image coordinates in ``[0, 1]`` (FiftyOne's convention);
+  :func:`keypoints_to_tokens` and :func:`tokens_to_normalized` convert through the
+  letterbox of a :class:`~fiftyone_sdcorr.features.FusedFeatures`.
+
+Confidence rule
+---------------
+``confidence = clamp(similarity, 0, 1) * exp(-(cycle_error / 2) ** 2)``
+
+where ``similarity`` is the cosine similarity at the matched (argmax) target token and
+``cycle_error`` is the distance, in tokens, between the source token and the source token
+found by matching the target token back (cycle consistency). A point that comes back
+to itself keeps its similarity; one that comes back 2 tokens away loses a factor ``e``;
+4 tokens away, a factor ``e**4``. Without the cycle check (``cycle=False``) the
+cycle error is NaN and the confidence is ``clamp(similarity, 0, 1)``. Invalid points
+(NaN keypoints, off the grid) get NaN positions and confidence 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple
+
+import torch
+
+from fiftyone_sdcorr.features import FusedFeatures
+
+#: GeoAware-SC window soft-argmax defaults.
+DEFAULT_SOFT_WINDOW = 11
+DEFAULT_TEMPERATURE = 0.02
+#: Cycle errors are scaled by this many tokens in the confidence rule.
+CYCLE_SCALE = 2.0
+
+
+# --------------------------------------------------------------------------------------
+# Result type
+# --------------------------------------------------------------------------------------
+@dataclass
+class Matches:
+    """Matches of ``K`` source points in one target.
+
+    Attributes:
+        tokens: ``(K, 2)`` float ``(col, row)`` positions on the target token grid
+            (fractional with soft-argmax; NaN where ``valid`` is False).
+        similarity: ``(K,)`` cosine similarity at the matched (argmax) target token.
+        cycle_error: ``(K,)`` distance in tokens between each source token and the
+            back-match of its target token (NaN when not computed or invalid).
+        confidence: ``(K,)`` in ``[0, 1]``; see the module docstring for the rule.
+        valid: ``(K,)`` bool, False for points that could not be matched (NaN keypoints).
+        flipped: True when :func:`match_points_with_flip` kept the flipped source.
+    """
+
+    tokens: torch.Tensor
+    similarity: torch.Tensor
+    cycle_error: torch.Tensor
+    confidence: torch.Tensor
+    valid: torch.Tensor
+    flipped: bool = False
+
+    def __len__(self) -> int:
+        return int(self.tokens.shape[0])
+
+    def normalized(self, tgt: FusedFeatures) -> torch.Tensor:
+        """Matched positions as normalised ``[0, 1]`` target image coordinates (float64)."""
+        return tokens_to_normalized(self.tokens, tgt)
+
+    def mean_similarity(self) -> float:
+        """Mean similarity over the valid points (``-inf`` when there are none)."""
+        if not bool(self.valid.any()):
+            return float("-inf")
+        return float(self.similarity[self.valid].mean())
+
+
+# --------------------------------------------------------------------------------------
+# Geometry helpers
+# --------------------------------------------------------------------------------------
+def keypoints_to_tokens(
+    points_normalized, fused: FusedFeatures
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Normalised keypoints ``(K, 2)`` -> integer tokens ``(K, 2)`` (col, row) and a mask.
+
+    Uses the letterbox of ``fused`` (RECIPE: scale, add the offset, ``floor(x / stride)``).
+    Points with a NaN / infinite coordinate, or outside ``[0, 1]``, are invalid: their
+    returned token is ``(0, 0)`` and their entry in the returned ``(K,)`` bool mask is
+    False.
+    """
+    pts = torch.as_tensor(points_normalized, dtype=torch.float64).reshape(-1, 2)
+    valid = torch.isfinite(pts).all(dim=1) & (pts >= 0).all(dim=1) & (pts <= 1).all(dim=1)
+    safe = torch.where(valid[:, None], pts, torch.zeros_like(pts))
+    tokens = fused.letterbox.normalized_to_token(safe, fused.stride)
+    tokens = torch.where(valid[:, None], tokens, torch.zeros_like(tokens))
+    return tokens.long(), valid
+
+
+def tokens_to_normalized(tokens, fused: FusedFeatures) -> torch.Tensor:
+    """Token positions ``(K, 2)`` (col, row; integer or fractional) -> normalised ``[0, 1]``
+    image coordinates of the token centres (float64). NaN stays NaN."""
+    cr = torch.as_tensor(tokens, dtype=torch.float64).reshape(-1, 2)
+    return fused.letterbox.token_to_normalized(cr, fused.stride)
+
+
+def mirror_tokens(tokens, fused: FusedFeatures) -> torch.Tensor:
+    """Integer tokens ``(K, 2)`` of an image -> tokens of the same points in the
+    horizontally flipped image (same size, hence same letterbox).
+
+    Goes through pixels: token centre -> pixel ``x`` -> ``width - x`` -> token. For a
+    symmetric letterbox this is exactly ``col -> grid - 1 - col``.
+    """
+    cr = torch.as_tensor(tokens, dtype=torch.float64).reshape(-1, 2)
+    lb = fused.letterbox
+    xy = lb.token_to_pixel(cr, fused.stride)
+    xy = torch.stack([lb.width - xy[:, 0], xy[:, 1]], dim=1)
+    return lb.pixel_to_token(xy, fused.stride).long()
+
+
+# --------------------------------------------------------------------------------------
+# Similarities
+# --------------------------------------------------------------------------------------
+def _descriptors(x) -> torch.Tensor:
+    return x.descriptors if isinstance(x, FusedFeatures) else torch.as_tensor(x)
+
+
+def _unit_tokens(desc: torch.Tensor) -> torch.Tensor:
+    """``C x H x W`` -> ``C x (H*W)`` float32 with every token vector L2-normalised
+    (all-zero tokens stay zero, so their similarity to anything is 0)."""
+    d = desc.reshape(desc.shape[0], -1).float()
+    return d / d.norm(dim=0, keepdim=True).clamp_min(1e-12)
+
+
+def _check_tokens(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    tokens = torch.as_tensor(tokens).reshape(-1, 2).long()
+    if tokens.numel() and (
+        (tokens[:, 0] < 0).any()
+        or (tokens[:, 0] >= width).any()
+        or (tokens[:, 1] < 0).any()
+        or (tokens[:, 1] >= height).any()
+    ):
+        raise ValueError(f"source tokens must lie on the {width}x{height} grid (col, row)")
+    return tokens
+
+
+def similarity_maps(src_desc, tgt_desc, src_tokens) -> torch.Tensor:
+    """Cosine similarity of ``K`` source tokens to every target token.
+
+    Args:
+        src_desc: ``C x H_s x W_s`` source descriptors (or a :class:`FusedFeatures`).
+        tgt_desc: ``C x H_t x W_t`` target descriptors (or a :class:`FusedFeatures`).
+        src_tokens: ``(K, 2)`` integer ``(col, row)`` source tokens.
+
+    Returns:
+        ``(K, H_t, W_t)`` float32 cosine similarities (each token vector is normalised).
+    """
+    src_desc, tgt_desc = _descriptors(src_desc), _descriptors(tgt_desc)
+    if src_desc.shape[0] != tgt_desc.shape[0]:
+        raise ValueError(f"channel mismatch: {src_desc.shape[0]} vs {tgt_desc.shape[0]}")
+    _, hs, ws = src_desc.shape
+    _, ht, wt = tgt_desc.shape
+    tokens = _check_tokens(src_tokens, hs, ws).to(src_desc.device)
+    src = _unit_tokens(src_desc)[:, tokens[:, 1] * ws + tokens[:, 0]]  # C x K
+    tgt = _unit_tokens(tgt_desc).to(src.device)  # C x N_t
+    return (src.T @ tgt).reshape(-1, ht, wt)
+
+
+def window_soft_argmax(
+    sim: torch.Tensor,
+    peak: torch.Tensor,
+    *,
+    window: int = DEFAULT_SOFT_WINDOW,
+    temperature: float = DEFAULT_TEMPERATURE,
+    mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Sub-token position of each similarity peak (GeoAware-SC window soft-argmax).
+
+    Takes the ``window x window`` neighbourhood of the integer ``peak`` in each map,
+    applies ``softmax(sim / temperature)`` over it and returns the expected ``(col, row)``.
+    Window cells off the grid or outside ``mask`` are left out (so near a border the
+    window is one-sided). Vectorised over the ``K`` maps.
+
+    Args:
+        sim: ``(K, H, W)`` similarity maps.
+        peak: ``(K, 2)`` integer ``(col, row)`` of each map's argmax.
+        window: odd window size in tokens (11 in GeoAware-SC).
+        temperature: softmax temperature (0.02 in GeoAware-SC, on cosine similarities).
+        mask: optional ``(H, W)`` bool mask of allowed cells.
+
+    Returns:
+        ``(K, 2)`` float32 ``(col, row)``.
+    """
+    if window < 1 or window % 2 == 0:
+        raise ValueError(f"window must be a positive odd number, got {window}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    k, h, w = sim.shape
+    half = window // 2
+    off = torch.arange(-half, half + 1, device=sim.device)
+    cols = peak[:, 0, None, None].to(sim.device) + off[None, None, :]  # K x 1 x w
+    rows = peak[:, 1, None, None].to(sim.device) + off[None, :, None]  # K x w x 1
+    cols, rows = torch.broadcast_tensors(cols, rows)  # K x w x w
+    inside = (cols >= 0) & (cols < w) & (rows >= 0) & (rows < h)
+    cc, rr = cols.clamp(0, w - 1), rows.clamp(0, h - 1)
+    flat = sim.reshape(k, -1).float()
+    idx = (rr * w + cc).reshape(k, -1)
+    vals = torch.gather(flat, 1, idx)
+    keep = inside.reshape(k, -1)
+    if mask is not None:
+        keep = keep & mask.to(sim.device).reshape(-1)[idx]
+    logits = (vals / temperature).masked_fill(~keep, float("-inf"))
+    weights = torch.softmax(logits, dim=1)
+    col = (weights * cc.reshape(k, -1).float()).sum(1)
+    row = (weights * rr.reshape(k, -1).float()).sum(1)
+    return torch.stack([col, row], dim=1)
+
+
+def confidence_from(similarity: torch.Tensor, cycle_error: torch.Tensor) -> torch.Tensor:
+    """``clamp(similarity, 0, 1) * exp(-(cycle_error / 2) ** 2)``; a NaN cycle error
+    (not computed) leaves the factor out; a NaN similarity gives 0."""
+    conf = similarity.float().clamp(0, 1)
+    factor = torch.exp(-((cycle_error.float() / CYCLE_SCALE) ** 2))
+    conf = torch.where(torch.isnan(cycle_error), conf, conf * factor)
+    return torch.nan_to_num(conf, nan=0.0)
+
+
+# --------------------------------------------------------------------------------------
+# Matching
+# --------------------------------------------------------------------------------------
+def match_points(
+    src: FusedFeatures,
+    tgt: FusedFeatures,
+    src_tokens,
+    *,
+    soft_window: Optional[int] = None,
+    temperature: float = DEFAULT_TEMPERATURE,
+    tgt_mask: Optional[torch.Tensor] = None,
+    src_mask: Optional[torch.Tensor] = None,
+    cycle: bool = True,
+    valid: Optional[torch.Tensor] = None,
+) -> Matches:
+    """Match ``K`` source tokens into the target by nearest neighbour (argmax cosine).
+
+    Args:
+        src, tgt: fused features of the source and target image.
+        src_tokens: ``(K, 2)`` integer ``(col, row)`` source tokens
+            (see :func:`keypoints_to_tokens`).
+        soft_window: if set (e.g. 11), refine each match with the window soft-argmax
+            (:func:`window_soft_argmax`) for sub-token positions.
+        temperature: soft-argmax temperature.
+        tgt_mask: ``(H_t, W_t)`` bool; only these target tokens may be matched.
+            Default: ``tgt.valid_mask()`` (tokens on the image, not on the padding).
+        src_mask: ``(H_s, W_s)`` bool; candidates of the cycle back-match.
+            Default: ``src.valid_mask()``.
+        cycle: compute the cycle error (match each target token back to the source).
+        valid: optional ``(K,)`` bool; False rows get NaN outputs and confidence 0
+            (their tokens are ignored).
+
+    Returns:
+        :class:`Matches`.
+    """
+    sdesc, tdesc = _descriptors(src), _descriptors(tgt)
+    _, hs, ws = sdesc.shape
+    _, ht, wt = tdesc.shape
+    device = tdesc.device
+    tokens_in = torch.as_tensor(src_tokens).reshape(-1, 2).long()
+    k = tokens_in.shape[0]
+    valid = (
+        torch.ones(k, dtype=torch.bool)
+        if valid is None
+        else torch.as_tensor(valid, dtype=torch.bool).reshape(-1).clone()
+    )
+    if valid.shape[0] != k:
+        raise ValueError(f"valid has {valid.shape[0]} entries for {k} tokens")
+    tokens_in = torch.where(valid[:, None], tokens_in, torch.zeros_like(tokens_in))
+    tokens_in = _check_tokens(tokens_in, hs, ws)
+
+    if tgt_mask is None:
+        tgt_mask = tgt.valid_mask() if isinstance(tgt, FusedFeatures) else torch.ones(ht, wt, dtype=torch.bool)
+    tgt_mask = torch.as_tensor(tgt_mask, dtype=torch.bool).to(device)
+    if tgt_mask.shape != (ht, wt):
+        raise ValueError(f"tgt_mask must be {ht}x{wt}, got {tuple(tgt_mask.shape)}")
+    if not bool(tgt_mask.any()):
+        raise ValueError("tgt_mask allows no target token")
+
+    src_unit = _unit_tokens(sdesc).to(device)  # C x N_s
+    tgt_unit = _unit_tokens(tdesc)  # C x N_t
+    src_idx = (tokens_in[:, 1] * ws + tokens_in[:, 0]).to(device)
+
+    sim = src_unit[:, src_idx].T @ tgt_unit  # K x N_t
+    masked = sim.masked_fill(~tgt_mask.reshape(1, -1), float("-inf"))
+    best = masked.argmax(dim=1)  # K
+    similarity = sim.gather(1, best[:, None]).squeeze(1)
+    peak = torch.stack([best % wt, best // wt], dim=1)
+    if soft_window:
+        tokens = window_soft_argmax(
+            sim.reshape(k, ht, wt), peak, window=soft_window, temperature=temperature, mask=tgt_mask
+        )
+    else:
+        tokens = peak.float()
+
+    if cycle:
+        if src_mask is None:
+            src_mask = src.valid_mask() if isinstance(src, FusedFeatures) else torch.ones(hs, ws, dtype=torch.bool)
+        src_mask = torch.as_tensor(src_mask, dtype=torch.bool).to(device)
+        back_sim = tgt_unit[:, best].T @ src_unit  # K x N_s
+        back = back_sim.masked_fill(~src_mask.reshape(1, -1), float("-inf")).argmax(dim=1)
+        back_cr = torch.stack([back % ws, back // ws], dim=1).float()
+        cycle_error = (back_cr - tokens_in.to(device).float()).norm(dim=1)
+    else:
+        cycle_error = torch.full((k,), float("nan"), device=device)
+
+    valid = valid.to(device)
+    nan = torch.tensor(float("nan"), device=device)
+    tokens = torch.where(valid[:, None], tokens, nan)
+    similarity = torch.where(valid, similarity, nan)
+    cycle_error = torch.where(valid, cycle_error, nan)
+    confidence = torch.where(valid, confidence_from(similarity, cycle_error), torch.zeros_like(similarity))
+    return Matches(tokens=tokens, similarity=similarity, cycle_error=cycle_error, confidence=confidence, valid=valid)
+
+
+def match_keypoints(src: FusedFeatures, tgt: FusedFeatures, points_normalized, **kwargs) -> Matches:
+    """:func:`match_points` for normalised source keypoints ``(K, 2)`` (NaN = absent).
+
+    ``Matches.normalized(tgt)`` gives the predicted target keypoints in ``[0, 1]``.
+    """
+    tokens, valid = keypoints_to_tokens(points_normalized, src)
+    return match_points(src, tgt, tokens, valid=valid, **kwargs)
+
+
+def _swap_permutation(k: int, flip_pairs: Sequence[Tuple[int, int]]) -> torch.Tensor:
+    perm = torch.arange(k)
+    seen = set()
+    for i, j in flip_pairs:
+        i, j = int(i), int(j)
+        if not (0 <= i < k and 0 <= j < k):
+            raise ValueError(f"flip pair {(i, j)} out of range for {k} keypoints")
+        if i in seen or j in seen:
+            raise ValueError(f"keypoint in more than one flip pair: {(i, j)}")
+        seen.update((i, j))
+        perm[i], perm[j] = j, i
+    return perm
+
+
+def match_points_with_flip(
+    src: FusedFeatures,
+    src_flipped: FusedFeatures,
+    tgt: FusedFeatures,
+    src_tokens,
+    flip_pairs: Sequence[Tuple[int, int]],
+    *,
+    valid: Optional[torch.Tensor] = None,
+    **kwargs,
+) -> Matches:
+    """Flip alignment (GeoAware-SC, training-free): match the source as is and mirrored,
+    keep whichever agrees better with the target.
+
+    ``src_flipped`` holds the features of the horizontally flipped source image (the caller
+    computes them). ``flip_pairs`` lists keypoint index pairs ``(i, j)`` whose labels swap
+    under a mirror (left eye <-> right eye); unpaired keypoints (nose) keep their label.
+
+    Which labels land where: mirroring the source image turns the object's left eye into
+    what looks like a right eye. So in the flipped image, the keypoint that *plays the
+    role* of label ``i`` sits at the mirror of the original keypoint of its partner
+    ``j = swap(i)``. The flipped branch therefore predicts label ``i`` in the target by
+    matching the flipped-frame token ``mirror(src_tokens[swap(i)])``; output row ``i``
+    always refers to label ``i``, in both branches.
+
+    The branch with the higher mean similarity over the valid points wins (ties keep the
+    original); ``Matches.flipped`` says which. In the flipped branch the cycle error is
+    measured in the flipped source frame, and a label is valid when its partner was.
+    Extra keyword arguments go to :func:`match_points`.
+    """
+    tokens = torch.as_tensor(src_tokens).reshape(-1, 2).long()
+    k = tokens.shape[0]
+    valid = torch.ones(k, dtype=torch.bool) if valid is None else torch.as_tensor(valid, dtype=torch.bool).reshape(-1)
+    lb, lbf = src.letterbox, src_flipped.letterbox
+    if (lb.width, lb.height, lb.size) != (lbf.width, lbf.height, lbf.size) or src.stride != src_flipped.stride:
+        raise ValueError("src_flipped must describe the mirrored source image (same size, frame and stride)")
+
+    original = match_points(src, tgt, tokens, valid=valid, **kwargs)
+    perm = _swap_permutation(k, flip_pairs)
+    safe = torch.where(valid[:, None], tokens, torch.zeros_like(tokens))
+    flipped_tokens = mirror_tokens(safe, src)[perm]
+    flipped = match_points(src_flipped, tgt, flipped_tokens, valid=valid[perm], **kwargs)
+    if flipped.mean_similarity() > original.mean_similarity():
+        flipped.flipped = True
+        return flipped
+    return original
+
+
+def match_keypoints_with_flip(
+    src: FusedFeatures,
+    src_flipped: FusedFeatures,
+    tgt: FusedFeatures,
+    points_normalized,
+    flip_pairs: Sequence[Tuple[int, int]],
+    **kwargs,
+) -> Matches:
+    """:func:`match_points_with_flip` for normalised source keypoints (NaN = absent)."""
+    tokens, valid = keypoints_to_tokens(points_normalized, src)
+    return match_points_with_flip(src, src_flipped, tgt, tokens, flip_pairs, valid=valid, **kwargs)
+
+
+def match_points_loop(src_desc, tgt_desc, src_tokens, tgt_mask: Optional[torch.Tensor] = None):
+    """Reference-style slow matcher: one Python iteration per source point, each computing
+    the cosine similarity of that token to every target token and taking the argmax (the
+    pattern of the reference code's evaluation loop). For benchmarks and tests only; the
+    nearest neighbours equal :func:`match_points` without soft-argmax.
+
+    Returns:
+        ``((K, 2)`` long ``(col, row)`` target tokens, ``(K,)`` similarities``)``.
+    """
+    src_desc, tgt_desc = _descriptors(src_desc), _descriptors(tgt_desc)
+    _, hs, ws = src_desc.shape
+    c, ht, wt = tgt_desc.shape
+    tokens = _check_tokens(src_tokens, hs, ws)
+    tgt_flat = tgt_desc.reshape(c, -1).float()
+    tgt_norm = tgt_flat.norm(dim=0).clamp_min(1e-12)
+    allowed = None if tgt_mask is None else torch.as_tensor(tgt_mask, dtype=torch.bool).reshape(-1)
+    out_tokens, out_sims = [], []
+    for col, row in tokens.tolist():
+        vec = src_desc[:, row, col].float()
+        cos = (vec @ tgt_flat) / (vec.norm().clamp_min(1e-12) * tgt_norm)
+        if allowed is not None:
+            cos = cos.masked_fill(~allowed, float("-inf"))
+        best = int(cos.argmax())
+        out_tokens.append((best % wt, best // wt))
+        out_sims.append(float(cos[best]))
+    return (
+        torch.tensor(out_tokens, dtype=torch.long).reshape(-1, 2),
+        torch.tensor(out_sims, dtype=torch.float32),
+    )
+
+
+def mutual_nn(
+    src_desc,
+    tgt_desc,
+    *,
+    src_mask: Optional[torch.Tensor] = None,
+    tgt_mask: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mutual nearest neighbours ("best buddies") between all tokens of two images.
+
+    Returns ``(src_tokens (M, 2), tgt_tokens (M, 2), similarity (M,))``, ``(col, row)``
+    long tokens of the pairs that are each other's nearest neighbour (within the masks).
+    Builds the full ``N_s x N_t`` similarity matrix (3600 x 3600 floats = 52 MB at 60x60).
+    """
+    sdesc, tdesc = _descriptors(src_desc), _descriptors(tgt_desc)
+    _, hs, ws = sdesc.shape
+    _, ht, wt = tdesc.shape
+    if src_mask is None:
+        src_mask = src_desc.valid_mask() if isinstance(src_desc, FusedFeatures) else torch.ones(hs, ws, dtype=torch.bool)
+    if tgt_mask is None:
+        tgt_mask = tgt_desc.valid_mask() if isinstance(tgt_desc, FusedFeatures) else torch.ones(ht, wt, dtype=torch.bool)
+    device = tdesc.device
+    smask = torch.as_tensor(src_mask, dtype=torch.bool).reshape(-1).to(device)
+    tmask = torch.as_tensor(tgt_mask, dtype=torch.bool).reshape(-1).to(device)
+    sim = _unit_tokens(sdesc).to(device).T @ _unit_tokens(tdesc)
+    sim = sim.masked_fill(~smask[:, None], float("-inf")).masked_fill(~tmask[None, :], float("-inf"))
+    fwd = sim.argmax(dim=1)  # N_s
+    bwd = sim.argmax(dim=0)  # N_t
+    s_idx = torch.arange(sim.shape[0], device=device)
+    keep = smask & tmask[fwd] & (bwd[fwd] == s_idx)
+    s_idx, t_idx = s_idx[keep], fwd[keep]
+    return (
+        torch.stack([s_idx % ws, s_idx // ws], dim=1),
+        torch.stack([t_idx % wt, t_idx // wt], dim=1),
+        sim[s_idx, t_idx],
+    )
+
+
+__all__ = [
+    "Matches",
+    "keypoints_to_tokens",
+    "tokens_to_normalized",
+    "mirror_tokens",
+    "similarity_maps",
+    "window_soft_argmax",
+    "confidence_from",
+    "match_points",
+    "match_keypoints",
+    "match_points_with_flip",
+    "match_keypoints_with_flip",
+    "match_points_loop",
+    "mutual_nn",
+]

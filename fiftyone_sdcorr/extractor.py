@@ -1,0 +1,359 @@
+"""FeatureExtractor: images -> raw SD tap maps + DINOv2 patch tokens (RECIPE.md).
+
+Every number of the recipe is a field of :class:`Recipe` with the paper's value as the
+default. No FiftyOne import.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field, replace
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from fiftyone_sdcorr import models as _models
+from fiftyone_sdcorr.features import DEFAULT_TAPS, FixedProjection, FusedFeatures, RawFeatures, fuse_raw, fuse_pair
+from fiftyone_sdcorr.geometry import Letterbox
+from fiftyone_sdcorr.images import load_image
+
+logger = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The paper's feature recipe; every default is the paper's value."""
+
+    sd_size: int = 960  # letterbox square for the SD branch
+    sd_mode: str = "tiled"  # "tiled": overlapping tiles, overlaps averaged; "whole": one pass
+    sd_tile: int = 512  # tile side in tiled mode (offsets 0 and 448 at 960)
+    padding: str = "zero"  # letterbox padding: "zero" or "edge"
+    timestep: int = 100
+    noise_seed: int = 42
+    noise_size: int = 64  # the shared noise tensor is (1, 4, 64, 64)
+    taps: Tuple[str, ...] = DEFAULT_TAPS
+    prompt: str = ""  # "" = empty prompt; may contain "{label}", e.g. "a photo of a {label}"
+    dino_size: int = 840
+    pca_dim: int = 256  # per SD tap (co-PCA or fixed projection)
+    alpha: float = 0.5  # SD share of the fused descriptor (paper: alpha = 0.5)
+
+    def __post_init__(self):
+        if self.sd_mode not in ("tiled", "whole"):
+            raise ValueError(f"sd_mode must be 'tiled' or 'whole', got {self.sd_mode!r}")
+        if self.padding not in ("zero", "edge"):
+            raise ValueError(f"padding must be 'zero' or 'edge', got {self.padding!r}")
+        bad = [t for t in self.taps if t not in _models.SD_TAPS]
+        if bad or not self.taps:
+            raise ValueError(f"taps must be a non-empty subset of {list(_models.SD_TAPS)}, got {self.taps!r}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
+        if self.sd_size % 64:
+            raise ValueError(f"sd_size must be a multiple of 64, got {self.sd_size}")
+        if self.sd_mode == "tiled" and (self.sd_tile % 64 or self.sd_tile > self.sd_size):
+            raise ValueError(f"sd_tile must be a multiple of 64 and <= sd_size, got {self.sd_tile}")
+        object.__setattr__(self, "taps", tuple(self.taps))
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["taps"] = list(self.taps)
+        return d
+
+    def tile_offsets(self) -> List[int]:
+        """Tile offsets along one axis: evenly spread, multiples of 64 (0 and 448 at 960/512)."""
+        if self.sd_mode == "whole" or self.sd_tile >= self.sd_size:
+            return [0]
+        span = self.sd_size - self.sd_tile
+        n = -(-span // self.sd_tile) + 1
+        offs = [int(round(span * i / (n - 1) / 64.0)) * 64 for i in range(n)]
+        return sorted(set(offs))
+
+
+#: Named presets. "paper" is the recipe of RECIPE.md; "cpu" trades accuracy for speed.
+PRESETS = {
+    "paper": Recipe(),
+    "whole": Recipe(sd_mode="whole"),
+    "cpu": Recipe(sd_size=512, sd_mode="whole", dino_size=448),
+}
+
+
+def letterbox_image(img: Image.Image, size: int, padding: str = "zero") -> Tuple[np.ndarray, Letterbox]:
+    """Resize the long side to ``size`` (LANCZOS) and centre on a square; uint8 HxWx3."""
+    lb = Letterbox.fit(img.width, img.height, size)
+    resized = np.asarray(img.resize((lb.resized_width, lb.resized_height), Image.Resampling.LANCZOS))
+    pads = (
+        (lb.pad_top, size - lb.resized_height - lb.pad_top),
+        (lb.pad_left, size - lb.resized_width - lb.pad_left),
+        (0, 0),
+    )
+    if padding == "edge":
+        canvas = np.pad(resized, pads, mode="edge")
+    else:
+        canvas = np.pad(resized, pads, mode="constant", constant_values=0)
+    return canvas, lb
+
+
+def _to_chw(arr: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float() / 255.0
+
+
+class _StopForward(Exception):
+    pass
+
+
+class FeatureExtractor:
+    """Fused SD + DINOv2 features, exactly as RECIPE.md describes.
+
+    Args:
+        sd_model: Hub id or local directory of an SD 1.x/2.x checkpoint (diffusers layout)
+        dino_model: Hub id or local directory of a DINOv2 checkpoint (transformers layout)
+        device: ``"cuda"``, ``"cpu"``, ... (default: CUDA when available)
+        dtype: default bf16 (fp16 where bf16 is unsupported) on CUDA, fp32 on CPU
+        batch_size: images per forward pass (default: 1 on CPU, chosen from free memory on CUDA)
+        **recipe: fields of :class:`Recipe` (``sd_size``, ``sd_mode``, ``taps``, ...) or
+            ``preset="paper" | "whole" | "cpu"``
+    """
+
+    def __init__(
+        self,
+        sd_model: str = _models.DEFAULT_SD_MODEL,
+        dino_model: str = _models.DEFAULT_DINO_MODEL,
+        device=None,
+        dtype=None,
+        batch_size: Optional[int] = None,
+        preset: str = "paper",
+        **recipe,
+    ):
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; choose from {list(PRESETS)}")
+        self.recipe = replace(PRESETS[preset], **recipe)
+        self.device = torch.device(device) if device is not None else _models.default_device()
+        self.dtype = _models.resolve_dtype(dtype) or _models.default_dtype(self.device)
+        self.sd_model_name, self.dino_model_name = str(sd_model), str(dino_model)
+        sd = _models.load_stable_diffusion(sd_model, self.device, self.dtype)
+        self.unet, self.vae, self.scheduler, self.tokenizer = sd.unet, sd.vae, sd.scheduler, sd.tokenizer
+        self.dino = _models.load_dino(dino_model, self.device, self.dtype)
+        self.dino_stride = int(self.dino.config.patch_size)
+        if self.recipe.dino_size % self.dino_stride:
+            raise ValueError(f"dino_size {self.recipe.dino_size} is not a multiple of the patch size {self.dino_stride}")
+        self._prompt_cache: Dict[str, torch.Tensor] = {}
+        self.text_encoder = sd.text_encoder
+        self._max_tokens = min(
+            int(self.tokenizer.model_max_length), int(self.text_encoder.config.max_position_embeddings)
+        )
+        if "{label}" in self.recipe.prompt:
+            self._prompt_embedding("")  # samples without a label get the empty prompt
+        else:
+            self._prompt_embedding(self.recipe.prompt)
+            # the text encoder is needed only for the prompt embedding: keep it, free the encoder
+            self.text_encoder = None
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+        self.batch_size = batch_size or self._auto_batch_size()
+        self._noise = torch.randn(
+            1, int(self.vae.config.latent_channels), self.recipe.noise_size, self.recipe.noise_size,
+            generator=torch.Generator().manual_seed(self.recipe.noise_seed),
+        )
+        self._taps_in_order = [t for t in _models.SD_TAPS if t in self.recipe.taps]
+
+    # ------------------------------------------------------------------ config
+    def config(self) -> dict:
+        return {
+            "extractor": "sd+dinov2",
+            "sd_model": self.sd_model_name,
+            "dino_model": self.dino_model_name,
+            "dtype": str(self.dtype).replace("torch.", ""),
+            **self.recipe.to_dict(),
+        }
+
+    def _auto_batch_size(self) -> int:
+        if self.device.type != "cuda":
+            return 1
+        free, _ = torch.cuda.mem_get_info(self.device)
+        per_image = 3.0e9 if self.dtype == torch.float32 else 1.5e9  # measured order of magnitude
+        return int(max(1, min(16, (free * 0.6) // per_image)))
+
+    # ------------------------------------------------------------------ prompts
+    def _prompt_embedding(self, text: str) -> torch.Tensor:
+        if text not in self._prompt_cache:
+            if self.text_encoder is None:
+                raise RuntimeError(
+                    "the text encoder was freed after computing the fixed prompt; "
+                    "use a prompt with '{label}' to embed per-image prompts"
+                )
+            ids = self.tokenizer(
+                text, padding="max_length", max_length=self._max_tokens,
+                truncation=True, return_tensors="pt",
+            ).input_ids.to(self.device)
+            with torch.inference_mode():
+                emb = self.text_encoder(ids)[0]
+            self._prompt_cache[text] = emb.to(self.dtype)
+        return self._prompt_cache[text]
+
+    def prompt_for(self, label: Optional[str]) -> str:
+        if "{label}" in self.recipe.prompt:
+            return self.recipe.prompt.format(label=label or "object") if label else ""
+        return self.recipe.prompt
+
+    # ------------------------------------------------------------------ inputs
+    def _sd_input(self, img: Image.Image) -> Tuple[torch.Tensor, Letterbox]:
+        arr, lb = letterbox_image(img, self.recipe.sd_size, self.recipe.padding)
+        return _to_chw(arr) * 2.0 - 1.0, lb
+
+    def _dino_input(self, img: Image.Image) -> Tuple[torch.Tensor, Letterbox]:
+        arr, lb = letterbox_image(img, self.recipe.dino_size, self.recipe.padding)
+        x = _to_chw(arr)
+        mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+        std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+        return (x - mean) / std, lb
+
+    # ------------------------------------------------------------------ SD
+    def _noise_for(self, h: int, w: int) -> torch.Tensor:
+        n = self._noise
+        if (h, w) != tuple(n.shape[-2:]):
+            n = F.interpolate(n, size=(h, w), mode="bicubic", align_corners=False)
+        return n
+
+    @torch.inference_mode()
+    def unet_taps(self, pixels: torch.Tensor, prompt_embeds: torch.Tensor, full_forward: bool = False):
+        """VAE mean latent x scale, shared noise at t, UNet to the last requested tap.
+
+        ``pixels``: (B, 3, H, W) in [-1, 1]. Returns {tap: (B, C, h, w) float32 on CPU}.
+        With ``full_forward`` the UNet runs to the end (used to prove truncation changes nothing).
+        """
+        x = pixels.to(self.device, self.dtype)
+        latent = self.vae.encode(x).latent_dist.mean * self.vae.config.scaling_factor
+        noise = self._noise_for(*latent.shape[-2:]).to(latent.device, latent.dtype).expand_as(latent)
+        t = torch.full((latent.shape[0],), self.recipe.timestep, dtype=torch.long, device=latent.device)
+        noisy = self.scheduler.add_noise(latent, noise, t)
+        captured: Dict[str, torch.Tensor] = {}
+        last = self._taps_in_order[-1]
+        handles = []
+
+        def make_hook(name):
+            def hook(_module, _inp, out):
+                out = out[0] if isinstance(out, (tuple, list)) else out
+                out = getattr(out, "sample", out)
+                captured[name] = out.float().cpu()
+                if name == last and not full_forward:
+                    raise _StopForward
+
+            return hook
+
+        for tap in self._taps_in_order:
+            handles.append(_models.tap_module(self.unet, tap).register_forward_hook(make_hook(tap)))
+        try:
+            self.unet(noisy, t, encoder_hidden_states=prompt_embeds.to(latent.device, latent.dtype))
+        except _StopForward:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        return captured
+
+    def _sd_features(self, sd_pixels: List[torch.Tensor], prompts: List[str]) -> List[Dict[str, torch.Tensor]]:
+        """Tiled or whole SD pass for several images; tiles of all images share batches."""
+        r = self.recipe
+        offs = r.tile_offsets()
+        tile = r.sd_tile if r.sd_mode == "tiled" and len(offs) > 1 else r.sd_size
+        jobs = []  # (image index, oy, ox)
+        for i in range(len(sd_pixels)):
+            for oy in offs:
+                for ox in offs:
+                    jobs.append((i, oy, ox))
+        sums: List[Dict[str, torch.Tensor]] = [dict() for _ in sd_pixels]
+        counts: List[Dict[str, torch.Tensor]] = [dict() for _ in sd_pixels]
+        per_pass = max(1, self.batch_size * len(offs) ** 2)
+        for start in range(0, len(jobs), per_pass):
+            chunk = jobs[start : start + per_pass]
+            pix = torch.stack([sd_pixels[i][:, oy : oy + tile, ox : ox + tile] for i, oy, ox in chunk])
+            emb = torch.cat([self._prompt_embedding(prompts[i]) for i, _, _ in chunk])
+            taps = self.unet_taps(pix, emb)
+            for k, (i, oy, ox) in enumerate(chunk):
+                for name, fmap in taps.items():
+                    stride = tile // fmap.shape[-1]
+                    g = r.sd_size // stride
+                    if name not in sums[i]:
+                        sums[i][name] = torch.zeros(fmap.shape[1], g, g)
+                        counts[i][name] = torch.zeros(1, g, g)
+                    y0, x0 = oy // stride, ox // stride
+                    h, w = fmap.shape[-2:]
+                    sums[i][name][:, y0 : y0 + h, x0 : x0 + w] += fmap[k]
+                    counts[i][name][:, y0 : y0 + h, x0 : x0 + w] += 1
+        return [{n: s[n] / c[n] for n in s} for s, c in zip(sums, counts)]
+
+    # ------------------------------------------------------------------ DINO
+    @torch.inference_mode()
+    def dino_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) normalised -> (B, C, S/14, S/14): last block, before the final norm."""
+        out = self.dino(pixel_values=pixels.to(self.device, self.dtype), output_hidden_states=True)
+        tokens = out.hidden_states[-1][:, _models.dino_num_prefix_tokens(self.dino) :]
+        g = pixels.shape[-1] // self.dino_stride
+        return tokens.float().cpu().reshape(pixels.shape[0], g, g, -1).permute(0, 3, 1, 2).contiguous()
+
+    # ------------------------------------------------------------------ public
+    def extract(self, images: Sequence, labels: Optional[Sequence[Optional[str]]] = None) -> List[RawFeatures]:
+        """Raw features of each image (PIL images, arrays or file paths).
+
+        ``labels`` fill the prompt template when the recipe's prompt contains ``{label}``.
+        A file that cannot be read raises :class:`fiftyone_sdcorr.images.ImageLoadError`
+        naming it. On CUDA out-of-memory the batch is halved and retried.
+        """
+        if isinstance(images, (str, Image.Image, np.ndarray)) or hasattr(images, "__fspath__"):
+            images = [images]
+        images = list(images)
+        labels = list(labels) if labels is not None else [None] * len(images)
+        if len(labels) != len(images):
+            raise ValueError(f"got {len(labels)} labels for {len(images)} images")
+        results: List[RawFeatures] = []
+        start = 0
+        while start < len(images):
+            n = self.batch_size
+            chunk = images[start : start + n]
+            try:
+                results.extend(self._extract_batch(chunk, labels[start : start + n]))
+            except torch.cuda.OutOfMemoryError:
+                if self.batch_size == 1:
+                    raise
+                torch.cuda.empty_cache()
+                self.batch_size = max(1, self.batch_size // 2)
+                logger.warning("CUDA out of memory; batch size reduced to %d", self.batch_size)
+                continue
+            start += len(chunk)
+        return results
+
+    def _extract_batch(self, images, labels) -> List[RawFeatures]:
+        pil = [load_image(im) for im in images]
+        sources = [str(im) if isinstance(im, str) or hasattr(im, "__fspath__") else None for im in images]
+        sd_in = [self._sd_input(im) for im in pil]
+        dino_in = [self._dino_input(im) for im in pil]
+        prompts = [self.prompt_for(lbl) for lbl in labels]
+        sd_maps = self._sd_features([p for p, _ in sd_in], prompts)
+        dino = self.dino_tokens(torch.stack([p for p, _ in dino_in]))
+        return [
+            RawFeatures(
+                sd=sd_maps[i], dino=dino[i], sd_letterbox=sd_in[i][1], dino_letterbox=dino_in[i][1],
+                dino_stride=self.dino_stride, source=sources[i],
+            )
+            for i in range(len(pil))
+        ]
+
+    def describe(self, images: Sequence, projection: Optional[FixedProjection] = None, labels=None) -> List[FusedFeatures]:
+        """Fused descriptors with a fixed projection (fitted on these images when None).
+
+        For two images, :meth:`describe_pair` is the paper's co-PCA.
+        """
+        raws = self.extract(images, labels=labels)
+        if projection is None:
+            projection = FixedProjection.fit([r.sd for r in raws], dim=self.recipe.pca_dim)
+        return [fuse_raw(r, projection, alpha=self.recipe.alpha, meta=self.config()) for r in raws]
+
+    def describe_pair(self, image_a, image_b, labels=None) -> Tuple[FusedFeatures, FusedFeatures]:
+        """The paper's per-pair path: co-PCA of the two images' SD maps, then fusion."""
+        a, b = self.extract([image_a, image_b], labels=labels)
+        return fuse_pair(a, b, dim=self.recipe.pca_dim, alpha=self.recipe.alpha, meta=self.config())
