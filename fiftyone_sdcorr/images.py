@@ -2,9 +2,9 @@
 
 The image you get is the image the FiftyOne App shows:
 
-- **EXIF orientation** is applied (``PIL.ImageOps.exif_transpose``), as browsers do. Note
-  that FiftyOne's own ``sample.metadata`` width/height are read *before* orientation;
-  use :func:`image_size` where the displayed size matters (orientations 5-8 swap them).
+- **EXIF orientation** is applied (``PIL.ImageOps.exif_transpose``), as browsers do;
+  :func:`image_size` reports the oriented size (orientations 5-8 swap width and height),
+  as FiftyOne's ``ImageMetadata`` does.
 - **Alpha** (``LA``, ``RGBA``, ``PA``, ``P`` with a transparent colour, 4-channel arrays) is
   composited over **black**: transparent pixels look like the zero padding of the
   letterbox, so they add no spurious texture to the features.
