@@ -139,6 +139,20 @@ def _unit_tokens(desc: torch.Tensor) -> torch.Tensor:
     return d / d.norm(dim=0, keepdim=True).clamp_min(1e-12)
 
 
+def _default_mask(mask, features, height: int, width: int, device) -> torch.Tensor:
+    """``mask`` as a bool tensor; if None, ``features.valid_mask()`` for FusedFeatures
+    (tokens on the image), else all tokens."""
+    if mask is None:
+        if isinstance(features, FusedFeatures):
+            mask = features.valid_mask()
+        else:
+            mask = torch.ones(height, width, dtype=torch.bool)
+    mask = torch.as_tensor(mask, dtype=torch.bool).to(device)
+    if mask.shape != (height, width):
+        raise ValueError(f"mask must be {height}x{width}, got {tuple(mask.shape)}")
+    return mask
+
+
 def _check_tokens(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
     tokens = torch.as_tensor(tokens).reshape(-1, 2).long()
     if tokens.numel() and (
@@ -283,19 +297,20 @@ def match_points(
     tokens_in = torch.where(valid[:, None], tokens_in, torch.zeros_like(tokens_in))
     tokens_in = _check_tokens(tokens_in, hs, ws)
 
-    if tgt_mask is None:
-        tgt_mask = tgt.valid_mask() if isinstance(tgt, FusedFeatures) else torch.ones(ht, wt, dtype=torch.bool)
-    tgt_mask = torch.as_tensor(tgt_mask, dtype=torch.bool).to(device)
-    if tgt_mask.shape != (ht, wt):
-        raise ValueError(f"tgt_mask must be {ht}x{wt}, got {tuple(tgt_mask.shape)}")
+    tgt_mask = _default_mask(tgt_mask, tgt, ht, wt, device)
     if not bool(tgt_mask.any()):
         raise ValueError("tgt_mask allows no target token")
 
-    src_unit = _unit_tokens(sdesc).to(device)  # C x N_s
-    tgt_unit = _unit_tokens(tdesc)  # C x N_t
+    # Normalise only what is compared: the K gathered vectors, and the token norms of the
+    # other side (dividing the K x N product by them), never a normalised copy of C x N.
+    src_flat = sdesc.reshape(sdesc.shape[0], -1).to(device=device, dtype=torch.float32)
+    tgt_flat = tdesc.reshape(tdesc.shape[0], -1).float()
+    src_norm = torch.linalg.vector_norm(src_flat, dim=0).clamp_min(1e-12)
+    tgt_norm = torch.linalg.vector_norm(tgt_flat, dim=0).clamp_min(1e-12)
     src_idx = (tokens_in[:, 1] * ws + tokens_in[:, 0]).to(device)
 
-    sim = src_unit[:, src_idx].T @ tgt_unit  # K x N_t
+    query = src_flat[:, src_idx] / src_norm[src_idx]  # C x K, unit columns
+    sim = (query.T @ tgt_flat) / tgt_norm  # K x N_t cosines
     masked = sim.masked_fill(~tgt_mask.reshape(1, -1), float("-inf"))
     best = masked.argmax(dim=1)  # K
     similarity = sim.gather(1, best[:, None]).squeeze(1)
@@ -308,10 +323,9 @@ def match_points(
         tokens = peak.float()
 
     if cycle:
-        if src_mask is None:
-            src_mask = src.valid_mask() if isinstance(src, FusedFeatures) else torch.ones(hs, ws, dtype=torch.bool)
-        src_mask = torch.as_tensor(src_mask, dtype=torch.bool).to(device)
-        back_sim = tgt_unit[:, best].T @ src_unit  # K x N_s
+        src_mask = _default_mask(src_mask, src, hs, ws, device)
+        back_query = tgt_flat[:, best] / tgt_norm[best]  # C x K
+        back_sim = (back_query.T @ src_flat) / src_norm  # K x N_s
         back = back_sim.masked_fill(~src_mask.reshape(1, -1), float("-inf")).argmax(dim=1)
         back_cr = torch.stack([back % ws, back // ws], dim=1).float()
         cycle_error = (back_cr - tokens_in.to(device).float()).norm(dim=1)
@@ -324,7 +338,9 @@ def match_points(
     similarity = torch.where(valid, similarity, nan)
     cycle_error = torch.where(valid, cycle_error, nan)
     confidence = torch.where(valid, confidence_from(similarity, cycle_error), torch.zeros_like(similarity))
-    return Matches(tokens=tokens, similarity=similarity, cycle_error=cycle_error, confidence=confidence, valid=valid)
+    return Matches(
+        tokens=tokens, similarity=similarity, cycle_error=cycle_error, confidence=confidence, valid=valid
+    )
 
 
 def match_keypoints(src: FusedFeatures, tgt: FusedFeatures, points_normalized, **kwargs) -> Matches:
@@ -381,9 +397,12 @@ def match_points_with_flip(
     """
     tokens = torch.as_tensor(src_tokens).reshape(-1, 2).long()
     k = tokens.shape[0]
-    valid = torch.ones(k, dtype=torch.bool) if valid is None else torch.as_tensor(valid, dtype=torch.bool).reshape(-1)
+    if valid is None:
+        valid = torch.ones(k, dtype=torch.bool)
+    valid = torch.as_tensor(valid, dtype=torch.bool).reshape(-1)
     lb, lbf = src.letterbox, src_flipped.letterbox
-    if (lb.width, lb.height, lb.size) != (lbf.width, lbf.height, lbf.size) or src.stride != src_flipped.stride:
+    same = (lb.width, lb.height, lb.size, src.stride) == (lbf.width, lbf.height, lbf.size, src_flipped.stride)
+    if not same:
         raise ValueError("src_flipped must describe the mirrored source image (same size, frame and stride)")
 
     original = match_points(src, tgt, tokens, valid=valid, **kwargs)
@@ -457,13 +476,9 @@ def mutual_nn(
     sdesc, tdesc = _descriptors(src_desc), _descriptors(tgt_desc)
     _, hs, ws = sdesc.shape
     _, ht, wt = tdesc.shape
-    if src_mask is None:
-        src_mask = src_desc.valid_mask() if isinstance(src_desc, FusedFeatures) else torch.ones(hs, ws, dtype=torch.bool)
-    if tgt_mask is None:
-        tgt_mask = tgt_desc.valid_mask() if isinstance(tgt_desc, FusedFeatures) else torch.ones(ht, wt, dtype=torch.bool)
     device = tdesc.device
-    smask = torch.as_tensor(src_mask, dtype=torch.bool).reshape(-1).to(device)
-    tmask = torch.as_tensor(tgt_mask, dtype=torch.bool).reshape(-1).to(device)
+    smask = _default_mask(src_mask, src_desc, hs, ws, device).reshape(-1)
+    tmask = _default_mask(tgt_mask, tgt_desc, ht, wt, device).reshape(-1)
     sim = _unit_tokens(sdesc).to(device).T @ _unit_tokens(tdesc)
     sim = sim.masked_fill(~smask[:, None], float("-inf")).masked_fill(~tmask[None, :], float("-inf"))
     fwd = sim.argmax(dim=1)  # N_s

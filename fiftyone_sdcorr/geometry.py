@@ -82,8 +82,15 @@ class Letterbox:
         return xy / torch.tensor([self.width, self.height], dtype=torch.float64)
 
     def frame_to_token(self, xy, stride: int):
-        """Frame coordinates -> integer token indices (col, row), clamped to the grid."""
+        """Frame coordinates -> integer token indices (col, row).
+
+        Points are first clamped onto the image (a point on the far edge, x = width,
+        belongs to the last pixel), then ``floor(frame / stride)``.
+        """
         xy = torch.as_tensor(xy, dtype=torch.float64)
+        lo = torch.tensor([self.pad_left, self.pad_top], dtype=torch.float64)
+        hi = lo + torch.tensor([self.resized_width, self.resized_height], dtype=torch.float64) - 1e-6
+        xy = torch.minimum(torch.maximum(xy, lo), hi)
         grid = self.size // stride
         return torch.clamp(torch.floor(xy / stride), 0, grid - 1).long()
 
@@ -108,18 +115,18 @@ class Letterbox:
 
     # ---- masks --------------------------------------------------------------
     def valid_token_mask(self, stride: int) -> torch.Tensor:
-        """(grid, grid) bool mask of tokens whose centre lies on the image, not the padding."""
+        """(grid, grid) bool mask of tokens that cover any part of the image.
+
+        A token spans frame pixels ``[stride p, stride (p + 1))``; it is valid when that
+        span overlaps the resized image on both axes, so every point on the image maps to
+        a valid token and letterbox-only tokens are excluded.
+        """
         grid = self.size // stride
-        c = self.token_center(torch.arange(grid), stride)
-        cols = (c >= self.pad_left) & (c < self.pad_left + self.resized_width)
-        rows = (c >= self.pad_top) & (c < self.pad_top + self.resized_height)
-        mask = rows[:, None] & cols[None, :]
-        if not mask.any():  # degenerate 1-pixel images: keep the nearest token
-            nearest = self.frame_to_token(
-                [self.pad_left + self.resized_width / 2, self.pad_top + self.resized_height / 2], stride
-            )
-            mask[nearest[1], nearest[0]] = True
-        return mask
+        lo = torch.arange(grid, dtype=torch.float64) * stride
+        hi = lo + stride
+        cols = (hi > self.pad_left) & (lo < self.pad_left + self.resized_width)
+        rows = (hi > self.pad_top) & (lo < self.pad_top + self.resized_height)
+        return rows[:, None] & cols[None, :]
 
     def to_dict(self) -> dict:
         return asdict(self)

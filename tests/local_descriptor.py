@@ -12,12 +12,14 @@ Recipe, per image:
 2. two "branches" that play the roles of the SD and DINO halves: the frame blurred with
    a Gaussian of ``sigma`` pixels, sampled on a ``(2r+1) x (2r+1)`` grid of offsets
    ``spacing`` pixels apart around each token centre ``stride * p + (stride - 1) / 2``
-   (bilinear, pixel-index coordinates); fine (sigma 2, spacing 4) and coarse
-   (sigma 5, spacing 9);
+   (bilinear, pixel-index coordinates); fine (sigma 3, spacing 5) and coarse
+   (sigma 7, spacing 12). Blurs this wide keep a token's descriptor close to its
+   neighbours' when content moves by half a token;
 3. per token and branch: subtract the mean of the sampled values (local contrast), then
    L2-normalise; concatenate [fine | coarse]. Each half is unit norm, as in the fused
-   SD + DINO descriptor; ``sd_channels`` is the size of the first half. Padding-only
-   tokens are zero vectors.
+   SD + DINO descriptor; ``sd_channels`` is the size of the first half. Tokens on the
+   padding see the zero padding and whatever of the image their window reaches (like
+   real features, they are not zero); matching masks them out.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ def to_tensor(image) -> torch.Tensor:
         image = Image.open(image)
     if isinstance(image, Image.Image):
         image = np.asarray(image.convert("RGB"))
-    arr = np.asarray(image)
+    arr = np.array(image)  # a writable copy
     if arr.ndim == 2:
         arr = np.repeat(arr[..., None], 3, axis=2)
     arr = arr[..., :3]
@@ -69,8 +71,8 @@ class LocalDescriptor:
         size: int = 224,
         stride: int = 14,
         radius: int = 2,
-        fine=(2.0, 4.0),
-        coarse=(5.0, 9.0),
+        fine=(3.0, 5.0),
+        coarse=(7.0, 12.0),
     ):
         if size % stride:
             raise ValueError("size must be a multiple of stride")
@@ -96,7 +98,8 @@ class LocalDescriptor:
             align_corners=False, antialias=True,
         )[0]
         frame = torch.zeros(3, self.size, self.size)
-        frame[:, lb.pad_top : lb.pad_top + lb.resized_height, lb.pad_left : lb.pad_left + lb.resized_width] = resized
+        top, left = lb.pad_top, lb.pad_left
+        frame[:, top : top + lb.resized_height, left : left + lb.resized_width] = resized
         return frame, lb
 
     def _branch(self, frame: torch.Tensor, sigma: float, spacing: float) -> torch.Tensor:
@@ -131,4 +134,16 @@ class LocalDescriptor:
         return [self.describe_one(im) for im in images]
 
 
-__all__ = ["LocalDescriptor", "to_tensor"]
+def textured_noise(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """Deterministic ``H x W x 3`` uint8 texture: Gaussian noise blurred at 3, 8 and 20
+    pixels and summed (structure at several scales, no repeats)."""
+    gen = torch.Generator().manual_seed(seed)
+    img = torch.zeros(1, 3, height, width)
+    for sigma in (3.0, 8.0, 20.0):
+        noise = torch.randn(1, 3, height, width, generator=gen)
+        img += _gaussian_blur(noise, sigma) * sigma
+    img = (img - img.min()) / (img.max() - img.min())
+    return (img[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+
+
+__all__ = ["LocalDescriptor", "textured_noise", "to_tensor"]

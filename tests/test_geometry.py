@@ -46,7 +46,9 @@ def test_point_to_token_and_back_within_half_a_token(w, h, stride, size):
     # within half a token plus the half pixel of that convention (< 7.5 px).
     err_frame = (lb.pixel_to_frame(lb.normalized_to_pixel(back)) - lb.pixel_to_frame(lb.normalized_to_pixel(n))).abs()
     assert (err_frame < stride / 2 + 0.5).all()
-    frame_int = torch.randint(0, size, (200, 2), generator=g).double()
+    lo = torch.tensor([lb.pad_left, lb.pad_top])
+    span = torch.tensor([lb.resized_width, lb.resized_height])
+    frame_int = (lo + (torch.rand(200, 2, generator=g) * span).floor()).double()  # pixels on the image
     tok = lb.frame_to_token(frame_int, stride)
     assert ((lb.token_center(tok, stride) - frame_int).abs() <= (stride - 1) / 2).all()
 
@@ -81,3 +83,19 @@ def test_bad_sizes_raise():
     lb = Letterbox.fit(7, 5, 840)
     assert Letterbox.from_dict(lb.to_dict()) == lb
     assert not math.isnan(lb.scale)
+
+
+@pytest.mark.parametrize("w,h", SHAPES)
+def test_every_point_on_the_image_maps_to_a_valid_token(w, h):
+    lb = Letterbox.fit(w, h, 840)
+    m = lb.valid_token_mask(14)
+    g = torch.Generator().manual_seed(2)
+    n = torch.cat([torch.rand(300, 2, generator=g, dtype=torch.float64),
+                   torch.tensor([[0.0, 0.0], [1.0, 1.0], [0.0, 1.0], [0.999, 0.001]], dtype=torch.float64)])
+    tok = lb.normalized_to_token(n, 14)
+    assert m[tok[:, 1], tok[:, 0]].all()
+    # and the mask has no token entirely on the padding
+    cover = torch.zeros(840, 840, dtype=torch.bool)
+    cover[lb.pad_top:lb.pad_top + lb.resized_height, lb.pad_left:lb.pad_left + lb.resized_width] = True
+    per_token = cover.reshape(60, 14, 60, 14).any(dim=3).any(dim=1)
+    assert torch.equal(per_token, m)
