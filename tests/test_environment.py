@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 import fiftyone as fo
+import fiftyone.core.odm as foo
 import fiftyone.plugins as fop
 from fiftyone import ViewField as F
 
@@ -19,11 +20,14 @@ CHROMIUM = "/usr/bin/chromium"
 def test_database_is_the_isolated_test_database():
     tmp = os.environ["SDCORR_TEST_TMP"]
     assert fo.config.database_dir.startswith(tmp)
-    assert fo.config.database_uri is None
     assert os.environ["HF_HUB_OFFLINE"] == "1"
-    # touching the database starts (or reuses) this session's mongod
+    # conftest started a mongod of our own and pointed FiftyOne at it
+    assert fo.config.database_uri == os.environ["FIFTYONE_DATABASE_URI"]
+    assert fo.config.database_uri.startswith("mongodb://127.0.0.1:")
     fo.list_datasets()
-    assert Path(fo.config.database_dir, "mongod.lock").exists()
+    opts = foo.get_db_client().admin.command("getCmdLineOpts")
+    assert opts["parsed"]["storage"]["dbPath"] == fo.config.database_dir
+    assert Path(fo.config.database_dir, "mongod.lock").stat().st_size > 0
 
 
 def test_dataset_roundtrip_with_keypoints(tmp_dataset, photo_paths):
@@ -37,7 +41,7 @@ def test_dataset_roundtrip_with_keypoints(tmp_dataset, photo_paths):
                     fo.Keypoint(
                         label="cat",
                         points=[(0.25, 0.5), (0.75, 0.5), (float("nan"),) * 2],
-                        confidence=[0.9, 0.8, None],
+                        confidence=[0.9, 0.8, 0.1],
                     )
                 ]
             )
