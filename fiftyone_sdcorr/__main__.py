@@ -1,0 +1,87 @@
+"""The package's command line: ``python -m fiftyone_sdcorr <command> ...`` (or ``sdcorr``).
+
+Commands:
+    bench         extraction / matching / store benchmark (fiftyone_sdcorr.bench)
+    bench-report  markdown table + plot from results/*.json
+    demo          end-to-end demo (fiftyone_sdcorr.demo, when installed)
+
+Adding a command: add a sub-parser in :func:`build_parser` and dispatch in :func:`main`.
+
+``demo`` is dispatched to ``fiftyone_sdcorr.demo:main(args)``. If that module defines
+``add_arguments(parser)``, its arguments are registered on the ``demo`` sub-parser and
+``main`` receives the parsed :class:`argparse.Namespace`; otherwise ``main`` receives
+the list of the remaining command-line strings (``python -m fiftyone_sdcorr demo a b``
+-> ``main(["a", "b"])``). The demo module is imported only when ``demo`` is asked for,
+so the other commands never pay for its imports (FiftyOne).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import sys
+from typing import List, Optional
+
+
+def _demo_module():
+    if importlib.util.find_spec("fiftyone_sdcorr.demo") is None:
+        return None
+    return importlib.import_module("fiftyone_sdcorr.demo")
+
+
+def build_parser(with_demo_module=None) -> argparse.ArgumentParser:
+    from fiftyone_sdcorr import bench
+
+    parser = argparse.ArgumentParser(
+        prog="python -m fiftyone_sdcorr",
+        description="fiftyone-sdcorr: fused Stable Diffusion + DINOv2 features for FiftyOne",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="command")
+    sub.required = True
+
+    p = sub.add_parser("bench", help="benchmark extraction, matching and the feature store; writes JSON",
+                       description=bench.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    bench.add_bench_arguments(p)
+
+    p = sub.add_parser("bench-report", help="markdown table and PNG plot from benchmark JSON files")
+    bench.add_report_arguments(p)
+
+    # demo: its own arguments when the module declares them, else passed through
+    if with_demo_module is not None and hasattr(with_demo_module, "add_arguments"):
+        p = sub.add_parser("demo", help="end-to-end demo (fiftyone_sdcorr.demo)")
+        with_demo_module.add_arguments(p)
+    else:
+        p = sub.add_parser("demo", help="end-to-end demo (fiftyone_sdcorr.demo)", add_help=False)
+        p.add_argument("demo_args", nargs=argparse.REMAINDER)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    demo = None
+    if argv and argv[0] == "demo":
+        demo = _demo_module()
+        if demo is None:
+            print("the demo is not available: fiftyone_sdcorr.demo is not installed", file=sys.stderr)
+            return 2
+    args = build_parser(demo).parse_args(argv)
+    if args.command == "bench":
+        from fiftyone_sdcorr.bench import main_bench
+
+        return main_bench(args)
+    if args.command == "bench-report":
+        from fiftyone_sdcorr.bench import main_report
+
+        return main_report(args)
+    if args.command == "demo":
+        if hasattr(demo, "add_arguments"):
+            rc = demo.main(args)
+        else:
+            rc = demo.main(list(args.demo_args))
+        return rc if isinstance(rc, int) else 0  # a demo may return a summary
+    return 2  # pragma: no cover - argparse rejects unknown commands
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,267 @@
+"""The benchmark command: ``python -m fiftyone_sdcorr bench --tiny`` end to end.
+
+Runs the real CLI in a subprocess (tiny random models, small recipe, CPU) once per test
+module, then checks the printed table and the JSON: keys present, rates positive, the
+ratios computed from both sides of the same run, the FLOP counts consistent with the
+recipe. Also the report command on that JSON, the bundled architecture configs, the
+FLOP counter on the real SD 1.5 / DINOv2-B shapes (meta tensors, no compute) and the
+CLI's demo dispatch. A CUDA variant runs only where a GPU is present.
+
+Needs no FiftyOne: the benchmark imports none.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _env(tmp_path) -> dict:
+    env = dict(os.environ)
+    env.update(
+        HF_HUB_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONUNBUFFERED="1",
+        PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""),
+    )
+    return env
+
+
+def _run_cli(args, tmp_path, timeout=600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "fiftyone_sdcorr", *args],
+        cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=timeout,
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bench")
+    out = tmp / "results" / "tiny.json"
+    proc = _run_cli(
+        ["bench", "--tiny", "--device", "cpu", "--out", str(out), "--models-dir", str(tmp / "models")], tmp
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc, json.loads(out.read_text()), out
+
+
+def _pos(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def test_table_printed(tiny_run):
+    proc, data, out = tiny_run
+    text = proc.stdout
+    for label in ("(a) plain fp32 b1", "(b) optimised", "speedup (b)/(a)", "agreement (b) vs (a)",
+                  "store", "matching (cpu", "FLOPs/image", "matmul ceiling", "not a speed claim"):
+        assert label in text, f"{label!r} missing from the table:\n{text}"
+    assert f"wrote {out}" in text
+
+
+def test_json_environment_and_settings(tiny_run):
+    _, d, _ = tiny_run
+    assert d["schema"] == "sdcorr-bench/1"
+    assert d["mode"] == "tiny" and d["speed_claim"] is False
+    env = d["environment"]
+    for key in ("device", "device_name", "torch", "cuda", "diffusers", "transformers", "python", "cpu_count"):
+        assert key in env
+    assert env["device"] == "cpu" and env["torch"] == torch.__version__
+    s = d["settings"]
+    assert s["recipe"]["sd_mode"] == "tiled" and s["recipe"]["sd_size"] == 192
+    assert s["batches"] == [1, 2] and s["dtype"] == "bfloat16"
+    assert s["plain_images"] >= 2 and s["agreement_images"] >= 2
+
+
+def test_flops_consistent_with_recipe(tiny_run):
+    _, d, _ = tiny_run
+    f = d["flops"]
+    assert f["tiles_per_image"] == 4 and f["tile"] == 128  # 2 x 2 overlapping tiles
+    for k in ("vae_encoder_per_tile", "unet_to_last_tap_per_tile", "unet_full_per_tile", "dino_per_image"):
+        assert _pos(f[k]), k
+    assert f["unet_to_last_tap_per_tile"] < f["unet_full_per_tile"]  # the early stop saves work
+    assert f["optimised_per_image"] == 4 * (f["vae_encoder_per_tile"] + f["unet_to_last_tap_per_tile"]) + f["dino_per_image"]
+    assert f["plain_per_image"] == 4 * (f["vae_encoder_per_tile"] + f["unet_full_per_tile"]) + f["dino_per_image"]
+    for dt in ("bf16", "fp32"):
+        assert _pos(d["matmul"][dt]["tflops"])
+
+
+def test_extraction_figures(tiny_run):
+    _, d, _ = tiny_run
+    ex = d["extraction"]
+    p = ex["plain"]
+    assert p["dtype"] == "float32" and p["batch"] == 1 and p["tiles_per_call"] == 1 and p["full_forward"] is True
+    assert "AttnProcessor" in p["attention"]["sd"]
+    assert _pos(p["images_per_s"]) and _pos(p["seconds"])
+    assert p["images_per_s"] == pytest.approx(p["images"] / p["seconds"])
+    runs = ex["optimised"]
+    assert [r["batch"] for r in runs] == [1, 2]
+    for r in runs:
+        assert "error" not in r
+        assert r["full_forward"] is False and r["dtype"] == "bfloat16"
+        assert r["tiles_per_call"] == 4 * r["batch"]
+        assert _pos(r["images_per_s"]) and r["images"] % r["batch"] == 0
+        assert r["achieved_tflops"] == pytest.approx(r["images_per_s"] * r["flops_per_image"] / 1e12)
+        assert set(r["stages_one_batch_s"]) == {"preprocess", "sd", "dino"}
+        assert all(v >= 0 for v in r["stages_one_batch_s"].values())
+        st = r["stages_one_batch_s"]
+        assert r["models_only_images_per_s"] == pytest.approx(r["batch"] / (st["sd"] + st["dino"]))
+        assert r["peak_mem_bytes"] is None  # CPU: no per-path peak, only process RSS
+    best = next(r for r in runs if r["batch"] == ex["chosen_batch"])
+    # the ratio is computed from both sides of this run
+    assert ex["speedup"] == pytest.approx(best["images_per_s"] / p["images_per_s"])
+    assert best["images_per_s"] == max(r["images_per_s"] for r in runs)
+
+
+def test_agreement_bf16_vs_fp32(tiny_run):
+    _, d, _ = tiny_run
+    ag = d["extraction"]["agreement"]
+    assert ag["images"] >= 2 and ag["pairs"] >= 2 and ag["nn_points"] > 0 and ag["tokens"] > 0
+    # bf16 against fp32 on the same images: close, but not bit-identical
+    assert 0.95 < ag["cosine_mean"] <= 1.0 + 1e-6
+    assert ag["cosine_min"] <= ag["cosine_p01"] <= ag["cosine_mean"]
+    assert 50.0 <= ag["nn_equal_pct"] <= 100.0
+    assert set(ag["raw_cosine_mean"]) == {"sd_s5", "sd_s4", "sd_s3", "dino"}
+    assert all(0.9 < v <= 1.0 + 1e-6 for v in ag["raw_cosine_mean"].values())
+
+
+def test_store_and_matching(tiny_run):
+    _, d, _ = tiny_run
+    s = d["store"]
+    c, (gh, gw) = s["channels"], s["grid"]
+    assert (gh, gw) == (8, 8)  # dino_size 112 / patch 14
+    # fp16 payload plus a small header
+    assert c * gh * gw * 2 <= s["bytes_per_sample"] <= c * gh * gw * 2 + 16384
+    for k in ("write_samples_per_s", "read_samples_per_s", "read_mb_per_s"):
+        assert _pos(s[k]), k
+    m = d["matching"]
+    assert m["device"] == "cpu" and m["keypoints"] == 20 and m["targets"] == 8
+    for k in ("vectorised", "loop", "propagation", "from_store", "batched_prenormalised"):
+        assert _pos(m[k]["targets_per_s"]), k
+        assert m[k]["keypoints_per_s"] == pytest.approx(m[k]["targets_per_s"] * m["keypoints"])
+    assert m["speedup"] == pytest.approx(m["vectorised"]["targets_per_s"] / m["loop"]["targets_per_s"])
+    # vectorised and loop find the same nearest neighbours
+    assert m["nn_equal_pct"] == 100.0
+    assert m["batched_prenormalised"]["nn_equal_pct_vs_loop"] == 100.0
+
+
+def test_targets_not_claimed_in_tiny_mode(tiny_run):
+    _, d, _ = tiny_run
+    t = d["targets"]
+    assert set(t) == {"images_per_s", "speedup_vs_plain", "peak_mem_bytes", "bf16_nn_equal_pct", "matching_speedup_cpu"}
+    assert not any(v["applicable"] for v in t.values())
+
+
+def test_report_from_json(tiny_run, tmp_path):
+    _, d, out = tiny_run
+    # a tiny run is no speed claim: the report says so rather than tabulating it
+    proc = _run_cli(["bench-report", str(out.parent), "--md", str(tmp_path / "B.md"), "--png", str(tmp_path / "b.png")], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "No benchmark results yet" in (tmp_path / "B.md").read_text()
+    # the same file presented as a full run is tabulated and plotted
+    full = dict(d, mode="full", speed_claim=True)
+    (tmp_path / "res").mkdir()
+    (tmp_path / "res" / "fake-full.json").write_text(json.dumps(full))
+    proc = _run_cli(["bench-report", str(tmp_path / "res"), "--md", str(tmp_path / "B.md"), "--png", str(tmp_path / "b.png")], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    md = (tmp_path / "B.md").read_text()
+    assert "fake-full.json" in md and f"{d['extraction']['speedup']:.3g}x" in md
+    png = tmp_path / "b.png"
+    assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bundled_configs_are_the_published_architectures():
+    from fiftyone_sdcorr.bench import load_config
+
+    u = load_config("sd15_unet")
+    assert u["block_out_channels"] == [320, 640, 1280, 1280] and u["cross_attention_dim"] == 768
+    assert u["layers_per_block"] == 2 and u["attention_head_dim"] == 8 and u["sample_size"] == 64
+    assert u["up_block_types"] == ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]
+    v = load_config("sd15_vae")
+    assert v["block_out_channels"] == [128, 256, 512, 512] and v["latent_channels"] == 4
+    assert v["scaling_factor"] == pytest.approx(0.18215)
+    dn = load_config("dinov2_base")
+    assert (dn["hidden_size"], dn["num_hidden_layers"], dn["num_attention_heads"], dn["patch_size"]) == (768, 12, 12, 14)
+    assert dn["mlp_ratio"] * dn["hidden_size"] == 3072 and dn["image_size"] == 518
+
+
+def test_flop_count_full_size_paper_recipe():
+    """Real SD 1.5 / DINOv2-B shapes on meta tensors: parameter counts and FLOPs match
+    the published architectures and RECIPE.md's cost estimate (no compute, no weights)."""
+    from diffusers import UNet2DConditionModel
+    from transformers import Dinov2Config, Dinov2Model
+
+    from fiftyone_sdcorr.bench import count_flops, load_config
+    from fiftyone_sdcorr.extractor import PRESETS
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(load_config("sd15_unet"))
+        dcfg = {k: v for k, v in load_config("dinov2_base").items() if k not in ("architectures", "model_type")}
+        dino = Dinov2Model(Dinov2Config(**dcfg))
+    assert 855e6 < sum(p.numel() for p in unet.parameters()) < 865e6  # SD 1.5 UNet: 859.5 M
+    assert 85e6 < sum(p.numel() for p in dino.parameters()) < 88e6  # DINOv2-B: 86.6 M
+    f = count_flops(unet.config, load_config("sd15_vae"), dino, PRESETS["paper"])
+    assert f["tiles_per_image"] == 4 and f["tile"] == 512
+    assert 1.0e12 < f["vae_encoder_per_tile"] < 1.25e12  # RECIPE: about 1.1 TFLOP
+    assert 0.3 * f["unet_full_per_tile"] < f["unet_to_last_tap_per_tile"] < 0.9 * f["unet_full_per_tile"]
+    assert 0.95e12 < f["dino_per_image"] < 1.25e12  # RECIPE: about 1.1 TFLOP at 840
+    assert 6e12 < f["optimised_per_image"] < 9e12  # RECIPE: roughly 7 TFLOP
+    cpu = count_flops(unet.config, load_config("sd15_vae"), dino, PRESETS["cpu"])
+    assert cpu["tiles_per_image"] == 1 and cpu["optimised_per_image"] < f["optimised_per_image"] / 3
+
+
+def test_cli_help_and_demo_dispatch(tmp_path):
+    proc = _run_cli(["--help"], tmp_path)
+    assert proc.returncode == 0
+    for cmd in ("bench", "bench-report", "demo"):
+        assert cmd in proc.stdout
+    proc = _run_cli(["bench", "--help"], tmp_path)
+    assert proc.returncode == 0 and "--tiny" in proc.stdout and "--cpu-preset" in proc.stdout
+    from fiftyone_sdcorr.__main__ import main
+
+    import importlib.util
+
+    if importlib.util.find_spec("fiftyone_sdcorr.demo") is None:
+        assert main(["demo"]) == 2  # a clear message, not a traceback
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_tiny_bench_on_cuda(tmp_path):
+    out = tmp_path / "cuda.json"
+    proc = _run_cli(["bench", "--tiny", "--device", "cuda", "--batch", "1,2", "--out", str(out),
+                     "--models-dir", str(tmp_path / "models")], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    d = json.loads(out.read_text())
+    assert d["environment"]["device"] == "cuda" and d["environment"]["device_name"]
+    for r in d["extraction"]["optimised"]:
+        assert r["peak_mem_bytes"] > 0  # torch.cuda.max_memory_allocated
+    assert d["extraction"]["plain"]["peak_mem_bytes"] > 0
+    assert d["matching_device"]["device"].startswith("cuda")
+    assert d["extraction"]["agreement"]["nn_equal_pct"] >= 50.0
+
+
+def test_readme_block_is_replaced_idempotently(tmp_path):
+    from fiftyone_sdcorr.bench import README_END, README_START, update_readme
+
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n\n## Benchmarks\n\nBENCH_TABLE\n\n## Next\n")
+    assert update_readme(readme, "| a |\n|---|\n| 1 |\n", str(tmp_path / "results" / "b.png"))
+    first = readme.read_text()
+    assert "BENCH_TABLE" not in first and "| 1 |" in first and "![benchmark plot](results/b.png)" in first
+    assert first.index(README_END) < first.index("\n\n## Next")
+    assert update_readme(readme, "| a |\n|---|\n| 2 |\n", None)
+    second = readme.read_text()
+    assert "| 2 |" in second and "| 1 |" not in second and second.count(README_START) == 1
+    assert second.endswith("## Next\n")
+    plain = tmp_path / "OTHER.md"
+    plain.write_text("no markers\n")
+    assert not update_readme(plain, "| a |\n", None)
