@@ -389,10 +389,11 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, n: int, reps: int = 10
 
 
 # ====================================================================== extractor set-ups
-def make_extractor(sd_dir, dino_dir, device, dtype, batch_size, recipe_kw: dict):
+def make_extractor(sd_dir, dino_dir, device, dtype, batch_size, recipe_kw: dict, channels_last: bool = False):
     from fiftyone_sdcorr.extractor import FeatureExtractor
 
-    return FeatureExtractor(sd_dir, dino_dir, device=device, dtype=dtype, batch_size=batch_size, **recipe_kw)
+    return FeatureExtractor(sd_dir, dino_dir, device=device, dtype=dtype, batch_size=batch_size,
+                            channels_last=channels_last, **recipe_kw)
 
 
 def set_plain_attention(ext) -> dict:
@@ -446,11 +447,6 @@ def compile_extractor(ext, mode: Optional[str] = None) -> dict:
     return {"compiled": True, "mode": mode or "default", "dynamic": False}
 
 
-def to_channels_last(ext) -> None:
-    ext.unet.to(memory_format=torch.channels_last)
-    ext.vae.to(memory_format=torch.channels_last)
-
-
 def _weights_bytes(*modules) -> int:
     return int(sum(p.numel() * p.element_size() for m in modules for p in m.parameters()))
 
@@ -460,57 +456,31 @@ def plain_extract(ext, images) -> list:
     """The plain recipe: per image, per tile one VAE + full UNet forward (hooks record the
     taps), overlaps averaged; DINO one image at a time."""
     from fiftyone_sdcorr.features import RawFeatures
-    from fiftyone_sdcorr.images import load_image
 
-    r = ext.recipe
-    offs = r.tile_offsets()
-    tile = r.sd_tile if r.sd_mode == "tiled" and len(offs) > 1 else r.sd_size
     out = []
     for im in images:
-        pil = load_image(im)
-        sd_pix, sd_lb = ext._sd_input(pil)
-        dino_pix, dino_lb = ext._dino_input(pil)
-        emb = ext._prompt_embedding(ext.prompt_for(None))
-        sums: Dict[str, torch.Tensor] = {}
-        counts: Dict[str, torch.Tensor] = {}
-        for oy in offs:
-            for ox in offs:
-                taps = ext.unet_taps(sd_pix[None, :, oy : oy + tile, ox : ox + tile], emb, full_forward=True)
-                for name, fmap in taps.items():
-                    stride = tile // fmap.shape[-1]
-                    g = r.sd_size // stride
-                    if name not in sums:
-                        sums[name] = torch.zeros(fmap.shape[1], g, g)
-                        counts[name] = torch.zeros(1, g, g)
-                    y0, x0 = oy // stride, ox // stride
-                    h, w = fmap.shape[-2:]
-                    sums[name][:, y0 : y0 + h, x0 : x0 + w] += fmap[0]
-                    counts[name][:, y0 : y0 + h, x0 : x0 + w] += 1
+        prep = ext._prepare([im], [None])
+        (sd_pix, sd_lb), (dino_pix, dino_lb) = prep["sd_in"][0], prep["dino_in"][0]
+        sd = ext._sd_features([sd_pix], prep["prompts"], tiles_per_pass=1, full_forward=True)[0]
         dino = ext.dino_tokens(dino_pix[None])[0]
-        out.append(
-            RawFeatures(
-                sd={n: sums[n] / counts[n] for n in sums}, dino=dino, sd_letterbox=sd_lb,
-                dino_letterbox=dino_lb, dino_stride=ext.dino_stride,
-            )
-        )
+        out.append(RawFeatures(sd=sd, dino=dino, sd_letterbox=sd_lb, dino_letterbox=dino_lb,
+                               dino_stride=ext.dino_stride))
     return out
 
 
 def staged_extract(ext, images) -> tuple:
-    """What ``FeatureExtractor._extract_batch`` does for one batch, with a synced clock
-    per stage: ``(raws, {"preprocess": s, "sd": s, "dino": s})``."""
+    """What ``FeatureExtractor.extract`` does for one batch (``_prepare`` then the models),
+    with a synced clock per stage: ``(raws, {"preprocess": s, "sd": s, "dino": s})``."""
     from fiftyone_sdcorr.features import RawFeatures
-    from fiftyone_sdcorr.images import load_image
 
     dev = ext.device
     times = {}
     with _Clock(dev) as c:
-        pil = [load_image(im) for im in images]
-        sd_in = [ext._sd_input(im) for im in pil]
-        dino_in = [ext._dino_input(im) for im in pil]
+        prep = ext._prepare(images, [None] * len(images))
     times["preprocess"] = c.seconds
+    sd_in, dino_in = prep["sd_in"], prep["dino_in"]
     with _Clock(dev) as c:
-        sd_maps = ext._sd_features([p for p, _ in sd_in], [ext.prompt_for(None)] * len(pil))
+        sd_maps = ext._sd_features([p for p, _ in sd_in], prep["prompts"])
     times["sd"] = c.seconds
     with _Clock(dev) as c:
         dino = ext.dino_tokens(torch.stack([p for p, _ in dino_in]))
@@ -518,7 +488,7 @@ def staged_extract(ext, images) -> tuple:
     raws = [
         RawFeatures(sd=sd_maps[i], dino=dino[i], sd_letterbox=sd_in[i][1], dino_letterbox=dino_in[i][1],
                     dino_stride=ext.dino_stride)
-        for i in range(len(pil))
+        for i in range(len(sd_in))
     ]
     return raws, times
 
@@ -851,9 +821,8 @@ def run_bench(args) -> dict:
 
     # -------------------------------------------------- (b) optimised
     _log(f"optimised path: loading {opt_dtype} models", quiet)
-    ext = make_extractor(sd_dir, dino_dir, device, opt_dtype, batches[0], rkw)
-    if not args.no_channels_last:
-        to_channels_last(ext)
+    ext = make_extractor(sd_dir, dino_dir, device, opt_dtype, batches[0], rkw,
+                         channels_last=not args.no_channels_last)
     comp = compile_extractor(ext, args.compile_mode) if args.compile else {"compiled": False}
     opt_attn = attention_in_use(ext)
     weights_opt = _weights_bytes(ext.unet, ext.vae, ext.dino)

@@ -7,6 +7,7 @@ default. No FiftyOne import.
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -115,6 +116,7 @@ class FeatureExtractor:
         device: ``"cuda"``, ``"cpu"``, ... (default: CUDA when available)
         dtype: default bf16 (fp16 where bf16 is unsupported) on CUDA, fp32 on CPU
         batch_size: images per forward pass (default: 1 on CPU, chosen from free memory on CUDA)
+        channels_last: NHWC convolutions for the VAE and UNet (default: on CUDA)
         **recipe: fields of :class:`Recipe` (``sd_size``, ``sd_mode``, ``taps``, ...) or
             ``preset="paper" | "whole" | "cpu"``
     """
@@ -127,6 +129,7 @@ class FeatureExtractor:
         dtype=None,
         batch_size: Optional[int] = None,
         preset: str = "paper",
+        channels_last: Optional[bool] = None,
         **recipe,
     ):
         if preset not in PRESETS:
@@ -138,6 +141,12 @@ class FeatureExtractor:
         sd = _models.load_stable_diffusion(sd_model, self.device, self.dtype)
         self.unet, self.vae, self.scheduler, self.tokenizer = sd.unet, sd.vae, sd.scheduler, sd.tokenizer
         self.dino = _models.load_dino(dino_model, self.device, self.dtype)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed tile shapes: let cuDNN pick its kernels
+        self.channels_last = self.device.type == "cuda" if channels_last is None else bool(channels_last)
+        if self.channels_last:
+            self.unet.to(memory_format=torch.channels_last)
+            self.vae.to(memory_format=torch.channels_last)
         self.dino_stride = int(self.dino.config.patch_size)
         if self.recipe.dino_size % self.dino_stride:
             raise ValueError(f"dino_size {self.recipe.dino_size} is not a multiple of the patch size {self.dino_stride}")
@@ -223,10 +232,12 @@ class FeatureExtractor:
     def unet_taps(self, pixels: torch.Tensor, prompt_embeds: torch.Tensor, full_forward: bool = False):
         """VAE mean latent x scale, shared noise at t, UNet to the last requested tap.
 
-        ``pixels``: (B, 3, H, W) in [-1, 1]. Returns {tap: (B, C, h, w) float32 on CPU}.
+        ``pixels``: (B, 3, H, W) in [-1, 1]. Returns {tap: (B, C, h, w) float32 on the device}.
         With ``full_forward`` the UNet runs to the end (used to prove truncation changes nothing).
         """
         x = pixels.to(self.device, self.dtype)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         latent = self.vae.encode(x).latent_dist.mean * self.vae.config.scaling_factor
         noise = self._noise_for(*latent.shape[-2:]).to(latent.device, latent.dtype).expand_as(latent)
         t = torch.full((latent.shape[0],), self.recipe.timestep, dtype=torch.long, device=latent.device)
@@ -239,7 +250,7 @@ class FeatureExtractor:
             def hook(_module, _inp, out):
                 out = out[0] if isinstance(out, (tuple, list)) else out
                 out = getattr(out, "sample", out)
-                captured[name] = out.float().cpu()
+                captured[name] = out.float()
                 if name == last and not full_forward:
                     raise _StopForward
 
@@ -256,8 +267,13 @@ class FeatureExtractor:
                 h.remove()
         return captured
 
-    def _sd_features(self, sd_pixels: List[torch.Tensor], prompts: List[str]) -> List[Dict[str, torch.Tensor]]:
-        """Tiled or whole SD pass for several images; tiles of all images share batches."""
+    def _sd_features(
+        self, sd_pixels: List[torch.Tensor], prompts: List[str], tiles_per_pass: Optional[int] = None,
+        full_forward: bool = False,
+    ) -> List[Dict[str, torch.Tensor]]:
+        """Tiled or whole SD pass for several images; tiles of all images share batches
+        (``tiles_per_pass`` of them, default all tiles of ``batch_size`` images).
+        ``tiles_per_pass=1, full_forward=True`` is the plain recipe the benchmark compares to."""
         r = self.recipe
         offs = r.tile_offsets()
         tile = r.sd_tile if r.sd_mode == "tiled" and len(offs) > 1 else r.sd_size
@@ -268,24 +284,24 @@ class FeatureExtractor:
                     jobs.append((i, oy, ox))
         sums: List[Dict[str, torch.Tensor]] = [dict() for _ in sd_pixels]
         counts: List[Dict[str, torch.Tensor]] = [dict() for _ in sd_pixels]
-        per_pass = max(1, self.batch_size * len(offs) ** 2)
+        per_pass = tiles_per_pass or max(1, self.batch_size * len(offs) ** 2)
         for start in range(0, len(jobs), per_pass):
             chunk = jobs[start : start + per_pass]
             pix = torch.stack([sd_pixels[i][:, oy : oy + tile, ox : ox + tile] for i, oy, ox in chunk])
             emb = torch.cat([self._prompt_embedding(prompts[i]) for i, _, _ in chunk])
-            taps = self.unet_taps(pix, emb)
+            taps = self.unet_taps(pix, emb, full_forward=full_forward)
             for k, (i, oy, ox) in enumerate(chunk):
                 for name, fmap in taps.items():
                     stride = tile // fmap.shape[-1]
                     g = r.sd_size // stride
                     if name not in sums[i]:
-                        sums[i][name] = torch.zeros(fmap.shape[1], g, g)
-                        counts[i][name] = torch.zeros(1, g, g)
+                        sums[i][name] = torch.zeros(fmap.shape[1], g, g, device=fmap.device)
+                        counts[i][name] = torch.zeros(1, g, g, device=fmap.device)
                     y0, x0 = oy // stride, ox // stride
                     h, w = fmap.shape[-2:]
                     sums[i][name][:, y0 : y0 + h, x0 : x0 + w] += fmap[k]
                     counts[i][name][:, y0 : y0 + h, x0 : x0 + w] += 1
-        return [{n: s[n] / c[n] for n in s} for s, c in zip(sums, counts)]
+        return [{n: (s[n] / c[n]).cpu() for n in s} for s, c in zip(sums, counts)]
 
     # ------------------------------------------------------------------ DINO
     @torch.inference_mode()
@@ -312,35 +328,54 @@ class FeatureExtractor:
             raise ValueError(f"got {len(labels)} labels for {len(images)} images")
         results: List[RawFeatures] = []
         start = 0
-        while start < len(images):
-            n = self.batch_size
-            chunk = images[start : start + n]
-            try:
-                results.extend(self._extract_batch(chunk, labels[start : start + n]))
-            except torch.cuda.OutOfMemoryError:
-                if self.batch_size == 1:
-                    raise
-                torch.cuda.empty_cache()
-                self.batch_size = max(1, self.batch_size // 2)
-                logger.warning("CUDA out of memory; batch size reduced to %d", self.batch_size)
-                continue
-            start += len(chunk)
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            # decoding and LANCZOS letterboxing of the next batch overlap the models' work
+            pending = None
+            while start < len(images):
+                n = self.batch_size
+                chunk = images[start : start + n]
+                prepared = pending.result() if pending is not None and pending.n == len(chunk) else None
+                prepared = prepared or self._prepare(chunk, labels[start : start + n])
+                nxt = images[start + n : start + 2 * n]
+                pending = None
+                if nxt:
+                    pending = pool.submit(self._prepare, nxt, labels[start + n : start + 2 * n])
+                    pending.n = len(nxt)
+                try:
+                    results.extend(self._run_models(prepared))
+                except torch.cuda.OutOfMemoryError:
+                    if self.batch_size == 1:
+                        raise
+                    torch.cuda.empty_cache()
+                    self.batch_size = max(1, self.batch_size // 2)
+                    logger.warning("CUDA out of memory; batch size reduced to %d", self.batch_size)
+                    if pending is not None:
+                        pending.cancel()
+                        pending = None
+                    continue
+                start += len(chunk)
         return results
 
-    def _extract_batch(self, images, labels) -> List[RawFeatures]:
+    def _prepare(self, images, labels) -> dict:
+        """Decode and letterbox a batch (CPU work; runs on a prefetch thread)."""
         pil = [load_image(im) for im in images]
-        sources = [str(im) if isinstance(im, str) or hasattr(im, "__fspath__") else None for im in images]
-        sd_in = [self._sd_input(im) for im in pil]
-        dino_in = [self._dino_input(im) for im in pil]
-        prompts = [self.prompt_for(lbl) for lbl in labels]
-        sd_maps = self._sd_features([p for p, _ in sd_in], prompts)
+        return {
+            "sources": [str(im) if isinstance(im, str) or hasattr(im, "__fspath__") else None for im in images],
+            "sd_in": [self._sd_input(im) for im in pil],
+            "dino_in": [self._dino_input(im) for im in pil],
+            "prompts": [self.prompt_for(lbl) for lbl in labels],
+        }
+
+    def _run_models(self, prep: dict) -> List[RawFeatures]:
+        sources, sd_in, dino_in = prep["sources"], prep["sd_in"], prep["dino_in"]
+        sd_maps = self._sd_features([p for p, _ in sd_in], prep["prompts"])
         dino = self.dino_tokens(torch.stack([p for p, _ in dino_in]))
         return [
             RawFeatures(
                 sd=sd_maps[i], dino=dino[i], sd_letterbox=sd_in[i][1], dino_letterbox=dino_in[i][1],
                 dino_stride=self.dino_stride, source=sources[i],
             )
-            for i in range(len(pil))
+            for i in range(len(sd_in))
         ]
 
     def describe(self, images: Sequence, projection: Optional[FixedProjection] = None, labels=None) -> List[FusedFeatures]:

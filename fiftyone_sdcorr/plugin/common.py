@@ -1,0 +1,252 @@
+"""Input helpers shared by the plugin's operators (thin glue, no computation).
+
+- :func:`target_view_input` / :func:`get_target_view`: which samples to process (whole
+  dataset, current view, selected samples), using FiftyOne's own view-target selector.
+- :func:`model_inputs` / :func:`model_kwargs`: model ids or local directories, device,
+  dtype, batch size, and the feature recipe (preset + a few overrides) -> the keyword
+  arguments the dataset-level functions take (``sd_model``, ``dino_model``, ``device``,
+  ``dtype``, ``batch_size``, ``preset``, ``recipe``).
+- :func:`delegation_config` / :func:`resolve_delegation`: delegated by default,
+  immediate allowed; an explicit ``delegate`` param (if a caller passes one) forces it.
+- :func:`run_with_progress`: runs a dataset-level function and reports its progress to
+  the App: ``ctx.set_progress`` when delegated; in immediate mode a generator that yields
+  ``set_progress`` messages while the work runs in a worker thread.
+- :func:`reload_dataset` / :func:`collection_ctx`: small conveniences.
+
+Progress convention of the dataset-level functions: ``progress`` is ``True`` / ``False``
+(a FiftyOne progress bar or none) or a callable ``progress(fraction, label)`` with
+``fraction`` in ``[0, 1]`` and a short text label.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Any, Callable, Dict, Optional
+
+import fiftyone as fo
+import fiftyone.operators.types as types
+
+from fiftyone_sdcorr.extractor import PRESETS
+from fiftyone_sdcorr.models import DEFAULT_DINO_MODEL, DEFAULT_SD_MODEL
+
+#: name of the view-target param (FiftyOne's own convention)
+VIEW_TARGET = "view_target"
+
+#: recipe overrides offered in forms: name -> (type, label, description)
+RECIPE_PARAMS = {
+    "sd_size": (int, "SD input size", "Letterbox square of the SD branch (multiple of 64)"),
+    "sd_mode": (str, "SD mode", "'tiled' (overlapping tiles, as the paper) or 'whole' (one pass)"),
+    "dino_size": (int, "DINOv2 input size", "Letterbox square of the DINOv2 branch (multiple of 14)"),
+    "timestep": (int, "Timestep", "Diffusion timestep of the noised latent"),
+    "alpha": (float, "SD weight (alpha)", "SD share of the fused descriptor, in [0, 1]"),
+    "prompt": (str, "Prompt", "Text prompt; may contain '{label}'"),
+}
+
+_DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+# --------------------------------------------------------------------------- targets
+def target_view_input(ctx, inputs, name: str = VIEW_TARGET, action: str = "Process",
+                      allow_selected: bool = True, **kwargs):
+    """Adds FiftyOne's view-target selector (dataset / current view / selected samples)
+    to ``inputs`` and returns the resolved target collection."""
+    inputs.view_target(
+        ctx, name=name, action_description=action,
+        allow_selected_samples=allow_selected, **kwargs,
+    )
+    return get_target_view(ctx, name)
+
+
+def get_target_view(ctx, name: str = VIEW_TARGET):
+    """The collection the user targeted; with no choice made (e.g. ``execute_operator``
+    with a ``view`` in its context), the context's view, else the whole dataset."""
+    return ctx.target_view(param_name=name)
+
+
+def collection_ctx(sample_collection) -> dict:
+    """An ``execute_operator`` context for a dataset or a view (the programmatic
+    ``__call__`` of operators)."""
+    if isinstance(sample_collection, fo.DatasetView):
+        return {"view": sample_collection}
+    return {"dataset": sample_collection}
+
+
+# --------------------------------------------------------------------------- models / recipe
+def model_inputs(ctx, inputs, recipe: bool = True, advanced: bool = True) -> None:
+    """Model ids / directories, device, dtype, batch size, preset and recipe overrides."""
+    inputs.str(
+        "sd_model", default=DEFAULT_SD_MODEL, required=False, label="Stable Diffusion model",
+        description="Hugging Face Hub id or local directory (diffusers layout)",
+    )
+    inputs.str(
+        "dino_model", default=DEFAULT_DINO_MODEL, required=False, label="DINOv2 model",
+        description="Hugging Face Hub id or local directory (transformers layout)",
+    )
+    inputs.str("device", default="auto", required=False, label="Device",
+               description="'auto' (CUDA when available), 'cuda', 'cuda:1', 'cpu', ...")
+    _enum(inputs, "dtype", _DTYPES, "auto", "Precision", "'auto': bf16/fp16 on CUDA, fp32 on CPU")
+    inputs.int(
+        "batch_size", label="Batch size", required=False,
+        description="Images per forward pass (empty: chosen from free GPU memory; "
+        "halved automatically on CUDA out-of-memory)",
+    )
+    if recipe:
+        recipe_inputs(ctx, inputs, advanced=advanced)
+
+
+def recipe_inputs(ctx, inputs, advanced: bool = True) -> None:
+    """Preset plus (when ``advanced``) a few recipe overrides, all optional."""
+    _enum(inputs, "preset", tuple(PRESETS), "paper", "Recipe preset",
+          "'paper': the paper's recipe; 'whole': one SD pass; 'cpu': small inputs")
+    if not advanced:
+        return
+    for key, (typ, label, desc) in RECIPE_PARAMS.items():
+        if key == "sd_mode":
+            _enum(inputs, key, ("tiled", "whole"), None, label, desc, required=False)
+        elif typ is int:
+            inputs.int(key, label=label, description=desc, required=False)
+        elif typ is float:
+            inputs.float(key, label=label, description=desc, required=False, min=0.0, max=1.0)
+        else:
+            inputs.str(key, label=label, description=desc, required=False)
+
+
+def _enum(inputs, name, values, default, label, description, required=False):
+    choices = types.DropdownView()
+    for v in values:
+        choices.add_choice(v, label=v)
+    inputs.enum(name, choices.values(), default=default, required=required, label=label,
+                description=description, view=choices)
+
+
+def _blank(v) -> bool:
+    return v is None or (isinstance(v, str) and not v.strip())
+
+
+def model_kwargs(params: Dict[str, Any]) -> Dict[str, Any]:
+    """Operator params -> ``sd_model, dino_model, device, dtype, batch_size, preset, recipe``
+    for the dataset-level functions ("auto" and empty values become ``None`` /
+    defaults; ``recipe`` holds only the overrides actually given)."""
+    device = params.get("device")
+    dtype = params.get("dtype")
+    batch = params.get("batch_size")
+    recipe = {}
+    for key, (typ, _, _) in RECIPE_PARAMS.items():
+        v = params.get(key)
+        if key == "prompt":
+            if v is not None:
+                recipe[key] = str(v)
+            continue
+        if not _blank(v):
+            recipe[key] = typ(v)
+    extra = params.get("recipe")
+    if isinstance(extra, dict):
+        recipe.update(extra)
+    return {
+        "sd_model": params.get("sd_model") or DEFAULT_SD_MODEL,
+        "dino_model": params.get("dino_model") or DEFAULT_DINO_MODEL,
+        "device": None if _blank(device) or device == "auto" else str(device),
+        "dtype": None if _blank(dtype) or dtype == "auto" else str(dtype),
+        "batch_size": int(batch) if not _blank(batch) and int(batch) > 0 else None,
+        "preset": params.get("preset") or "paper",
+        "recipe": recipe or None,
+    }
+
+
+def model_params(sd_model=None, dino_model=None, device=None, dtype=None, batch_size=None,
+                 preset=None, recipe=None) -> Dict[str, Any]:
+    """The reverse of :func:`model_kwargs` for a programmatic ``__call__``: Python
+    arguments -> operator params (``None`` values are left out; ``recipe`` passes as a
+    dict param)."""
+    out = dict(sd_model=sd_model, dino_model=dino_model, device=device, dtype=dtype,
+               batch_size=batch_size, preset=preset)
+    out = {k: (str(v) if k in ("sd_model", "dino_model", "device", "dtype") else v)
+           for k, v in out.items() if v is not None}
+    if recipe:
+        out["recipe"] = dict(recipe)
+    return out
+
+
+# --------------------------------------------------------------------------- delegation
+def delegation_config() -> Dict[str, bool]:
+    """``OperatorConfig`` keyword arguments: delegated by default, immediate allowed."""
+    return dict(
+        allow_delegated_execution=True,
+        allow_immediate_execution=True,
+        default_choice_to_delegated=True,
+    )
+
+
+def resolve_delegation(ctx) -> Optional[bool]:
+    """An explicit ``delegate`` param forces the mode; otherwise ``None`` (the user's or
+    caller's choice, delegated by default)."""
+    d = ctx.params.get("delegate", None)
+    return None if d is None else bool(d)
+
+
+# --------------------------------------------------------------------------- progress
+def progress_callback(ctx, label_prefix: str = "") -> Callable[[float, str], None]:
+    """``progress(fraction, label)`` -> ``ctx.set_progress`` (delegated runs)."""
+
+    def cb(fraction, label=""):
+        ctx.set_progress(progress=float(fraction), label=f"{label_prefix}{label}")
+
+    return cb
+
+
+def run_with_progress(ctx, fn: Callable[..., Any], *args, **kwargs):
+    """Generator: runs ``fn(*args, progress=callback, **kwargs)`` and reports progress.
+
+    Delegated: calls ``fn`` here with ``ctx.set_progress`` as the callback. Immediate:
+    runs ``fn`` in a worker thread and yields ``set_progress`` messages for the App while
+    it runs. Re-raises ``fn``'s exception. Use as ``result = yield from
+    run_with_progress(ctx, fn, ...)``.
+    """
+    if ctx.delegated:
+        return fn(*args, progress=progress_callback(ctx), **kwargs)
+        yield  # pragma: no cover  (makes this a generator)
+
+    q: "queue.Queue" = queue.Queue()
+    box: Dict[str, Any] = {}
+
+    def cb(fraction, label=""):
+        q.put(("progress", float(fraction), str(label)))
+
+    def work():
+        try:
+            box["result"] = fn(*args, progress=cb, **kwargs)
+        except BaseException as e:  # noqa: BLE001  (re-raised in the caller's thread)
+            box["error"] = e
+        finally:
+            q.put(("done", None, None))
+
+    t = threading.Thread(target=work, name="sdcorr-operator", daemon=True)
+    t.start()
+    last = None
+    while True:
+        kind, frac, label = q.get()
+        if kind == "done":
+            break
+        # coalesce a burst of updates into the latest one
+        while True:
+            try:
+                nxt = q.get_nowait()
+            except queue.Empty:
+                break
+            if nxt[0] == "done":
+                q.put(nxt)
+                break
+            kind, frac, label = nxt
+        if (frac, label) != last:
+            last = (frac, label)
+            yield ctx.ops.set_progress(label=label, progress=frac)
+    t.join()
+    if "error" in box:
+        raise box["error"]
+    return box.get("result")
+
+
+def reload_dataset(ctx):
+    """The App message that reloads the dataset (immediate runs only)."""
+    return ctx.trigger("reload_dataset")

@@ -1,0 +1,86 @@
+"""A small dataset for the match panel tests (tests/test_panel.py, tests/test_browser.py).
+
+Real photos; ``ref`` (chelsea) carries ground-truth keypoints in ``gt`` with a skeleton;
+``target`` is a copy of the same image (an identity pair: every match must land where it
+started) that also carries ``gt``; ``ref2`` (coffee) is a second reference; ``plain``
+(rocket) has nothing. Dense features come from the deterministic local descriptor
+(tests/local_descriptor.py), saved in a real :class:`FeatureStore` with their path in
+``sdcorr_features`` and the global vector in ``sdcorr_embedding``; predictions in
+``pred`` come from the real :func:`propagate_keypoints`.
+"""
+
+import shutil
+import sys
+from pathlib import Path
+
+import fiftyone as fo
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from local_descriptor import LocalDescriptor  # noqa: E402
+
+from fiftyone_sdcorr.store import FeatureStore  # noqa: E402
+
+GT_POINTS = [(0.30, 0.35), (0.62, 0.33), (0.46, 0.55), (0.47, 0.72), (float("nan"), float("nan"))]
+SKELETON_LABELS = ["left eye", "right eye", "nose", "mouth", "left ear"]
+SKELETON_EDGES = [[0, 1], [0, 2], [1, 2], [2, 3]]
+
+
+def crop_points(points, crop):
+    """Normalised points of the full image -> the same points in the crop
+    ``(left, top, right, bottom)`` (fractions of the full image)."""
+    l, t, r, b = crop
+    return [((x - l) / (r - l), (y - t) / (b - t)) for x, y in points]
+
+
+def build_panel_dataset(name, photo_paths, tmp, persistent=False, size=224, crop=None):
+    """Returns ``(dataset, ids, describer)`` with ``ids`` keyed ref/target/ref2/plain.
+
+    ``crop=(left, top, right, bottom)`` (fractions): the target is that crop of the
+    reference image instead of a copy, with its ground truth moved accordingly.
+    """
+    from fiftyone_sdcorr.propagation import propagate_keypoints
+
+    tmp = Path(tmp)
+    tmp.mkdir(parents=True, exist_ok=True)
+    if crop is None:
+        target_path = tmp / "chelsea_copy.jpg"
+        shutil.copy(photo_paths["chelsea"], target_path)
+    else:
+        from PIL import Image
+
+        target_path = tmp / "chelsea_crop.jpg"
+        with Image.open(photo_paths["chelsea"]) as im:
+            w, h = im.size
+            l, t, r, b = crop
+            im.crop((round(l * w), round(t * h), round(r * w), round(b * h))).save(target_path, quality=95)
+    dataset = fo.Dataset(name)
+    dataset.persistent = persistent
+    dataset.skeletons = {"gt": fo.KeypointSkeleton(labels=SKELETON_LABELS, edges=SKELETON_EDGES)}
+
+    def gt(points=GT_POINTS):
+        return fo.Keypoints(keypoints=[fo.Keypoint(label="cat", points=list(points))])
+
+    ref = fo.Sample(filepath=photo_paths["chelsea"], gt=gt(), tags=["reference"])
+    target = fo.Sample(filepath=str(target_path), gt=gt(GT_POINTS if crop is None else crop_points(GT_POINTS, crop)))
+    ref2 = fo.Sample(
+        filepath=photo_paths["coffee"],
+        gt=fo.Keypoints(keypoints=[fo.Keypoint(
+            label="cup", points=[(0.5, 0.5), (0.4, 0.6), (0.6, 0.6), (0.5, 0.7), (0.2, 0.2)])]),
+    )
+    plain = fo.Sample(filepath=photo_paths["rocket"])
+    dataset.add_samples([target, ref, ref2, plain])
+
+    describer = LocalDescriptor(size=size)
+    store = FeatureStore(tmp / "store", fsync=False)
+    for sample in dataset.select([ref.id, target.id, ref2.id]):
+        fused = describer.describe_one(sample.filepath)
+        sample["sdcorr_features"] = str(store.save(sample.id, fused))
+        sample["sdcorr_embedding"] = fused.global_vector().numpy()
+        sample.save()
+
+    propagate_keypoints(
+        dataset.select([target.id, ref2.id]), [ref.id], "gt", "pred", extractor=describer,
+        visibility_threshold=0.0, soft_argmax=False, progress=False,
+    )
+    ids = {"ref": ref.id, "target": target.id, "ref2": ref2.id, "plain": plain.id}
+    return dataset, ids, describer

@@ -1,0 +1,429 @@
+"""compute_fused_features: Python API and the operator, through real FiftyOne + MongoDB
+and tiny real models (no mocks).
+
+Covers: immediate and delegated operator runs, progress (App messages and callbacks),
+resumability, existing fields untouched, brain similarity / visualization on the field,
+bad samples, two concurrent delegated workers on one queue, a worker killed mid-run.
+"""
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import fiftyone as fo
+import fiftyone.operators as foo
+from fiftyone.operators.delegated import DelegatedOperationService
+from fiftyone.operators.executor import ExecutionRunState
+
+from fiftyone_sdcorr.dataset_features import ERROR_FIELD, compute_fused_features
+from fiftyone_sdcorr.store import FeatureStore
+from fiftyone_sdcorr.tiny import tiny_models
+
+URI = "@sdcorr/sdcorr/compute_fused_features"
+RECIPE = dict(sd_size=128, sd_mode="whole", dino_size=56)
+PDIM = 8  # channels per SD tap
+N_TAPS = 3
+
+
+# --------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    return tiny_models(tmp_path_factory.mktemp("tiny-models"))
+
+
+def _params(models, store_dir, **kw):
+    sd, dino = models
+    p = dict(
+        sd_model=sd, dino_model=dino, device="cpu", preset="paper", recipe=dict(RECIPE),
+        projection_dim=PDIM, projection_samples=2, store_dir=str(store_dir), batch_size=1,
+    )
+    p.update(kw)
+    return p
+
+
+def _api_kwargs(models, store_dir, **kw):
+    sd, dino = models
+    out = dict(device="cpu", recipe=dict(RECIPE), projection_dim=PDIM, projection_samples=2,
+               store_dir=str(store_dir), batch_size=1, progress=False)
+    out.update(kw)
+    return sd, dino, out
+
+
+def _dataset(paths, name_prefix="sdcorr-cf"):
+    ds = fo.Dataset(f"{name_prefix}-{uuid.uuid4().hex[:10]}")
+    samples = []
+    for i, p in enumerate(paths):
+        s = fo.Sample(filepath=str(p), note=f"n{i}", ground_truth=fo.Classification(label=f"c{i}"))
+        samples.append(s)
+    ds.add_samples(samples)
+    return ds
+
+
+@pytest.fixture
+def photo_ds(photo_paths):
+    names = ["chelsea", "coffee", "astronaut", "portrait"]
+    ds = _dataset([photo_paths[n] for n in names])
+    yield ds
+    ds.delete()
+
+
+def _snapshot(ds, exclude=("sdcorr_embedding", "sdcorr_features", ERROR_FIELD)):
+    """Every field of every sample except ours, plus the schema of the other fields."""
+    docs = {}
+    for s in ds.iter_samples():
+        d = s.to_dict()
+        for k in exclude:
+            d.pop(k, None)
+        d.pop("last_modified_at", None)
+        docs[s.id] = d
+    schema = {k: type(v).__name__ for k, v in ds.get_field_schema().items() if k not in exclude
+              and k != "last_modified_at"}
+    return docs, schema
+
+
+def _log_events(store_dir):
+    events = []
+    for f in (Path(store_dir) / "_log").glob("*.jsonl"):
+        for line in f.read_text().splitlines():
+            if line.strip():
+                events.append(json.loads(line))
+    return events
+
+
+def _check_done(ds, store_dir, expect_channels=None):
+    store = FeatureStore(store_dir)
+    for s in ds.iter_samples():
+        assert s[ERROR_FIELD] is None, s[ERROR_FIELD]
+        emb = s["sdcorr_embedding"]
+        assert isinstance(emb, np.ndarray) and emb.dtype == np.float32 and emb.ndim == 1
+        assert abs(float(np.linalg.norm(emb)) - 1.0) < 1e-4
+        path = s["sdcorr_features"]
+        assert path == str(store.path_for(s.id)) and os.path.isfile(path)
+        f = store.load(path)
+        if expect_channels is not None:
+            assert f.descriptors.shape[0] == expect_channels
+        assert f.sd_channels == N_TAPS * PDIM
+        # the field is the pooled vector of the stored maps
+        np.testing.assert_allclose(f.global_vector().numpy(), emb, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- tests
+def test_operator_registered():
+    op = foo.get_operator(URI)
+    assert op.config.allow_delegated_execution and op.config.allow_immediate_execution
+    assert op.config.default_choice_to_delegated
+
+
+def test_immediate_operator_resumable_fields_untouched_and_brain(photo_ds, models, tmp_path):
+    import fiftyone.brain as fob
+
+    ds = photo_ds
+    store_dir = tmp_path / "store"
+    before = _snapshot(ds)
+    res = foo.execute_operator(URI, ctx={"dataset": ds, "view": ds.view(),
+                                         "params": _params(models, store_dir)})
+    res.raise_exceptions()
+    ds.reload()
+    assert _snapshot(ds) == before
+    _check_done(ds, store_dir)
+    assert isinstance(ds.get_field("sdcorr_embedding"), fo.VectorField)
+    events = _log_events(store_dir)
+    assert Counter(e["event"] for e in events) == {"computed": len(ds)}
+    mtimes = {p: os.stat(p).st_mtime_ns for p in ds.values("sdcorr_features")}
+
+    # resumable: a second run computes nothing and rewrites no file
+    seen = []
+    sd, dino, kw = _api_kwargs(models, store_dir, progress=lambda f, label: seen.append((f, label)))
+    summary = compute_fused_features(ds, sd, dino, **kw)
+    assert summary["computed"] == 0 and summary["skipped"] == len(ds), summary
+    assert {p: os.stat(p).st_mtime_ns for p in ds.values("sdcorr_features")} == mtimes
+    assert seen and seen[-1][0] == 1.0
+    assert len(_log_events(store_dir)) == len(ds)
+
+    # the field works as is with FiftyOne Brain
+    sim = fob.compute_similarity(ds, embeddings="sdcorr_embedding", brain_key="sdcorr_sim",
+                                 backend="sklearn")
+    query = ds.first().id
+    top = ds.sort_by_similarity(query, k=2, brain_key="sdcorr_sim")
+    assert top.first().id == query  # a sample is its own nearest neighbour
+    assert sim.total_index_size == len(ds)
+    fob.compute_visualization(ds, embeddings="sdcorr_embedding", method="pca",
+                              brain_key="sdcorr_viz")
+    assert set(ds.list_brain_runs()) == {"sdcorr_sim", "sdcorr_viz"}
+
+
+def test_immediate_operator_yields_progress_and_reload(photo_ds, models, tmp_path):
+    """What the App receives from an immediate run: set_progress messages while the work
+    runs, then reload_dataset (the server's path: the generator is not exhausted)."""
+    from fiftyone.operators.executor import _parse_ctx, execute_or_delegate_operator
+
+    ds = photo_ds
+    view = ds.limit(2)
+    req = _parse_ctx(ctx={"view": view, "params": _params(models, tmp_path / "store")})
+
+    async def run():
+        result = await execute_or_delegate_operator(URI, req, exhaust=False)
+        result.raise_exceptions()
+        return [m.to_json() for m in result.result]
+
+    msgs = asyncio.run(run())
+    triggered = [(m["body"]["operator_uri"] if m["body"] else None, m["body"]) for m in msgs]
+    uris = [u for u, _ in triggered]
+    assert any(u and u.endswith("set_progress") for u in uris), uris
+    assert uris[-1].endswith("reload_dataset"), uris
+    progress = [b["params"].get("progress") for u, b in triggered if u.endswith("set_progress")]
+    assert progress[-1] == 1.0
+    assert progress == sorted(progress)
+    # only the targeted view was computed
+    done = ds.exists("sdcorr_embedding")
+    assert set(done.values("id")) == set(view.values("id"))
+
+
+def test_delegated_operator(photo_ds, models, tmp_path):
+    ds = photo_ds
+    store_dir = tmp_path / "store"
+    svc = DelegatedOperationService()
+    res = foo.execute_operator(URI, ctx={"dataset": ds, "view": ds.view(),
+                                         "params": _params(models, store_dir)},
+                               request_delegation=True)
+    res.raise_exceptions()
+    assert res.delegated
+    op_id = res.result["id"]
+    ds.reload()
+    assert len(ds.exists("sdcorr_embedding")) == 0  # queued, not run
+    svc.execute_queued_operations(operator=URI, dataset_name=ds.name)
+    doc = svc.get(op_id)
+    assert doc.run_state == ExecutionRunState.COMPLETED, doc.result
+    summary = doc.result.result
+    assert summary["computed"] == len(ds) and summary["failed"] == 0
+    assert doc.status is not None and doc.status.progress == 1.0
+    ds.reload()
+    _check_done(ds, store_dir)
+
+
+def test_programmatic_call(photo_ds, models, tmp_path):
+    op = foo.get_operator(URI)
+    sd, dino = models
+    view = photo_ds.limit(1)
+    op(view, sd, dino, device="cpu", recipe=RECIPE, projection_dim=PDIM, projection_samples=1,
+       store_dir=str(tmp_path / "s"), embedding_field="emb2", features_field="feat2")
+    assert set(photo_ds.exists("emb2").values("id")) == set(view.values("id"))
+    res = op(photo_ds, sd, dino, device="cpu", recipe=RECIPE, projection_dim=PDIM,
+             store_dir=str(tmp_path / "s"), embedding_field="emb2", features_field="feat2",
+             delegate=True)
+    assert res.delegated
+    svc = DelegatedOperationService()
+    assert svc.get(res.result["id"]).run_state == ExecutionRunState.QUEUED
+    svc.delete_operation(res.result["id"])  # leave no queued work for other tests' workers
+
+
+def test_bad_samples_recorded_rest_completes(photo_paths, models, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    zero = bad / "zero.jpg"
+    zero.write_bytes(b"")
+    corrupt = bad / "corrupt.jpg"
+    corrupt.write_bytes(Path(photo_paths["chelsea"]).read_bytes()[:600])  # truncated JPEG
+    garbage = bad / "garbage.png"
+    garbage.write_bytes(os.urandom(2048))
+    missing = bad / "missing.jpg"
+    good = [photo_paths["coffee"], photo_paths["tiny"]]
+    ds = _dataset([*good, zero, corrupt, garbage, missing])
+    vds = fo.Dataset(f"sdcorr-video-{uuid.uuid4().hex[:8]}")
+    try:
+        before = _snapshot(ds)
+        store_dir = tmp_path / "store"
+        res = foo.execute_operator(URI, ctx={"dataset": ds, "params": _params(models, store_dir)})
+        res.raise_exceptions()
+        ds.reload()
+        assert _snapshot(ds) == before
+        errors = dict(zip(ds.values("filepath"), ds.values(ERROR_FIELD)))
+        for p in good:
+            assert errors[p] is None
+        for p in (zero, corrupt, garbage, missing):
+            assert errors[str(p)] and str(p) in errors[str(p)], (p, errors[str(p)])
+        assert "empty" in errors[str(zero)] and "not found" in errors[str(missing)]
+        assert len(ds.exists("sdcorr_embedding")) == len(good)
+        assert ds.exists("sdcorr_embedding").values("filepath") == good
+
+        # a video sample: an error record, no model run
+        vds.add_sample(fo.Sample(filepath=str(bad / "clip.mp4"), note="v"))
+        sd, dino, kw = _api_kwargs(models, tmp_path / "vstore")
+        summary = compute_fused_features(vds, sd, dino, **kw)
+        assert summary["failed"] == 1 and summary["computed"] == 0
+        assert "clip.mp4" in vds.first()[ERROR_FIELD] and "video" in vds.first()[ERROR_FIELD]
+        assert vds.first()["note"] == "v"
+    finally:
+        ds.delete()
+        vds.delete()
+
+
+def test_projection_config_mismatch_is_a_clear_error(photo_ds, models, tmp_path):
+    sd, dino, kw = _api_kwargs(models, tmp_path / "store")
+    compute_fused_features(photo_ds.limit(1), sd, dino, **kw)
+    kw["recipe"] = dict(RECIPE, alpha=0.3)
+    with pytest.raises(ValueError, match="alpha"):
+        compute_fused_features(photo_ds, sd, dino, **kw)
+    kw["overwrite"] = True
+    summary = compute_fused_features(photo_ds, sd, dino, **kw)
+    assert summary["computed"] == len(photo_ds)
+
+
+def test_existing_field_of_another_type_is_refused(photo_ds, models, tmp_path):
+    sd, dino, kw = _api_kwargs(models, tmp_path / "store")
+    with pytest.raises(ValueError, match="note"):
+        compute_fused_features(photo_ds, sd, dino, embedding_field="note", **kw)
+    assert photo_ds.values("note") == [f"n{i}" for i in range(len(photo_ds))]
+
+
+# --------------------------------------------------------------------------- workers
+WORKER = textwrap.dedent(
+    """
+    import os, sys, time
+    ready, me, n, dataset_name = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+    import fiftyone as fo
+    from fiftyone.operators.delegated import DelegatedOperationService
+    svc = DelegatedOperationService()
+    fo.load_dataset(dataset_name)  # connected
+    open(os.path.join(ready, me), "w").close()
+    while len(os.listdir(ready)) < n:  # start together
+        time.sleep(0.05)
+    t0 = time.time()
+    svc.execute_queued_operations(dataset_name=dataset_name)
+    print(f"{me}: executed in {time.time() - t0:.1f}s", flush=True)
+    """
+)
+
+
+def _spawn_worker(tmp_path, ready, me, n, ds_name):
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    log = open(tmp_path / f"{me}.log", "w")
+    return subprocess.Popen([sys.executable, str(script), str(ready), me, str(n), ds_name],
+                            stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def _worker_output(tmp_path, me):
+    return (tmp_path / f"{me}.log").read_text()[-3000:]
+
+
+def _queue(ds, view, models, store_dir, **kw):
+    res = foo.execute_operator(URI, ctx={"dataset": ds, "view": view,
+                                         "params": _params(models, store_dir, **kw)},
+                               request_delegation=True)
+    res.raise_exceptions()
+    return res.result["id"]
+
+
+def _many_paths(photo_paths, n):
+    names = ["chelsea", "coffee", "astronaut", "rocket", "portrait", "tiny"]
+    return [photo_paths[names[i % len(names)]] for i in range(n)]
+
+
+def test_two_workers_one_queue_no_duplicates(photo_paths, models, tmp_path):
+    ds = _dataset(_many_paths(photo_paths, 16))
+    store_dir = tmp_path / "store"
+    svc = DelegatedOperationService()
+    # larger inputs than elsewhere: the computing must outlast the workers' start-up jitter
+    recipe = dict(RECIPE, sd_size=256, dino_size=112)
+    try:
+        ids = ds.values("id")
+        # fit the store's projection first, so that neither worker waits for the other's fit
+        sd, dino, kw = _api_kwargs(models, store_dir, recipe=recipe)
+        first = compute_fused_features(ds.select(ids[:2]), sd, dino, **kw)
+        # two overlapping targets: the whole dataset, and the last 12 samples
+        op_ids = [_queue(ds, ds.view(), models, store_dir, recipe=recipe),
+                  _queue(ds, ds.select(ids[4:]), models, store_dir, recipe=recipe)]
+        ready = tmp_path / "ready"
+        ready.mkdir()
+        procs = [_spawn_worker(tmp_path, ready, f"w{i}", 2, ds.name) for i in range(2)]
+        for i, p in enumerate(procs):
+            assert p.wait(timeout=240) == 0, _worker_output(tmp_path, f"w{i}")
+        docs = [svc.get(i) for i in op_ids]
+        assert [d.run_state for d in docs] == [ExecutionRunState.COMPLETED] * 2, \
+            [d.result for d in docs]
+        summaries = [d.result.result for d in docs]
+        # they ran at the same time, and both did part of the work
+        assert docs[0].started_at < docs[1].completed_at and docs[1].started_at < docs[0].completed_at
+        assert all(s["computed"] > 0 for s in summaries), summaries
+        assert sum(s["computed"] for s in summaries) == len(ds) - 2, summaries
+        events = _log_events(store_dir)
+        computed = Counter(e["id"] for e in events if e["event"] == "computed")
+        assert set(computed) == set(ids) and max(computed.values()) == 1, computed
+        assert {e["worker"] for e in events} == {first["worker"], *(s["worker"] for s in summaries)}
+        ds.reload()
+        _check_done(ds, store_dir)
+    finally:
+        ds.delete()
+
+
+def test_killed_worker_then_rerun_completes_without_duplicates(photo_paths, models, tmp_path):
+    ds = _dataset(_many_paths(photo_paths, 10))
+    store_dir = tmp_path / "store"
+    svc = DelegatedOperationService()
+    recipe = dict(RECIPE, sd_size=256, dino_size=112)  # slow enough to be killed mid-run
+    try:
+        ids = ds.values("id")
+        op_id = _queue(ds, ds.view(), models, store_dir, recipe=recipe)
+        ready = tmp_path / "ready"
+        ready.mkdir()
+        proc = _spawn_worker(tmp_path, ready, "victim", 1, ds.name)
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            if sum(e["event"] == "computed" for e in _log_events(store_dir)) >= 3:
+                break
+            assert proc.poll() is None, _worker_output(tmp_path, "victim")
+            time.sleep(0.01)
+        else:
+            pytest.fail("the worker did not get going: " + _worker_output(tmp_path, "victim"))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        done_before = [e["id"] for e in _log_events(store_dir) if e["event"] == "computed"]
+        assert 3 <= len(done_before) < len(ids)
+        assert svc.get(op_id).run_state == ExecutionRunState.RUNNING  # died mid-run
+
+        # rerun: a new queued operation executed by a worker
+        op2 = _queue(ds, ds.view(), models, store_dir, recipe=recipe)
+        svc.execute_queued_operations(operator=URI, dataset_name=ds.name)
+        doc = svc.get(op2)
+        assert doc.run_state == ExecutionRunState.COMPLETED, doc.result
+        summary = doc.result.result
+        assert summary["computed"] + summary["recovered"] == len(ids) - summary["skipped"]
+        events = _log_events(store_dir)
+        computed = Counter(e["id"] for e in events if e["event"] == "computed")
+        assert max(computed.values()) == 1, computed  # nothing computed twice
+        recovered = {e["id"] for e in events if e["event"] == "recovered"}
+        assert set(computed) | recovered == set(ids)
+        ds.reload()
+        _check_done(ds, store_dir)
+        # no claim left held (an empty lock file may remain if the kill came between a
+        # sample's database write and the lock file's removal)
+        import fcntl
+
+        for lock in (store_dir / "_locks").rglob("*.lock"):
+            with open(lock, "rb") as f:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises if held
+    finally:
+        ds.delete()
+
+
+def test_selected_samples_target(photo_ds, models, tmp_path):
+    ds = photo_ds
+    chosen = ds.values("id")[1:2]
+    params = _params(models, tmp_path / "store", view_target="SELECTED_SAMPLES",
+                     projection_samples=1)
+    foo.execute_operator(URI, ctx={"dataset": ds, "selected": chosen, "params": params}
+                         ).raise_exceptions()
+    assert ds.exists("sdcorr_embedding").values("id") == chosen

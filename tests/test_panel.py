@@ -1,0 +1,443 @@
+"""The match panel through FiftyOne's operator machinery (no browser).
+
+Each panel method runs as the App runs it: ``execute_operator(panel_uri, params={
+"__method__": ..., "panel_id": ..., "panel_state": ..., <event params>})``. The panel answers
+with App messages (``patch_panel_state`` and ``show_panel_output``); :class:`PanelDriver`
+applies the state patches the way the App does and keeps the last rendered output, so
+the tests assert on exactly what the App would draw.
+
+Dataset: real photos; a reference with ground-truth keypoints (and a skeleton), a target
+that is the same image (identity pair: every match must land where it started) and a
+second reference of another image; dense features from the deterministic local
+descriptor (tests/local_descriptor.py) written into the real feature store; predicted
+keypoints from the real ``propagate_keypoints``.
+"""
+
+import math
+import os
+import sys
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pydash
+import pytest
+
+import fiftyone as fo
+import fiftyone.operators as foo
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from panel_world import GT_POINTS, SKELETON_LABELS, build_panel_dataset  # noqa: E402
+
+from fiftyone_sdcorr import visualize as vis  # noqa: E402
+from fiftyone_sdcorr.plugin import panels  # noqa: E402
+
+PANEL_URI = "@sdcorr/sdcorr/match_panel"
+
+
+# --------------------------------------------------------------------------- helpers
+class PanelDriver:
+    """Plays the App's part: keeps the panel state, calls methods, applies patches."""
+
+    def __init__(self, dataset, current_sample=None, selected=None):
+        self.dataset = dataset
+        self.current_sample = current_sample
+        self.selected = selected or []
+        self.panel_id = f"panel-{uuid.uuid4().hex[:8]}"
+        self.state = {}
+        self.output = None
+        self.requests = []
+
+    def call(self, method, **params):
+        ctx = {
+            "dataset": self.dataset,
+            "current_sample": self.current_sample,
+            "selected": self.selected,
+            "params": {
+                "__method__": method,
+                "panel_id": self.panel_id,
+                "panel_state": self.state,
+                **params,
+            },
+        }
+        result = foo.execute_operator(PANEL_URI, ctx)
+        result.raise_exceptions()
+        self.requests = [r.to_json() for r in result.executor._requests]
+        for r in self.requests:
+            uri, p = r["operator_uri"], r["params"]
+            if uri == "patch_panel_state":
+                assert p["panel_id"] == self.panel_id
+                for k, v in p["state"].items():
+                    pydash.set_(self.state, k, v)
+            elif uri == "show_panel_output":
+                self.output = p["output"]
+        return self
+
+    # rendered output ------------------------------------------------------------
+    def properties(self, obj=None):
+        """Flat dict name -> property JSON of the rendered panel (nested objects too)."""
+        obj = obj or self.output
+        out = {}
+        for name, prop in (obj["type"].get("properties") or {}).items():
+            out[name] = prop
+            if prop["type"].get("properties"):
+                out.update(self.properties(prop))
+        return out
+
+    @property
+    def figure(self):
+        view = self.properties()["figure"]["view"]
+        return view
+
+    def traces(self, name=None, prefix=None):
+        data = self.figure["data"]
+        if name is not None:
+            return [t for t in data if t.get("name") == name]
+        if prefix is not None:
+            return [t for t in data if (t.get("name") or "").startswith(prefix)]
+        return data
+
+    def status(self):
+        return self.properties()["status"]["default"]
+
+
+def place_of(trace):
+    """(offset, scale, width, height) of an image trace."""
+    return trace["x0"] - trace["dx"] / 2.0, trace["dx"]
+
+
+def to_plot(trace, width, height, xy):
+    """Normalised point -> plot coordinates for the image drawn by ``trace``."""
+    x0, s = place_of(trace)
+    return x0 + xy[0] * width * s, trace["y0"] - s / 2.0 + xy[1] * height * s
+
+
+def image_size(trace):
+    import base64
+    import io
+
+    from PIL import Image
+
+    raw = base64.b64decode(trace["source"].split(",", 1)[1])
+    with Image.open(io.BytesIO(raw)) as im:
+        return im.size
+
+
+# --------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def world(photo_paths, tmp_path_factory):
+    dataset, ids, describer = build_panel_dataset(
+        f"sdcorr-panel-{uuid.uuid4().hex[:8]}", photo_paths, tmp_path_factory.mktemp("panel"))
+    yield dataset, ids, describer
+    dataset.delete()
+
+
+# --------------------------------------------------------------------------- tests
+def test_panel_is_registered():
+    from fiftyone.operators.registry import OperatorRegistry
+
+    panel = OperatorRegistry().get_operator(PANEL_URI)
+    assert panel is not None
+    assert panel.config.surfaces == "grid modal"
+    assert "on_change_current_sample" in panel.resolve_panel_config()
+
+
+def test_on_load_draws_the_pair_with_keypoint_lines(world):
+    dataset, ids, _ = world
+    d = PanelDriver(dataset, current_sample=ids["target"]).call("on_load")
+
+    # default reference: the most similar annotated sample by the global embedding
+    assert d.state["reference_id"] == ids["ref"]
+    assert [r["id"] for r in d.state["references"]] == [ids["ref"], ids["ref2"]]
+    assert d.state["references"][0]["similarity"] == pytest.approx(1.0, abs=1e-4)
+    assert d.state["gt_field"] == "gt" and d.state["pred_field"] == "pred"
+
+    # dropdown offers the references, current value is the chosen one
+    props = d.properties()
+    ref_view = props["reference"]["view"]
+    assert [c["value"] for c in ref_view["choices"]] == [ids["ref"], ids["ref2"]]
+    assert props["figure"]["view"]["on_click"].endswith("on_click_figure")
+
+    cur, ref = d.traces("current|photo")[0], d.traces("reference|photo")[0]
+    assert cur["type"] == "image" and cur["source"].startswith("data:image/jpeg;base64,")
+    w, h = image_size(cur)
+    assert max(w, h) <= panels.MAX_SIDE
+    assert image_size(ref) == (w, h)
+    # side by side, same height, reference to the right
+    assert ref["x0"] > cur["x0"] + w * cur["dx"] - cur["dx"]
+    layout = d.figure["layout"]
+    assert layout["paper_bgcolor"] == "rgba(0,0,0,0)" and layout["plot_bgcolor"] == "rgba(0,0,0,0)"
+
+    # one line per visible keypoint, from the prediction (current) to the reference point
+    target = dataset[ids["target"]]
+    pred = target["pred"].keypoints[0]
+    lines = d.traces(prefix="line|")
+    visible = [i for i, p in enumerate(GT_POINTS) if not math.isnan(p[0])]
+    assert len(lines) == len(visible)
+    for i, line in zip(visible, lines):
+        assert line["name"] == f"line|{SKELETON_LABELS[i]}"
+        start = to_plot(cur, w, h, pred.points[i])
+        end = to_plot(ref, w, h, GT_POINTS[i])
+        assert line["x"] == pytest.approx([start[0], end[0]])
+        assert line["y"] == pytest.approx([start[1], end[1]])
+        # identity pair: the prediction is the reference point (within half a token)
+        assert np.allclose(pred.points[i], GT_POINTS[i], atol=0.5 * 14 / 224 + 1e-9)
+    # per-label colours, opacity from confidence (rgba)
+    assert len({line["line"]["color"][:-7] for line in lines}) == len(lines)
+    assert all(line["line"]["color"].startswith("rgba(") for line in lines)
+    # skeleton edges drawn on both images
+    assert d.traces("reference|skeleton") and d.traces("current|skeleton")
+    # predicted markers carry ids "<instance>:<point>" so a click can select them
+    markers = d.traces("current|keypoints")[0]
+    assert markers["ids"] == [f"0:{i}" for i in visible]
+
+
+def test_click_on_a_pixel_shows_its_match_and_heat_map(world):
+    dataset, ids, describer = world
+    d = PanelDriver(dataset, current_sample=ids["target"]).call("on_load")
+    cur = d.traces("current|photo")[0]
+    w, h = image_size(cur)
+    row, col = int(0.55 * h), int(0.46 * w)
+    d.call("on_click_figure", trace="current|photo", trace_idx=0, idx=[row, col])
+
+    x, y = (col + 0.5) / w, (row + 0.5) / h
+    assert d.state["click"] == {"side": "current", "x": pytest.approx(x), "y": pytest.approx(y)}
+    # identity pair: the best match is the token under the click, in the same place
+    fused = describer.describe_one(dataset[ids["target"]].filepath)
+    token = fused.letterbox.normalized_to_token([x, y], fused.stride)
+    expected = fused.letterbox.token_to_normalized(token.double(), fused.stride).tolist()
+    ref = d.traces("reference|photo")[0]
+    star = d.traces("reference|match")[0]
+    ex, ey = to_plot(ref, w, h, expected)
+    assert star["x"] == pytest.approx([ex]) and star["y"] == pytest.approx([ey])
+    assert abs(expected[0] - x) <= 0.5 * 14 / 224 * max(1, fused.letterbox.size / fused.letterbox.resized_width)
+    click = d.traces("current|click")[0]
+    assert click["x"] == pytest.approx([to_plot(cur, w, h, (x, y))[0]])
+    # the heat map lies over the other (reference) image, same placement and size
+    heat = d.traces("reference|heatmap")[0]
+    assert heat["type"] == "image" and image_size(heat) == (w, h)
+    assert (heat["x0"], heat["dx"]) == (ref["x0"], ref["dx"])
+    assert "cosine 1.000" in d.status()
+
+    # and the other way round: a click on the reference is matched into the current image
+    d.call("on_click_figure", trace="reference|photo", idx=[row, col])
+    assert d.traces("current|match") and d.traces("current|heatmap")
+    assert not d.traces("reference|heatmap")
+
+    # a click on the heat map itself counts as a click on that image
+    d.call("on_click_figure", trace="current|heatmap", idx=[10, 10])
+    assert d.state["click"]["side"] == "current"
+
+    # switching the heat map off keeps the match but drops the overlay
+    d.call("on_change_heatmap", value=False)
+    assert d.traces("reference|match") and not d.traces("reference|heatmap")
+
+
+def test_match_in_a_different_image_uses_the_real_features(world):
+    dataset, ids, describer = world
+    d = PanelDriver(dataset, current_sample=ids["target"]).call("on_load")
+    d.call("on_change_reference", value=ids["ref2"])
+    assert d.state["reference_id"] == ids["ref2"]
+    assert d.state["controls"]["reference"] == ids["ref2"]
+    cur = d.traces("current|photo")[0]
+    w, h = image_size(cur)
+    d.call("on_click_figure", trace="current|photo", idx=[h // 3, w // 3])
+    x, y = (w // 3 + 0.5) / w, (h // 3 + 0.5) / h
+    a = describer.describe_one(dataset[ids["target"]].filepath)
+    b = describer.describe_one(dataset[ids["ref2"]].filepath)
+    m = vis.match_point(a, b, (x, y))
+    ref = d.traces("reference|photo")[0]
+    rw, rh = image_size(ref)
+    star = d.traces("reference|match")[0]
+    assert (star["x"][0], star["y"][0]) == pytest.approx(to_plot(ref, rw, rh, m.target_xy))
+    # no prediction from ref2 in the target: no lines, and the status says so
+    assert not d.traces(prefix="line|")
+    assert "Propagate" in d.status()
+
+
+def test_feature_views_pca_and_parts(world):
+    dataset, ids, _ = world
+    d = PanelDriver(dataset, current_sample=ids["target"]).call("on_load")
+    d.call("on_change_view_mode", value="pca")
+    pa, pb = d.traces("current|pca")[0], d.traces("reference|pca")[0]
+    # identity pair, co-fitted PCA: the same colours in both images
+    assert pa["source"] == pb["source"]
+    assert image_size(pa) == image_size(d.traces("current|photo")[0])
+    d.call("on_change_view_mode", value="parts")
+    assert "n_parts" in d.properties()
+    ca, cb = d.traces("current|parts")[0], d.traces("reference|parts")[0]
+    assert ca["source"] == cb["source"] and 0 < ca["opacity"] < 1
+    d.call("on_change_n_parts", value=3)
+    assert d.state["controls"]["n_parts"] == 3
+    assert d.traces("current|parts")[0]["source"] != ca["source"]
+
+    # different images: PCA differs, but is deterministic from one render to the next
+    d.call("on_change_reference", value=ids["ref2"])
+    d.call("on_change_view_mode", value="pca")
+    first = d.traces("reference|pca")[0]["source"]
+    d.call("on_change_show", value="ground_truth")
+    assert d.traces("reference|pca")[0]["source"] == first
+
+
+def test_show_ground_truth_and_error_lines(world):
+    dataset, ids, _ = world
+    d = PanelDriver(dataset, current_sample=ids["target"]).call("on_load")
+    n_errors = len(d.traces(prefix="error|"))
+    assert n_errors == 4  # predicted and ground truth both exist on the target
+    d.call("on_change_error_lines", value=False)
+    assert not d.traces(prefix="error|")
+    d.call("on_change_show", value="ground_truth")
+    assert d.traces("current|gt") and not d.traces("current|keypoints")
+    assert all(t["line"]["dash"] == "dot" for t in d.traces(prefix="line|"))
+    d.call("on_change_show", value="both")
+    assert d.traces("current|gt") and d.traces("current|keypoints")
+
+
+def test_accept_and_reject_write_filterable_review(world):
+    dataset, ids, _ = world
+    d = PanelDriver(dataset, current_sample=ids["target"]).call("on_load")
+    # a click on a predicted marker selects that point
+    d.call("on_click_figure", trace="current|keypoints", id="0:2", idx=2)
+    assert d.state["selected_point"] == {"instance": 0, "point": 2}
+    assert {"accept_point", "reject_point"} <= set(d.properties())
+    d.call("on_reject_point")
+    kp = dataset[ids["target"]]["pred"].keypoints[0]
+    assert kp[panels.POINT_REVIEW_ATTR][2] == "rejected"
+    assert kp[panels.POINT_REVIEW_ATTR][0] is None
+    assert any(r["operator_uri"] == "reload_samples" for r in d.requests)
+
+    d.call("on_clear")
+    d.call("on_accept_instance")
+    kp = dataset[ids["target"]]["pred"].keypoints[0]
+    assert kp[panels.REVIEW_ATTR] == "accepted"
+    assert dataset.match_labels(tags="sdcorr:accepted").count() == 1
+    d.call("on_reject_instance")
+    assert dataset.match_labels(tags="sdcorr:accepted").count() == 0
+    assert dataset.match_labels(tags="sdcorr:rejected", fields="pred").count() == 1
+    # the source annotation is never touched
+    assert panels.REVIEW_ATTR not in dataset[ids["ref"]]["gt"].keypoints[0]
+
+
+def test_propagate_prompts_the_operator_with_this_reference(world):
+    dataset, ids, _ = world
+    d = PanelDriver(dataset, current_sample=ids["target"]).call("on_load")
+    d.call("on_propagate")
+    prompts = [r for r in d.requests if r["operator_uri"] == "prompt_user_for_operation"]
+    assert len(prompts) == 1
+    p = prompts[0]["params"]
+    assert p["operator_uri"] == "@sdcorr/sdcorr/propagate_keypoints"
+    assert p["params"]["references"] == "ids"
+    assert p["params"]["reference_ids"] == [ids["ref"]]
+    assert p["params"]["source_field"] == "gt" and p["params"]["output_field"] == "pred"
+
+
+def test_missing_features_and_no_reference(world):
+    dataset, ids, _ = world
+    # a sample without stored features: photos and lines still draw, clicks explain
+    d = PanelDriver(dataset, current_sample=ids["plain"]).call("on_load")
+    assert d.traces("current|photo") and d.traces("reference|photo")
+    assert "compute_features" in d.properties()
+    d.call("on_click_figure", trace="current|photo", idx=[5, 5])
+    assert not d.traces("reference|match")
+    assert "features" in d.status()
+    d.call("on_compute_features")
+    assert any(r["params"].get("operator_uri") == "@sdcorr/sdcorr/compute_fused_features"
+               for r in d.requests if r["operator_uri"] == "prompt_user_for_operation")
+
+    # grid with nothing selected: a hint, no figure
+    d = PanelDriver(dataset).call("on_load")
+    assert "figure" not in d.properties() and "hint" in d.properties()
+
+
+def test_grid_with_two_selected_samples(world):
+    dataset, ids, _ = world
+    d = PanelDriver(dataset, selected=[ids["target"], ids["ref2"]]).call("on_load")
+    assert d.state["current_id"] == ids["target"]
+    assert d.state["reference_id"] == ids["ref2"]
+    assert d.traces("current|photo") and d.traces("reference|photo")
+    d.call("on_change_selected")
+    assert d.state["reference_id"] == ids["ref2"]
+
+
+def test_visualize_helpers_exact_geometry(world):
+    dataset, ids, describer = world
+    fused = describer.describe_one(dataset[ids["ref2"]].filepath)  # 600 x 400: letterboxed
+    lb = fused.letterbox
+    w, h = lb.width, lb.height
+    # a token map of column indices resampled to the image reads back each pixel's token
+    cols = np.tile(np.arange(fused.grid, dtype=np.float32), (fused.grid, 1))
+    rows = cols.T.copy()
+    up_c = vis.token_map_to_image(cols, fused, w, h, mode="nearest")
+    up_r = vis.token_map_to_image(rows, fused, w, h, mode="nearest")
+    for px, py in [(0, 0), (w - 1, h - 1), (123, 77), (300, 399)]:
+        tok = lb.pixel_to_token([px + 0.5, py + 0.5], fused.stride).tolist()
+        assert (up_c[py, px], up_r[py, px]) == (tok[0], tok[1])
+    # display index <-> normalised round trip
+    for (x, y) in [(0.0, 0.0), (0.999, 0.5), (0.3141, 0.2718)]:
+        r, c = vis.normalized_to_pixel_index(x, y, 300, 200)
+        nx, ny = vis.pixel_index_to_normalized(r, c, 300, 200)
+        assert abs(nx - x) <= 0.5 / 300 + 1e-12 and abs(ny - y) <= 0.5 / 200 + 1e-12
+    # k-means is deterministic for a seed, and shared between the two images
+    a = describer.describe_one(dataset[ids["target"]].filepath)
+    p1, p2 = vis.kmeans_parts(a, fused, k=5, seed=3), vis.kmeans_parts(a, fused, k=5, seed=3)
+    assert np.array_equal(p1.labels_a, p2.labels_a) and np.array_equal(p1.labels_b, p2.labels_b)
+    assert set(np.unique(p1.labels_b)) <= set(range(-1, 5))
+    assert (p1.labels_b[~fused.valid_mask().numpy()] == -1).all()
+    sizes = np.bincount(np.concatenate([p1.labels_a[p1.labels_a >= 0], p1.labels_b[p1.labels_b >= 0]]))
+    assert list(sizes) == sorted(sizes, reverse=True)
+
+
+# --------------------------------------------------------------------------- view operators
+def test_write_feature_pca_operator(world, tmp_path):
+    from PIL import Image
+
+    dataset, ids, describer = world
+    view = dataset.select([ids["target"], ids["ref"], ids["ref2"], ids["plain"]])
+    result = foo.execute_operator(
+        "@sdcorr/sdcorr/write_feature_pca", {"view": view},
+        params={"output_field": "pca_view", "output_dir": str(tmp_path / "pca")},
+    )
+    result.raise_exceptions()
+    assert dataset.count("pca_view") == 3  # the sample without features is skipped
+    seg_t = dataset[ids["target"]]["pca_view"]
+    seg_r = dataset[ids["ref"]]["pca_view"]
+    assert isinstance(seg_t, fo.Segmentation) and os.path.isfile(seg_t.mask_path)
+    a, b = np.asarray(Image.open(seg_t.mask_path)), np.asarray(Image.open(seg_r.mask_path))
+    w, h = vis.display_size(*Image.open(dataset[ids["target"]].filepath).size, 512)
+    assert a.shape == (h, w, 3)
+    # one PCA for the whole collection: the same image gets the same colours
+    assert np.array_equal(a, b)
+    assert a.std() > 10  # colourful, not flat
+    # never overwrites without asking
+    with pytest.raises(Exception, match="overwrite"):
+        foo.execute_operator(
+            "@sdcorr/sdcorr/write_feature_pca", {"view": view},
+            params={"output_field": "pca_view", "output_dir": str(tmp_path / "pca")},
+        )
+
+
+def test_write_similarity_heatmap_operator(world, tmp_path):
+    from PIL import Image
+
+    dataset, ids, describer = world
+    view = dataset.select([ids["target"], ids["ref2"]])
+    result = foo.execute_operator(
+        "@sdcorr/sdcorr/write_similarity_heatmap", {"view": view},
+        params={"reference_id": ids["ref"], "keypoints_field": "gt", "keypoint": "nose",
+                "output_field": "nose_heat", "output_dir": str(tmp_path / "heat")},
+    )
+    result.raise_exceptions()
+    heat = dataset[ids["target"]]["nose_heat"]
+    assert isinstance(heat, fo.Heatmap) and heat.range == [0, 255]
+    arr = np.asarray(Image.open(heat.map_path)).astype(float)
+    h, w = arr.shape
+    # identity pair: the hottest place is the nose of the reference (within a token)
+    peak_row, peak_col = np.unravel_index(np.argmax(arr), arr.shape)
+    nose = GT_POINTS[2]
+    token = 14 / 224 * max(w, h) / w
+    assert abs((peak_col + 0.5) / w - nose[0]) <= token and abs((peak_row + 0.5) / h - nose[1]) <= token * w / h
+    assert arr.max() >= 250  # cosine 1 at the point itself
+    # by explicit point, through the Python call of the operator
+    op = foo.get_operator("@sdcorr/sdcorr/write_similarity_heatmap")
+    op(view, ids["ref"], point=(0.2, 0.8), output_field="corner_heat", output_dir=str(tmp_path / "h2"))
+    assert dataset.count("corner_heat") == 2
