@@ -32,6 +32,8 @@ _LAZY = {
     "propagate_keypoints": "fiftyone_sdcorr.propagation",
     "evaluate_keypoints": "fiftyone_sdcorr.evaluation",
     "flag_keypoint_annotations": "fiftyone_sdcorr.review",
+    "write_feature_pca": "fiftyone_sdcorr.feature_views",
+    "write_similarity_heatmaps": "fiftyone_sdcorr.feature_views",
 }
 
 

@@ -53,18 +53,18 @@ import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 import fiftyone as fo
 import fiftyone.core.media as fom
-import fiftyone.core.utils as fou
 
 from fiftyone_sdcorr.features import FixedProjection, FusedFeatures, fuse_raw
 from fiftyone_sdcorr.images import ImageLoadError, load_image
 from fiftyone_sdcorr.models import DEFAULT_DINO_MODEL, DEFAULT_SD_MODEL, resolve_dtype
+from fiftyone_sdcorr.progress import Progress, ProgressArg
 from fiftyone_sdcorr.store import FeatureStore, default_store_root
 
 logger = logging.getLogger(__name__)
@@ -76,7 +76,6 @@ LOG_DIR = "_log"
 #: at most this many reasons in the returned summary (all of them are in the sample field)
 MAX_SUMMARY_ERRORS = 100
 
-ProgressArg = Union[bool, None, Callable[[float, str], Any]]
 
 
 # --------------------------------------------------------------------------- helpers
@@ -174,43 +173,6 @@ class _SampleLock:
             self.fd = None
 
 
-class _Progress:
-    """FiftyOne progress bar (``progress`` True/False/None) or ``callback(fraction, label)``."""
-
-    def __init__(self, total: int, progress: ProgressArg):
-        self.total, self.done = max(int(total), 0), 0
-        self.callback = progress if callable(progress) else None
-        self.min_interval, self._last = 0.5, float("-inf")
-        self.bar = None
-        if self.callback is None:
-            self.bar = fou.ProgressBar(total=self.total, progress=progress)
-            self.bar.__enter__()
-        self._emit("starting")
-
-    def _emit(self, label: str):
-        if self.callback is not None:
-            frac = 1.0 if self.total == 0 else self.done / self.total
-            now = time.monotonic()
-            if frac < 1.0 and now - self._last < self.min_interval:
-                return  # throttled (delegated runs write each update to the database)
-            self._last = now
-            try:
-                self.callback(min(1.0, frac), label)
-            except Exception:  # a progress hook must never kill the run
-                logger.warning("progress callback failed", exc_info=True)
-
-    def update(self, n: int = 1, label: str = ""):
-        self.done += n
-        if self.bar is not None:
-            self.bar.update(n)
-        self._emit(label or f"{self.done}/{self.total} samples")
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.__exit__(None, None, None)
-            self.bar = None
-
-
 # --------------------------------------------------------------------------- fields
 def _ensure_fields(dataset, embedding_field: str, features_field: str) -> None:
     wanted = {
@@ -282,7 +244,11 @@ def fit_or_load_projection(
         used = [name for name, _ in pairs]
         sd_maps = [raw.sd for raw in extractor.extract([im for _, im in pairs])]
         proj = FixedProjection.fit(sd_maps, dim=dim)
-        short = {t: int(v.shape[1]) for t, v in proj.components.items() if v.shape[1] < dim}
+        # a tap keeps min(dim, channels, tokens) directions; only too few tokens is fixable
+        short = {
+            t: int(v.shape[1]) for t, v in proj.components.items()
+            if v.shape[1] < min(dim, int(v.shape[0]))
+        }
         if short:
             logger.warning(
                 "fixed projection keeps fewer than %d channels for %s (too few tokens in %d "
@@ -379,7 +345,7 @@ def compute_fused_features(
 
     summary = dict(total=total, computed=0, recovered=0, skipped=skipped, busy=0, failed=0,
                    errors={}, store_dir=str(store.root), projection=None, worker=wid)
-    pbar = _Progress(total, progress)
+    pbar = Progress(progress, total, "samples")
     try:
         if skipped:
             pbar.update(skipped, f"{skipped} already done")

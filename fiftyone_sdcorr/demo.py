@@ -15,7 +15,6 @@ import argparse
 import os
 import tempfile
 
-import numpy as np
 from PIL import Image
 
 #: Hand-annotated keypoints of skimage.data.chelsea() (451 x 300), in pixels.
@@ -132,7 +131,7 @@ def run(args) -> dict:
     print(f"models: {sd_model} + {dino_model}; preset {preset}; device {device}; workdir {work}")
 
     ds = build_dataset(args.dataset, os.path.join(work, "images"))
-    ds.persistent = not args.no_app
+    ds.persistent = True  # kept for `fiftyone app launch sdcorr-demo`; rerunning recreates it
     summary = compute_fused_features(ds, sd_model, dino_model, preset=preset, device=device,
                                      store_dir=os.path.join(work, "features"))
     print("features:", {k: v for k, v in summary.items() if k in ("computed", "skipped", "failed")})

@@ -42,7 +42,7 @@ import fiftyone as fo
 import fiftyone.core.evaluation as foe
 
 from fiftyone_sdcorr.images import image_size
-from fiftyone_sdcorr.propagation import ProgressArg, _Progress
+from fiftyone_sdcorr.progress import Progress, ProgressArg
 
 logger = logging.getLogger(__name__)
 
@@ -368,7 +368,7 @@ def evaluate_keypoints(
     correct_values, dist_values, pck_values = {}, {}, {}
     evaluated = 0
 
-    bar = _Progress(progress, len(ids), "evaluating")
+    bar = Progress(progress, len(ids), "evaluating")
     try:
         for sid, fp, meta, pred, gt, box in zip(ids, fps, metas, preds, gts, boxes):
             bar.update(1)

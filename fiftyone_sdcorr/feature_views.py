@@ -18,7 +18,7 @@ Speaks FiftyOne (layer 4); the pictures come from :mod:`fiftyone_sdcorr.visualiz
 from __future__ import annotations
 
 import os
-from typing import Callable, Dict, Optional, Sequence, Tuple, Union
+from typing import Dict, Optional, Sequence, Union
 
 import numpy as np
 from PIL import Image
@@ -26,9 +26,9 @@ from PIL import Image
 import fiftyone as fo
 
 from fiftyone_sdcorr import visualize as vis
+from fiftyone_sdcorr.progress import Progress, ProgressArg
 from fiftyone_sdcorr.store import FeatureStore, default_store_root
 
-ProgressArg = Union[bool, None, Callable[[float, str], None]]
 
 
 def default_views_dir(samples, output_field: str) -> str:
@@ -48,29 +48,6 @@ def _check_output(samples, output_field, ftype, overwrite, protected=()):
             raise ValueError(f"field {output_field!r} exists and does not hold {ftype.__name__} labels")
         if not overwrite:
             raise ValueError(f"field {output_field!r} exists; pass overwrite=True to replace it")
-
-
-class _Progress:
-    def __init__(self, progress: ProgressArg, total: int, label: str):
-        self.cb = progress if callable(progress) else None
-        self.total, self.done, self.label = total, 0, label
-        self.pb = None
-        if not callable(progress) and progress and total:
-            import fiftyone.core.utils as fou
-
-            self.pb = fou.ProgressBar(total=total, progress=True)
-            self.pb.__enter__()
-
-    def update(self):
-        self.done += 1
-        if self.pb is not None:
-            self.pb.update(1)
-        if self.cb is not None:
-            self.cb(self.done / max(self.total, 1), f"{self.label} {self.done}/{self.total}")
-
-    def close(self):
-        if self.pb is not None:
-            self.pb.__exit__(None, None, None)
 
 
 def _features_of(samples, features_field: str):
@@ -131,7 +108,7 @@ def write_feature_pca(
     pca = vis.fit_pca_colors(fitted)
 
     labels, written = {}, 0
-    bar = _Progress(progress, len(have), "PCA")
+    bar = Progress(progress, len(have), "PCA")
     try:
         for sid, filepath, p in have:
             try:
@@ -215,7 +192,7 @@ def write_similarity_heatmaps(
     out_dir = output_dir or default_views_dir(samples, output_field)
     os.makedirs(out_dir, exist_ok=True)
     skipped, labels = {}, {}
-    bar = _Progress(progress, len(items), "Heat maps")
+    bar = Progress(progress, len(items), "Heat maps")
     try:
         for sid, filepath, p in items:
             if not p:

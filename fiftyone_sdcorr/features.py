@@ -7,9 +7,8 @@ concatenation, and the pooled global vector. Pure torch; no FiftyOne import.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Protocol, Sequence, Tuple
+from typing import Dict, List, Optional, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F

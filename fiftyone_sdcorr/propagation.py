@@ -57,16 +57,16 @@ import logging
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
 import fiftyone as fo
 import fiftyone.core.media as fom
-import fiftyone.core.utils as fou
 
 from fiftyone_sdcorr import correspondence as corr
+from fiftyone_sdcorr.progress import Progress, ProgressArg
 from fiftyone_sdcorr.correspondence import Prepared, match_prepared
 from fiftyone_sdcorr.features import FixedProjection, FusedFeatures, fuse_raw
 from fiftyone_sdcorr.images import load_image
@@ -77,41 +77,9 @@ DEFAULT_VISIBILITY_THRESHOLD = 0.2
 COMBINE_RULES = ("best", "per_point")
 PROJECTION_NAME = "projection"
 
-ProgressArg = Union[bool, None, Callable[[float, str], None]]
 
 
 # --------------------------------------------------------------------------- progress
-class _Progress:
-    """``progress`` True/False -> a FiftyOne progress bar; a callable -> ``cb(frac, label)``."""
-
-    def __init__(self, progress: ProgressArg, total: int, label: str):
-        self.total = max(int(total), 0)
-        self.done = 0
-        self.label = label
-        self.cb = progress if callable(progress) else None
-        self.pb = None
-        if not callable(progress) and progress and self.total:
-            self.pb = fou.ProgressBar(total=self.total, progress=True)
-            self.pb.__enter__()
-        self._emit()
-
-    def _emit(self):
-        if self.cb is not None:
-            frac = 1.0 if not self.total else self.done / self.total
-            self.cb(frac, f"{self.label} {self.done}/{self.total}")
-
-    def update(self, n: int = 1):
-        self.done += n
-        if self.pb is not None:
-            self.pb.update(n)
-        self._emit()
-
-    def close(self):
-        if self.pb is not None:
-            self.pb.__exit__(None, None, None)
-            self.pb = None
-
-
 # --------------------------------------------------------------------------- collections
 def _root(samples):
     return samples._root_dataset
@@ -773,7 +741,7 @@ def propagate_keypoints(
     errors: Dict[str, str] = {}
     written_errors: Dict[str, Optional[str]] = {}
     chunk = max(1, int(batch_size or 8))
-    bar = _Progress(progress, n_targets, "propagating")
+    bar = Progress(progress, n_targets, "propagating")
     try:
         for start in range(0, n_targets, chunk):
             sl = slice(start, start + chunk)

@@ -34,14 +34,13 @@ import numpy as np
 import fiftyone as fo
 
 from fiftyone_sdcorr.evaluation import THRESHOLDS, _box_size, _extent, _pair_instances, _points
+from fiftyone_sdcorr.progress import Progress, ProgressArg
 from fiftyone_sdcorr.propagation import (
     FeatureSource,
-    ProgressArg,
     Propagator,
     _err,
     _has_field,
     _locate_store,
-    _Progress,
     _unit,
     _values_or_none,
     check_output_field,
@@ -164,7 +163,7 @@ def flag_keypoint_annotations(
     suspicious: Dict[str, List[dict]] = {}
     n_points = n_flagged = 0
     chunk = max(1, int(batch_size or 8))
-    bar = _Progress(progress, len(ids), "reviewing")
+    bar = Progress(progress, len(ids), "reviewing")
     try:
         for start in range(0, len(ids), chunk):
             sl = slice(start, start + chunk)

@@ -13,7 +13,7 @@ that database. Subprocesses started by tests (App server, workers) inherit the U
 A ``FIFTYONE_DATABASE_URI/DIR`` set in the shell is deliberately ignored, so tests
 never touch a real database; ``~/.fiftyone/*.json`` is ignored too.
 
-Nothing model-related lives here (see tests/tiny_models.py).
+Nothing model-related lives here (tiny checkpoints: fiftyone_sdcorr/tiny.py).
 """
 
 import atexit

@@ -11,7 +11,6 @@ Needs Debian's ``chromium`` (``/usr/bin/chromium``) and Python ``playwright``; s
 with the reason when either is missing.
 """
 
-import json
 import os
 import shutil
 import socket
@@ -24,7 +23,6 @@ from pathlib import Path
 
 import pytest
 
-import fiftyone as fo
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from panel_world import build_panel_dataset  # noqa: E402

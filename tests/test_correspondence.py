@@ -8,7 +8,6 @@ where a test needs an exact similarity landscape.
 from __future__ import annotations
 
 import math
-import time
 
 import numpy as np
 import pytest

@@ -469,6 +469,7 @@ def test_stored_and_computed_features_mix(variants, models, tmp_path, caplog):
         ds.reload()
         assert ds.count("sdcorr_features") == 1
         files_before = sorted(p.name for p in store_dir.rglob("*.safetensors"))
+        caplog.clear()  # only what propagation logs counts below
         summary = propagate_keypoints(ds, [ref.id], "gt", "pred", sd_model=sd, dino_model=dino, device="cpu",
                                       recipe=dict(sd_size=128, sd_mode="whole", dino_size=56),
                                       visibility_threshold=0.0, progress=False)

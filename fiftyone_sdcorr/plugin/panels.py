@@ -722,7 +722,7 @@ def build_figure(dataset, current, reference, state: dict) -> dict:
         ref_pts = list(ref_kp.points)
         pred_kp = predicted_for(cur_pred, reference.id, j) if cur_pred else None
         gt_kp = cur_gt[j] if j < len(cur_gt) else None
-        tr = skeleton_trace("reference", ref_pts, f"reference|skeleton")
+        tr = skeleton_trace("reference", ref_pts, "reference|skeleton")
         if tr:
             lines.append(tr)
         # reference points (the annotation)
@@ -741,7 +741,7 @@ def build_figure(dataset, current, reference, state: dict) -> dict:
         for kind, kp in targets:
             pts = list(kp.points)
             conf = list(kp.confidence or []) if kind == "predicted" else []
-            tr = skeleton_trace("current", pts, f"current|skeleton")
+            tr = skeleton_trace("current", pts, "current|skeleton")
             if tr:
                 lines.append(tr)
             xs, ys, cs, txt, ids, sizes = [], [], [], [], [], []
