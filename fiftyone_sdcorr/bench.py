@@ -156,7 +156,7 @@ def build_full_models(root=None, init_device=None, seed: int = 0, quiet: bool = 
     from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, Dinov2Config, Dinov2Model
 
-    from fiftyone_sdcorr.tiny import _clip_tokenizer_files
+    from fiftyone_sdcorr.tiny import _clip_tokenizer_files, write_model_index
 
     root = Path(root) if root is not None else default_models_dir()
     sd_dir, dino_dir = root / "sd15", root / "dinov2-base"
@@ -195,18 +195,7 @@ def build_full_models(root=None, init_device=None, seed: int = 0, quiet: bool = 
         dino = Dinov2Model(Dinov2Config(**dcfg))
         dino.save_pretrained(str(dino_dir), safe_serialization=True)
         del dino
-    (sd_dir / "model_index.json").write_text(
-        json.dumps(
-            {
-                "_class_name": "StableDiffusionPipeline",
-                "unet": ["diffusers", "UNet2DConditionModel"],
-                "vae": ["diffusers", "AutoencoderKL"],
-                "text_encoder": ["transformers", "CLIPTextModel"],
-                "tokenizer": ["transformers", "CLIPTokenizer"],
-                "scheduler": ["diffusers", "PNDMScheduler"],
-            }
-        )
-    )
+    write_model_index(sd_dir)
     marker.write_text(_now())
     if init_device.type == "cuda":
         torch.cuda.empty_cache()

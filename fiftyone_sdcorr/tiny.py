@@ -32,6 +32,22 @@ def _clip_tokenizer_files(path: Path):
     return len(vocab)
 
 
+def write_model_index(path) -> None:
+    """The diffusers ``model_index.json`` of an SD 1.x checkpoint directory."""
+    Path(path, "model_index.json").write_text(
+        json.dumps(
+            {
+                "_class_name": "StableDiffusionPipeline",
+                "unet": ["diffusers", "UNet2DConditionModel"],
+                "vae": ["diffusers", "AutoencoderKL"],
+                "text_encoder": ["transformers", "CLIPTextModel"],
+                "tokenizer": ["transformers", "CLIPTokenizer"],
+                "scheduler": ["diffusers", "PNDMScheduler"],
+            }
+        )
+    )
+
+
 def build_tiny_sd(path, seed: int = 0) -> str:
     """A tiny SD 1.x-shaped checkpoint (4 UNet levels, same block types and taps)."""
     from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
@@ -84,18 +100,7 @@ def build_tiny_sd(path, seed: int = 0) -> str:
     vae.save_pretrained(str(path / "vae"), safe_serialization=True)
     text.save_pretrained(str(path / "text_encoder"), safe_serialization=True)
     sched.save_pretrained(str(path / "scheduler"))
-    (path / "model_index.json").write_text(
-        json.dumps(
-            {
-                "_class_name": "StableDiffusionPipeline",
-                "unet": ["diffusers", "UNet2DConditionModel"],
-                "vae": ["diffusers", "AutoencoderKL"],
-                "text_encoder": ["transformers", "CLIPTextModel"],
-                "tokenizer": ["transformers", "CLIPTokenizer"],
-                "scheduler": ["diffusers", "PNDMScheduler"],
-            }
-        )
-    )
+    write_model_index(path)
     return str(path)
 
 
