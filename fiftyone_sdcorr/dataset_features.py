@@ -242,7 +242,11 @@ def fit_or_load_projection(
         if not pairs:
             raise ValueError("no loadable image to fit the fixed projection on")
         used = [name for name, _ in pairs]
-        sd_maps = [raw.sd for raw in extractor.extract([im for _, im in pairs])]
+        labels_of = getattr(images, "labels", None)  # prompt labels, when prompts are per sample
+        labels = labels_of(used) if labels_of else None
+        ims = [im for _, im in pairs]
+        raws = extractor.extract(ims, labels=labels) if labels else extractor.extract(ims)
+        sd_maps = [raw.sd for raw in raws]
         proj = FixedProjection.fit(sd_maps, dim=dim)
         # a tap keeps min(dim, channels, tokens) directions; only too few tokens is fixable
         short = {
@@ -286,6 +290,7 @@ def compute_fused_features(
     device=None,
     dtype=None,
     overwrite: bool = False,
+    prompt_field: Optional[str] = None,
     progress: ProgressArg = True,
 ) -> Dict[str, Any]:
     """Computes fused SD + DINOv2 features for the image samples of ``samples``.
@@ -308,6 +313,12 @@ def compute_fused_features(
         preset, recipe: the feature recipe (see :class:`fiftyone_sdcorr.Recipe`)
         batch_size: images per forward pass (CUDA out-of-memory halves it)
         overwrite: recompute samples that already have features
+        prompt_field: a field naming each sample's object for a prompt template with
+            ``{label}`` (e.g. ``recipe={"prompt": "a photo of a {label}"}``): a string
+            field, a label with ``.label`` (``fo.Classification``), or a label list
+            (``fo.Detections``, ``fo.Keypoints``, ...: its most common label). Samples with
+            no label get the empty prompt. The fixed projection is fitted with the same
+            prompts.
         progress: ``True``/``False``/``None`` for a FiftyOne progress bar, or a callable
             ``progress(fraction, label)``
 
@@ -331,6 +342,7 @@ def compute_fused_features(
     wid = worker_id()
 
     ids, paths, embs, feats = samples.values(["id", "filepath", embedding_field, features_field])
+    prompt_labels = _prompt_labels(samples, ids, prompt_field, extractor, recipe)
     total = len(ids)
     pending, skipped, not_images = [], 0, {}
     for sid, fp, emb, fpath in zip(ids, paths, embs, feats):
@@ -381,6 +393,9 @@ def compute_fused_features(
                         continue
                 return out
 
+            if prompt_labels is not None:  # the projection sees the prompts the features use
+                fit_images.labels = lambda names: [prompt_labels.get(n) for n in names]
+
             pbar.update(0, "fixed projection (fitted once per store)")
             projection, ppath = fit_or_load_projection(
                 store, extractor, fit_images, dim=int(projection_dim), overwrite=overwrite)
@@ -393,7 +408,7 @@ def compute_fused_features(
         with open(log_path, "a", encoding="utf-8") as log:
             runner = _Runner(samples, dataset, store, extractor, projection, config, st_dtype,
                              embedding_field, features_field, overwrite, run_start, log,
-                             summary, pbar)
+                             summary, pbar, prompt_labels)
             i = 0
             while i < len(pending):
                 claimed = []
@@ -431,7 +446,8 @@ class _Runner:
     """Processes claimed batches: re-check under the lock, compute, write, release."""
 
     def __init__(self, samples, dataset, store, extractor, projection, config, st_dtype,
-                 embedding_field, features_field, overwrite, run_start, log, summary, pbar):
+                 embedding_field, features_field, overwrite, run_start, log, summary, pbar,
+                 prompt_labels=None):
         self.samples, self.dataset, self.store = samples, dataset, store
         self.extractor, self.projection, self.config = extractor, projection, config
         self.st_dtype = st_dtype
@@ -439,6 +455,7 @@ class _Runner:
         self.overwrite, self.run_start = overwrite, run_start
         self.log, self.summary, self.pbar = log, summary, pbar
         self.alpha = float(getattr(getattr(extractor, "recipe", None), "alpha", 0.5))
+        self.prompt_labels = prompt_labels  # sample id -> label for the prompt, or None
 
     # ---- bookkeeping
     def _log(self, sid: str, event: str, **kw):
@@ -515,9 +532,9 @@ class _Runner:
         ff = FusedFeatures(d, fused.letterbox, fused.stride, fused.sd_channels, fused.meta)
         return ff.global_vector().numpy().astype(np.float32)
 
-    def _describe(self, images: List[Any]) -> List[FusedFeatures]:
+    def _describe(self, images: List[Any], labels=None) -> List[FusedFeatures]:
         if self.projection is not None:
-            raws = self.extractor.extract(images)
+            raws = self.extractor.extract(images, labels=labels) if labels else self.extractor.extract(images)
             return [fuse_raw(r, self.projection, alpha=self.alpha, meta=self.config) for r in raws]
         return list(self.extractor.describe(images))
 
@@ -533,16 +550,18 @@ class _Runner:
                 errors[sid] = f"Cannot load image {fp}: {e}"
         if not keep:
             return
+        labels = None if self.prompt_labels is None else [self.prompt_labels.get(sid) for sid, _ in keep]
         try:
-            results = self._describe_with_oom_split(images)
+            results = self._describe_with_oom_split(images, labels)
         except Exception as e:
             if len(keep) == 1:
                 errors[keep[0][0]] = f"feature computation failed for {keep[0][1]}: {_reason(e)}"
                 return
             # isolate the failing sample(s)
-            for (sid, fp), im in zip(keep, images):
+            for k, ((sid, fp), im) in enumerate(zip(keep, images)):
                 try:
-                    self._save_one(sid, self._describe_with_oom_split([im])[0], ok)
+                    one = None if labels is None else [labels[k]]
+                    self._save_one(sid, self._describe_with_oom_split([im], one)[0], ok)
                 except Exception as e1:
                     errors[sid] = f"feature computation failed for {fp}: {_reason(e1)}"
             return
@@ -552,9 +571,9 @@ class _Runner:
             except Exception as e:
                 errors[sid] = f"could not store the features of {fp}: {_reason(e)}"
 
-    def _describe_with_oom_split(self, images):
+    def _describe_with_oom_split(self, images, labels=None):
         try:
-            return self._describe(images)
+            return self._describe(images, labels)
         except torch.cuda.OutOfMemoryError:
             if len(images) == 1:
                 raise
@@ -562,7 +581,8 @@ class _Runner:
                 torch.cuda.empty_cache()
             half = len(images) // 2
             logger.warning("CUDA out of memory on %d images; splitting the batch", len(images))
-            return self._describe_with_oom_split(images[:half]) + self._describe_with_oom_split(images[half:])
+            lo, hi = (None, None) if labels is None else (labels[:half], labels[half:])
+            return self._describe_with_oom_split(images[:half], lo) + self._describe_with_oom_split(images[half:], hi)
 
     def _save_one(self, sid: str, fused: FusedFeatures, ok) -> None:
         path = self.store.save(sid, fused, dtype=self.st_dtype)
@@ -577,6 +597,35 @@ class _Runner:
         err = {**{s: None for s in ok}, **errors}
         if err:
             self.dataset.set_values(ERROR_FIELD, err, key_field="id")
+
+
+def _label_of(value) -> Optional[str]:
+    """The object name a prompt field holds: a string, ``label.label`` or the most common
+    label of a label list (Detections, Keypoints, Classifications, ...)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return value or None
+    if getattr(value, "label", None):
+        return str(value.label)
+    items = getattr(value, getattr(value, "_LABEL_LIST_FIELD", "") or "", None)
+    names = [str(x.label) for x in (items or []) if getattr(x, "label", None)]
+    return max(set(names), key=names.count) if names else None
+
+
+def _prompt_labels(samples, ids, prompt_field, extractor, recipe) -> Optional[Dict[str, Optional[str]]]:
+    if prompt_field is None:
+        return None
+    template = (recipe or {}).get("prompt") if extractor is None else getattr(
+        getattr(extractor, "recipe", None), "prompt", None)
+    if not template or "{label}" not in template:
+        raise ValueError(
+            f"prompt_field={prompt_field!r} needs a prompt template with '{{label}}', e.g. "
+            "recipe={'prompt': 'a photo of a {label}'}"
+        )
+    if not samples._root_dataset.has_sample_field(prompt_field.split(".")[0]):
+        raise ValueError(f"prompt_field {prompt_field!r} is not a field of the dataset")
+    return {sid: _label_of(v) for sid, v in zip(ids, samples.values(prompt_field))}
 
 
 def _precheck(filepath: str) -> Optional[str]:

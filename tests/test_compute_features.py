@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import fiftyone as fo
 import fiftyone.operators as foo
@@ -427,3 +428,39 @@ def test_selected_samples_target(photo_ds, models, tmp_path):
     foo.execute_operator(URI, ctx={"dataset": ds, "selected": chosen, "params": params}
                          ).raise_exceptions()
     assert ds.exists("sdcorr_embedding").values("id") == chosen
+
+
+def test_prompt_field_gives_each_sample_its_prompt(photo_paths, models, tmp_path):
+    """With a '{label}' template and prompt_field, each sample's features are computed with
+    its own label's prompt: exactly what FeatureExtractor.extract(..., labels=...) gives."""
+    from fiftyone_sdcorr.extractor import FeatureExtractor
+    from fiftyone_sdcorr.features import FixedProjection, fuse_raw
+    from fiftyone_sdcorr.store import FeatureStore
+
+    same = photo_paths["chelsea"]
+    ds = fo.Dataset(f"sdcorr-prompt-{uuid.uuid4().hex[:8]}")
+    ds.add_samples([
+        fo.Sample(filepath=str(same), animal=fo.Classification(label="cat")),
+        fo.Sample(filepath=str(same), animal=fo.Classification(label="dog")),
+        fo.Sample(filepath=str(same)),  # no label: the empty prompt
+    ])
+    try:
+        sd, dino, kw = _api_kwargs(models, tmp_path / "store")
+        kw["recipe"] = dict(RECIPE, prompt="a photo of a {label}")
+        with pytest.raises(ValueError, match="needs a prompt template"):
+            compute_fused_features(ds, sd, dino, prompt_field="animal", **_api_kwargs(models, tmp_path / "s0")[2])
+        summary = compute_fused_features(ds, sd, dino, prompt_field="animal", **kw)
+        assert summary["computed"] == 3 and summary["failed"] == 0, summary
+        store = FeatureStore(tmp_path / "store")
+        cat, dog, none = (store.load(s.sdcorr_features).descriptors for s in ds)
+        assert not torch.allclose(cat, dog, atol=1e-2)  # same pixels, different prompts
+
+        ext = FeatureExtractor(sd, dino, device="cpu", batch_size=1, pca_dim=PDIM, **kw["recipe"])
+        tensors, _ = store.load_tensors("projection")
+        proj = FixedProjection.from_state_dict(tensors)
+        raws = ext.extract([str(same)] * 3, labels=["cat", "dog", None])
+        for stored, raw in zip((cat, dog, none), raws):
+            expect = fuse_raw(raw, proj, alpha=ext.recipe.alpha).descriptors
+            assert torch.allclose(stored, expect, atol=2e-2), (stored - expect).abs().max()
+    finally:
+        ds.delete()

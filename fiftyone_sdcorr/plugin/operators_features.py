@@ -45,6 +45,7 @@ class ComputeFusedFeatures(foo.Operator):
         embedding_field="sdcorr_embedding",
         features_field="sdcorr_features",
         overwrite=False,
+        prompt_field=None,
         delegate=False,
         delegation_target=None,
     ):
@@ -60,6 +61,7 @@ class ComputeFusedFeatures(foo.Operator):
             embedding_field=embedding_field,
             features_field=features_field,
             overwrite=bool(overwrite),
+            prompt_field=prompt_field,
         )
         return foo.execute_operator(
             self.uri,
@@ -94,6 +96,9 @@ class ComputeFusedFeatures(foo.Operator):
                    label="Embedding field", description="Vector field for the pooled fused vector")
         inputs.str("features_field", default="sdcorr_features", required=False,
                    label="Features field", description="String field for the store file's path")
+        inputs.str("prompt_field", required=False, label="Prompt label field",
+                   description="Field naming each sample's object (string, Classification, "
+                   "Detections, Keypoints...) for a prompt with '{label}', e.g. 'a photo of a {label}'")
         inputs.bool("overwrite", default=False, label="Overwrite",
                     description="Recompute samples that already have features")
         if target is not None:
@@ -114,6 +119,7 @@ class ComputeFusedFeatures(foo.Operator):
             embedding_field=p.get("embedding_field") or "sdcorr_embedding",
             features_field=p.get("features_field") or "sdcorr_features",
             overwrite=bool(p.get("overwrite", False)),
+            prompt_field=p.get("prompt_field") or None,
         )
         if ctx.delegated:
             # not a generator: the delegated service stores the returned summary
