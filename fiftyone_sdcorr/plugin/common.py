@@ -8,7 +8,7 @@
   ``dtype``, ``batch_size``, ``preset``, ``recipe``).
 - :func:`delegation_config` / :func:`resolve_delegation`: delegated by default,
   immediate allowed; an explicit ``delegate`` param (if a caller passes one) forces it.
-- :func:`run_with_progress`: runs a dataset-level function and reports its progress to
+- :func:`execute` / :func:`run_with_progress`: runs a dataset-level function and reports its progress to
   the App: ``ctx.set_progress`` when delegated; in immediate mode a generator that yields
   ``set_progress`` messages while the work runs in a worker thread.
 - :func:`reload_dataset` / :func:`collection_ctx`: small conveniences.
@@ -25,6 +25,7 @@ import threading
 from typing import Any, Callable, Dict, Optional
 
 import fiftyone as fo
+import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
 from fiftyone_sdcorr.extractor import PRESETS
@@ -196,17 +197,11 @@ def progress_callback(ctx, label_prefix: str = "") -> Callable[[float, str], Non
 
 
 def run_with_progress(ctx, fn: Callable[..., Any], *args, **kwargs):
-    """Generator: runs ``fn(*args, progress=callback, **kwargs)`` and reports progress.
-
-    Delegated: calls ``fn`` here with ``ctx.set_progress`` as the callback. Immediate:
-    runs ``fn`` in a worker thread and yields ``set_progress`` messages for the App while
-    it runs. Re-raises ``fn``'s exception. Use as ``result = yield from
-    run_with_progress(ctx, fn, ...)``.
+    """Generator for immediate runs: runs ``fn(*args, progress=callback, **kwargs)`` in a
+    worker thread and yields ``set_progress`` messages for the App while it runs.
+    Re-raises ``fn``'s exception. Use as ``result = yield from run_with_progress(ctx, fn,
+    ...)``; :func:`execute` picks this or the delegated path.
     """
-    if ctx.delegated:
-        return fn(*args, progress=progress_callback(ctx), **kwargs)
-        yield  # pragma: no cover  (makes this a generator)
-
     q: "queue.Queue" = queue.Queue()
     box: Dict[str, Any] = {}
 
@@ -250,3 +245,31 @@ def run_with_progress(ctx, fn: Callable[..., Any], *args, **kwargs):
 def reload_dataset(ctx):
     """The App message that reloads the dataset (immediate runs only)."""
     return ctx.trigger("reload_dataset")
+
+
+def execute(ctx, fn: Callable[..., Any], *args, reload: bool = True, **kwargs):
+    """An operator's ``execute``: delegated, call ``fn`` with ``ctx.set_progress`` and
+    return its summary (the delegated service stores it); immediate, a generator that
+    streams progress to the App and then, with ``reload``, reloads the dataset."""
+    if ctx.delegated:
+        return fn(*args, progress=progress_callback(ctx), **kwargs)
+    return _execute_immediate(ctx, fn, args, kwargs, reload)
+
+
+def _execute_immediate(ctx, fn, args, kwargs, reload):
+    result = yield from run_with_progress(ctx, fn, *args, **kwargs)
+    if reload:
+        yield reload_dataset(ctx)
+    return result
+
+
+def call_operator(op, sample_collection, params: dict, delegate: bool = False, delegation_target=None):
+    """The programmatic ``__call__`` of our operators (as ``@voxel51/brain`` does it):
+    run ``op`` on a dataset or view now, or queue it for a delegated worker."""
+    return foo.execute_operator(
+        op.uri,
+        collection_ctx(sample_collection),
+        params=params,
+        request_delegation=delegate,
+        delegation_target=delegation_target,
+    )

@@ -63,13 +63,7 @@ class ComputeFusedFeatures(foo.Operator):
             overwrite=bool(overwrite),
             prompt_field=prompt_field,
         )
-        return foo.execute_operator(
-            self.uri,
-            common.collection_ctx(sample_collection),
-            params=params,
-            request_delegation=delegate,
-            delegation_target=delegation_target,
-        )
+        return common.call_operator(self, sample_collection, params, delegate, delegation_target)
 
     def resolve_delegation(self, ctx):
         return common.resolve_delegation(ctx)
@@ -121,14 +115,7 @@ class ComputeFusedFeatures(foo.Operator):
             overwrite=bool(p.get("overwrite", False)),
             prompt_field=p.get("prompt_field") or None,
         )
-        if ctx.delegated:
-            # not a generator: the delegated service stores the returned summary
-            return compute_fused_features(target, progress=common.progress_callback(ctx), **kwargs)
-        return self._execute_immediate(ctx, compute_fused_features, target, kwargs)
-
-    def _execute_immediate(self, ctx, fn, target, kwargs):
-        yield from common.run_with_progress(ctx, fn, target, **kwargs)
-        yield common.reload_dataset(ctx)
+        return common.execute(ctx, compute_fused_features, target, **kwargs)
 
     def resolve_output(self, ctx):
         outputs = types.Object()

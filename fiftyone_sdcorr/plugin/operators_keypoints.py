@@ -88,16 +88,6 @@ def _parse_alphas(v) -> list:
     return [float(x) for x in v]
 
 
-def _call(op, sample_collection, params, delegate, delegation_target):
-    return foo.execute_operator(
-        op.uri,
-        common.collection_ctx(sample_collection),
-        params=params,
-        request_delegation=delegate,
-        delegation_target=delegation_target,
-    )
-
-
 def _reference_params(references):
     """Python ``references`` (None, a tag, ids, a view) -> operator params."""
     if references is None:
@@ -107,19 +97,6 @@ def _reference_params(references):
     if hasattr(references, "values"):
         return {"references": "ids", "reference_ids": list(references.values("id"))}
     return {"references": "ids", "reference_ids": [str(i) for i in references]}
-
-
-def _run(ctx, fn, args, kwargs, reload=True):
-    """Delegated: call and return the summary. Immediate: a generator with progress."""
-    if ctx.delegated:
-        return fn(*args, progress=common.progress_callback(ctx), **kwargs)
-    return _immediate(ctx, fn, args, kwargs, reload)
-
-
-def _immediate(ctx, fn, args, kwargs, reload):
-    yield from common.run_with_progress(ctx, fn, *args, **kwargs)
-    if reload:
-        yield common.reload_dataset(ctx)
 
 
 # --------------------------------------------------------------------------- propagate
@@ -154,7 +131,7 @@ class PropagateKeypoints(foo.Operator):
             params["flip_pairs"] = [list(p) for p in flip_pairs]
         if store_dir is not None:
             params["store_dir"] = str(store_dir)
-        return _call(self, sample_collection, params, delegate, delegation_target)
+        return common.call_operator(self, sample_collection, params, delegate, delegation_target)
 
     def resolve_delegation(self, ctx):
         return common.resolve_delegation(ctx)
@@ -207,7 +184,7 @@ class PropagateKeypoints(foo.Operator):
         )
         args = (common.get_target_view(ctx), _references(ctx, source_field), source_field,
                 p.get("output_field") or "sdcorr_keypoints")
-        return _run(ctx, propagate_keypoints, args, kwargs)
+        return common.execute(ctx, propagate_keypoints, *args, **kwargs)
 
     def resolve_output(self, ctx):
         outputs = types.Object()
@@ -241,7 +218,7 @@ class EvaluateKeypoints(foo.Operator):
                       alphas=", ".join(f"{float(a):g}" for a in _parse_alphas(alphas)), threshold=threshold)
         if bbox_field:
             params["bbox_field"] = bbox_field
-        return _call(self, sample_collection, params, delegate, delegation_target)
+        return common.call_operator(self, sample_collection, params, delegate, delegation_target)
 
     def resolve_delegation(self, ctx):
         return common.resolve_delegation(ctx)
@@ -271,7 +248,7 @@ class EvaluateKeypoints(foo.Operator):
         kwargs = dict(eval_key=p.get("eval_key") or "sdcorr_pck", alphas=_parse_alphas(p.get("alphas")),
                       bbox_field=p.get("bbox_field") or None, threshold=p.get("threshold") or "bbox")
         args = (common.get_target_view(ctx), p["pred_field"], p["gt_field"])
-        return _run(ctx, _evaluate_report, args, kwargs)
+        return common.execute(ctx, _evaluate_report, *args, **kwargs)
 
     def resolve_output(self, ctx):
         outputs = types.Object()
@@ -318,7 +295,7 @@ class FlagKeypointAnnotations(foo.Operator):
             params["bbox_field"] = bbox_field
         if store_dir is not None:
             params["store_dir"] = str(store_dir)
-        return _call(self, sample_collection, params, delegate, delegation_target)
+        return common.call_operator(self, sample_collection, params, delegate, delegation_target)
 
     def resolve_delegation(self, ctx):
         return common.resolve_delegation(ctx)
@@ -364,7 +341,7 @@ class FlagKeypointAnnotations(foo.Operator):
             features_field=p.get("features_field") or None, embedding_field=p.get("embedding_field") or None,
             store_dir=p.get("store_dir") or None, overwrite=bool(p.get("overwrite", False)),
         )
-        return _run(ctx, flag_keypoint_annotations, (common.get_target_view(ctx), gt_field), kwargs)
+        return common.execute(ctx, flag_keypoint_annotations, common.get_target_view(ctx), gt_field, **kwargs)
 
     def resolve_output(self, ctx):
         outputs = types.Object()

@@ -22,20 +22,6 @@ def _views_config():
                 default_choice_to_delegated=False)
 
 
-def _run(ctx, fn, args, kwargs):
-    """Delegated: call with ``ctx.set_progress`` and return the summary. Immediate: a
-    generator that yields progress, then reloads the dataset in the App."""
-    if ctx.delegated:
-        return fn(*args, progress=common.progress_callback(ctx), **kwargs)
-    return _immediate(ctx, fn, args, kwargs)
-
-
-def _immediate(ctx, fn, args, kwargs):
-    result = yield from common.run_with_progress(ctx, fn, *args, **kwargs)
-    yield common.reload_dataset(ctx)
-    return result
-
-
 def _reference_id(ctx):
     rid = ctx.params.get("reference_id")
     if rid:
@@ -68,8 +54,7 @@ class WriteFeaturePCA(foo.Operator):
                       fit_samples=int(fit_samples), overwrite=bool(overwrite))
         if output_dir:
             params["output_dir"] = str(output_dir)
-        return foo.execute_operator(self.uri, common.collection_ctx(sample_collection), params=params,
-                                    request_delegation=delegate, delegation_target=delegation_target)
+        return common.call_operator(self, sample_collection, params, delegate, delegation_target)
 
     def resolve_delegation(self, ctx):
         return common.resolve_delegation(ctx)
@@ -98,7 +83,7 @@ class WriteFeaturePCA(foo.Operator):
                       output_dir=p.get("output_dir") or None,
                       fit_samples=int(p.get("fit_samples") or 32),
                       overwrite=bool(p.get("overwrite", False)))
-        return _run(ctx, write_feature_pca, (view,), kwargs)
+        return common.execute(ctx, write_feature_pca, view, **kwargs)
 
 
 class WriteSimilarityHeatmap(foo.Operator):
@@ -129,8 +114,7 @@ class WriteSimilarityHeatmap(foo.Operator):
             params["keypoint"] = str(keypoint)
         if output_dir:
             params["output_dir"] = str(output_dir)
-        return foo.execute_operator(self.uri, common.collection_ctx(sample_collection), params=params,
-                                    request_delegation=delegate, delegation_target=delegation_target)
+        return common.call_operator(self, sample_collection, params, delegate, delegation_target)
 
     def resolve_delegation(self, ctx):
         return common.resolve_delegation(ctx)
@@ -178,7 +162,7 @@ class WriteSimilarityHeatmap(foo.Operator):
                       output_field=p.get("output_field") or "sdcorr_heatmap",
                       features_field=p.get("features_field") or "sdcorr_features",
                       output_dir=p.get("output_dir") or None, overwrite=bool(p.get("overwrite", False)))
-        return _run(ctx, write_similarity_heatmaps, (view, rid, point), kwargs)
+        return common.execute(ctx, write_similarity_heatmaps, view, rid, point, **kwargs)
 
 
 OPERATORS = [WriteFeaturePCA, WriteSimilarityHeatmap]
