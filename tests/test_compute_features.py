@@ -30,6 +30,7 @@ from fiftyone.operators.executor import ExecutionRunState
 from fiftyone_sdcorr.dataset_features import ERROR_FIELD, compute_fused_features
 from fiftyone_sdcorr.store import FeatureStore
 from fiftyone_sdcorr.tiny import tiny_models
+from snapshots import field_snapshot
 
 URI = "@sdcorr/sdcorr/compute_fused_features"
 RECIPE = dict(sd_size=128, sd_mode="whole", dino_size=56)
@@ -81,16 +82,7 @@ def photo_ds(photo_paths):
 
 def _snapshot(ds, exclude=("sdcorr_embedding", "sdcorr_features", ERROR_FIELD)):
     """Every field of every sample except ours, plus the schema of the other fields."""
-    docs = {}
-    for s in ds.iter_samples():
-        d = s.to_dict()
-        for k in exclude:
-            d.pop(k, None)
-        d.pop("last_modified_at", None)
-        docs[s.id] = d
-    schema = {k: type(v).__name__ for k, v in ds.get_field_schema().items() if k not in exclude
-              and k != "last_modified_at"}
-    return docs, schema
+    return field_snapshot(ds, exclude)
 
 
 def _log_events(store_dir):

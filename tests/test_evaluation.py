@@ -16,6 +16,7 @@ from fiftyone.operators.executor import ExecutionRunState
 from fiftyone_sdcorr.evaluation import KeypointPCKResults, evaluate_keypoints
 from fiftyone_sdcorr.review import flag_keypoint_annotations
 from local_descriptor import LocalDescriptor
+from snapshots import field_snapshot
 
 EVAL_URI = "@sdcorr/sdcorr/evaluate_keypoints"
 FLAG_URI = "@sdcorr/sdcorr/flag_keypoint_annotations"
@@ -57,15 +58,6 @@ def hand_ds(tmp_path):
     ds.delete()
 
 
-def _snapshot(ds, exclude=()):
-    docs = {}
-    for s in ds.iter_samples():
-        d = s.to_dict()
-        for k in exclude:
-            d.pop(k, None)
-        d.pop("last_modified_at", None)
-        docs[s.id] = d
-    return docs
 
 
 # --------------------------------------------------------------------------- PCK
@@ -137,7 +129,7 @@ def test_bbox_and_image_thresholds(hand_ds):
 
 def test_run_listed_reloadable_and_deleted(hand_ds):
     ds = hand_ds
-    before = _snapshot(ds)
+    before = field_snapshot(ds)
     evaluate_keypoints(ds, "pred", "gt", eval_key="pck_run", progress=False)
     assert "pck_run" in ds.list_evaluations()
     info = ds.get_evaluation_info("pck_run")
@@ -160,7 +152,7 @@ def test_run_listed_reloadable_and_deleted(hand_ds):
     assert ds.list_evaluations() == []
     schema = ds.get_field_schema(flat=True)
     assert not [k for k in schema if "pck_run" in k]
-    assert _snapshot(ds) == before
+    assert field_snapshot(ds) == before
 
 
 def test_eval_operator_immediate_and_delegated(hand_ds):
@@ -216,7 +208,7 @@ def review_ds(photo_paths, tmp_path):
 
 def test_flag_moved_annotation(review_ds):
     ds = review_ds
-    before = _snapshot(ds, exclude=("tags",))
+    before = field_snapshot(ds, exclude=("tags",))
     summary = flag_keypoint_annotations(ds, "gt", extractor=LocalDescriptor(size=448), alpha=0.1,
                                         min_confidence=0.5, progress=False)
     shifted = ds.skip(2).first()
@@ -232,7 +224,7 @@ def test_flag_moved_annotation(review_ds):
     true_xy = np.array([(CAT_POINTS[1][0] * w + 40) / w, (CAT_POINTS[1][1] * h + 25) / h])
     assert np.abs((np.array(rv.sdcorr_evidence[1]) - true_xy) * [w, h]).max() < 30
     # ground truth and every other field untouched; the unannotated sample not reviewed
-    assert _snapshot(ds, exclude=("tags", "sdcorr_review", "sdcorr_review_error")) == before
+    assert field_snapshot(ds, exclude=("tags", "sdcorr_review", "sdcorr_review_error")) == before
     assert ds.last().sdcorr_review is None
     with pytest.raises(ValueError, match="already exists"):
         flag_keypoint_annotations(ds, "gt", extractor=LocalDescriptor(size=448), progress=False)

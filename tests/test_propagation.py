@@ -25,6 +25,7 @@ from fiftyone_sdcorr.correspondence import Prepared, match_prepared
 from fiftyone_sdcorr.propagation import flip_pairs_from_labels, propagate_keypoints
 from fiftyone_sdcorr.store import FeatureStore
 from local_descriptor import LocalDescriptor
+from snapshots import field_snapshot
 
 URI = "@sdcorr/sdcorr/propagate_keypoints"
 NAN = float("nan")
@@ -82,18 +83,6 @@ def _dataset(paths, ref_points=None, ref_index=0, field="gt"):
     return ds
 
 
-def _snapshot(ds, exclude=()):
-    docs = {}
-    for s in ds.iter_samples():
-        d = s.to_dict()
-        for k in exclude:
-            d.pop(k, None)
-        d.pop("last_modified_at", None)
-        docs[s.id] = d
-    schema = {k: (type(v).__name__, getattr(getattr(v, "document_type", None), "__name__", None))
-              for k, v in ds.get_field_schema(flat=True).items()
-              if k.split(".")[0] not in exclude and k != "last_modified_at"}
-    return docs, schema
 
 
 def _token_px(w, h):
@@ -328,7 +317,7 @@ def test_bad_samples_recorded_rest_completes(variants, tmp_path):
     s[5]["gt"] = fo.Keypoints(keypoints=[fo.Keypoint(label="cat", points=CAT_POINTS)])
     for x in s:
         x.save()
-    before = _snapshot(ds)
+    before = field_snapshot(ds)
     try:
         refs = [s[0].id, s[1].id, s[2].id, s[5].id]
         summary = propagate_keypoints(ds, refs, "gt", "pred", extractor=desc(), visibility_threshold=0.0,
@@ -352,7 +341,7 @@ def test_bad_samples_recorded_rest_completes(variants, tmp_path):
             assert math.isnan(kp.points[q][0]) and kp.confidence[q] == 0.0
         assert not math.isnan(kp.points[0][0])
         # nothing that existed before changed
-        assert _snapshot(ds, exclude=("pred", "pred_error")) == before
+        assert field_snapshot(ds, exclude=("pred", "pred_error")) == before
     finally:
         ds.delete()
 
@@ -362,7 +351,7 @@ def test_refuses_existing_fields_and_empty_views(variants):
     ds.add_sample_field("taken", fo.StringField)
     ref = ds.first().id
     try:
-        before = _snapshot(ds)
+        before = field_snapshot(ds)
         with pytest.raises(ValueError, match="source_field"):
             propagate_keypoints(ds, [ref], "gt", "gt", extractor=desc(), overwrite=True, progress=False)
         with pytest.raises(ValueError, match="already exists"):
@@ -375,7 +364,7 @@ def test_refuses_existing_fields_and_empty_views(variants):
             propagate_keypoints(ds, [ds.last().id], "gt", "p", extractor=desc(), progress=False)
         with pytest.raises(ValueError, match="does not exist"):
             propagate_keypoints(ds, [ref], "nope", "p", extractor=desc(), progress=False)
-        assert _snapshot(ds) == before
+        assert field_snapshot(ds) == before
         # overwrite=True is the only way to rewrite a field; a second run then works
         propagate_keypoints(ds, [ref], "gt", "p", extractor=desc(), progress=False)
         with pytest.raises(ValueError, match="already exists"):
@@ -403,7 +392,7 @@ def test_operator_immediate_and_delegated(variants, models):
     sd, dino = models
     ds = _dataset([variants["orig"][0], variants["crop"][0], variants["small"][0]], ref_points=CAT_POINTS)
     try:
-        before = _snapshot(ds)
+        before = field_snapshot(ds)
         params = dict(sd_model=sd, dino_model=dino, device="cpu", recipe=TINY_RECIPE, source_field="gt",
                       output_field="op_pred", references="selected", visibility_threshold=0.0, batch_size=2)
         res = foo.execute_operator(URI, ctx={"dataset": ds, "view": ds.view(), "params": params,
@@ -431,7 +420,7 @@ def test_operator_immediate_and_delegated(variants, models):
         assert doc.result.result["predicted"] == 3
         ds.reload()
         assert ds.count("op_pred2") == 3
-        assert _snapshot(ds, exclude=("op_pred", "op_pred_error", "op_pred2", "op_pred2_error")) == before
+        assert field_snapshot(ds, exclude=("op_pred", "op_pred_error", "op_pred2", "op_pred2_error")) == before
         # the operator refuses an existing output field (no overwrite)
         with pytest.raises(Exception, match="already exists"):
             foo.execute_operator(URI, ctx={"dataset": ds, "view": ds.view(), "params": params,
