@@ -9,8 +9,8 @@ dataset functions (FiftyOne) -> plugin (operators, panels). The tensor layers im
 no FiftyOne; the dataset-level functions below are imported lazily.
 """
 
-from fiftyone_sdcorr.extractor import PRESETS, FeatureExtractor, Recipe
-from fiftyone_sdcorr.features import (
+from fiftyone_sdcorr.core.extractor import PRESETS, FeatureExtractor, Recipe
+from fiftyone_sdcorr.core.features import (
     FixedProjection,
     FusedFeatures,
     RawFeatures,
@@ -20,20 +20,20 @@ from fiftyone_sdcorr.features import (
     fuse_raw,
     sd_descriptor,
 )
-from fiftyone_sdcorr.geometry import Letterbox
-from fiftyone_sdcorr.images import ImageLoadError, load_image
-from fiftyone_sdcorr.models import DEFAULT_DINO_MODEL, DEFAULT_SD_MODEL, ModelLoadError
+from fiftyone_sdcorr.core.geometry import Letterbox
+from fiftyone_sdcorr.core.images import ImageLoadError, load_image
+from fiftyone_sdcorr.core.models import DEFAULT_DINO_MODEL, DEFAULT_SD_MODEL, ModelLoadError
 
 __version__ = "0.1.0"
 
 # dataset-level API (speaks FiftyOne): name -> module
 _LAZY = {
-    "compute_fused_features": "fiftyone_sdcorr.dataset_features",
-    "propagate_keypoints": "fiftyone_sdcorr.propagation",
-    "evaluate_keypoints": "fiftyone_sdcorr.evaluation",
-    "flag_keypoint_annotations": "fiftyone_sdcorr.review",
-    "write_feature_pca": "fiftyone_sdcorr.feature_views",
-    "write_similarity_heatmaps": "fiftyone_sdcorr.feature_views",
+    "compute_fused_features": "fiftyone_sdcorr.dataset.compute_features",
+    "propagate_keypoints": "fiftyone_sdcorr.dataset.propagate",
+    "evaluate_keypoints": "fiftyone_sdcorr.dataset.evaluate",
+    "flag_keypoint_annotations": "fiftyone_sdcorr.dataset.review",
+    "write_feature_pca": "fiftyone_sdcorr.dataset.feature_views",
+    "write_similarity_heatmaps": "fiftyone_sdcorr.dataset.feature_views",
 }
 
 

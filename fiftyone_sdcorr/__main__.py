@@ -1,7 +1,7 @@
 """The package's command line: ``python -m fiftyone_sdcorr <command> ...`` (or ``sdcorr``).
 
 Commands:
-    bench         extraction / matching / store benchmark (fiftyone_sdcorr.bench)
+    bench         extraction / matching / store benchmark (fiftyone_sdcorr.bench.benchmark)
     bench-report  markdown table + plot from results/*.json
     demo          end-to-end demo (fiftyone_sdcorr.demo, when installed)
 
@@ -31,7 +31,7 @@ def _demo_module():
 
 
 def build_parser(with_demo_module=None) -> argparse.ArgumentParser:
-    from fiftyone_sdcorr import bench
+    from fiftyone_sdcorr.bench import benchmark as bench
 
     parser = argparse.ArgumentParser(
         prog="python -m fiftyone_sdcorr",
@@ -67,11 +67,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 2
     args = build_parser(demo).parse_args(argv)
     if args.command == "bench":
-        from fiftyone_sdcorr.bench import main_bench
+        from fiftyone_sdcorr.bench.benchmark import main_bench
 
         return main_bench(args)
     if args.command == "bench-report":
-        from fiftyone_sdcorr.bench import main_report
+        from fiftyone_sdcorr.bench.benchmark import main_report
 
         return main_report(args)
     if args.command == "demo":

@@ -110,14 +110,14 @@ def run(args) -> dict:
     import torch
 
     from fiftyone_sdcorr import DEFAULT_DINO_MODEL, DEFAULT_SD_MODEL
-    from fiftyone_sdcorr.dataset_features import compute_fused_features
-    from fiftyone_sdcorr.evaluation import evaluate_keypoints
-    from fiftyone_sdcorr.propagation import propagate_keypoints
+    from fiftyone_sdcorr.dataset.compute_features import compute_fused_features
+    from fiftyone_sdcorr.dataset.evaluate import evaluate_keypoints
+    from fiftyone_sdcorr.dataset.propagate import propagate_keypoints
 
     work = args.workdir or tempfile.mkdtemp(prefix="sdcorr-demo-")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.tiny:
-        from fiftyone_sdcorr.tiny import tiny_models
+        from fiftyone_sdcorr.core.tiny import tiny_models
 
         print("=" * 72)
         print("TINY RANDOM MODELS: pipeline check; numbers are meaningless")

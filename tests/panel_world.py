@@ -18,7 +18,7 @@ import fiftyone as fo
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from local_descriptor import LocalDescriptor  # noqa: E402
 
-from fiftyone_sdcorr.store import FeatureStore  # noqa: E402
+from fiftyone_sdcorr.core.store import FeatureStore  # noqa: E402
 
 GT_POINTS = [(0.30, 0.35), (0.62, 0.33), (0.46, 0.55), (0.47, 0.72), (float("nan"), float("nan"))]
 SKELETON_LABELS = ["left eye", "right eye", "nose", "mouth", "left ear"]
@@ -38,7 +38,7 @@ def build_panel_dataset(name, photo_paths, tmp, persistent=False, size=224, crop
     ``crop=(left, top, right, bottom)`` (fractions): the target is that crop of the
     reference image instead of a copy, with its ground truth moved accordingly.
     """
-    from fiftyone_sdcorr.propagation import propagate_keypoints
+    from fiftyone_sdcorr.dataset.propagate import propagate_keypoints
 
     tmp = Path(tmp)
     tmp.mkdir(parents=True, exist_ok=True)

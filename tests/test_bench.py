@@ -179,7 +179,7 @@ def test_report_from_json(tiny_run, tmp_path):
 
 
 def test_bundled_configs_are_the_published_architectures():
-    from fiftyone_sdcorr.bench import load_config
+    from fiftyone_sdcorr.bench.benchmark import load_config
 
     u = load_config("sd15_unet")
     assert u["block_out_channels"] == [320, 640, 1280, 1280] and u["cross_attention_dim"] == 768
@@ -199,8 +199,8 @@ def test_flop_count_full_size_paper_recipe():
     from diffusers import UNet2DConditionModel
     from transformers import Dinov2Config, Dinov2Model
 
-    from fiftyone_sdcorr.bench import count_flops, load_config
-    from fiftyone_sdcorr.extractor import PRESETS
+    from fiftyone_sdcorr.bench.benchmark import count_flops, load_config
+    from fiftyone_sdcorr.core.extractor import PRESETS
 
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(load_config("sd15_unet"))
@@ -250,7 +250,7 @@ def test_tiny_bench_on_cuda(tmp_path):
 
 
 def test_readme_block_is_replaced_idempotently(tmp_path):
-    from fiftyone_sdcorr.bench import README_END, README_START, update_readme
+    from fiftyone_sdcorr.bench.benchmark import README_END, README_START, update_readme
 
     readme = tmp_path / "README.md"
     readme.write_text("# x\n\n## Benchmarks\n\nBENCH_TABLE\n\n## Next\n")

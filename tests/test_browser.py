@@ -27,7 +27,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from panel_world import build_panel_dataset  # noqa: E402
 
-from fiftyone_sdcorr import visualize as vis  # noqa: E402
+from fiftyone_sdcorr.core import visualize as vis  # noqa: E402
 
 pytestmark = pytest.mark.browser
 

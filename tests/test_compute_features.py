@@ -27,9 +27,11 @@ import fiftyone.operators as foo
 from fiftyone.operators.delegated import DelegatedOperationService
 from fiftyone.operators.executor import ExecutionRunState
 
-from fiftyone_sdcorr.dataset_features import ERROR_FIELD, compute_fused_features
-from fiftyone_sdcorr.store import FeatureStore
-from fiftyone_sdcorr.tiny import tiny_models
+from fiftyone_sdcorr.dataset.compute_features import compute_fused_features
+
+ERROR_FIELD = "sdcorr_features_error"
+from fiftyone_sdcorr.core.store import FeatureStore
+from fiftyone_sdcorr.core.tiny import tiny_models
 from snapshots import field_snapshot
 
 URI = "@sdcorr/sdcorr/compute_fused_features"
@@ -48,7 +50,7 @@ def _params(models, store_dir, **kw):
     sd, dino = models
     p = dict(
         sd_model=sd, dino_model=dino, device="cpu", preset="paper", recipe=dict(RECIPE),
-        projection_dim=PDIM, projection_samples=2, store_dir=str(store_dir), batch_size=1,
+        pca_dim=PDIM, projection_samples=2, store_dir=str(store_dir), batch_size=1,
     )
     p.update(kw)
     return p
@@ -56,7 +58,7 @@ def _params(models, store_dir, **kw):
 
 def _api_kwargs(models, store_dir, **kw):
     sd, dino = models
-    out = dict(device="cpu", recipe=dict(RECIPE), projection_dim=PDIM, projection_samples=2,
+    out = dict(device="cpu", recipe=dict(RECIPE), pca_dim=PDIM, projection_samples=2,
                store_dir=str(store_dir), batch_size=1, progress=False)
     out.update(kw)
     return sd, dino, out
@@ -85,9 +87,16 @@ def _snapshot(ds, exclude=("sdcorr_embedding", "sdcorr_features", ERROR_FIELD)):
     return field_snapshot(ds, exclude)
 
 
+def namespace(store_dir):
+    """The store namespace of the one configuration a test computes with."""
+    spaces = [d for d in Path(store_dir).iterdir() if d.is_dir()]
+    assert len(spaces) == 1, spaces
+    return spaces[0]
+
+
 def _log_events(store_dir):
     events = []
-    for f in (Path(store_dir) / "_log").glob("*.jsonl"):
+    for f in (namespace(store_dir) / "_log").glob("*.jsonl"):
         for line in f.read_text().splitlines():
             if line.strip():
                 events.append(json.loads(line))
@@ -95,7 +104,7 @@ def _log_events(store_dir):
 
 
 def _check_done(ds, store_dir, expect_channels=None):
-    store = FeatureStore(store_dir)
+    store = FeatureStore(namespace(store_dir))
     for s in ds.iter_samples():
         assert s[ERROR_FIELD] is None, s[ERROR_FIELD]
         emb = s["sdcorr_embedding"]
@@ -209,10 +218,10 @@ def test_programmatic_call(photo_ds, models, tmp_path):
     op = foo.get_operator(URI)
     sd, dino = models
     view = photo_ds.limit(1)
-    op(view, sd, dino, device="cpu", recipe=RECIPE, projection_dim=PDIM, projection_samples=1,
+    op(view, sd, dino, device="cpu", recipe=RECIPE, pca_dim=PDIM, projection_samples=1,
        store_dir=str(tmp_path / "s"), embedding_field="emb2", features_field="feat2")
     assert set(photo_ds.exists("emb2").values("id")) == set(view.values("id"))
-    res = op(photo_ds, sd, dino, device="cpu", recipe=RECIPE, projection_dim=PDIM,
+    res = op(photo_ds, sd, dino, device="cpu", recipe=RECIPE, pca_dim=PDIM,
              store_dir=str(tmp_path / "s"), embedding_field="emb2", features_field="feat2",
              delegate=True)
     assert res.delegated
@@ -405,7 +414,7 @@ def test_killed_worker_then_rerun_completes_without_duplicates(photo_paths, mode
         # sample's database write and the lock file's removal)
         import fcntl
 
-        for lock in (store_dir / "_locks").rglob("*.lock"):
+        for lock in (namespace(store_dir) / "_locks").rglob("*.lock"):
             with open(lock, "rb") as f:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises if held
     finally:
@@ -425,9 +434,9 @@ def test_selected_samples_target(photo_ds, models, tmp_path):
 def test_prompt_field_gives_each_sample_its_prompt(photo_paths, models, tmp_path):
     """With a '{label}' template and prompt_field, each sample's features are computed with
     its own label's prompt: exactly what FeatureExtractor.extract(..., labels=...) gives."""
-    from fiftyone_sdcorr.extractor import FeatureExtractor
-    from fiftyone_sdcorr.features import FixedProjection, fuse_raw
-    from fiftyone_sdcorr.store import FeatureStore
+    from fiftyone_sdcorr.core.extractor import FeatureExtractor
+    from fiftyone_sdcorr.core.features import FixedProjection, fuse_raw
+    from fiftyone_sdcorr.core.store import FeatureStore
 
     same = photo_paths["chelsea"]
     ds = fo.Dataset(f"sdcorr-prompt-{uuid.uuid4().hex[:8]}")
@@ -443,7 +452,7 @@ def test_prompt_field_gives_each_sample_its_prompt(photo_paths, models, tmp_path
             compute_fused_features(ds, sd, dino, prompt_field="animal", **_api_kwargs(models, tmp_path / "s0")[2])
         summary = compute_fused_features(ds, sd, dino, prompt_field="animal", **kw)
         assert summary["computed"] == 3 and summary["failed"] == 0, summary
-        store = FeatureStore(tmp_path / "store")
+        store = FeatureStore(namespace(tmp_path / "store"))
         cat, dog, none = (store.load(s.sdcorr_features).descriptors for s in ds)
         assert not torch.allclose(cat, dog, atol=1e-2)  # same pixels, different prompts
 

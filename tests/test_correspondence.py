@@ -1,4 +1,4 @@
-"""Known-answer tests for fiftyone_sdcorr.correspondence (no mocks, no models).
+"""Known-answer tests for fiftyone_sdcorr.core.correspondence (no mocks, no models).
 
 Images are generated (seeded textured noise) or scikit-image photos; descriptors come
 from the deterministic LocalDescriptor in tests/local_descriptor.py, or are built by hand
@@ -16,14 +16,13 @@ import torch.nn.functional as F
 from PIL import Image
 from skimage import data
 
-from fiftyone_sdcorr.correspondence import (
+from fiftyone_sdcorr.core.correspondence import (
     Matches,
     confidence_from,
     keypoints_to_tokens,
     match_keypoints,
     match_keypoints_with_flip,
     match_points,
-    match_points_loop,
     match_points_with_flip,
     mirror_tokens,
     mutual_nn,
@@ -31,8 +30,9 @@ from fiftyone_sdcorr.correspondence import (
     tokens_to_normalized,
     window_soft_argmax,
 )
-from fiftyone_sdcorr.features import FusedFeatures
-from fiftyone_sdcorr.geometry import Letterbox
+from fiftyone_sdcorr.bench.reference import match_points_loop
+from fiftyone_sdcorr.core.features import FusedFeatures
+from fiftyone_sdcorr.core.geometry import Letterbox
 
 try:
     from local_descriptor import LocalDescriptor, textured_noise

@@ -13,8 +13,8 @@ from fiftyone import ViewField as F
 from fiftyone.operators.delegated import DelegatedOperationService
 from fiftyone.operators.executor import ExecutionRunState
 
-from fiftyone_sdcorr.evaluation import KeypointPCKResults, evaluate_keypoints
-from fiftyone_sdcorr.review import flag_keypoint_annotations
+from fiftyone_sdcorr.dataset.evaluate import KeypointPCKResults, evaluate_keypoints
+from fiftyone_sdcorr.dataset.review import flag_keypoint_annotations
 from local_descriptor import LocalDescriptor
 from snapshots import field_snapshot
 
@@ -238,7 +238,7 @@ def test_flag_needs_two_annotations(review_ds):
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    from fiftyone_sdcorr.tiny import tiny_models
+    from fiftyone_sdcorr.core.tiny import tiny_models
 
     return tiny_models(tmp_path_factory.mktemp("tiny-models"))
 

@@ -10,10 +10,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from fiftyone_sdcorr import FeatureExtractor, FixedProjection, ImageLoadError, ModelLoadError, Recipe
-from fiftyone_sdcorr.extractor import letterbox_image
-from fiftyone_sdcorr.features import co_pca, fuse_pair, fuse_raw
-from fiftyone_sdcorr.models import load_dino, tap_module
-from fiftyone_sdcorr.tiny import build_tiny_dino, build_tiny_sd
+from fiftyone_sdcorr.core.extractor import letterbox_image
+from fiftyone_sdcorr.core.features import co_pca, fuse_pair, fuse_raw
+from fiftyone_sdcorr.core.models import load_dino, tap_module
+from fiftyone_sdcorr.core.tiny import build_tiny_dino, build_tiny_sd
 
 SMALL = dict(sd_size=192, sd_tile=128, dino_size=112)  # tiles at offsets 0 and 64
 
@@ -307,7 +307,7 @@ def test_non_dino_model_refused(tmp_path):
 
 
 def test_default_dtypes():
-    from fiftyone_sdcorr.models import default_dtype, resolve_dtype
+    from fiftyone_sdcorr.core.models import default_dtype, resolve_dtype
 
     assert default_dtype("cpu") == torch.float32
     assert resolve_dtype("bf16") == torch.bfloat16

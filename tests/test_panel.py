@@ -29,7 +29,7 @@ import fiftyone.operators as foo
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from panel_world import GT_POINTS, SKELETON_LABELS, build_panel_dataset  # noqa: E402
 
-from fiftyone_sdcorr import visualize as vis  # noqa: E402
+from fiftyone_sdcorr.core import visualize as vis  # noqa: E402
 from fiftyone_sdcorr.plugin import panels  # noqa: E402
 
 PANEL_URI = "@sdcorr/sdcorr/match_panel"

@@ -18,12 +18,13 @@ import fiftyone.operators as foo
 from fiftyone.operators.delegated import DelegatedOperationService
 from fiftyone.operators.executor import ExecutionRunState
 
-from fiftyone_sdcorr import correspondence as corr
-from fiftyone_sdcorr.features import FusedFeatures
-from fiftyone_sdcorr.geometry import Letterbox
-from fiftyone_sdcorr.correspondence import Prepared, match_prepared
-from fiftyone_sdcorr.propagation import flip_pairs_from_labels, propagate_keypoints
-from fiftyone_sdcorr.store import FeatureStore
+from fiftyone_sdcorr.core import correspondence as corr
+from fiftyone_sdcorr.core.features import FusedFeatures
+from fiftyone_sdcorr.core.geometry import Letterbox
+from fiftyone_sdcorr.core.correspondence import Prepared, match_prepared
+from fiftyone_sdcorr.dataset.matching import flip_pairs_from_labels
+from fiftyone_sdcorr.dataset.propagate import propagate_keypoints
+from fiftyone_sdcorr.core.store import FeatureStore
 from local_descriptor import LocalDescriptor
 from snapshots import field_snapshot
 
@@ -380,7 +381,7 @@ def test_refuses_existing_fields_and_empty_views(variants):
 # --------------------------------------------------------------------------- operator
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    from fiftyone_sdcorr.tiny import tiny_models
+    from fiftyone_sdcorr.core.tiny import tiny_models
 
     return tiny_models(tmp_path_factory.mktemp("tiny-models"))
 
@@ -442,18 +443,18 @@ def test_stored_and_computed_features_mix(variants, models, tmp_path, caplog):
     """Features stored by compute_fused_features for the references only; the targets'
     are computed on the fly with the store's fixed projection (same channels), and not
     stored."""
-    from fiftyone_sdcorr.dataset_features import compute_fused_features
+    from fiftyone_sdcorr.dataset.compute_features import compute_fused_features
 
     import logging
 
-    caplog.set_level(logging.INFO, logger="fiftyone_sdcorr.propagation")
+    caplog.set_level(logging.INFO, logger="fiftyone_sdcorr.dataset.propagate")
     sd, dino = models
     ds = _dataset([variants["orig"][0], variants["crop"][0], variants["small"][0]], ref_points=CAT_POINTS)
     try:
         ref = ds.first()
         store_dir = tmp_path / "store"
         compute_fused_features(ds.select([ref.id]), sd, dino, device="cpu",
-                               recipe=dict(sd_size=128, sd_mode="whole", dino_size=56), projection_dim=8,
+                               recipe=dict(sd_size=128, sd_mode="whole", dino_size=56), pca_dim=8,
                                projection_samples=1, store_dir=str(store_dir), batch_size=1, progress=False)
         ds.reload()
         assert ds.count("sdcorr_features") == 1

@@ -1,4 +1,4 @@
-"""fiftyone_sdcorr.store: safetensors-only, atomic, sharded feature store."""
+"""fiftyone_sdcorr.core.store: safetensors-only, atomic, sharded feature store."""
 
 import multiprocessing as mp
 import os
@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from fiftyone_sdcorr.features import FusedFeatures
-from fiftyone_sdcorr.geometry import Letterbox
-from fiftyone_sdcorr.store import (
+from fiftyone_sdcorr.core.features import FusedFeatures
+from fiftyone_sdcorr.core.geometry import Letterbox
+from fiftyone_sdcorr.core.store import (
     FORMAT_VERSION,
     FeatureNotFoundError,
     FeatureStore,
@@ -160,7 +160,7 @@ def test_default_store_root(monkeypatch, tmp_path):
 
 
 def test_no_fiftyone_import():
-    import fiftyone_sdcorr.store as m
+    import fiftyone_sdcorr.core.store as m
 
     src = Path(m.__file__).read_text()
     assert "import fiftyone\n" not in src and "from fiftyone " not in src

@@ -2,10 +2,13 @@
 
 - :func:`target_view_input` / :func:`get_target_view`: which samples to process (whole
   dataset, current view, selected samples), using FiftyOne's own view-target selector.
-- :func:`model_inputs` / :func:`model_kwargs`: model ids or local directories, device,
-  dtype, batch size, and the feature recipe (preset + a few overrides) -> the keyword
-  arguments the dataset-level functions take (``sd_model``, ``dino_model``, ``device``,
-  ``dtype``, ``batch_size``, ``preset``, ``recipe``).
+- :func:`model_inputs`: model ids or local directories, device, dtype, batch size, and
+  the feature recipe (preset + a few overrides); defaults come from the config classes
+  of :mod:`fiftyone_sdcorr.dataset.config` (written once there).
+- :func:`function_kwargs`: operator params -> the keyword arguments of a dataset
+  function, by name (as ``@voxel51/brain`` does: copy the params, drop the plumbing, pass
+  the rest); blank values mean "the function's default"; an unknown param is an error.
+- :func:`call_operator`: the programmatic ``__call__``: Python keywords -> params.
 - :func:`delegation_config` / :func:`resolve_delegation`: delegated by default,
   immediate allowed; an explicit ``delegate`` param (if a caller passes one) forces it.
 - :func:`execute` / :func:`run_with_progress`: runs a dataset-level function and reports its progress to
@@ -20,16 +23,19 @@ Progress convention of the dataset-level functions: ``progress`` is ``True`` / `
 
 from __future__ import annotations
 
+import inspect
+import os
 import queue
 import threading
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import fiftyone as fo
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
-from fiftyone_sdcorr.extractor import PRESETS
-from fiftyone_sdcorr.models import DEFAULT_DINO_MODEL, DEFAULT_SD_MODEL
+from fiftyone_sdcorr.core.extractor import PRESETS
+from fiftyone_sdcorr.dataset.config import DTYPES, FeatureConfig
+from fiftyone_sdcorr.dataset.engine import ParameterError
 
 #: name of the view-target param (FiftyOne's own convention)
 VIEW_TARGET = "view_target"
@@ -44,7 +50,7 @@ RECIPE_PARAMS = {
     "prompt": (str, "Prompt", "Text prompt; may contain '{label}'"),
 }
 
-_DTYPES = ("auto", "float32", "float16", "bfloat16")
+_DTYPES = ("auto",) + DTYPES
 
 
 # --------------------------------------------------------------------------- targets
@@ -77,11 +83,11 @@ def collection_ctx(sample_collection) -> dict:
 def model_inputs(ctx, inputs, recipe: bool = True, advanced: bool = True) -> None:
     """Model ids / directories, device, dtype, batch size, preset and recipe overrides."""
     inputs.str(
-        "sd_model", default=DEFAULT_SD_MODEL, required=False, label="Stable Diffusion model",
+        "sd_model", default=FeatureConfig.sd_model, required=False, label="Stable Diffusion model",
         description="Hugging Face Hub id or local directory (diffusers layout)",
     )
     inputs.str(
-        "dino_model", default=DEFAULT_DINO_MODEL, required=False, label="DINOv2 model",
+        "dino_model", default=FeatureConfig.dino_model, required=False, label="DINOv2 model",
         description="Hugging Face Hub id or local directory (transformers layout)",
     )
     inputs.str("device", default="auto", required=False, label="Device",
@@ -98,7 +104,7 @@ def model_inputs(ctx, inputs, recipe: bool = True, advanced: bool = True) -> Non
 
 def recipe_inputs(ctx, inputs, advanced: bool = True) -> None:
     """Preset plus (when ``advanced``) a few recipe overrides, all optional."""
-    _enum(inputs, "preset", tuple(PRESETS), "paper", "Recipe preset",
+    _enum(inputs, "preset", tuple(PRESETS), FeatureConfig.preset, "Recipe preset",
           "'paper': the paper's recipe; 'whole': one SD pass; 'cpu': small inputs")
     if not advanced:
         return
@@ -122,50 +128,51 @@ def _enum(inputs, name, values, default, label, description, required=False):
 
 
 def _blank(v) -> bool:
-    return v is None or (isinstance(v, str) and not v.strip())
+    return v is None or (isinstance(v, str) and (not v.strip() or v == "auto"))
 
 
-def model_kwargs(params: Dict[str, Any]) -> Dict[str, Any]:
-    """Operator params -> ``sd_model, dino_model, device, dtype, batch_size, preset, recipe``
-    for the dataset-level functions ("auto" and empty values become ``None`` /
-    defaults; ``recipe`` holds only the overrides actually given)."""
-    device = params.get("device")
-    dtype = params.get("dtype")
-    batch = params.get("batch_size")
-    recipe = {}
-    for key, (typ, _, _) in RECIPE_PARAMS.items():
-        v = params.get(key)
-        if key == "prompt":
-            if v is not None:
-                recipe[key] = str(v)
+#: params that steer the form or the target, never passed to a dataset function
+PLUMBING = frozenset((VIEW_TARGET, "delegate", "delegation_target", "count", "references", "reference_tag",
+                      "reference_ids", "x", "y"))
+
+
+def function_kwargs(params: Dict[str, Any], fn: Callable[..., Any], positional: Sequence[str] = ()) -> Dict[str, Any]:
+    """Operator params -> keyword arguments of ``fn`` (a dataset function), by name.
+
+    Blank values (``None``, ``""``, ``"auto"`` for device / dtype) are left out, so the
+    function's own default applies; the recipe overrides of the form (``sd_size``, ...)
+    join a ``recipe`` dict param; ``positional`` names are taken by the caller. A param
+    that is neither ``fn``'s nor plumbing is refused (a typo must not be ignored).
+    """
+    names = set(inspect.signature(fn).parameters) - {"progress"}
+    recipe = dict(params.get("recipe") or {})
+    out: Dict[str, Any] = {}
+    for key, value in params.items():
+        if key in PLUMBING or key in positional or key == "recipe" or _blank(value):
             continue
-        if not _blank(v):
-            recipe[key] = typ(v)
-    extra = params.get("recipe")
-    if isinstance(extra, dict):
-        recipe.update(extra)
-    return {
-        "sd_model": params.get("sd_model") or DEFAULT_SD_MODEL,
-        "dino_model": params.get("dino_model") or DEFAULT_DINO_MODEL,
-        "device": None if _blank(device) or device == "auto" else str(device),
-        "dtype": None if _blank(dtype) or dtype == "auto" else str(dtype),
-        "batch_size": int(batch) if not _blank(batch) and int(batch) > 0 else None,
-        "preset": params.get("preset") or "paper",
-        "recipe": recipe or None,
-    }
-
-
-def model_params(sd_model=None, dino_model=None, device=None, dtype=None, batch_size=None,
-                 preset=None, recipe=None) -> Dict[str, Any]:
-    """The reverse of :func:`model_kwargs` for a programmatic ``__call__``: Python
-    arguments -> operator params (``None`` values are left out; ``recipe`` passes as a
-    dict param)."""
-    out = dict(sd_model=sd_model, dino_model=dino_model, device=device, dtype=dtype,
-               batch_size=batch_size, preset=preset)
-    out = {k: (str(v) if k in ("sd_model", "dino_model", "device", "dtype") else v)
-           for k, v in out.items() if v is not None}
+        if key in RECIPE_PARAMS:
+            recipe[key] = value
+        elif key in names:
+            out[key] = value
+        else:
+            raise ParameterError(f"unknown parameter {key!r} for {fn.__name__}")
     if recipe:
-        out["recipe"] = dict(recipe)
+        out["recipe"] = recipe
+    return out
+
+
+def python_params(**kwargs) -> Dict[str, Any]:
+    """Python keywords of a programmatic ``__call__`` -> operator params (JSON-able:
+    paths as strings, tuples as lists; ``None`` left out)."""
+    out = {}
+    for k, v in kwargs.items():
+        if v is None:
+            continue
+        if isinstance(v, os.PathLike):
+            v = os.fspath(v)
+        elif isinstance(v, tuple):
+            v = [list(x) if isinstance(x, tuple) else x for x in v]
+        out[k] = v
     return out
 
 
@@ -263,13 +270,14 @@ def _execute_immediate(ctx, fn, args, kwargs, reload):
     return result
 
 
-def call_operator(op, sample_collection, params: dict, delegate: bool = False, delegation_target=None):
+def call_operator(op, sample_collection, delegate: bool = False, delegation_target=None, **kwargs):
     """The programmatic ``__call__`` of our operators (as ``@voxel51/brain`` does it):
-    run ``op`` on a dataset or view now, or queue it for a delegated worker."""
+    run ``op`` on a dataset or view now, or queue it for a delegated worker; ``kwargs``
+    are the dataset function's keywords."""
     return foo.execute_operator(
         op.uri,
         collection_ctx(sample_collection),
-        params=params,
+        params=python_params(**kwargs),
         request_delegation=delegate,
         delegation_target=delegation_target,
     )

@@ -1,5 +1,5 @@
 """Operators behind the match panel's views, useful on their own: thin glue over
-:mod:`fiftyone_sdcorr.feature_views`.
+:mod:`fiftyone_sdcorr.dataset.feature_views`.
 
 - ``write_feature_pca``: PCA colours of each sample's fused features as an RGB
   ``fo.Segmentation`` the App overlays (same colours for the same part across samples).
@@ -13,6 +13,8 @@ import fiftyone as fo
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
+from fiftyone_sdcorr.dataset.config import ViewConfig
+from fiftyone_sdcorr.dataset.engine import ParameterError
 from fiftyone_sdcorr.plugin import common
 
 
@@ -46,15 +48,11 @@ class WriteFeaturePCA(foo.Operator):
             **_views_config(),
         )
 
-    def __call__(self, sample_collection, output_field="sdcorr_pca", *, features_field="sdcorr_features",
-                 output_dir=None, fit_samples=32, overwrite=False, delegate=False, delegation_target=None):
-        """Runs the operator from Python; arguments as in
-        :func:`fiftyone_sdcorr.feature_views.write_feature_pca`."""
-        params = dict(output_field=output_field, features_field=features_field,
-                      fit_samples=int(fit_samples), overwrite=bool(overwrite))
-        if output_dir:
-            params["output_dir"] = str(output_dir)
-        return common.call_operator(self, sample_collection, params, delegate, delegation_target)
+    def __call__(self, sample_collection, output_field=None, *, delegate=False, delegation_target=None, **kwargs):
+        """Runs the operator from Python; keywords as in
+        :func:`fiftyone_sdcorr.dataset.feature_views.write_feature_pca`."""
+        return common.call_operator(self, sample_collection, delegate, delegation_target,
+                                    output_field=output_field, **kwargs)
 
     def resolve_delegation(self, ctx):
         return common.resolve_delegation(ctx)
@@ -64,8 +62,9 @@ class WriteFeaturePCA(foo.Operator):
         target = common.target_view_input(ctx, inputs, action="Write PCA masks for")
         inputs.str("output_field", default="sdcorr_pca", required=False, label="Output field",
                    description="fo.Segmentation field (RGB masks)")
-        inputs.str("features_field", default="sdcorr_features", required=False, label="Stored features field")
-        inputs.int("fit_samples", default=32, min=1, label="Samples to fit the PCA on")
+        inputs.str("features_field", default=ViewConfig.features_field, required=False,
+                   label="Stored features field")
+        inputs.int("fit_samples", default=ViewConfig.fit_samples, min=1, label="Samples to fit the PCA on")
         inputs.str("output_dir", required=False, label="Output directory",
                    description="Where the PNG masks go (default: next to the feature store)")
         inputs.bool("overwrite", default=False, label="Overwrite an existing output field")
@@ -74,16 +73,10 @@ class WriteFeaturePCA(foo.Operator):
         return types.Property(inputs)
 
     def execute(self, ctx):
-        from fiftyone_sdcorr.feature_views import write_feature_pca
+        from fiftyone_sdcorr.dataset.feature_views import write_feature_pca
 
-        p = ctx.params
-        view = common.get_target_view(ctx)
-        kwargs = dict(output_field=p.get("output_field") or "sdcorr_pca",
-                      features_field=p.get("features_field") or "sdcorr_features",
-                      output_dir=p.get("output_dir") or None,
-                      fit_samples=int(p.get("fit_samples") or 32),
-                      overwrite=bool(p.get("overwrite", False)))
-        return common.execute(ctx, write_feature_pca, view, **kwargs)
+        kwargs = common.function_kwargs(ctx.params, write_feature_pca)
+        return common.execute(ctx, write_feature_pca, common.get_target_view(ctx), **kwargs)
 
 
 class WriteSimilarityHeatmap(foo.Operator):
@@ -99,22 +92,13 @@ class WriteSimilarityHeatmap(foo.Operator):
             **_views_config(),
         )
 
-    def __call__(self, sample_collection, reference_id, point=None, *, keypoints_field=None, keypoint=None,
-                 output_field="sdcorr_heatmap", features_field="sdcorr_features", output_dir=None,
-                 overwrite=False, delegate=False, delegation_target=None):
-        """Runs the operator from Python; arguments as in
-        :func:`fiftyone_sdcorr.feature_views.write_similarity_heatmaps`."""
-        params = dict(reference_id=str(reference_id), output_field=output_field,
-                      features_field=features_field, overwrite=bool(overwrite))
-        if point is not None:
-            params["x"], params["y"] = float(point[0]), float(point[1])
-        if keypoints_field:
-            params["keypoints_field"] = keypoints_field
-        if keypoint is not None:
-            params["keypoint"] = str(keypoint)
-        if output_dir:
-            params["output_dir"] = str(output_dir)
-        return common.call_operator(self, sample_collection, params, delegate, delegation_target)
+    def __call__(self, sample_collection, reference_id, point=None, *, delegate=False, delegation_target=None,
+                 **kwargs):
+        """Runs the operator from Python; keywords as in
+        :func:`fiftyone_sdcorr.dataset.feature_views.write_similarity_heatmaps`."""
+        x, y = (None, None) if point is None else point
+        return common.call_operator(self, sample_collection, delegate, delegation_target,
+                                    reference_id=reference_id, x=x, y=y, **kwargs)
 
     def resolve_delegation(self, ctx):
         return common.resolve_delegation(ctx)
@@ -137,7 +121,8 @@ class WriteSimilarityHeatmap(foo.Operator):
                      description="Or give the point directly")
         inputs.float("y", required=False, min=0.0, max=1.0, label="y (normalised)")
         inputs.str("output_field", default="sdcorr_heatmap", required=False, label="Output field")
-        inputs.str("features_field", default="sdcorr_features", required=False, label="Stored features field")
+        inputs.str("features_field", default=ViewConfig.features_field, required=False,
+                   label="Stored features field")
         inputs.str("output_dir", required=False, label="Output directory")
         inputs.bool("overwrite", default=False, label="Overwrite an existing output field")
         if target is not None:
@@ -145,24 +130,19 @@ class WriteSimilarityHeatmap(foo.Operator):
         return types.Property(inputs)
 
     def execute(self, ctx):
-        from fiftyone_sdcorr.feature_views import write_similarity_heatmaps
+        from fiftyone_sdcorr.dataset.feature_views import write_similarity_heatmaps
 
-        p = ctx.params
-        view = common.get_target_view(ctx)
+        p = dict(ctx.params)
         rid = _reference_id(ctx)
         if not rid:
-            raise ValueError("no reference sample: give reference_id, open a sample or select one")
-        point = None
-        if p.get("x") is not None and p.get("y") is not None:
-            point = (float(p["x"]), float(p["y"]))
+            raise ParameterError("no reference sample: give reference_id, open a sample or select one")
+        p.pop("reference_id", None)
+        point = None if p.get("x") is None and p.get("y") is None else (p.get("x"), p.get("y"))
         keypoint = p.get("keypoint")
-        if isinstance(keypoint, str) and keypoint.strip().lstrip("-").isdigit():
-            keypoint = int(keypoint)
-        kwargs = dict(keypoints_field=p.get("keypoints_field") or None, keypoint=keypoint,
-                      output_field=p.get("output_field") or "sdcorr_heatmap",
-                      features_field=p.get("features_field") or "sdcorr_features",
-                      output_dir=p.get("output_dir") or None, overwrite=bool(p.get("overwrite", False)))
-        return common.execute(ctx, write_similarity_heatmaps, view, rid, point, **kwargs)
+        if isinstance(keypoint, str) and keypoint.strip().isdigit():
+            p["keypoint"] = int(keypoint)
+        kwargs = common.function_kwargs(p, write_similarity_heatmaps, positional=("reference_id", "point"))
+        return common.execute(ctx, write_similarity_heatmaps, common.get_target_view(ctx), rid, point, **kwargs)
 
 
 OPERATORS = [WriteFeaturePCA, WriteSimilarityHeatmap]

@@ -39,7 +39,7 @@ import fiftyone.operators as foo
 import fiftyone.operators.types as types
 from bson import ObjectId
 
-from fiftyone_sdcorr import visualize as vis
+from fiftyone_sdcorr.core import visualize as vis
 
 PLUGIN = "@sdcorr/sdcorr"
 FEATURES_FIELD = "sdcorr_features"
@@ -99,7 +99,7 @@ def _mtime(path: Optional[str]) -> float:
 
 def _display_image(filepath: str):
     """The downsampled RGB image of a file (cached by path and mtime)."""
-    from fiftyone_sdcorr.images import load_image
+    from fiftyone_sdcorr.core.images import load_image
 
     return _CACHE.get(
         ("img", filepath, _mtime(filepath)),
@@ -117,7 +117,7 @@ def _features(path: Optional[str]):
     """Stored fused features (cached), or None when there are none."""
     if not path or not os.path.isfile(path):
         return None
-    from fiftyone_sdcorr.store import FeatureStore
+    from fiftyone_sdcorr.core.store import FeatureStore
 
     return _CACHE.get(("feat", path, _mtime(path)), lambda: FeatureStore().load(path))
 

@@ -7,13 +7,15 @@ concatenation, and the pooled global vector. Pure torch; no FiftyOne import.
 
 from __future__ import annotations
 
+import hashlib
+
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from fiftyone_sdcorr.geometry import Letterbox
+from fiftyone_sdcorr.core.geometry import Letterbox
 
 #: SD taps from coarse to fine, as the descriptor concatenates them ([s3 | s4 | s5]).
 DEFAULT_TAPS = ("s5", "s4", "s3")
@@ -180,6 +182,14 @@ class FixedProjection:
             d[f"{tap}.mean"] = self.means[tap].float().contiguous()
             d[f"{tap}.components"] = self.components[tap].float().contiguous()
         return d
+
+    def digest(self) -> str:
+        """A short hash of the projection's numbers: which projection produced a stored file."""
+        h = hashlib.sha1()
+        for k, v in sorted(self.state_dict().items()):
+            h.update(k.encode())
+            h.update(v.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()[:12]
 
     @classmethod
     def from_state_dict(cls, d: Dict[str, torch.Tensor]) -> "FixedProjection":

@@ -33,7 +33,6 @@ Fields written (removed again by ``dataset.delete_evaluation(eval_key)``):
 from __future__ import annotations
 
 import logging
-import math
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
@@ -41,13 +40,22 @@ import numpy as np
 import fiftyone as fo
 import fiftyone.core.evaluation as foe
 
-from fiftyone_sdcorr.images import image_size
-from fiftyone_sdcorr.progress import Progress, ProgressArg
+from fiftyone_sdcorr.dataset.config import EvaluationConfig
+from fiftyone_sdcorr.dataset.engine import (
+    ParameterError,
+    Run,
+    RunSummary,
+    image_collection,
+    require_field,
+    values_or_none,
+)
+from fiftyone_sdcorr.dataset.pck import image_size_of, pair_instances, points_of, threshold_size
+from fiftyone_sdcorr.dataset.progress import ProgressArg
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_ALPHAS = (0.10, 0.05, 0.01)
-THRESHOLDS = ("bbox", "image")
+FUNCTION = "evaluate_keypoints"
+DEFAULT_ALPHAS = EvaluationConfig.alphas
 NO_LABEL = "(no label)"
 
 
@@ -225,88 +233,23 @@ def _akey(a) -> str:
     return f"{float(a):g}"
 
 
-# --------------------------------------------------------------------------- geometry
-def _points(kp) -> np.ndarray:
-    raw = kp.points or []
-    out = np.full((len(raw), 2), np.nan)
-    for i, xy in enumerate(raw):
-        try:
-            x, y = float(xy[0]), float(xy[1])
-        except (TypeError, ValueError, IndexError):
-            continue
-        if math.isfinite(x) and math.isfinite(y):
-            out[i] = (x, y)
-    return out
-
-
-def _pair_instances(pred, gt):
-    """[(pred_index, gt_index)] paired by label and order within the label."""
-    by_label: Dict[Optional[str], List[int]] = {}
-    for i, kp in enumerate(gt):
-        by_label.setdefault(kp.label, []).append(i)
-    used: Dict[Optional[str], int] = {}
-    pairs = []
-    for i, kp in enumerate(pred):
-        j = used.get(kp.label, 0)
-        cands = by_label.get(kp.label, [])
-        if j < len(cands):
-            pairs.append((i, cands[j]))
-        used[kp.label] = j + 1
-    return pairs
-
-
-def _box_size(dets, label, gt_px, w, h) -> Optional[float]:
-    if dets is None:
-        return None
-    items = dets.detections if isinstance(dets, fo.Detections) else [dets]
-    items = [d for d in items if d is not None and d.bounding_box is not None]
-    if not items:
-        return None
-    same = [d for d in items if d.label == label]
-    pool = same or items
-    if len(pool) > 1:
-        def inside(d):
-            x, y, bw, bh = d.bounding_box
-            vis = gt_px[np.isfinite(gt_px).all(axis=1)]
-            return int(((vis[:, 0] >= x * w) & (vis[:, 0] <= (x + bw) * w)
-                        & (vis[:, 1] >= y * h) & (vis[:, 1] <= (y + bh) * h)).sum())
-        pool = sorted(pool, key=inside, reverse=True)
-    _, _, bw, bh = pool[0].bounding_box
-    return float(max(bw * w, bh * h))
-
-
-def _extent(gt_px) -> Optional[float]:
-    vis = gt_px[np.isfinite(gt_px).all(axis=1)]
-    if len(vis) < 2:
-        return None
-    span = vis.max(axis=0) - vis.min(axis=0)
-    size = float(max(span))
-    return size if size > 0 else None
-
-
-def _size_of(sample_filepath, metadata):
-    try:
-        return image_size(sample_filepath)
-    except Exception:  # noqa: BLE001 -- fall back to FiftyOne's metadata
-        if metadata is not None and metadata.width and metadata.height:
-            return int(metadata.width), int(metadata.height)
-        raise
-
-
 # --------------------------------------------------------------------------- public API
 def evaluate_keypoints(
     samples,
     pred_field: str,
     gt_field: str,
     *,
-    eval_key: Optional[str] = "sdcorr_pck",
-    alphas: Sequence[float] = DEFAULT_ALPHAS,
-    bbox_field: Optional[str] = None,
-    threshold: str = "bbox",
-    overwrite: bool = True,
+    eval_key: Optional[str] = EvaluationConfig.eval_key,
+    alphas: Sequence[float] = EvaluationConfig.alphas,
+    bbox_field: Optional[str] = EvaluationConfig.bbox_field,
+    threshold: str = EvaluationConfig.threshold,
+    overwrite: bool = EvaluationConfig.overwrite,
     progress: ProgressArg = True,
 ) -> KeypointPCKResults:
     """PCK of ``pred_field`` against ``gt_field`` (module docstring for the definitions).
+
+    Atomic: everything is checked and computed before the run is registered; a failure
+    while writing removes the run and what it wrote.
 
     Args:
         samples: a dataset or view.
@@ -314,163 +257,172 @@ def evaluate_keypoints(
         eval_key: the evaluation key (``dataset.list_evaluations()``;
             ``dataset.load_evaluation_results(eval_key)`` returns the
             :class:`KeypointPCKResults`); ``None``: compute only, write nothing.
-        alphas: PCK thresholds; the first one is written per point / per sample.
+        alphas: PCK thresholds in (0, 1]; the first one is written per point / per sample.
         bbox_field: a ``fo.Detections`` field giving the object's box (``threshold="bbox"``).
         threshold: ``"bbox"`` (box, else the extent of the ground-truth points) or
             ``"image"`` (``max(width, height)``).
         overwrite: replace an existing evaluation with the same key.
         progress: True/False or ``callable(fraction, label)``.
     """
-    alphas = [float(a) for a in alphas]
-    if not alphas or any(not (a > 0) for a in alphas):
-        raise ValueError(f"alphas must be positive numbers, got {alphas}")
-    if threshold not in THRESHOLDS:
-        raise ValueError(f"threshold must be one of {THRESHOLDS}, got {threshold!r}")
-    root = samples._root_dataset
-    for name, f in (("pred_field", pred_field), ("gt_field", gt_field)):
-        if not root.has_sample_field(f):
-            raise ValueError(f"{name} {f!r} does not exist on dataset {root.name!r}")
-    if bbox_field and not root.has_sample_field(bbox_field):
-        raise ValueError(f"bbox_field {bbox_field!r} does not exist on dataset {root.name!r}")
-    if pred_field == gt_field:
-        raise ValueError("pred_field and gt_field must differ")
-
-    config = KeypointPCKEvaluationConfig(pred_field, gt_field, alphas=alphas, bbox_field=bbox_field,
+    # 1. check every parameter and field before anything is registered or written
+    cfg = EvaluationConfig(pred_field, gt_field, eval_key, alphas, bbox_field, threshold, overwrite)
+    check_evaluation(samples, cfg)
+    # 2. compute every number (nothing written yet)
+    tally = _Tally(cfg.alphas)
+    ids = samples.values("id")
+    rows = zip(ids, samples.values("filepath"), samples.values("metadata"), samples.values(pred_field),
+               samples.values(gt_field), values_or_none(samples, bbox_field, len(ids)))
+    summary = RunSummary(FUNCTION, ("samples", "evaluated"), eval_key=eval_key)
+    with Run(samples, summary, len(ids), progress, "evaluating") as run:
+        for row in rows:
+            tally.add_sample(*row, cfg, summary)
+            run.step(1)
+    config = KeypointPCKEvaluationConfig(pred_field, gt_field, alphas=cfg.alphas, bbox_field=bbox_field,
                                          threshold=threshold)
     method = config.build()
+    results = tally.results(samples, config, eval_key, method, len(ids))
+    results.summary = summary
+    # 3. register the run and write its fields; a failure leaves nothing behind
     if eval_key is not None:
-        if eval_key not in root.list_evaluations():
-            taken = [f for f in (eval_key, f"{pred_field}.keypoints.{eval_key}_correct",
-                                 f"{pred_field}.keypoints.{eval_key}_dist") if root.has_sample_field(f)]
-            if taken:
-                raise ValueError(f"eval_key {eval_key!r} would write to existing field(s) {taken}; "
-                                 "choose another eval_key")
-        if eval_key in root.list_evaluations() and overwrite:
-            root.delete_evaluation(eval_key)
-        method.register_run(samples, eval_key, overwrite=overwrite)
-
-    ids = samples.values("id")
-    fps = samples.values("filepath")
-    metas = samples.values("metadata")
-    preds = samples.values(pred_field)
-    gts = samples.values(gt_field)
-    boxes = samples.values(bbox_field) if bbox_field else [None] * len(ids)
-
-    na = len(alphas)
-    # label -> [correct per alpha], counted, missed, instances
-    lab_correct: Dict[str, np.ndarray] = {}
-    lab_count: Dict[str, int] = {}
-    lab_missed: Dict[str, int] = {}
-    lab_inst: Dict[str, int] = {}
-    lab_images: Dict[str, List[np.ndarray]] = {}  # per-image per-label pck vectors
-    sample_pck: Dict[str, List[Optional[float]]] = {}
-    img_pcks: List[np.ndarray] = []
-    correct_values, dist_values, pck_values = {}, {}, {}
-    evaluated = 0
-
-    bar = Progress(progress, len(ids), "evaluating")
-    try:
-        for sid, fp, meta, pred, gt, box in zip(ids, fps, metas, preds, gts, boxes):
-            bar.update(1)
-            pk = list(pred.keypoints) if pred is not None and pred.keypoints else []
-            gk = list(gt.keypoints) if gt is not None and gt.keypoints else []
-            if not pk or not gk:
-                continue
-            try:
-                w, h = _size_of(fp, meta)
-            except Exception as e:  # noqa: BLE001
-                logger.warning("sample %s: no image size (%s); skipped", sid, e)
-                continue
-            scale = np.array([w, h], dtype=np.float64)
-            per_kp_correct = [[None] * len(kp.points or []) for kp in pk]
-            per_kp_dist = [[None] * len(kp.points or []) for kp in pk]
-            s_correct = np.zeros(na)
-            s_count = 0
-            s_lab: Dict[str, List] = {}
-            for i, j in _pair_instances(pk, gk):
-                p = _points(pk[i]) * scale
-                g = _points(gk[j]) * scale
-                k = min(len(p), len(g))
-                lab = gk[j].label if gk[j].label is not None else NO_LABEL
-                if threshold == "image":
-                    T = float(max(w, h))
-                else:
-                    T = _box_size(box, gk[j].label, g, w, h) if bbox_field else None
-                    if T is None:
-                        T = _extent(g)
-                lab_inst[lab] = lab_inst.get(lab, 0) + 1
-                gvis = np.isfinite(g[:k]).all(axis=1)
-                pvis = np.isfinite(p[:k]).all(axis=1)
-                both = gvis & pvis
-                lab_missed[lab] = lab_missed.get(lab, 0) + int((gvis & ~pvis).sum())
-                if T is None or not both.any():
-                    continue
-                d = np.linalg.norm(p[:k] - g[:k], axis=1) / T
-                corr = np.stack([(d <= a) & both for a in alphas])  # na x k
-                n = int(both.sum())
-                c = corr.sum(axis=1).astype(np.float64)
-                lab_correct[lab] = lab_correct.get(lab, np.zeros(na)) + c
-                lab_count[lab] = lab_count.get(lab, 0) + n
-                acc = s_lab.setdefault(lab, [np.zeros(na), 0])
-                acc[0] += c
-                acc[1] += n
-                s_correct += c
-                s_count += n
-                for q in np.nonzero(both)[0]:
-                    per_kp_correct[i][q] = bool(corr[0, q])
-                    per_kp_dist[i][q] = float(d[q])
-            correct_values[sid] = per_kp_correct
-            dist_values[sid] = per_kp_dist
-            if s_count:
-                evaluated += 1
-                v = s_correct / s_count
-                img_pcks.append(v)
-                sample_pck[sid] = [float(x) for x in v]
-                pck_values[sid] = float(v[0])
-                for lab, (c, n) in s_lab.items():
-                    lab_images.setdefault(lab, []).append(c / n)
-            else:
-                pck_values[sid] = None
-    finally:
-        bar.close()
-
-    labels = sorted(set(lab_inst))
-    per_point, per_image = {}, {}
-    for ai, a in enumerate(alphas):
-        k = _akey(a)
-        lp = {lab: float(lab_correct[lab][ai] / lab_count[lab]) for lab in labels if lab_count.get(lab)}
-        total = sum(lab_count.values())
-        per_point[k] = {
-            "labels": lp,
-            "mean": float(np.mean(list(lp.values()))) if lp else None,
-            "pooled": float(sum(lab_correct[lab][ai] for lab in lp) / total) if total else None,
-        }
-        li = {lab: float(np.mean([v[ai] for v in lab_images[lab]])) for lab in labels if lab_images.get(lab)}
-        per_image[k] = {"labels": li, "mean": float(np.mean([v[ai] for v in img_pcks])) if img_pcks else None}
-    counts = {
-        lab: {"points": int(lab_count.get(lab, 0)), "missed": int(lab_missed.get(lab, 0)),
-              "instances": int(lab_inst.get(lab, 0)), "images": len(lab_images.get(lab, []))}
-        for lab in labels
-    }
-    results = KeypointPCKResults(samples, config, eval_key, alphas, per_point, per_image, counts, sample_pck,
-                                 num_samples=len(ids), num_evaluated=evaluated, backend=method)
-
-    if eval_key is not None:
-        view = root.select(list(correct_values)) if correct_values else None
-        if view is not None:
-            for name in ("correct", "dist"):
-                path = f"{pred_field}.keypoints.{eval_key}_{name}"
-                if not root.has_sample_field(path):
-                    # a plain list: None marks points that do not count
-                    root.add_sample_field(path, fo.ListField)
-            root.set_values(f"{pred_field}.keypoints.{eval_key}_correct", correct_values, key_field="id")
-            root.set_values(f"{pred_field}.keypoints.{eval_key}_dist", dist_values, key_field="id")
-        if not root.has_sample_field(f"{eval_key}"):
-            root.add_sample_field(f"{eval_key}", fo.FloatField)
-        if pck_values:
-            root.set_values(f"{eval_key}", pck_values, key_field="id")
-        method.save_run_results(samples, eval_key, results)
+        _save_run(samples, cfg, method, results, tally)
     return results
+
+
+def check_evaluation(samples, cfg: EvaluationConfig) -> None:
+    image_collection(samples)
+    require_field(samples, "pred_field", cfg.pred_field, "keypoints")
+    require_field(samples, "gt_field", cfg.gt_field, "keypoints")
+    if cfg.bbox_field is not None:
+        require_field(samples, "bbox_field", cfg.bbox_field, "detections")
+    if cfg.eval_key is None:
+        return
+    root = samples._root_dataset
+    if cfg.eval_key in root.list_evaluations():
+        if not cfg.overwrite:
+            raise ParameterError(f"parameter 'eval_key': an evaluation {cfg.eval_key!r} exists; pass "
+                                 "overwrite=True or choose another eval_key")
+        return
+    if cfg.eval_key in root.list_brain_runs() + root.list_runs():
+        raise ParameterError(f"parameter 'eval_key': {cfg.eval_key!r} is the key of another run")
+    taken = [f for f in (cfg.eval_key, f"{cfg.pred_field}.keypoints.{cfg.eval_key}_correct",
+                         f"{cfg.pred_field}.keypoints.{cfg.eval_key}_dist") if root.has_sample_field(f)]
+    if taken:
+        raise ParameterError(f"parameter 'eval_key': {cfg.eval_key!r} would write to existing field(s) {taken}; "
+                             "choose another eval_key")
+
+
+def _save_run(samples, cfg: EvaluationConfig, method, results, tally) -> None:
+    root, key = samples._root_dataset, cfg.eval_key
+    if key in root.list_evaluations():
+        root.delete_evaluation(key)
+    method.register_run(samples, key, overwrite=cfg.overwrite)
+    try:
+        if tally.correct_values:
+            for name in ("correct", "dist"):
+                path = f"{cfg.pred_field}.keypoints.{key}_{name}"
+                if not root.has_sample_field(path):
+                    root.add_sample_field(path, fo.ListField)  # a plain list: None = does not count
+            root.set_values(f"{cfg.pred_field}.keypoints.{key}_correct", tally.correct_values, key_field="id")
+            root.set_values(f"{cfg.pred_field}.keypoints.{key}_dist", tally.dist_values, key_field="id")
+        if not root.has_sample_field(key):
+            root.add_sample_field(key, fo.FloatField)
+        if tally.pck_values:
+            root.set_values(key, tally.pck_values, key_field="id")
+        method.save_run_results(samples, key, results)
+    except BaseException:
+        root.delete_evaluation(key)  # its cleanup removes the fields written so far
+        raise
+
+
+class _Tally:
+    """PCK counts accumulated sample by sample (module docstring for the definitions)."""
+
+    def __init__(self, alphas):
+        self.alphas = list(alphas)
+        na = len(self.alphas)
+        self.zero = lambda: np.zeros(na)  # noqa: E731
+        self.lab_correct: Dict[str, np.ndarray] = {}
+        self.lab_count: Dict[str, int] = {}
+        self.lab_missed: Dict[str, int] = {}
+        self.lab_inst: Dict[str, int] = {}
+        self.lab_images: Dict[str, List[np.ndarray]] = {}
+        self.sample_pck: Dict[str, List[float]] = {}
+        self.img_pcks: List[np.ndarray] = []
+        self.correct_values, self.dist_values, self.pck_values = {}, {}, {}
+
+    def add_sample(self, sid, fp, meta, pred, gt, box, cfg, summary) -> None:
+        summary.add("samples")
+        pk = list(pred.keypoints) if pred is not None and pred.keypoints else []
+        gk = list(gt.keypoints) if gt is not None and gt.keypoints else []
+        if not pk or not gk:
+            return
+        try:
+            w, h = image_size_of(fp, meta)
+        except Exception as e:  # noqa: BLE001
+            summary.fail(sid, f"no image size for {fp}: {e}")
+            return
+        scale = np.array([w, h], dtype=np.float64)
+        per_kp_correct = [[None] * len(kp.points or []) for kp in pk]
+        per_kp_dist = [[None] * len(kp.points or []) for kp in pk]
+        s_correct, s_count, s_lab = self.zero(), 0, {}
+        for i, j in pair_instances(pk, gk):
+            p, g = points_of(pk[i]) * scale, points_of(gk[j]) * scale
+            k = min(len(p), len(g))
+            lab = gk[j].label if gk[j].label is not None else NO_LABEL
+            T = threshold_size(cfg.threshold, box if cfg.bbox_field else None, gk[j].label, g, w, h)
+            self.lab_inst[lab] = self.lab_inst.get(lab, 0) + 1
+            gvis, pvis = np.isfinite(g[:k]).all(axis=1), np.isfinite(p[:k]).all(axis=1)
+            both = gvis & pvis
+            self.lab_missed[lab] = self.lab_missed.get(lab, 0) + int((gvis & ~pvis).sum())
+            if T is None or not both.any():
+                continue
+            d = np.linalg.norm(p[:k] - g[:k], axis=1) / T
+            corr = np.stack([(d <= a) & both for a in self.alphas])
+            n, c = int(both.sum()), corr.sum(axis=1).astype(np.float64)
+            self.lab_correct[lab] = self.lab_correct.get(lab, self.zero()) + c
+            self.lab_count[lab] = self.lab_count.get(lab, 0) + n
+            acc = s_lab.setdefault(lab, [self.zero(), 0])
+            acc[0] += c
+            acc[1] += n
+            s_correct, s_count = s_correct + c, s_count + n
+            for q in np.nonzero(both)[0]:
+                per_kp_correct[i][q], per_kp_dist[i][q] = bool(corr[0, q]), float(d[q])
+        self.correct_values[sid], self.dist_values[sid] = per_kp_correct, per_kp_dist
+        if not s_count:
+            self.pck_values[sid] = None
+            return
+        summary.add("evaluated")
+        v = s_correct / s_count
+        self.img_pcks.append(v)
+        self.sample_pck[sid] = [float(x) for x in v]
+        self.pck_values[sid] = float(v[0])
+        for lab, (c, n) in s_lab.items():
+            self.lab_images.setdefault(lab, []).append(c / n)
+
+    def results(self, samples, config, eval_key, method, n_samples) -> KeypointPCKResults:
+        labels = sorted(set(self.lab_inst))
+        per_point, per_image = {}, {}
+        total = sum(self.lab_count.values())
+        for ai, a in enumerate(self.alphas):
+            lp = {lab: float(self.lab_correct[lab][ai] / self.lab_count[lab]) for lab in labels
+                  if self.lab_count.get(lab)}
+            per_point[_akey(a)] = {
+                "labels": lp,
+                "mean": float(np.mean(list(lp.values()))) if lp else None,
+                "pooled": float(sum(self.lab_correct[lab][ai] for lab in lp) / total) if total else None,
+            }
+            li = {lab: float(np.mean([v[ai] for v in self.lab_images[lab]])) for lab in labels
+                  if self.lab_images.get(lab)}
+            per_image[_akey(a)] = {"labels": li,
+                                   "mean": float(np.mean([v[ai] for v in self.img_pcks])) if self.img_pcks else None}
+        counts = {
+            lab: {"points": int(self.lab_count.get(lab, 0)), "missed": int(self.lab_missed.get(lab, 0)),
+                  "instances": int(self.lab_inst.get(lab, 0)), "images": len(self.lab_images.get(lab, []))}
+            for lab in labels
+        }
+        return KeypointPCKResults(samples, config, eval_key, self.alphas, per_point, per_image, counts,
+                                  self.sample_pck, num_samples=n_samples, num_evaluated=len(self.img_pcks),
+                                  backend=method)
 
 
 __all__ = [

@@ -16,10 +16,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from fiftyone_sdcorr import models as _models
-from fiftyone_sdcorr.features import DEFAULT_TAPS, FixedProjection, FusedFeatures, RawFeatures, fuse_raw, fuse_pair
-from fiftyone_sdcorr.geometry import Letterbox
-from fiftyone_sdcorr.images import load_image
+from fiftyone_sdcorr.core import models as _models
+from fiftyone_sdcorr.core.features import DEFAULT_TAPS, FixedProjection, FusedFeatures, RawFeatures, fuse_raw, fuse_pair
+from fiftyone_sdcorr.core.geometry import Letterbox
+from fiftyone_sdcorr.core.images import load_image
+from fiftyone_sdcorr.core.params import ParameterError, check_choice, check_float, check_int, check_str
 
 logger = logging.getLogger(__name__)
 
@@ -45,20 +46,38 @@ class Recipe:
     alpha: float = 0.5  # SD share of the fused descriptor (paper: alpha = 0.5)
 
     def __post_init__(self):
-        if self.sd_mode not in ("tiled", "whole"):
-            raise ValueError(f"sd_mode must be 'tiled' or 'whole', got {self.sd_mode!r}")
-        if self.padding not in ("zero", "edge"):
-            raise ValueError(f"padding must be 'zero' or 'edge', got {self.padding!r}")
+        check_int("sd_size", self.sd_size, lo=64, hi=4096)
+        check_choice("sd_mode", self.sd_mode, ("tiled", "whole"))
+        check_int("sd_tile", self.sd_tile, lo=64, hi=4096)
+        check_choice("padding", self.padding, ("zero", "edge"))
+        check_int("timestep", self.timestep, lo=0, hi=999)
+        check_int("noise_seed", self.noise_seed)
+        check_int("noise_size", self.noise_size, lo=1, hi=1024)
+        check_str("prompt", self.prompt, empty=True)
+        check_int("dino_size", self.dino_size, lo=14, hi=4096)
+        check_int("pca_dim", self.pca_dim, lo=1, hi=4096)
+        check_float("alpha", self.alpha, lo=0.0, hi=1.0)
+        if isinstance(self.taps, str) or not isinstance(self.taps, (list, tuple)):
+            raise ParameterError(f"parameter 'taps' must be a list of tap names, got {self.taps!r}")
         bad = [t for t in self.taps if t not in _models.SD_TAPS]
         if bad or not self.taps:
-            raise ValueError(f"taps must be a non-empty subset of {list(_models.SD_TAPS)}, got {self.taps!r}")
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
+            raise ParameterError(f"parameter 'taps' must be a non-empty subset of {list(_models.SD_TAPS)}, "
+                                 f"got {self.taps!r}")
         if self.sd_size % 64:
-            raise ValueError(f"sd_size must be a multiple of 64, got {self.sd_size}")
+            raise ParameterError(f"parameter 'sd_size' must be a multiple of 64, got {self.sd_size}")
         if self.sd_mode == "tiled" and (self.sd_tile % 64 or self.sd_tile > self.sd_size):
-            raise ValueError(f"sd_tile must be a multiple of 64 and <= sd_size, got {self.sd_tile}")
+            raise ParameterError(f"parameter 'sd_tile' must be a multiple of 64 and <= sd_size, got {self.sd_tile}")
         object.__setattr__(self, "taps", tuple(self.taps))
+        object.__setattr__(self, "alpha", float(self.alpha))
+
+    @classmethod
+    def build(cls, preset: str = "paper", **overrides) -> "Recipe":
+        """A preset with overrides; unknown names are refused with the list of fields."""
+        check_choice("preset", preset, tuple(PRESETS))
+        unknown = sorted(set(overrides) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ParameterError(f"unknown recipe field(s) {unknown}; fields: {sorted(cls.__dataclass_fields__)}")
+        return replace(PRESETS[preset], **overrides)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -132,9 +151,7 @@ class FeatureExtractor:
         channels_last: Optional[bool] = None,
         **recipe,
     ):
-        if preset not in PRESETS:
-            raise ValueError(f"unknown preset {preset!r}; choose from {list(PRESETS)}")
-        self.recipe = replace(PRESETS[preset], **recipe)
+        self.recipe = Recipe.build(preset, **recipe)
         self.device = torch.device(device) if device is not None else _models.default_device()
         self.dtype = _models.resolve_dtype(dtype) or _models.default_dtype(self.device)
         self.sd_model_name, self.dino_model_name = str(sd_model), str(dino_model)
@@ -319,7 +336,7 @@ class FeatureExtractor:
         """Raw features of each image (PIL images, arrays or file paths).
 
         ``labels`` fill the prompt template when the recipe's prompt contains ``{label}``.
-        A file that cannot be read raises :class:`fiftyone_sdcorr.images.ImageLoadError`
+        A file that cannot be read raises :class:`fiftyone_sdcorr.core.images.ImageLoadError`
         naming it. On CUDA out-of-memory the batch is halved and retried.
         """
         if isinstance(images, (str, Image.Image, np.ndarray)) or hasattr(images, "__fspath__"):

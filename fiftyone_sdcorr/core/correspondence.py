@@ -9,11 +9,11 @@ Conventions
   (the fused vectors are two unit-norm halves, so their overall norm is ``sqrt(2)``, not
   1; for such vectors argmax cosine equals argmin L2, the recipe's nearest neighbour).
 - Token positions are ``(col, row)`` pairs, i.e. ``(x, y)`` order, like
-  :mod:`fiftyone_sdcorr.geometry`. Source positions are integer (long) tokens; matched
+  :mod:`fiftyone_sdcorr.core.geometry`. Source positions are integer (long) tokens; matched
   target positions are float, fractional when the window soft-argmax is used.
 - Keypoints are normalised image coordinates in ``[0, 1]`` (FiftyOne's convention);
   :func:`keypoints_to_tokens` and :func:`tokens_to_normalized` convert through the
-  letterbox of a :class:`~fiftyone_sdcorr.features.FusedFeatures`.
+  letterbox of a :class:`~fiftyone_sdcorr.core.features.FusedFeatures`.
 
 Confidence rule
 ---------------
@@ -35,7 +35,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from fiftyone_sdcorr.features import FusedFeatures
+from fiftyone_sdcorr.core.features import FusedFeatures
 
 #: GeoAware-SC window soft-argmax defaults.
 DEFAULT_SOFT_WINDOW = 11
@@ -128,7 +128,7 @@ def mirror_tokens(tokens, fused: FusedFeatures) -> torch.Tensor:
 # --------------------------------------------------------------------------------------
 # Similarities
 # --------------------------------------------------------------------------------------
-def _descriptors(x) -> torch.Tensor:
+def descriptors_of(x) -> torch.Tensor:
     return x.descriptors if isinstance(x, FusedFeatures) else torch.as_tensor(x)
 
 
@@ -153,7 +153,7 @@ def _default_mask(mask, features, height: int, width: int, device) -> torch.Tens
     return mask
 
 
-def _check_tokens(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+def check_tokens(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
     tokens = torch.as_tensor(tokens).reshape(-1, 2).long()
     if tokens.numel() and (
         (tokens[:, 0] < 0).any()
@@ -176,12 +176,12 @@ def similarity_maps(src_desc, tgt_desc, src_tokens) -> torch.Tensor:
     Returns:
         ``(K, H_t, W_t)`` float32 cosine similarities (each token vector is normalised).
     """
-    src_desc, tgt_desc = _descriptors(src_desc), _descriptors(tgt_desc)
+    src_desc, tgt_desc = descriptors_of(src_desc), descriptors_of(tgt_desc)
     if src_desc.shape[0] != tgt_desc.shape[0]:
         raise ValueError(f"channel mismatch: {src_desc.shape[0]} vs {tgt_desc.shape[0]}")
     _, hs, ws = src_desc.shape
     _, ht, wt = tgt_desc.shape
-    tokens = _check_tokens(src_tokens, hs, ws).to(src_desc.device)
+    tokens = check_tokens(src_tokens, hs, ws).to(src_desc.device)
     src = _unit_tokens(src_desc)[:, tokens[:, 1] * ws + tokens[:, 0]]  # C x K
     tgt = _unit_tokens(tgt_desc).to(src.device)  # C x N_t
     return (src.T @ tgt).reshape(-1, ht, wt)
@@ -263,7 +263,7 @@ class Prepared:
     def of(cls, f, mask=None) -> "Prepared":
         """Prepare a :class:`FusedFeatures` (or a ``C x H x W`` tensor); ``mask``
         (``H x W`` bool) overrides the candidate tokens (default: ``valid_mask()``)."""
-        d = _descriptors(f)
+        d = descriptors_of(f)
         c, h, w = d.shape
         flat = d.reshape(c, -1).float()
         unit = flat / flat.norm(dim=0, keepdim=True).clamp_min(1e-12)
@@ -373,7 +373,7 @@ def match_points(
         raise ValueError(f"valid has {valid.shape[0]} entries for {k} tokens")
     src_p = Prepared.of(src, src_mask)
     safe = torch.where(valid[:, None], tokens, torch.zeros_like(tokens))
-    _check_tokens(safe, src_p.height, src_p.width)
+    check_tokens(safe, src_p.height, src_p.width)
     return match_prepared(
         Prepared.of(tgt, tgt_mask), [(src_p, tokens, valid)],
         soft_window=soft_window, temperature=temperature, cycle=cycle,
@@ -389,7 +389,7 @@ def match_keypoints(src: FusedFeatures, tgt: FusedFeatures, points_normalized, *
     return match_points(src, tgt, tokens, valid=valid, **kwargs)
 
 
-def _swap_permutation(k: int, flip_pairs: Sequence[Tuple[int, int]]) -> torch.Tensor:
+def swap_permutation(k: int, flip_pairs: Sequence[Tuple[int, int]]) -> torch.Tensor:
     perm = torch.arange(k)
     seen = set()
     for i, j in flip_pairs:
@@ -443,7 +443,7 @@ def match_points_with_flip(
         raise ValueError("src_flipped must describe the mirrored source image (same size, frame and stride)")
 
     original = match_points(src, tgt, tokens, valid=valid, **kwargs)
-    perm = _swap_permutation(k, flip_pairs)
+    perm = swap_permutation(k, flip_pairs)
     safe = torch.where(valid[:, None], tokens, torch.zeros_like(tokens))
     flipped_tokens = mirror_tokens(safe, src)[perm]
     flipped = match_points(src_flipped, tgt, flipped_tokens, valid=valid[perm], **kwargs)
@@ -466,43 +466,6 @@ def match_keypoints_with_flip(
     return match_points_with_flip(src, src_flipped, tgt, tokens, flip_pairs, valid=valid, **kwargs)
 
 
-def match_points_loop(src_desc, tgt_desc, src_tokens, tgt_mask: Optional[torch.Tensor] = None,
-                      all_tokens: bool = True):
-    """The reference code's matcher, kept as the benchmark baseline.
-
-    ``sd-dino``'s evaluation computes the similarity of EVERY source token to every target
-    token with a per-token loop (``chunk_cosine_sim``: one ``nn.CosineSimilarity`` call per
-    source token), takes the nearest neighbour of each source token, and only then reads
-    off the keypoints' tokens. This does the same; its nearest neighbours equal
-    :func:`match_points` without soft-argmax. For benchmarks and tests only.
-
-    With ``all_tokens=False`` only the keypoints' own rows are computed (same per-token
-    iteration, ``K`` instead of ``H_s x W_s`` of them): the benchmark times that and scales
-    by ``H_s W_s / K``, since every iteration does the same work.
-
-    Returns:
-        ``((K, 2)`` long ``(col, row)`` target tokens, ``(K,)`` similarities``)``.
-    """
-    src_desc, tgt_desc = _descriptors(src_desc).float(), _descriptors(tgt_desc).float()
-    c, hs, ws = src_desc.shape
-    _, ht, wt = tgt_desc.shape
-    tokens = _check_tokens(src_tokens, hs, ws)
-    src_tok = src_desc.reshape(c, -1).T[None, :, None, :]  # 1 x Ns x 1 x C
-    tgt_tok = tgt_desc.reshape(c, -1).T[None, None, :, :]  # 1 x 1 x Nt x C
-    idx = (tokens[:, 1] * ws + tokens[:, 0]).to(src_tok.device)
-    rows_to_do = range(src_tok.shape[1]) if all_tokens else idx.tolist()
-    cos = torch.nn.CosineSimilarity(dim=3)
-    rows = [cos(src_tok[:, i : i + 1], tgt_tok)[0, 0] for i in rows_to_do]  # one source token each
-    sim = torch.stack(rows) if rows else torch.zeros(0, ht * wt, device=src_tok.device)
-    if tgt_mask is not None:
-        allowed = torch.as_tensor(tgt_mask, dtype=torch.bool).to(sim.device).reshape(1, -1)
-        sim = sim.masked_fill(~allowed, float("-inf"))
-    nn_sim, nn_idx = sim.max(dim=1) if rows else (sim[:, 0], sim[:, 0].long())
-    if all_tokens:
-        nn_sim, nn_idx = nn_sim[idx], nn_idx[idx]
-    return torch.stack([nn_idx % wt, nn_idx // wt], dim=1), nn_sim
-
-
 def mutual_nn(
     src_desc,
     tgt_desc,
@@ -516,7 +479,7 @@ def mutual_nn(
     long tokens of the pairs that are each other's nearest neighbour (within the masks).
     Builds the full ``N_s x N_t`` similarity matrix (3600 x 3600 floats = 52 MB at 60x60).
     """
-    sdesc, tdesc = _descriptors(src_desc), _descriptors(tgt_desc)
+    sdesc, tdesc = descriptors_of(src_desc), descriptors_of(tgt_desc)
     _, hs, ws = sdesc.shape
     _, ht, wt = tdesc.shape
     device = tdesc.device
@@ -548,6 +511,5 @@ __all__ = [
     "match_keypoints",
     "match_points_with_flip",
     "match_keypoints_with_flip",
-    "match_points_loop",
     "mutual_nn",
 ]

@@ -6,7 +6,7 @@ writes one JSON file (schema ``sdcorr-bench/1``, see ``results/README.md``):
 - **extraction** at the paper recipe with the *full-size* architectures (SD 1.5 UNet and
   VAE, DINOv2-B) built from the configs in ``fiftyone_sdcorr/configs`` with random
   weights (speed does not depend on weight values), saved with ``save_pretrained`` and
-  loaded through :class:`~fiftyone_sdcorr.extractor.FeatureExtractor`, i.e. the real
+  loaded through :class:`~fiftyone_sdcorr.core.extractor.FeatureExtractor`, i.e. the real
   loading path:
 
   (a) *plain*: fp32, one tile per UNet call, the full UNet forward with hooks
@@ -21,12 +21,12 @@ writes one JSON file (schema ``sdcorr-bench/1``, see ``results/README.md``):
   multiply of the same device, and the agreement of (b) with (a): cosine similarity of
   the fused descriptors per token and the percentage of equal nearest neighbours.
 - **matching**: targets/s and keypoints/s with features read back from a
-  :class:`~fiftyone_sdcorr.store.FeatureStore`, vectorised
-  :func:`~fiftyone_sdcorr.correspondence.match_points` against the per-token loop
-  :func:`~fiftyone_sdcorr.correspondence.match_points_loop`, same run, with the ratio.
+  :class:`~fiftyone_sdcorr.core.store.FeatureStore`, vectorised
+  :func:`~fiftyone_sdcorr.core.correspondence.match_points` against the per-token loop
+  :func:`~fiftyone_sdcorr.bench.reference.match_points_loop`, same run, with the ratio.
 - **store**: bytes per sample, write and read rates.
 
-``--tiny`` runs the same code with tiny random models (:mod:`fiftyone_sdcorr.tiny`) and a
+``--tiny`` runs the same code with tiny random models (:mod:`fiftyone_sdcorr.core.tiny`) and a
 small recipe on the CPU in seconds; it proves the command and its JSON, it is not a speed
 claim. ``--cpu-preset`` measures the cost per image of the paper recipe and of
 ``PRESETS["cpu"]`` on the CPU with the full-size models (batch 1, fp32).
@@ -150,13 +150,13 @@ def build_full_models(root=None, init_device=None, seed: int = 0, quiet: bool = 
     Returns ``(sd_dir, dino_dir)``; built once (a ``.complete`` marker guards reuse).
     ``init_device="cuda"`` builds the weights on the GPU (fast random init); they are
     saved to disk either way. The tokenizer is the byte-level stand-in of
-    :mod:`fiftyone_sdcorr.tiny` (the real CLIP vocabulary is not shipped); the text
+    :mod:`fiftyone_sdcorr.core.tiny` (the real CLIP vocabulary is not shipped); the text
     encoder runs once per prompt and is never timed.
     """
     from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, Dinov2Config, Dinov2Model
 
-    from fiftyone_sdcorr.tiny import _clip_tokenizer_files, write_model_index
+    from fiftyone_sdcorr.core.tiny import _clip_tokenizer_files, write_model_index
 
     root = Path(root) if root is not None else default_models_dir()
     sd_dir, dino_dir = root / "sd15", root / "dinov2-base"
@@ -307,7 +307,7 @@ def count_flops(unet_config, vae_config, dino_model, recipe) -> dict:
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    from fiftyone_sdcorr import models as _models
+    from fiftyone_sdcorr.core import models as _models
 
     offs = recipe.tile_offsets()
     tiled = recipe.sd_mode == "tiled" and len(offs) > 1
@@ -379,7 +379,7 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, n: int, reps: int = 10
 
 # ====================================================================== extractor set-ups
 def make_extractor(sd_dir, dino_dir, device, dtype, batch_size, recipe_kw: dict, channels_last: bool = False):
-    from fiftyone_sdcorr.extractor import FeatureExtractor
+    from fiftyone_sdcorr.core.extractor import FeatureExtractor
 
     return FeatureExtractor(sd_dir, dino_dir, device=device, dtype=dtype, batch_size=batch_size,
                             channels_last=channels_last, **recipe_kw)
@@ -444,7 +444,7 @@ def _weights_bytes(*modules) -> int:
 def plain_extract(ext, images) -> list:
     """The plain recipe: per image, per tile one VAE + full UNet forward (hooks record the
     taps), overlaps averaged; DINO one image at a time."""
-    from fiftyone_sdcorr.features import RawFeatures
+    from fiftyone_sdcorr.core.features import RawFeatures
 
     out = []
     for im in images:
@@ -460,7 +460,7 @@ def plain_extract(ext, images) -> list:
 def staged_extract(ext, images) -> tuple:
     """What ``FeatureExtractor.extract`` does for one batch (``_prepare`` then the models),
     with a synced clock per stage: ``(raws, {"preprocess": s, "sd": s, "dino": s})``."""
-    from fiftyone_sdcorr.features import RawFeatures
+    from fiftyone_sdcorr.core.features import RawFeatures
 
     dev = ext.device
     times = {}
@@ -512,8 +512,8 @@ def agreement(raws_ref, raws_test, pca_dim: int, alpha: float) -> dict:
     """Fused descriptors of the same images from two paths (one projection, fitted on the
     reference): per-token cosine over tokens on the image, and the percentage of equal
     nearest neighbours for every on-image token of image i matched into image i+1."""
-    from fiftyone_sdcorr.correspondence import match_points
-    from fiftyone_sdcorr.features import FixedProjection, fuse_raw
+    from fiftyone_sdcorr.core.correspondence import match_points
+    from fiftyone_sdcorr.core.features import FixedProjection, fuse_raw
 
     n = len(raws_ref)
     proj = FixedProjection.fit([r.sd for r in raws_ref], dim=pca_dim)
@@ -575,8 +575,9 @@ def bench_store_and_matching(fused: list, device: torch.device, keypoints: int, 
                              seed: int = 0, quiet: bool = False) -> tuple:
     """Save ``targets`` feature files (copies of ``fused`` under distinct keys), read
     them back, and match ``keypoints`` source tokens into every target."""
-    from fiftyone_sdcorr.correspondence import match_points, match_points_loop
-    from fiftyone_sdcorr.store import FeatureStore
+    from fiftyone_sdcorr.core.correspondence import match_points
+    from fiftyone_sdcorr.bench.reference import match_points_loop
+    from fiftyone_sdcorr.core.store import FeatureStore
 
     tmp = Path(tempfile.mkdtemp(prefix="sdcorr-bench-store."))
     try:
@@ -694,7 +695,7 @@ def _unit_cols(desc: torch.Tensor) -> torch.Tensor:
 
 
 def _to_device(f, dev):
-    from fiftyone_sdcorr.features import FusedFeatures
+    from fiftyone_sdcorr.core.features import FusedFeatures
 
     return FusedFeatures(f.descriptors.to(dev), f.letterbox, f.stride, f.sd_channels, f.meta)
 
@@ -716,7 +717,7 @@ def _parse_batches(text: str) -> List[int]:
 
 def _models_for(args, device, quiet):
     if args.tiny:
-        from fiftyone_sdcorr.tiny import tiny_models
+        from fiftyone_sdcorr.core.tiny import tiny_models
 
         root = Path(args.models_dir) if args.models_dir else None
         return tiny_models(root)
@@ -738,7 +739,7 @@ def run_bench(args) -> dict:
         device = torch.device("cpu")
     if args.matching_only:
         return finish(run_matching_only(args, device, quiet), args)
-    from fiftyone_sdcorr.models import resolve_dtype
+    from fiftyone_sdcorr.core.models import resolve_dtype
 
     if device.type == "cuda":
         # fixed shapes throughout: let cuDNN pick its fastest kernels (both paths; the
@@ -756,8 +757,8 @@ def run_bench(args) -> dict:
     }
     sd_dir, dino_dir = _models_for(args, device, quiet)
     result["models"] = {
-        "sd": "tiny random (fiftyone_sdcorr.tiny)" if args.tiny else "SD 1.5 architecture, random weights (configs/sd15_*.json)",
-        "dino": "tiny random (fiftyone_sdcorr.tiny)" if args.tiny else "DINOv2-B architecture, random weights (configs/dinov2_base.json)",
+        "sd": "tiny random (fiftyone_sdcorr.core.tiny)" if args.tiny else "SD 1.5 architecture, random weights (configs/sd15_*.json)",
+        "dino": "tiny random (fiftyone_sdcorr.core.tiny)" if args.tiny else "DINOv2-B architecture, random weights (configs/dinov2_base.json)",
         "loaded_with": "FeatureExtractor(sd_dir, dino_dir) from save_pretrained directories",
     }
     if args.cpu_preset:
@@ -893,7 +894,7 @@ def run_bench(args) -> dict:
 
 
 def _fused_for_store(raws, recipe) -> list:
-    from fiftyone_sdcorr.features import FixedProjection, fuse_raw
+    from fiftyone_sdcorr.core.features import FixedProjection, fuse_raw
 
     proj = FixedProjection.fit([r.sd for r in raws], dim=recipe.pca_dim)
     return [fuse_raw(r, proj, alpha=recipe.alpha) for r in raws]
@@ -985,8 +986,8 @@ def run_matching_only(args, device, quiet) -> dict:
     halves, letterboxes of landscape/portrait/square images) so masks and geometry are the
     real ones.
     """
-    from fiftyone_sdcorr.features import FusedFeatures, fuse
-    from fiftyone_sdcorr.geometry import Letterbox
+    from fiftyone_sdcorr.core.features import FusedFeatures, fuse
+    from fiftyone_sdcorr.core.geometry import Letterbox
 
     g = torch.Generator().manual_seed(0)
     sizes = [(640, 480), (480, 640), (500, 500), (800, 450)]

@@ -33,8 +33,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as _st_save
 
-from fiftyone_sdcorr.features import FusedFeatures
-from fiftyone_sdcorr.geometry import Letterbox
+from fiftyone_sdcorr.core.features import FusedFeatures
+from fiftyone_sdcorr.core.geometry import Letterbox
 
 FORMAT = "fiftyone-sdcorr/dense"
 TENSORS_FORMAT = "fiftyone-sdcorr/tensors"
@@ -114,6 +114,36 @@ def _read(path: Path, device) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
     return tensors, metadata
 
 
+def read_header(path: Path) -> Tuple[Dict[str, str], bool]:
+    """``(metadata, size_ok)`` of a safetensors file from its header alone; ``size_ok`` is
+    False when the file is shorter or longer than the header declares."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise FeatureStoreError(f"corrupt, truncated or non-safetensors feature file {path}: too short")
+            n = int.from_bytes(head, "little")
+            if n <= 0 or n > min(size - 8, 100 << 20):
+                raise FeatureStoreError(f"corrupt, truncated or non-safetensors feature file {path}: bad header")
+            header = json.loads(f.read(n).decode("utf-8"))
+    except FileNotFoundError:
+        raise FeatureNotFoundError(f"feature file not found: {path}") from None
+    except FeatureStoreError:
+        raise
+    except (OSError, ValueError) as e:
+        raise FeatureStoreError(f"corrupt, truncated or non-safetensors feature file {path}: {e}") from e
+    if not isinstance(header, dict):
+        raise FeatureStoreError(f"corrupt, truncated or non-safetensors feature file {path}: bad header")
+    md = header.pop("__metadata__", None) or {}
+    try:
+        end = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        raise FeatureStoreError(f"corrupt feature file {path}: bad tensor table ({e})") from e
+    return {str(k): str(v) for k, v in md.items()}, size == 8 + n + end
+
+
 def _check_format(path: Path, metadata: Dict[str, str], expected: str) -> None:
     fmt = metadata.get("format")
     if fmt != expected:
@@ -165,8 +195,11 @@ class FeatureStore:
         raise TypeError(f"expected a key or a path, got {type(path_or_key).__name__}")
 
     # ---- dense maps ---------------------------------------------------------------
-    def save(self, key: str, fused: FusedFeatures, dtype: torch.dtype = torch.float16) -> Path:
-        """Write ``fused`` for ``key`` atomically; returns the file's path."""
+    def save(self, key: str, fused: FusedFeatures, dtype: torch.dtype = torch.float16,
+             fingerprint: str = "") -> Path:
+        """Write ``fused`` for ``key`` atomically; returns the file's path. ``fingerprint``
+        (what produced the features: models, recipe, projection) goes into the header;
+        :meth:`check` compares it."""
         path = self.path_for(key)
         d = fused.descriptors
         if not isinstance(d, torch.Tensor) or d.dim() != 3:
@@ -194,6 +227,7 @@ class FeatureStore:
             "stride": str(int(fused.stride)),
             "sd_channels": str(int(fused.sd_channels)),
             "meta": meta_json,
+            "fingerprint": str(fingerprint),
         }
         _write_atomic(path, _st_save({"descriptors": t}, metadata=metadata), self.fsync)
         return path
@@ -227,6 +261,24 @@ class FeatureStore:
         return FusedFeatures(
             descriptors=d, letterbox=letterbox, stride=stride, sd_channels=sd_channels, meta=meta
         )
+
+    def check(self, path_or_key: PathOrKey, fingerprint: Optional[str] = None) -> Optional[str]:
+        """Why the stored file is not usable, or ``None`` when it is: it exists, its header
+        parses, its size is what the header declares (not truncated), it is a feature file,
+        and (when given) its fingerprint is ``fingerprint``. Reads the header only."""
+        path = self._resolve(path_or_key)
+        try:
+            md, size_ok = read_header(path)
+        except FeatureStoreError as e:
+            return str(e)
+        if not size_ok:
+            return f"truncated feature file {path} (its size differs from its header)"
+        if md.get("format") != FORMAT:
+            return f"{path} is not a {FORMAT} file"
+        if fingerprint is not None and md.get("fingerprint") != fingerprint:
+            return (f"{path} was computed with other settings (fingerprint {md.get('fingerprint') or 'none'!r}, "
+                    f"expected {fingerprint!r})")
+        return None
 
     def exists(self, key: str) -> bool:
         return self.path_for(key).is_file()
@@ -307,4 +359,5 @@ __all__ = [
     "FeatureNotFoundError",
     "default_store_root",
     "FORMAT_VERSION",
+    "read_header",
 ]

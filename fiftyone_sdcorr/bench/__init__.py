@@ -1,0 +1,1 @@
+"""Benchmarks (python -m fiftyone_sdcorr bench): not imported by the runtime."""

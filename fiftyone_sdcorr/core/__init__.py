@@ -1,0 +1,1 @@
+"""Tensor layer: models, recipe, extractor, fusion, matching, store, pictures. No FiftyOne import."""

@@ -1,0 +1,439 @@
+"""``compute_fused_features``: fused SD + DINOv2 features for a FiftyOne collection.
+
+For each image sample it writes
+
+- ``embedding_field`` (default ``sdcorr_embedding``): the pooled global fused vector
+  (float32, unit norm), usable as is by ``fiftyone.brain.compute_similarity`` and
+  ``compute_visualization``;
+- ``features_field`` (default ``sdcorr_features``): the path of the sample's dense fused
+  maps in the feature store;
+- ``<features_field>_error``: ``None`` on success, else why the sample failed.
+
+**Store namespaces.** Features of one configuration (models and recipe: its
+*fingerprint*, :meth:`FeatureConfig.fingerprint`) live in
+``<store_dir>/<fingerprint>/``: ``<shard>/<sample id>.safetensors``, the fixed projection
+in ``_tensors/projection.safetensors``, claims in ``_locks/``, one log per worker run in
+``_log/``. Runs with other settings compute into their own namespace, so both coexist on
+disk; the dataset's fields hold one configuration at a time (a record, a FiftyOne custom
+run, says which), and writing another configuration into them needs ``overwrite=True``.
+
+**Done** means: the fields hold this sample's path in this namespace, and the file's
+header parses, its size matches the header (not truncated) and its fingerprint (the
+configuration and the projection's digest) is this run's.
+
+**Several workers** (delegated operations on one or many hosts sharing the database and
+the store) split the work with per-sample ``flock`` claims (:mod:`.claims`). Under the
+claim the state is re-read: a sample done meanwhile is skipped; a valid store file
+without database values (a worker killed between the two writes) is *recovered* without
+running the models; a sample another worker failed during this run is not retried.
+
+**The fixed projection** is fitted once per namespace, under an exclusive lock, on the
+first ``projection_samples`` pending images; their raw maps are fused and stored right
+away (no second extraction).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+import fiftyone.core.media as fom
+
+from fiftyone_sdcorr.core.features import FixedProjection, FusedFeatures, fuse_raw
+from fiftyone_sdcorr.core.images import load_image
+from fiftyone_sdcorr.core.models import resolve_dtype
+from fiftyone_sdcorr.core.store import FeatureStore
+from fiftyone_sdcorr.dataset.claims import SampleLock, exclusive, fs_now, worker_id
+from fiftyone_sdcorr.dataset.config import FeatureConfig
+from fiftyone_sdcorr.dataset.engine import (
+    Record,
+    Run,
+    RunSummary,
+    check_bool,
+    declare_outputs,
+    guard_outputs,
+    image_collection,
+    reason,
+    require_field,
+    values_or_none,
+)
+from fiftyone_sdcorr.dataset.progress import ProgressArg
+
+logger = logging.getLogger(__name__)
+
+FUNCTION = "compute_fused_features"
+PROJECTION_NAME = "projection"
+LOCKS_DIR = "_locks"
+LOG_DIR = "_log"
+COUNTS = ("total", "computed", "recovered", "skipped", "busy")
+
+
+def compute_fused_features(
+    samples,
+    sd_model: Optional[str] = None,
+    dino_model: Optional[str] = None,
+    *,
+    extractor=None,
+    embedding_field: Optional[str] = None,
+    features_field: Optional[str] = None,
+    store_dir=None,
+    store_dtype: Optional[str] = None,
+    pca_dim: Optional[int] = None,
+    projection_samples: Optional[int] = None,
+    preset: Optional[str] = None,
+    recipe: Optional[dict] = None,
+    batch_size: Optional[int] = None,
+    device=None,
+    dtype=None,
+    overwrite: bool = False,
+    prompt_field: Optional[str] = None,
+    progress: ProgressArg = True,
+) -> RunSummary:
+    """Computes fused SD + DINOv2 features for the image samples of ``samples``.
+
+    Args (``None`` = the default of :class:`~fiftyone_sdcorr.dataset.config.FeatureConfig`):
+        samples: a FiftyOne dataset or view of images
+        sd_model, dino_model: Hub ids or local directories (ignored with ``extractor``)
+        extractor: any Describer (``.describe(images)``, ``.config()``); a
+            ``FeatureExtractor`` (anything with ``.extract``) gets the store's fixed projection
+        embedding_field, features_field: the output fields (``<features_field>_error`` too)
+        store_dir: feature store folder (default ``default_store_root()/<dataset id>``)
+        store_dtype: ``"float16"``, ``"bfloat16"`` or ``"float32"``
+        pca_dim: channels kept per SD tap (the recipe's; smaller = a smaller store)
+        projection_samples: images the fixed projection is fitted on (once per namespace)
+        preset, recipe: the feature recipe (:class:`fiftyone_sdcorr.Recipe` fields)
+        batch_size, device, dtype: how the models run
+        overwrite: recompute samples that have features, and allow output fields that
+            hold something else (another configuration's features, a user's field)
+        prompt_field: a field naming each sample's object for a ``{label}`` prompt template
+        progress: ``True``/``False``/``None`` or a callable ``progress(fraction, label)``
+
+    Returns:
+        a :class:`RunSummary`: ``total``, ``computed``, ``recovered``, ``skipped``,
+        ``busy``, ``failed``, ``errors``, ``warnings``, ``store_dir`` (the namespace),
+        ``fingerprint``, ``projection``, ``worker``
+    """
+    # 1. check every parameter and field before anything loads or is written
+    cfg = FeatureConfig.build(
+        sd_model=sd_model, dino_model=dino_model, extractor=extractor, embedding_field=embedding_field,
+        features_field=features_field, store_dir=store_dir, store_dtype=store_dtype, pca_dim=pca_dim,
+        projection_samples=projection_samples, preset=preset, recipe=recipe, batch_size=batch_size,
+        device=device, dtype=dtype, prompt_field=prompt_field)
+    job = FeatureJob(samples, cfg, check_bool("overwrite", overwrite))
+    job.check()
+    # 2. the store namespace of this configuration and its projection, if fitted
+    job.open_store()
+    # 3. what is done, what is not an image, what is pending
+    pending = job.plan()
+    # 4. compute the pending samples in claimed batches (the models load only if needed)
+    with Run(samples, job.summary, len(job.ids), progress, "samples", cfg.error_field) as run:
+        job.start(run)
+        if pending:
+            job.compute(pending, run)
+    return job.summary
+
+
+class FeatureJob:
+    """The steps of one ``compute_fused_features`` run (see the module docstring)."""
+
+    def __init__(self, samples, cfg: FeatureConfig, overwrite: bool):
+        self.samples, self.dataset, self.cfg, self.overwrite = samples, samples._root_dataset, cfg, overwrite
+        self.fingerprint = cfg.fingerprint()
+        self.record = Record(samples, FUNCTION, cfg.features_field, cfg.settings(), self.fingerprint)
+        self.outputs = {
+            "embedding_field": (cfg.embedding_field, "vector"),
+            "features_field": (cfg.features_field, "string"),
+            "features_field (its error field)": (cfg.error_field, "string"),
+        }
+        self.st_dtype = resolve_dtype(cfg.store_dtype)
+        self.projection: Optional[FixedProjection] = None
+        self.summary = RunSummary(FUNCTION, COUNTS, fingerprint=self.fingerprint, projection=None,
+                                  worker=worker_id())
+
+    # ---- 1. checks
+    def check(self) -> None:
+        image_collection(self.samples)
+        if self.cfg.prompt_field is not None:
+            require_field(self.samples, "prompt_field", self.cfg.prompt_field, "label")
+        guard_outputs(self.samples, self.outputs, [self.cfg.prompt_field], self.overwrite, self.record)
+
+    # ---- 2. store
+    def open_store(self) -> None:
+        self.store = FeatureStore(Path(self.cfg.store_root(self.samples)) / self.fingerprint)
+        self.store.root.mkdir(parents=True, exist_ok=True)
+        self.run_start = fs_now(self.store.root / LOCKS_DIR)
+        self.summary["store_dir"] = str(self.store.root)
+        self.projection = self.load_projection()
+
+    def load_projection(self) -> Optional[FixedProjection]:
+        if not self.store.has_tensors(PROJECTION_NAME):
+            return None
+        tensors, _ = self.store.load_tensors(PROJECTION_NAME)
+        proj = FixedProjection.from_state_dict(tensors)
+        self.summary["projection"] = str(self.store.tensors_path(PROJECTION_NAME))
+        return proj
+
+    @property
+    def file_fingerprint(self) -> str:
+        """What each stored file carries: the configuration and the projection's digest."""
+        return f"{self.fingerprint}:{self.projection.digest() if self.projection is not None else '-'}"
+
+    def is_done(self, sid: str, emb, fpath) -> bool:
+        return (emb is not None and fpath is not None and str(fpath) == str(self.store.path_for(sid))
+                and self.store.check(fpath, self.file_fingerprint) is None)
+
+    # ---- 3. plan
+    def plan(self) -> List[Tuple[str, str]]:
+        cfg, n = self.cfg, len(self.samples)
+        self.ids, paths = self.samples.values("id"), self.samples.values("filepath")
+        embs = values_or_none(self.samples, cfg.embedding_field, n)
+        feats = values_or_none(self.samples, cfg.features_field, n)
+        self.summary["total"] = len(self.ids)
+        self.not_images: Dict[str, str] = {}
+        pending = []
+        for sid, fp, emb, fpath in zip(self.ids, paths, embs, feats):
+            if not self.overwrite and self.is_done(sid, emb, fpath):
+                self.summary.add("skipped")
+            elif _not_an_image(fp):
+                self.not_images[sid] = _not_an_image(fp)
+            else:
+                pending.append((sid, fp))
+        self.prompt_labels = self._prompt_labels()
+        return pending
+
+    def _prompt_labels(self) -> Optional[Dict[str, Optional[str]]]:
+        if self.cfg.prompt_field is None:
+            return None
+        return {sid: label_of(v) for sid, v in zip(self.ids, self.samples.values(self.cfg.prompt_field))}
+
+    # ---- 4. compute
+    def start(self, run: Run) -> None:
+        """Declares the outputs, records this configuration on them, records non-images."""
+        declare_outputs(self.samples, self.outputs)
+        self.record.write([self.cfg.embedding_field, self.cfg.features_field, self.cfg.error_field])
+        if self.summary["skipped"]:
+            run.step(self.summary["skipped"], f"{self.summary['skipped']} already done")
+        for sid, why in self.not_images.items():
+            run.fail(sid, why)
+        if self.not_images:
+            run.step(len(self.not_images), f"{len(self.not_images)} non-image samples")
+
+    def compute(self, pending: List[Tuple[str, str]], run: Run) -> None:
+        self.extractor = self.cfg.make_extractor()
+        self.uses_projection = callable(getattr(self.extractor, "extract", None))
+        self.alpha = float(getattr(getattr(self.extractor, "recipe", None), "alpha", 0.5))
+        size = int(self.cfg.batch_size or getattr(self.extractor, "batch_size", None) or 1)
+        log_path = self.store.root / LOG_DIR / f"{self.summary['worker']}.jsonl"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "a", encoding="utf-8") as self.log:
+            queue = list(pending)
+            if self.uses_projection and self.projection is None:
+                queue = self.fit_projection(queue, run)
+            while queue:
+                claimed, queue = self.claim(queue, size, run)
+                if claimed:
+                    self.run_batch(claimed, run)
+
+    def claim(self, queue, size: int, run: Run):
+        """Up to ``size`` samples this worker could lock, and the rest of the queue."""
+        claimed, i = [], 0
+        while i < len(queue) and len(claimed) < size:
+            sid, fp = queue[i]
+            i += 1
+            lock = SampleLock(self.store.root / LOCKS_DIR / self.store.path_for(sid).parent.name / f"{sid}.lock")
+            if lock.try_acquire():
+                claimed.append((sid, fp, lock))
+            else:
+                self.summary.add("busy")
+                run.step(1, f"{sid}: claimed by another worker")
+        return claimed, queue[i:]
+
+    def fit_projection(self, queue, run: Run):
+        """Fits the namespace's projection on the first loadable pending images (once, under
+        a lock), then fuses and stores those images from the same raw maps."""
+        with exclusive(self.store.tensors_path(PROJECTION_NAME).with_suffix(".lock")):
+            self.projection = self.load_projection()
+            if self.projection is not None:  # another worker fitted it meanwhile
+                return queue
+            run.step(0, "fixed projection (fitted once per store namespace)")
+            claimed, loaded = [], []
+            while not loaded and queue:  # the first claimed batch with a loadable image
+                more, queue = self.claim(queue, self.cfg.projection_samples, run)
+                claimed += more
+                loaded = self.load_images(more, run)
+            try:
+                if loaded:
+                    sids = [sid for sid, _, _ in loaded]
+                    raws = self.extract([im for _, _, im in loaded], self._labels(sids))
+                    self.projection = FixedProjection.fit([r.sd for r in raws], dim=self.extractor.recipe.pca_dim)
+                    self.store.save_tensors(PROJECTION_NAME, self.projection.state_dict(), metadata={
+                        "settings": self.cfg.settings(), "fingerprint": self.fingerprint,
+                        "fitted_on": sids, "fitted_at": time.time()})
+                    self.summary["projection"] = str(self.store.tensors_path(PROJECTION_NAME))
+                    fused = [fuse_raw(r, self.projection, alpha=self.alpha, meta=self.cfg.settings()) for r in raws]
+                    self.finish(claimed, dict(zip(sids, fused)), run)
+            finally:
+                for _, _, lock in claimed:
+                    lock.release()
+        return queue
+
+    def run_batch(self, claimed, run: Run) -> None:
+        """Re-checks each claimed sample under its lock, then computes what is left."""
+        fresh = self._db_state([sid for sid, _, _ in claimed])
+        todo, results = [], {}
+        for sid, fp, lock in claimed:
+            emb, fpath = fresh.get(sid, (None, None))
+            path = self.store.path_for(sid)
+            fresh_file = path.exists() and (not self.overwrite or path.stat().st_mtime >= self.run_start)
+            if fresh_file and self.store.check(path, self.file_fingerprint) is None:
+                if self.is_done(sid, emb, fpath):
+                    self.summary.add("skipped")
+                    run.step(1, f"{sid}: done by another worker")
+                else:  # a store file without database values: recovered, no model run
+                    results[sid] = self.store.load(path)
+                    self.summary.add("recovered")
+                    self._log(sid, "recovered")
+            elif lock.failed_since(self.run_start) is not None:
+                self.summary.add("busy")
+                run.step(1, f"{sid}: failed in another worker")
+            else:
+                todo.append((sid, fp, lock))
+        try:
+            recovered = set(results)
+            loaded = self.load_images(todo, run)
+            results.update(self.describe(loaded, run))
+            self.finish(claimed, results, run, recovered)
+        finally:
+            for _, _, lock in claimed:
+                lock.release()
+
+    def load_images(self, claimed, run: Run):
+        loaded = []
+        for sid, fp, lock in claimed:
+            try:
+                loaded.append((sid, fp, load_image(fp)))
+            except Exception as e:  # noqa: BLE001 -- ImageLoadError names the file
+                self._failed(sid, lock, str(e) if fp in str(e) else f"cannot load image {fp}: {reason(e)}", run)
+        return loaded
+
+    def extract(self, images, labels=None):
+        """Raw maps with the CUDA out-of-memory batch split."""
+        try:
+            return self.extractor.extract(images, labels=labels) if labels else self.extractor.extract(images)
+        except torch.cuda.OutOfMemoryError:
+            if len(images) == 1:
+                raise
+            torch.cuda.empty_cache()
+            h = len(images) // 2
+            logger.warning("CUDA out of memory on %d images; splitting the batch", len(images))
+            lo, hi = (None, None) if labels is None else (labels[:h], labels[h:])
+            return self.extract(images[:h], lo) + self.extract(images[h:], hi)
+
+    def describe(self, loaded, run: Run) -> Dict[str, FusedFeatures]:
+        """Fused features of loaded images; a failing batch is retried image by image so
+        that one bad sample fails alone."""
+        if not loaded:
+            return {}
+        try:
+            return dict(zip([sid for sid, _, _ in loaded], self._describe([im for _, _, im in loaded],
+                                                                          [sid for sid, _, _ in loaded])))
+        except Exception as e:  # noqa: BLE001
+            if len(loaded) == 1:
+                sid, fp, _ = loaded[0]
+                run.fail(sid, f"feature computation failed for {fp}: {reason(e)}")
+                run.step(1)
+                self._log(sid, "failed", reason=reason(e))
+                return {}
+            out = {}
+            for item in loaded:
+                out.update(self.describe([item], run))
+            return out
+
+    def _labels(self, sids) -> Optional[List[Optional[str]]]:
+        return None if self.prompt_labels is None else [self.prompt_labels.get(s) for s in sids]
+
+    def _describe(self, images, sids) -> List[FusedFeatures]:
+        if not self.uses_projection:
+            return list(self.extractor.describe(images))
+        raws = self.extract(images, self._labels(sids))
+        return [fuse_raw(r, self.projection, alpha=self.alpha, meta=self.cfg.settings()) for r in raws]
+
+    def finish(self, claimed, results: Dict[str, FusedFeatures], run: Run, recovered=frozenset()) -> None:
+        """Stores new features, writes the fields in bulk, marks the samples ok."""
+        embs, paths = {}, {}
+        by_id = {sid: (fp, lock) for sid, fp, lock in claimed}
+        for sid, fused in results.items():
+            fp, lock = by_id[sid]
+            path = self.store.path_for(sid)
+            try:
+                if sid not in recovered:
+                    self.store.save(sid, fused, dtype=self.st_dtype, fingerprint=self.file_fingerprint)
+                    self.summary.add("computed")
+                    self._log(sid, "computed")
+                embs[sid], paths[sid] = self._embedding(fused), str(path)
+            except Exception as e:  # noqa: BLE001
+                self._failed(sid, lock, f"could not store the features of {fp}: {reason(e)}", run)
+        run.write(self.cfg.embedding_field, embs)
+        run.write(self.cfg.features_field, paths)
+        for sid in embs:
+            run.ok(sid)
+            by_id[sid][1].release(remove=True)
+        run.flush_errors()
+        if embs:
+            run.step(len(embs))
+
+    def _failed(self, sid: str, lock: SampleLock, why: str, run: Run) -> None:
+        try:
+            lock.record_failure(why)
+        except OSError:
+            pass
+        run.fail(sid, why)
+        run.step(1)
+        self._log(sid, "failed", reason=why)
+
+    def _db_state(self, sids: List[str]) -> Dict[str, Tuple[Any, Any]]:
+        ids, embs, feats = self.dataset.select(sids).values(
+            ["id", self.cfg.embedding_field, self.cfg.features_field])
+        return {i: (e, f) for i, e, f in zip(ids, embs, feats)}
+
+    def _embedding(self, fused: FusedFeatures) -> np.ndarray:
+        # from the stored (dtype-rounded) maps: the same for a computed or a recovered sample
+        d = fused.descriptors.detach().to("cpu", self.st_dtype).float()
+        ff = FusedFeatures(d, fused.letterbox, fused.stride, fused.sd_channels, fused.meta)
+        return ff.global_vector().numpy().astype(np.float32)
+
+    def _log(self, sid: str, event: str, **kw) -> None:
+        self.log.write(json.dumps({"id": sid, "event": event, "worker": self.summary["worker"],
+                                   "t": time.time(), **kw}) + "\n")
+        self.log.flush()
+
+
+def label_of(value) -> Optional[str]:
+    """The object name a prompt field holds: a string, ``label.label`` or the most common
+    label of a label list (Detections, Keypoints, Classifications, ...)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return value or None
+    if getattr(value, "label", None):
+        return str(value.label)
+    items = getattr(value, getattr(value, "_LABEL_LIST_FIELD", "") or "", None)
+    names = [str(x.label) for x in (items or []) if getattr(x, "label", None)]
+    return max(set(names), key=names.count) if names else None
+
+
+def _not_an_image(filepath: str) -> Optional[str]:
+    # unknown extensions go to the image loader, which says what is wrong with the file
+    media = fom.get_media_type(filepath)
+    if media not in (fom.IMAGE, getattr(fom, "UNKNOWN", "unknown")):
+        return f"not an image: {filepath} has media type {media!r} (only images are supported)"
+    return None
+
+
+__all__ = ["compute_fused_features", "FeatureJob", "label_of", "FUNCTION", "PROJECTION_NAME"]

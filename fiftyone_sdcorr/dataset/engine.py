@@ -1,0 +1,332 @@
+"""The run engine under every dataset function.
+
+What every run needs, written once:
+
+- **parameter checks** (:func:`check_int`, :func:`check_float`, ...): used by the config
+  objects (:mod:`fiftyone_sdcorr.dataset.config`) when they are built, i.e. before any
+  model loads or anything is written. Messages name the parameter and the value.
+- **fields**: :func:`check_field_name` (FiftyOne's rules; a field name is never a path),
+  :func:`require_field` (an input field exists and holds the right type),
+  :func:`guard_outputs` (an existing field is written only with ``overwrite=True``, or
+  when this same function wrote it with the same settings, i.e. a resume; never an input
+  field; never a built-in field), :func:`declare_outputs`.
+- **records**: each function records what it wrote (settings, fingerprint, fields) as a
+  FiftyOne custom run (``dataset.list_runs()``), so a rerun can tell a resume from a
+  clash and later functions can find the settings that produced a field.
+- **the run** (:class:`Run`): iterates ids in batches with progress (a FiftyOne progress
+  bar or a ``callback(fraction, label)``), collects per-sample errors for the
+  ``<field>_error`` field, writes values in bulk, and fills a :class:`RunSummary`.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence
+
+import fiftyone as fo
+import fiftyone.core.media as fom
+
+from fiftyone_sdcorr.core.params import (  # noqa: F401 -- the engine's parameter checks
+    ParameterError,
+    check_bool,
+    check_choice,
+    check_float,
+    check_floats,
+    check_int,
+    check_str,
+)
+from fiftyone_sdcorr.dataset.progress import Progress, ProgressArg
+
+logger = logging.getLogger(__name__)
+
+#: at most this many reasons in a summary (every reason is in the error field)
+MAX_SUMMARY_ERRORS = 100
+#: FiftyOne's built-in sample fields: never an output
+BUILTIN_FIELDS = frozenset(
+    ("id", "_id", "filepath", "tags", "metadata", "media_type", "created_at", "last_modified_at",
+     "frames", "groups", "_dataset_id", "_media_type", "_rand")
+)
+_FIELD_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,99}$")
+
+
+# --------------------------------------------------------------------------- fields
+def check_field_name(param: str, name: Any) -> str:
+    """A top-level FiftyOne field name: a letter, then letters, digits or ``_`` (so it is
+    never a path, never private, never nested), and not a built-in field."""
+    if not isinstance(name, str) or not _FIELD_RE.match(name):
+        raise ParameterError(
+            f"parameter {param!r}: {name!r} is not a valid field name (a letter, then up to 99 "
+            "letters, digits or '_'; no '.', '/', '$' or leading '_')"
+        )
+    if name in BUILTIN_FIELDS:
+        raise ParameterError(f"parameter {param!r}: {name!r} is a built-in FiftyOne field")
+    return name
+
+
+#: field kinds: name -> (test on a FiftyOne field, description)
+_KINDS: Dict[str, Callable[[Any], bool]] = {
+    "keypoints": lambda f: getattr(f, "document_type", None) is fo.Keypoints,
+    "detections": lambda f: getattr(f, "document_type", None) in (fo.Detections, fo.Detection),
+    "segmentation": lambda f: getattr(f, "document_type", None) is fo.Segmentation,
+    "heatmap": lambda f: getattr(f, "document_type", None) is fo.Heatmap,
+    "vector": lambda f: isinstance(f, (fo.VectorField, fo.ArrayField)),
+    "string": lambda f: isinstance(f, fo.StringField),
+    "float": lambda f: isinstance(f, (fo.FloatField, fo.IntField)),
+    "label": lambda f: isinstance(f, fo.StringField) or hasattr(getattr(f, "document_type", None), "_LABEL_LIST_FIELD")
+    or getattr(f, "document_type", None) is not None and issubclass(f.document_type, fo.Label),
+}
+_KIND_TEXT = {
+    "keypoints": "fo.Keypoints", "detections": "fo.Detections", "segmentation": "fo.Segmentation",
+    "heatmap": "fo.Heatmap", "vector": "a vector", "string": "a string", "float": "a number",
+    "label": "a string or a label",
+}
+
+
+def field_kind_text(field) -> str:
+    doc = getattr(field, "document_type", None)
+    return f"{type(field).__name__}({doc.__name__})" if doc is not None else type(field).__name__
+
+
+def require_field(samples, param: str, name: Any, kind: str) -> str:
+    """``name`` is an existing top-level field of ``samples`` holding ``kind``."""
+    check_str(param, name)
+    root = samples._root_dataset
+    if not root.has_sample_field(name):
+        raise ParameterError(f"parameter {param!r}: field {name!r} does not exist on dataset {root.name!r}")
+    field = root.get_field(name)
+    if not _KINDS[kind](field):
+        raise ParameterError(
+            f"parameter {param!r}: field {name!r} holds {field_kind_text(field)}, not {_KIND_TEXT[kind]}"
+        )
+    return name
+
+
+def declare(kind: str, dataset, name: str) -> None:
+    """Adds the output field ``name`` of ``kind`` if missing (tolerates a concurrent add)."""
+    if dataset.has_sample_field(name):
+        return
+    doc = {"keypoints": fo.Keypoints, "segmentation": fo.Segmentation, "heatmap": fo.Heatmap}.get(kind)
+    ftype = {"vector": fo.VectorField, "string": fo.StringField, "float": fo.FloatField}.get(kind)
+    try:
+        if doc is not None:
+            dataset.add_sample_field(name, fo.EmbeddedDocumentField, embedded_doc_type=doc)
+        else:
+            dataset.add_sample_field(name, ftype)
+    except ValueError:
+        dataset.reload()  # another worker added it at the same time
+        if not dataset.has_sample_field(name):
+            raise
+
+
+def guard_outputs(samples, outputs: Mapping[str, tuple], inputs: Iterable[Optional[str]], overwrite: bool,
+                  record: Optional["Record"] = None) -> None:
+    """Checks every output before anything is written.
+
+    ``outputs``: ``{param: (field name, kind)}``. Each name is a valid field name, all are
+    distinct and none is an input field. A field that exists must hold ``kind``, and is
+    written only with ``overwrite=True`` or when ``record`` (this function's record of the
+    same fields) says it was written with the same settings (a resume).
+    """
+    root = samples._root_dataset
+    names = {}
+    for param, (name, _) in outputs.items():
+        check_field_name(param, name)
+        if name in names:
+            raise ParameterError(f"parameters {names[name]!r} and {param!r} name the same field {name!r}")
+        names[name] = param
+    for name in inputs:
+        if name and name in names:
+            raise ParameterError(
+                f"parameter {names[name]!r}: {name!r} is an input of this run; choose another output field"
+            )
+    for param, (name, kind) in outputs.items():
+        if not root.has_sample_field(name):
+            continue
+        field = root.get_field(name)
+        if not _KINDS[kind](field):
+            raise ParameterError(
+                f"parameter {param!r}: field {name!r} already exists and holds {field_kind_text(field)}, "
+                f"not {_KIND_TEXT[kind]}; choose another field name"
+            )
+        if overwrite:
+            continue
+        if record is not None and record.resumable:
+            continue
+        why = record.difference if record is not None and record.difference else "it already exists"
+        raise ParameterError(
+            f"parameter {param!r}: field {name!r} {why}; choose a new field name or pass overwrite=True"
+        )
+
+
+def declare_outputs(samples, outputs: Mapping[str, tuple]) -> None:
+    for name, kind in outputs.values():
+        declare(kind, samples._root_dataset, name)
+
+
+def image_collection(samples) -> None:
+    """Refuses collections the functions cannot process (grouped, non-collections)."""
+    if not hasattr(samples, "_root_dataset"):
+        raise ParameterError(f"expected a FiftyOne dataset or view, got {type(samples).__name__}")
+    if samples.media_type == fom.GROUP:
+        raise ParameterError("grouped collections are not supported: select a slice first "
+                             "(e.g. samples.select_group_slices('left'))")
+
+
+# --------------------------------------------------------------------------- records
+class Record:
+    """What a function wrote into a set of fields (a FiftyOne custom run).
+
+    ``key`` is ``sdcorr_<function>_<first output field>``. ``settings`` are the settings that
+    decide the values (e.g. models and recipe); ``fingerprint`` their hash.
+    """
+
+    def __init__(self, samples, function: str, field: str, settings: Optional[dict] = None,
+                 fingerprint: Optional[str] = None):
+        self.dataset = samples._root_dataset
+        self.key = f"sdcorr_{function}_{field}"
+        self.function, self.settings, self.fingerprint = function, settings or {}, fingerprint
+        self.stored = self.read()
+
+    def read(self) -> Optional[dict]:
+        if self.key not in self.dataset.list_runs():
+            return None
+        cfg = self.dataset.get_run_info(self.key).config
+        return {k: getattr(cfg, k, None) for k in ("function", "settings", "fingerprint", "fields")}
+
+    @property
+    def resumable(self) -> bool:
+        return self.stored is not None and self.fingerprint is not None \
+            and self.stored.get("fingerprint") == self.fingerprint
+
+    @property
+    def difference(self) -> str:
+        if self.stored is None:
+            return ""
+        have, want = self.stored.get("settings") or {}, self.settings
+        keys = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+        diff = ", ".join(f"{k}: stored {have.get(k)!r} vs requested {want.get(k)!r}" for k in keys)
+        return f"holds values of {self.function} with other settings ({diff or 'fingerprint differs'})"
+
+    def write(self, fields: Sequence[str]) -> None:
+        cfg = self.dataset.init_run(function=self.function, settings=self.settings,
+                                    fingerprint=self.fingerprint, fields=list(fields))
+        try:
+            self.dataset.register_run(self.key, cfg, overwrite=True, cleanup=False)
+        except Exception:  # noqa: BLE001 -- a concurrent worker registered it
+            self.dataset.update_run_config(self.key, cfg)
+        self.stored = self.read()
+
+
+def find_record(samples, function: str, field: str) -> Optional[dict]:
+    """The record of ``function`` for ``field``, or None."""
+    return Record(samples, function, field).stored
+
+
+# --------------------------------------------------------------------------- summary
+class RunSummary(dict):
+    """What a run returns: counts, failures (sample id -> reason, the first
+    :data:`MAX_SUMMARY_ERRORS`), warnings, and function-specific entries. A dict, so it
+    is stored as is by delegated runs; :meth:`text` is the human-readable form."""
+
+    def __init__(self, function: str, counts: Sequence[str], **extra):
+        super().__init__(function=function, **{c: 0 for c in counts}, failed=0, errors={}, warnings=[],
+                         **extra)
+        self._counts = tuple(counts) + ("failed",)
+
+    def add(self, key: str, n: int = 1) -> None:
+        self[key] += n
+
+    def fail(self, sid: str, reason: str) -> None:
+        self["failed"] += 1
+        if len(self["errors"]) < MAX_SUMMARY_ERRORS:
+            self["errors"][sid] = reason
+
+    def warn(self, message: str) -> None:
+        if message not in self["warnings"]:
+            logger.warning("%s: %s", self["function"], message)
+            self["warnings"].append(message)
+
+    def text(self) -> str:
+        counts = ", ".join(f"{k} {self[k]}" for k in self._counts)
+        lines = [f"{self['function']}: {counts}"]
+        lines += [f"warning: {w}" for w in self["warnings"]]
+        lines += [f"failed {sid}: {r}" for sid, r in list(self["errors"].items())[:10]]
+        if len(self["errors"]) > 10:
+            lines.append(f"... {self['failed'] - 10} more failures")
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- the run
+class Run:
+    """One pass of a dataset function over sample ids: progress, errors, bulk writes.
+
+    ``with Run(samples, summary, total, progress, "propagating", error_field) as run:``
+    then ``for batch in run.batches(items, size)``, ``run.fail(sid, reason)``,
+    ``run.ok(sid)``, ``run.note(sid, message)``, ``run.write(field, {id: value})``. The error
+    field gets ``None`` for every sample marked ok and the message of every failure or note.
+    """
+
+    def __init__(self, samples, summary: RunSummary, total: int, progress: ProgressArg, label: str,
+                 error_field: Optional[str] = None):
+        self.dataset = samples._root_dataset
+        self.summary, self.error_field = summary, error_field
+        self.bar = Progress(progress, total, label)
+        self._errors: Dict[str, Optional[str]] = {}
+
+    def __enter__(self) -> "Run":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            if exc[0] is None:
+                self.flush_errors()
+        finally:
+            self.bar.close()
+
+    def batches(self, items: Sequence, size: int) -> Iterator[list]:
+        size = max(1, int(size))
+        for start in range(0, len(items), size):
+            yield list(items[start:start + size])
+
+    def step(self, n: int = 1, label: Optional[str] = None) -> None:
+        self.bar.update(n, label)
+
+    def fail(self, sid: str, reason: str) -> None:
+        self._errors[sid] = reason
+        self.summary.fail(sid, reason)
+
+    def ok(self, sid: str) -> None:
+        self._errors.setdefault(sid, None)
+
+    def note(self, sid: str, message: str) -> None:
+        """A per-sample problem that is not a failure (the sample still got its result)."""
+        self._errors[sid] = message
+
+    def write(self, field: str, values: Mapping[str, Any]) -> None:
+        if values:
+            self.dataset.set_values(field, dict(values), key_field="id")
+
+    def flush_errors(self) -> None:
+        if self.error_field and self._errors:
+            self.write(self.error_field, self._errors)
+            self._errors = {}
+
+
+def values_or_none(samples, name: Optional[str], n: int) -> List[Any]:
+    """``samples.values(name)``, or ``n`` Nones when the field is absent / unnamed."""
+    if name and samples._root_dataset.has_sample_field(name):
+        return samples.values(name)
+    return [None] * n
+
+
+def reason(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}"
+
+
+__all__ = [
+    "ParameterError", "check_int", "check_float", "check_bool", "check_choice", "check_str",
+    "check_floats", "check_field_name", "require_field", "guard_outputs", "declare_outputs",
+    "image_collection", "Record", "find_record", "RunSummary", "Run", "values_or_none", "reason",
+    "MAX_SUMMARY_ERRORS", "BUILTIN_FIELDS",
+]

@@ -1,0 +1,181 @@
+"""Dense features of samples for matching: stored ones first, else computed (not stored).
+
+One source serves one run and hands out features of ONE fingerprint (the configuration
+and the projection that produced them, :mod:`.compute_features`):
+
+- the expected configuration is the one recorded on ``features_field`` by
+  ``compute_fused_features``; models or a recipe given explicitly must match it (else
+  :class:`ParameterError` naming the differing settings); given nothing, the recorded
+  configuration is used to compute what is missing;
+- a stored file is used when its header and size check out and its fingerprint is the
+  run's; a file of another fingerprint is an error for that sample (never mixed);
+- missing features are computed with that configuration and the projection of its store
+  namespace, so they are comparable with the stored ones; with no stored projection, one
+  is fitted on the first images described (the references).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import fiftyone.core.media as fom
+
+from fiftyone_sdcorr.core.features import FixedProjection, FusedFeatures, fuse_raw
+from fiftyone_sdcorr.core.images import load_image
+from fiftyone_sdcorr.core.store import FeatureStore, FeatureStoreError, read_header
+from fiftyone_sdcorr.dataset.config import FeatureConfig
+from fiftyone_sdcorr.dataset.engine import ParameterError, find_record
+
+logger = logging.getLogger(__name__)
+
+PROJECTION_NAME = "projection"
+#: keywords of the dataset functions that choose the features (device, dtype and batch size do not)
+FEATURE_KEYWORDS = ("sd_model", "dino_model", "preset", "recipe", "pca_dim", "extractor")
+
+
+class OtherSettingsError(FeatureStoreError):
+    """Stored features of another fingerprint than the run's."""
+
+
+class FeatureSource:
+    """Features by sample id; see the module docstring."""
+
+    def __init__(self, samples, features_field: Optional[str], given: Dict[str, Any], batch_size: int = 8):
+        """``given``: the feature keywords of the call (``None`` = not given), plus
+        ``device``, ``dtype``, ``batch_size``, ``store_dir``."""
+        self.samples, self.batch_size = samples, max(1, int(batch_size))
+        run_kw = {k: given.get(k) for k in ("device", "dtype", "batch_size", "store_dir")}
+        explicit = any(given.get(k) is not None for k in FEATURE_KEYWORDS)
+        self.cfg: Optional[FeatureConfig] = FeatureConfig.build(
+            **{k: given.get(k) for k in FEATURE_KEYWORDS}, **run_kw) if explicit else None
+        record = find_record(samples, "compute_fused_features", features_field) if features_field else None
+        self.config_fp: Optional[str] = None
+        if record is not None:
+            self.config_fp = record.get("fingerprint")
+            settings = record.get("settings") or {}
+            if self.cfg is not None and self.cfg.fingerprint() != self.config_fp:
+                raise ParameterError(
+                    f"the features in {features_field!r} were computed with other settings "
+                    f"({_diff(settings, self.cfg.settings())}); give the same models and recipe, or none "
+                    "to use the stored ones, or compute features with these settings into another "
+                    "features_field")
+            if self.cfg is None and settings.get("extractor") == "sd+dinov2":
+                self.cfg = FeatureConfig.from_settings(settings, **run_kw)
+        elif self.cfg is None:
+            self.cfg = FeatureConfig.build(**run_kw)
+        self.file_fp: Optional[str] = None  # the one fingerprint this source hands out
+        self._extractor = None
+        self._store: Optional[FeatureStore] = None
+        self.projection: Optional[FixedProjection] = None
+        self.notes: List[str] = []  # what changes the result, for the run's warnings
+
+    def locate(self, stored_paths) -> None:
+        """The store namespace (and so the projection) of the stored features, found from
+        any stored path, before anything is described."""
+        first = next((p for p in stored_paths if p), None)
+        if first and self._store is None:
+            self._store = FeatureStore(Path(first).parent.parent)
+
+    # ---- stored features
+    def load_stored(self, path: str) -> FusedFeatures:
+        md, size_ok = read_header(Path(path))
+        if not size_ok:
+            raise FeatureStoreError(f"truncated feature file {path} (its size differs from its header)")
+        self._accept(md.get("fingerprint", ""), f"stored features {path}")
+        if self._store is None:  # the namespace of the stored files holds their projection
+            self._store = FeatureStore(Path(path).parent.parent)
+        return self._store.load(path)
+
+    def _accept(self, fp: str, what: str) -> None:
+        if self.file_fp is None:
+            if self.config_fp is not None and fp.split(":")[0] != self.config_fp:
+                raise OtherSettingsError(f"{what} were computed with other settings (fingerprint {fp or 'none'}, "
+                                        f"expected {self.config_fp})")
+            self.file_fp = fp
+        elif fp != self.file_fp:
+            raise OtherSettingsError(f"{what} were computed with other settings (fingerprint {fp or 'none'}) than "
+                                    f"the other samples' ({self.file_fp}); recompute them with compute_fused_features")
+
+    # ---- computed features
+    @property
+    def extractor(self):
+        if self._extractor is None:
+            if self.cfg is None:
+                raise ParameterError("no stored features for this sample, and the extractor that computed the "
+                                     "stored ones is not known here: pass extractor=")
+            self._extractor = self.cfg.make_extractor()
+        return self._extractor
+
+    def _projection(self, ext) -> Optional[FixedProjection]:
+        if self.projection is None and self._store is not None and self._store.has_tensors(PROJECTION_NAME):
+            tensors, _ = self._store.load_tensors(PROJECTION_NAME)
+            self.projection = FixedProjection.from_state_dict(tensors)
+        return self.projection
+
+    def describe(self, images: List[Any]) -> List[FusedFeatures]:
+        """Fused features of loaded images, with the source's configuration."""
+        if not images:
+            return []
+        ext = self.extractor
+        cfg_fp = self.cfg.fingerprint()
+        if not (callable(getattr(ext, "extract", None)) and hasattr(ext, "recipe")):
+            self._accept(f"{cfg_fp}:-", "computed features")
+            return list(ext.describe(images))
+        raws = ext.extract(images)
+        if self._projection(ext) is None:
+            logger.info("fitting a fixed projection on %d image(s): no stored projection", len(images))
+            self.projection = FixedProjection.fit([r.sd for r in raws], dim=ext.recipe.pca_dim)
+            self.notes.append("no stored projection: features were computed with a projection fitted on the "
+                              "references (run compute_fused_features first for dataset-wide features)")
+        self._accept(f"{cfg_fp}:{self.projection.digest()}", "computed features")
+        return [fuse_raw(r, self.projection, alpha=ext.recipe.alpha, meta=self.cfg.settings()) for r in raws]
+
+    def describe_flipped(self, filepath: str) -> FusedFeatures:
+        from PIL import ImageOps
+
+        return self.describe([ImageOps.mirror(load_image(filepath))])[0]
+
+    def get(self, items: List[Tuple[str, str, Optional[str]]]) -> Dict[str, Union[FusedFeatures, Exception]]:
+        """``(id, filepath, stored path or None)`` -> id -> features, or the error."""
+        out: Dict[str, Union[FusedFeatures, Exception]] = {}
+        todo = []
+        for sid, fp, stored in items:
+            if stored:
+                try:
+                    out[sid] = self.load_stored(stored)
+                    continue
+                except OtherSettingsError as e:
+                    out[sid] = e
+                    continue
+                except FeatureStoreError as e:
+                    logger.warning("stored features of %s unusable (%s); recomputing", sid, e)
+            todo.append((sid, fp))
+        images = []
+        for sid, fp in todo:
+            try:
+                if fom.get_media_type(fp) != fom.IMAGE:
+                    raise ValueError(f"{fp} is not an image (media type {fom.get_media_type(fp)!r})")
+                images.append((sid, load_image(fp)))
+            except Exception as e:  # noqa: BLE001
+                out[sid] = e
+        for start in range(0, len(images), self.batch_size):
+            chunk = images[start:start + self.batch_size]
+            try:
+                out.update(zip([sid for sid, _ in chunk], self.describe([im for _, im in chunk])))
+            except Exception:  # noqa: BLE001 -- isolate the failing image
+                for sid, im in chunk:
+                    try:
+                        out[sid] = self.describe([im])[0]
+                    except Exception as e:  # noqa: BLE001
+                        out[sid] = e
+        return out
+
+
+def _diff(have: dict, want: dict) -> str:
+    keys = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+    return ", ".join(f"{k}: stored {have.get(k)!r} vs given {want.get(k)!r}" for k in keys) or "fingerprint differs"
+
+
+__all__ = ["FeatureSource", "OtherSettingsError", "FEATURE_KEYWORDS"]

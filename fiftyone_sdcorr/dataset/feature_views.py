@@ -1,0 +1,241 @@
+"""Feature views as FiftyOne labels the App can overlay on the samples.
+
+- :func:`write_feature_pca`: the first three principal components of each sample's stored
+  fused features as an RGB colour mask (``fo.Segmentation`` with an RGB PNG on disk). The
+  PCA is fitted once on the tokens of (a subset of) the collection, so the same part has
+  the same colour on every sample (the paper's PCA figures, dataset-wide).
+- :func:`write_similarity_heatmaps`: the cosine similarity of one point of a reference
+  sample to every location of each sample, as an ``fo.Heatmap`` (8-bit PNG on disk,
+  ``range=[0, 255]`` for cosine ``0..1``): where does "this part" appear in every image.
+
+Both read the dense features stored by ``compute_fused_features`` (a path in
+``features_field``, all of one fingerprint); samples without features are skipped and
+reported. The images go to ``output_dir``, by default beside the feature store in use:
+``<store namespace>/_views/<output_field>/<sample id>.png`` (the field name is checked as
+a FiftyOne field name first, so it never leads outside that folder). Masks are written
+at the downsampled size the panel uses (long side at most ``max_side``); FiftyOne stretches
+them over the image, and the resampling goes through the letterbox, so they line up.
+Speaks FiftyOne (layer 4); the pictures come from :mod:`fiftyone_sdcorr.core.visualize`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import numpy as np
+from PIL import Image
+
+import fiftyone as fo
+
+from fiftyone_sdcorr.core import visualize as vis
+from fiftyone_sdcorr.dataset.config import ViewConfig
+from fiftyone_sdcorr.dataset.engine import (
+    ParameterError,
+    Run,
+    RunSummary,
+    check_float,
+    declare_outputs,
+    guard_outputs,
+    image_collection,
+    require_field,
+)
+from fiftyone_sdcorr.dataset.feature_source import FeatureSource
+from fiftyone_sdcorr.dataset.progress import ProgressArg
+
+VIEWS_DIR = "_views"
+
+
+def write_feature_pca(
+    samples,
+    output_field: str = "sdcorr_pca",
+    *,
+    features_field: str = ViewConfig.features_field,
+    output_dir: Optional[str] = ViewConfig.output_dir,
+    fit_samples: int = ViewConfig.fit_samples,
+    max_side: int = ViewConfig.max_side,
+    overwrite: bool = False,
+    progress: ProgressArg = True,
+) -> RunSummary:
+    """Writes the PCA colours of each sample's fused features as an RGB ``fo.Segmentation``.
+
+    Args:
+        samples: a dataset or view.
+        output_field: the ``fo.Segmentation`` field to write (``mask_path`` to an RGB PNG).
+        features_field: the field holding each sample's stored dense features.
+        output_dir: where the PNGs go (default: beside the feature store in use).
+        fit_samples: the PCA is fitted on at most this many samples (evenly spaced).
+        max_side: long side of the written masks.
+        overwrite: replace an existing ``output_field``.
+        progress: True/False (progress bar) or ``callable(fraction, label)``.
+
+    Returns:
+        a :class:`RunSummary`: ``written``, ``failed``, ``errors`` (sample id -> reason),
+        ``output_field``, ``output_dir``.
+    """
+    # 1. check every parameter and field before anything is written
+    cfg = ViewConfig(output_field, features_field, output_dir, fit_samples, max_side, overwrite)
+    items, source = _stored_features(samples, cfg, "segmentation")
+    # 2. one PCA for the whole view
+    summary = RunSummary("write_feature_pca", ("written",), output_field=output_field)
+    have = [(sid, p) for sid, p in items if p]
+    step = max(1, len(have) // cfg.fit_samples)
+    fitted = []
+    for sid, p in have[::step][:cfg.fit_samples]:
+        try:
+            fitted.append(source.load_stored(p))
+        except Exception as e:  # noqa: BLE001 (recorded per sample below)
+            summary.warn(f"{sid}: cannot read features for the PCA fit: {e}")
+    if not fitted:
+        raise ParameterError(f"parameter 'features_field': no readable stored features in {features_field!r}")
+    pca = vis.fit_pca_colors(fitted)
+    # 3. one colour image per sample
+    out_dir = _output_dir(cfg, have[0][1], summary)
+    with Run(samples, summary, len(items), progress, "PCA") as run:
+        declare_outputs(samples, {"output_field": (output_field, "segmentation")})
+        labels = {}
+        for sid, p in items:
+            try:
+                fused = _load(source, p)
+                w, h = vis.display_size(fused.letterbox.width, fused.letterbox.height, cfg.max_side)
+                rgb = vis.token_map_to_image(pca.apply(fused).astype(np.float32), fused, w, h)
+                labels[sid] = fo.Segmentation(mask_path=_save_png(out_dir, sid, rgb.round().clip(0, 255)))
+                summary.add("written")
+            except Exception as e:  # noqa: BLE001
+                run.fail(sid, str(e))
+            run.step(1)
+        run.write(output_field, labels)
+    return summary
+
+
+def write_similarity_heatmaps(
+    samples,
+    reference_id: str,
+    point: Optional[Sequence[float]] = None,
+    *,
+    keypoints_field: Optional[str] = None,
+    keypoint: Union[int, str, None] = None,
+    output_field: str = "sdcorr_heatmap",
+    features_field: str = ViewConfig.features_field,
+    output_dir: Optional[str] = ViewConfig.output_dir,
+    max_side: int = ViewConfig.max_side,
+    overwrite: bool = False,
+    progress: ProgressArg = True,
+) -> RunSummary:
+    """Writes, for each sample, the similarity of one reference point to every location.
+
+    The point is ``point`` (normalised ``(x, y)`` in the reference image) or keypoint
+    ``keypoint`` (an index, or a label of the dataset's skeleton for ``keypoints_field``) of
+    the first ``fo.Keypoint`` in the reference's ``keypoints_field``. Each sample gets an
+    ``fo.Heatmap`` (8-bit PNG, ``range=[0, 255]``: cosine similarity ``0..1``; negative
+    values are 0).
+
+    Returns:
+        a :class:`RunSummary`: ``written``, ``failed``, ``errors``, ``point``,
+        ``output_field``, ``output_dir``.
+    """
+    # 1. check every parameter and field before anything is written
+    cfg = ViewConfig(output_field, features_field, output_dir, ViewConfig.fit_samples, max_side, overwrite)
+    items, source = _stored_features(samples, cfg, "heatmap")
+    ref = _reference(samples, reference_id, features_field)
+    x, y = _reference_point(samples, ref, point, keypoints_field, keypoint)
+    src = source.load_stored(ref[features_field])
+    # 2. one heat map per sample
+    summary = RunSummary("write_similarity_heatmaps", ("written",), output_field=output_field, point=[x, y])
+    out_dir = _output_dir(cfg, ref[features_field], summary)
+    with Run(samples, summary, len(items), progress, "Heat maps") as run:
+        declare_outputs(samples, {"output_field": (output_field, "heatmap")})
+        labels = {}
+        for sid, p in items:
+            try:
+                tgt = _load(source, p)
+                heat = vis.similarity_map(src, tgt, (x, y))
+                w, h = vis.display_size(tgt.letterbox.width, tgt.letterbox.height, cfg.max_side)
+                up = vis.token_map_to_image(np.nan_to_num(heat, nan=0.0), tgt, w, h)
+                labels[sid] = fo.Heatmap(map_path=_save_png(out_dir, sid, np.clip(up, 0.0, 1.0) * 255),
+                                         range=[0, 255])
+                summary.add("written")
+            except Exception as e:  # noqa: BLE001
+                run.fail(sid, str(e))
+            run.step(1)
+        run.write(output_field, labels)
+    return summary
+
+
+# --------------------------------------------------------------------------- steps
+def _stored_features(samples, cfg: ViewConfig, kind: str):
+    """Checks the fields; ``[(id, stored path or None)]`` and a source that accepts one
+    fingerprint."""
+    image_collection(samples)
+    require_field(samples, "features_field", cfg.features_field, "string")
+    guard_outputs(samples, {"output_field": (cfg.output_field, kind)}, [cfg.features_field], cfg.overwrite)
+    ids, paths = samples.values(["id", cfg.features_field])
+    if not any(paths):
+        raise ParameterError(f"parameter 'features_field': no sample has stored features in {cfg.features_field!r}; "
+                             "run compute_fused_features first")
+    return list(zip(ids, paths)), FeatureSource(samples, cfg.features_field, {})
+
+
+def _load(source: FeatureSource, path):
+    if not path:
+        raise ValueError("no stored features (run compute_fused_features on this sample)")
+    return source.load_stored(path)
+
+
+def _reference(samples, reference_id, features_field):
+    if not isinstance(reference_id, str) or not reference_id:
+        raise ParameterError(f"parameter 'reference_id' must be a sample id, got {reference_id!r}")
+    try:
+        ref = samples._root_dataset[reference_id]
+    except (KeyError, ValueError, Exception):  # noqa: BLE001 -- FiftyOne raises several kinds
+        raise ParameterError(f"parameter 'reference_id': no sample {reference_id!r} in the dataset") from None
+    if not ref[features_field]:
+        raise ParameterError(f"parameter 'reference_id': sample {reference_id} has no stored features in "
+                             f"{features_field!r}")
+    return ref
+
+
+def _reference_point(samples, ref, point, keypoints_field, keypoint):
+    root = samples._root_dataset
+    if point is None:
+        if not keypoints_field or keypoint is None:
+            raise ParameterError("give point=(x, y), or keypoints_field and keypoint")
+        require_field(samples, "keypoints_field", keypoints_field, "keypoints")
+        kps = ref[keypoints_field]
+        if kps is None or not kps.keypoints:
+            raise ParameterError(f"parameter 'keypoints_field': the reference has no keypoints in {keypoints_field!r}")
+        index = keypoint
+        if isinstance(keypoint, str):
+            sk = (root.skeletons or {}).get(keypoints_field) or root.default_skeleton
+            labels = list(getattr(sk, "labels", None) or [])
+            if keypoint not in labels:
+                raise ParameterError(f"parameter 'keypoint': {keypoint!r} is not a skeleton label ({labels})")
+            index = labels.index(keypoint)
+        pts = kps.keypoints[0].points
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(pts):
+            raise ParameterError(f"parameter 'keypoint': index {index!r} outside 0..{len(pts) - 1}")
+        point = pts[index]
+    try:
+        x, y = point
+    except (TypeError, ValueError):
+        raise ParameterError(f"parameter 'point' must be (x, y), got {point!r}") from None
+    return (check_float("point x", x, lo=0.0, hi=1.0), check_float("point y", y, lo=0.0, hi=1.0))
+
+
+def _output_dir(cfg: ViewConfig, stored_path: str, summary) -> Path:
+    """``output_dir``, or ``<store namespace>/_views/<output_field>`` beside the store in use."""
+    base = Path(os.path.expanduser(cfg.output_dir)) if cfg.output_dir else \
+        Path(stored_path).parent.parent / VIEWS_DIR / cfg.output_field
+    base.mkdir(parents=True, exist_ok=True)
+    summary["output_dir"] = str(base)
+    return base
+
+
+def _save_png(out_dir: Path, sid: str, array: np.ndarray) -> str:
+    path = out_dir / f"{sid}.png"
+    Image.fromarray(np.asarray(array).round().astype(np.uint8)).save(path)
+    return str(path)
+
+
+__all__ = ["write_feature_pca", "write_similarity_heatmaps", "VIEWS_DIR"]

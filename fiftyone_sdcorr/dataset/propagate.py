@@ -1,0 +1,174 @@
+"""``propagate_keypoints``: annotated references -> predicted ``fo.Keypoints`` on targets.
+
+- **Output**: a NEW ``fo.Keypoints`` field ``output_field`` on the targets (an existing
+  field only with ``overwrite=True``; never an input field); per-sample problems in
+  ``<output_field>_error`` (``None`` when there was none).
+- **Predicted keypoints**: each predicted ``fo.Keypoint`` keeps the reference instance's
+  ``label`` and point order; ``confidence`` per point in ``[0, 1]``
+  (``clamp(cosine, 0, 1) * exp(-(cycle_error / 2)^2)``); points below
+  ``visibility_threshold`` are ``[nan, nan]``. Attributes ``sdcorr_reference_id``,
+  ``sdcorr_reference_ids`` (per point), ``sdcorr_similarity``, ``sdcorr_instance``,
+  ``sdcorr_flipped``.
+- **References and matching rules**: :mod:`fiftyone_sdcorr.dataset.matching`.
+- **Features**: :mod:`fiftyone_sdcorr.dataset.feature_source` (stored ones of one
+  fingerprint; missing ones computed with the same configuration).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Dict, Optional
+
+import fiftyone as fo
+
+from fiftyone_sdcorr.dataset.config import MatchConfig, PropagationConfig
+from fiftyone_sdcorr.dataset.engine import (
+    ParameterError,
+    Run,
+    RunSummary,
+    declare_outputs,
+    guard_outputs,
+    image_collection,
+    reason,
+    require_field,
+    values_or_none,
+)
+from fiftyone_sdcorr.dataset.matching import prepare_matching, resolve_references, to_keypoints, unit_vector
+from fiftyone_sdcorr.dataset.progress import ProgressArg
+
+FUNCTION = "propagate_keypoints"
+DEFAULT_VISIBILITY_THRESHOLD = PropagationConfig.visibility_threshold
+
+
+def propagate_keypoints(
+    targets,
+    references,
+    source_field: str,
+    output_field: str,
+    *,
+    extractor=None,
+    sd_model=None,
+    dino_model=None,
+    device=None,
+    dtype=None,
+    batch_size: Optional[int] = None,
+    preset: Optional[str] = None,
+    recipe: Optional[dict] = None,
+    pca_dim: Optional[int] = None,
+    store_dir=None,
+    features_field: Optional[str] = PropagationConfig.features_field,
+    embedding_field: Optional[str] = PropagationConfig.embedding_field,
+    visibility_threshold: float = PropagationConfig.visibility_threshold,
+    soft_argmax: bool = MatchConfig.soft_argmax,
+    soft_window: int = MatchConfig.soft_window,
+    temperature: float = MatchConfig.temperature,
+    flip: bool = MatchConfig.flip,
+    flip_pairs=None,
+    combine: str = MatchConfig.combine,
+    top_k: int = MatchConfig.top_k,
+    overwrite: bool = False,
+    progress: ProgressArg = True,
+) -> RunSummary:
+    """Propagates keypoints from annotated references to every target sample.
+
+    Args:
+        targets: a dataset or view of the samples to label.
+        references: a view, a list of sample ids, or a sample tag; samples carrying
+            ``fo.Keypoints`` in ``source_field``.
+        source_field: the references' keypoints field (never written).
+        output_field: the NEW ``fo.Keypoints`` field for the predictions.
+        extractor, sd_model, dino_model, preset, recipe, pca_dim: the features, only where
+            they must be computed; by default the configuration recorded on
+            ``features_field`` by ``compute_fused_features`` (given ones must match it).
+        device, dtype, batch_size, store_dir: how missing features are computed.
+        features_field, embedding_field: stored dense features and global vectors.
+        visibility_threshold: points with confidence below it become ``[nan, nan]``.
+        soft_argmax, soft_window, temperature: window soft-argmax refinement.
+        flip, flip_pairs: flip alignment (pairs by index or skeleton label; default: from
+            the skeleton's ``left_*``/``right_*`` labels).
+        combine, top_k: ``"best"`` or ``"per_point"`` over the ``top_k`` most similar.
+        overwrite: allow writing to an existing ``output_field``.
+        progress: True/False (progress bar) or ``callable(fraction, label)``.
+
+    Returns:
+        a :class:`RunSummary`: ``targets``, ``predicted``, ``failed``, ``errors``,
+        ``warnings``, ``references_used``, ``output_field``, ``error_field``,
+        ``flip_pairs``, ``seconds_matching``.
+    """
+    # 1. check every parameter and field before anything loads or is written
+    cfg = PropagationConfig(
+        source_field, output_field, features_field, embedding_field, visibility_threshold,
+        batch_size or PropagationConfig.batch_size, overwrite,
+        MatchConfig(combine, top_k, soft_argmax, soft_window, temperature, flip, flip_pairs))
+    given = dict(extractor=extractor, sd_model=sd_model, dino_model=dino_model, preset=preset, recipe=recipe,
+                 pca_dim=pca_dim, device=device, dtype=dtype, batch_size=batch_size, store_dir=store_dir)
+    ref_view = check_propagation(targets, references, cfg)
+    # 2. references and their features (the models load only if features must be computed)
+    summary = RunSummary(FUNCTION, ("targets", "predicted"), output_field=cfg.output_field,
+                         error_field=cfg.error_field, combine=cfg.match.combine)
+    ids, fps = targets.values("id"), targets.values("filepath")
+    stored = values_or_none(targets, cfg.features_field, len(ids))
+    embs = values_or_none(targets, cfg.embedding_field, len(ids))
+    engine, source, problems = prepare_matching(targets, ref_view, source_field, cfg, given, summary, stored)
+    # 3. predict batch by batch, write in bulk, record problems per sample
+    summary["targets"], summary["seconds_matching"] = len(ids), 0.0
+    with Run(targets, summary, len(ids), progress, "propagating", cfg.error_field) as run:
+        declare_outputs(targets, _outputs(cfg))
+        for batch in run.batches(list(zip(ids, fps, stored, embs)), cfg.batch_size):
+            feats = source.get([(sid, fp, st) for sid, fp, st, _ in batch])
+            values: Dict[str, Optional[fo.Keypoints]] = {}
+            for sid, _, _, emb in batch:
+                values[sid] = _predict(engine, cfg, sid, feats.get(sid), emb, problems, run)
+            run.write(cfg.output_field, values)
+            run.flush_errors()
+            run.step(len(batch))
+        target_ids = set(ids)
+        for sid, msgs in problems.items():  # problems of references that are not targets
+            if sid not in target_ids:
+                run.note(sid, "; ".join(msgs))
+    return summary
+
+
+def check_propagation(targets, references, cfg: PropagationConfig):
+    """Fields and views of a propagation, checked before anything is written; the
+    references' view."""
+    image_collection(targets)
+    require_field(targets, "source_field", cfg.source_field, "keypoints")
+    for param, kind in (("features_field", "string"), ("embedding_field", "vector")):
+        name = getattr(cfg, param)
+        if name and targets._root_dataset.has_sample_field(name):
+            require_field(targets, param, name, kind)
+    guard_outputs(targets, _outputs(cfg), [cfg.source_field, cfg.features_field, cfg.embedding_field],
+                  cfg.overwrite)
+    if len(targets) == 0:
+        raise ParameterError("the targets are empty: no sample to propagate to")
+    return resolve_references(targets, references)
+
+
+def _outputs(cfg) -> dict:
+    return {"output_field": (cfg.output_field, "keypoints"),
+            "output_field (its error field)": (cfg.error_field, "string")}
+
+
+def _predict(engine, cfg, sid, features, emb, problems, run: Run) -> Optional[fo.Keypoints]:
+    """One target's prediction, or None with the failure recorded."""
+    msgs = list(problems.get(sid, []))
+    if features is None or isinstance(features, Exception):
+        run.fail(sid, "; ".join(msgs + [f"target: {reason(features) if features is not None else 'no features'}"]))
+        return None
+    try:
+        t0 = time.perf_counter()
+        preds = engine.predict(features, unit_vector(emb))
+        run.summary["seconds_matching"] += time.perf_counter() - t0
+    except Exception as e:  # noqa: BLE001
+        run.fail(sid, "; ".join(msgs + [f"target: {reason(e)}"]))
+        return None
+    run.summary.add("predicted")
+    if msgs:
+        run.note(sid, "; ".join(msgs))
+    else:
+        run.ok(sid)
+    return to_keypoints(preds, cfg.visibility_threshold)
+
+
+__all__ = ["propagate_keypoints", "check_propagation", "DEFAULT_VISIBILITY_THRESHOLD", "FUNCTION"]

@@ -1,0 +1,237 @@
+"""Annotation review: flag keypoint annotations that disagree with the correspondence evidence.
+
+For every annotated sample, each of its ground-truth points is predicted from the OTHER
+annotated references (leave-one-out, with the propagation engine of
+:mod:`fiftyone_sdcorr.dataset.propagate`). A point is **suspicious** when
+
+- it is visible in the annotation and the evidence predicts it (a valid match), and
+- the evidence is confident: ``confidence >= min_confidence``, and
+- the annotation is far from the evidence: ``distance > alpha * T``, with ``T`` the
+  threshold size of :mod:`fiftyone_sdcorr.dataset.evaluate` (the object's box from
+  ``bbox_field``, else the extent of the annotated points; or the image size with
+  ``threshold="image"``).
+
+Ground-truth and predicted instances are paired by label and order (as in evaluation).
+
+Written (the ground-truth field itself is never modified):
+- ``review_field`` (new ``fo.Keypoints``, default ``"sdcorr_review"``): a copy of each
+  reviewed ground-truth instance (same label and points) with per-point attributes
+  ``sdcorr_suspicious`` (True / False; None where the point could not be checked),
+  ``sdcorr_evidence`` (the predicted ``[x, y]``), ``sdcorr_evidence_confidence``,
+  ``sdcorr_distance`` (``distance / T``) and ``sdcorr_reference_ids``;
+- ``<review_field>_error``: per-sample problems (None when there was none);
+- the sample tag ``tag`` (default ``"sdcorr:suspicious"``) on samples with at least one
+  suspicious point.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import numpy as np
+
+import fiftyone as fo
+
+from fiftyone_sdcorr.dataset.config import MatchConfig, ReviewConfig
+from fiftyone_sdcorr.dataset.engine import (
+    ParameterError,
+    Run,
+    RunSummary,
+    declare_outputs,
+    guard_outputs,
+    image_collection,
+    reason,
+    require_field,
+    values_or_none,
+)
+from fiftyone_sdcorr.dataset.matching import prepare_matching, resolve_references, unit_vector
+from fiftyone_sdcorr.dataset.pck import pair_instances, points_of, threshold_size
+from fiftyone_sdcorr.dataset.progress import ProgressArg
+
+FUNCTION = "flag_keypoint_annotations"
+DEFAULT_TAG = ReviewConfig.tag
+
+
+def flag_keypoint_annotations(
+    samples,
+    gt_field: str,
+    *,
+    references=None,
+    tag: Optional[str] = ReviewConfig.tag,
+    review_field: str = ReviewConfig.review_field,
+    alpha: float = ReviewConfig.alpha,
+    min_confidence: float = ReviewConfig.min_confidence,
+    bbox_field: Optional[str] = ReviewConfig.bbox_field,
+    threshold: str = ReviewConfig.threshold,
+    combine: str = "per_point",
+    top_k: int = MatchConfig.top_k,
+    extractor=None,
+    sd_model=None,
+    dino_model=None,
+    device=None,
+    dtype=None,
+    batch_size: Optional[int] = None,
+    preset: Optional[str] = None,
+    recipe: Optional[dict] = None,
+    pca_dim: Optional[int] = None,
+    features_field: Optional[str] = ReviewConfig.features_field,
+    embedding_field: Optional[str] = ReviewConfig.embedding_field,
+    store_dir=None,
+    soft_argmax: bool = MatchConfig.soft_argmax,
+    flip: bool = MatchConfig.flip,
+    flip_pairs=None,
+    overwrite: bool = False,
+    progress: ProgressArg = True,
+) -> RunSummary:
+    """Flags annotated points far from confident leave-one-out correspondence evidence.
+
+    Args:
+        samples: a dataset or view; its samples with keypoints in ``gt_field`` are checked.
+        gt_field: the annotations (``fo.Keypoints``), never written.
+        references: the evidence (view, sample ids or tag); default: the annotated
+            samples of ``samples``. A sample is never its own evidence.
+        tag: sample tag added to samples with a suspicious point (None: no tag).
+        review_field: new ``fo.Keypoints`` field for the per-point review.
+        alpha, min_confidence: the flagging rule (module docstring).
+        bbox_field, threshold: threshold size, as in :func:`evaluate_keypoints`.
+        combine, top_k, soft_argmax, flip, flip_pairs: as in :func:`propagate_keypoints`
+            (``"per_point"`` by default: each point from the most confident of the
+            ``top_k`` most similar references).
+        extractor, sd_model, ..., store_dir: features, as in :func:`propagate_keypoints`.
+        overwrite: allow an existing ``review_field``; the tag is then first removed from
+            the checked samples.
+        progress: True/False or ``callable(fraction, label)``.
+
+    Returns:
+        a :class:`RunSummary`: ``checked``, ``points_checked``, ``flagged_points``,
+        ``flagged_samples`` (ids), ``suspicious`` ({id: [{"instance", "point", "label",
+        "distance", "confidence", "evidence"}]}), ``failed``, ``errors``, ``warnings``,
+        ``review_field``, ``tag``.
+    """
+    # 1. check every parameter and field before anything loads or is written
+    cfg = ReviewConfig(gt_field, review_field, tag, alpha, min_confidence, bbox_field, threshold, features_field,
+                       embedding_field, batch_size or ReviewConfig.batch_size, overwrite,
+                       MatchConfig(combine, top_k, soft_argmax, MatchConfig.soft_window, MatchConfig.temperature,
+                                   flip, flip_pairs))
+    given = dict(extractor=extractor, sd_model=sd_model, dino_model=dino_model, preset=preset, recipe=recipe,
+                 pca_dim=pca_dim, device=device, dtype=dtype, batch_size=batch_size, store_dir=store_dir)
+    annotated, ref_view = check_review(samples, references, cfg)
+    # 2. the evidence: references and their features
+    summary = RunSummary(FUNCTION, ("checked", "points_checked", "flagged_points"), review_field=review_field,
+                         error_field=cfg.error_field, tag=tag, alpha=cfg.alpha, min_confidence=cfg.min_confidence,
+                         suspicious={})
+    ids = annotated.values("id")
+    rows = list(zip(ids, annotated.values("filepath"), annotated.values(gt_field),
+                    values_or_none(annotated, cfg.features_field, len(ids)),
+                    values_or_none(annotated, cfg.embedding_field, len(ids)),
+                    values_or_none(annotated, bbox_field, len(ids))))
+    engine, source, problems = prepare_matching(samples, ref_view, gt_field, cfg, given, summary,
+                                                [r[3] for r in rows])
+    refs = {r.id: r for r in engine.references}
+    # 3. review batch by batch, write in bulk, tag the suspicious samples
+    with Run(samples, summary, len(ids), progress, "reviewing", cfg.error_field) as run:
+        declare_outputs(samples, _outputs(cfg))
+        if cfg.overwrite and cfg.tag:
+            annotated.untag_samples(cfg.tag)
+        for batch in run.batches(rows, cfg.batch_size):
+            need = [(sid, fp, st) for sid, fp, _, st, _, _ in batch if sid not in refs]
+            got = source.get(need) if need else {}
+            values = {}
+            for sid, _, gt, _, emb, box in batch:
+                feat = refs[sid].features if sid in refs else got.get(sid)
+                values[sid] = _review_sample(engine, cfg, sid, gt, feat, emb, box, problems, run)
+            run.write(cfg.review_field, values)
+            run.flush_errors()
+            run.step(len(batch))
+        suspicious = summary["suspicious"]
+        if suspicious and cfg.tag:
+            samples._root_dataset.select(list(suspicious)).tag_samples(cfg.tag)
+    summary["flagged_samples"] = sorted(summary["suspicious"])
+    return summary
+
+
+def check_review(samples, references, cfg: ReviewConfig):
+    """Fields and views of a review, checked before anything is written; the annotated
+    samples and the evidence view."""
+    image_collection(samples)
+    require_field(samples, "gt_field", cfg.gt_field, "keypoints")
+    if cfg.bbox_field is not None:
+        require_field(samples, "bbox_field", cfg.bbox_field, "detections")
+    guard_outputs(samples, _outputs(cfg), [cfg.gt_field, cfg.features_field, cfg.embedding_field, cfg.bbox_field],
+                  cfg.overwrite)
+    annotated = samples.exists(cfg.gt_field)
+    if len(annotated) == 0:
+        raise ParameterError(f"parameter 'gt_field': no sample of the collection has keypoints in {cfg.gt_field!r}")
+    ref_view = annotated if references is None else resolve_references(samples, references)
+    if references is None and len(ref_view) < 2:
+        raise ParameterError("leave-one-out review needs at least 2 annotated samples")
+    return annotated, ref_view
+
+
+def _outputs(cfg) -> dict:
+    return {"review_field": (cfg.review_field, "keypoints"),
+            "review_field (its error field)": (cfg.error_field, "string")}
+
+
+def _review_sample(engine, cfg, sid, gt, feat, emb, box, problems, run: Run) -> Optional[fo.Keypoints]:
+    """The review of one annotated sample, or None with the failure recorded."""
+    msgs = list(problems.get(sid, []))
+    if feat is None or isinstance(feat, Exception):
+        run.fail(sid, "; ".join(msgs + [f"target: {reason(feat) if feat is not None else 'no features'}"]))
+        return None
+    try:
+        preds = engine.predict(feat, unit_vector(emb), exclude=sid)
+    except Exception as e:  # noqa: BLE001
+        run.fail(sid, "; ".join(msgs + [f"target: {reason(e)}"]))
+        return None
+    run.summary.add("checked")
+    w, h = feat.letterbox.width, feat.letterbox.height
+    scale = np.array([w, h], dtype=np.float64)
+    gk = list(gt.keypoints or [])
+    paired = {j: i for i, j in pair_instances([fo.Keypoint(label=p.label) for p in preds], gk)}
+    out = []
+    for j, g_kp in enumerate(gk):
+        i = paired.get(j)
+        if i is None:
+            msgs.append(f"instance {j} ({g_kp.label}): no evidence instance with this label")
+        out.append(_review_instance(cfg, sid, j, g_kp, preds[i] if i is not None else None, scale, box, run))
+    if msgs:
+        run.note(sid, "; ".join(msgs))
+    else:
+        run.ok(sid)
+    return fo.Keypoints(keypoints=out)
+
+
+def _review_instance(cfg, sid, j, g_kp, pred, scale, box, run: Run) -> fo.Keypoint:
+    g_n = points_of(g_kp)
+    k = len(g_n)
+    flags: List[Optional[bool]] = [None] * k
+    evid: List[Optional[list]] = [None] * k
+    confs: List[Optional[float]] = [None] * k
+    dists: List[Optional[float]] = [None] * k
+    rids: List[Optional[str]] = [None] * k
+    T = threshold_size(cfg.threshold, box if cfg.bbox_field else None, g_kp.label, g_n * scale,
+                       int(scale[0]), int(scale[1]))
+    if pred is not None and T:
+        for q in range(min(k, len(pred.points))):
+            if not np.isfinite(g_n[q]).all() or not np.isfinite(pred.points[q]).all():
+                continue
+            d = float(np.linalg.norm((pred.points[q] - g_n[q]) * scale) / T)
+            c = float(pred.confidence[q])
+            flag = bool(c >= cfg.min_confidence and d > cfg.alpha)
+            flags[q], evid[q], confs[q], dists[q], rids[q] = (
+                flag, [float(x) for x in pred.points[q]], c, d, pred.reference_ids[q])
+            run.summary.add("points_checked")
+            if flag:
+                run.summary.add("flagged_points")
+                run.summary["suspicious"].setdefault(sid, []).append({
+                    "instance": j, "point": q, "label": g_kp.label, "distance": d, "confidence": c,
+                    "evidence": evid[q]})
+    return fo.Keypoint(
+        label=g_kp.label, points=[list(map(float, xy)) if xy is not None else None for xy in (g_kp.points or [])],
+        sdcorr_suspicious=flags, sdcorr_evidence=evid, sdcorr_evidence_confidence=confs,
+        sdcorr_distance=dists, sdcorr_reference_ids=rids,
+    )
+
+
+__all__ = ["flag_keypoint_annotations", "check_review", "DEFAULT_TAG", "FUNCTION"]
