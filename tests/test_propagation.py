@@ -359,7 +359,7 @@ def test_refuses_existing_fields_and_empty_views(variants):
             propagate_keypoints(ds, [ref], "gt", "taken", extractor=desc(), progress=False)
         with pytest.raises(ValueError, match="targets are empty"):
             propagate_keypoints(ds.limit(0), [ref], "gt", "p", extractor=desc(), progress=False)
-        with pytest.raises(ValueError, match="references are empty"):
+        with pytest.raises(ValueError, match="references.*selects no sample"):
             propagate_keypoints(ds, ds.limit(0), "gt", "p", extractor=desc(), progress=False)
         with pytest.raises(ValueError, match="no usable reference"):
             propagate_keypoints(ds, [ds.last().id], "gt", "p", extractor=desc(), progress=False)
@@ -460,9 +460,19 @@ def test_stored_and_computed_features_mix(variants, models, tmp_path, caplog):
         assert ds.count("sdcorr_features") == 1
         files_before = sorted(p.name for p in store_dir.rglob("*.safetensors"))
         caplog.clear()  # only what propagation logs counts below
+        before = field_snapshot(ds)
+        with pytest.raises(ValueError, match="pca_dim: stored 8 vs given 256"):  # another recipe: refused
+            propagate_keypoints(ds, [ref.id], "gt", "pred", sd_model=sd, dino_model=dino, device="cpu",
+                                recipe=dict(sd_size=128, sd_mode="whole", dino_size=56), progress=False)
+        assert field_snapshot(ds) == before and not ds.has_sample_field("pred")
+        # the same settings given explicitly, or none (the recorded ones): the same answer
         summary = propagate_keypoints(ds, [ref.id], "gt", "pred", sd_model=sd, dino_model=dino, device="cpu",
-                                      recipe=dict(sd_size=128, sd_mode="whole", dino_size=56),
+                                      recipe=dict(sd_size=128, sd_mode="whole", dino_size=56), pca_dim=8,
                                       visibility_threshold=0.0, progress=False)
+        again = propagate_keypoints(ds, [ref.id], "gt", "pred2", device="cpu", visibility_threshold=0.0,
+                                    progress=False)
+        assert again["predicted"] == 3
+        assert ds.values("pred2.keypoints.points") == ds.values("pred.keypoints.points")
         assert summary["predicted"] == 3 and summary["failed"] == 0, summary["errors"]
         assert "projection" not in caplog.text  # the store's projection was used as is
         assert sorted(p.name for p in store_dir.rglob("*.safetensors")) == files_before

@@ -161,7 +161,7 @@ class FeatureJob:
         image_collection(self.samples)
         if self.cfg.prompt_field is not None:
             require_field(self.samples, "prompt_field", self.cfg.prompt_field, "label")
-        guard_outputs(self.samples, self.outputs, [self.cfg.prompt_field], self.overwrite, self.record)
+        guard_outputs(self.samples, self.outputs, {"prompt_field": self.cfg.prompt_field}, self.overwrite, self.record)
 
     # ---- 2. store
     def open_store(self) -> None:

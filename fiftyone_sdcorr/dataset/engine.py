@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence
 
 import fiftyone as fo
 import fiftyone.core.media as fom
@@ -119,12 +119,12 @@ def declare(kind: str, dataset, name: str) -> None:
             raise
 
 
-def guard_outputs(samples, outputs: Mapping[str, tuple], inputs: Iterable[Optional[str]], overwrite: bool,
+def guard_outputs(samples, outputs: Mapping[str, tuple], inputs: Mapping[str, Optional[str]], overwrite: bool,
                   record: Optional["Record"] = None) -> None:
     """Checks every output before anything is written.
 
     ``outputs``: ``{param: (field name, kind)}``. Each name is a valid field name, all are
-    distinct and none is an input field. A field that exists must hold ``kind``, and is
+    distinct and none is an input field (``inputs``: ``{param: field name}``). A field that exists must hold ``kind``, and is
     written only with ``overwrite=True`` or when ``record`` (this function's record of the
     same fields) says it was written with the same settings (a resume).
     """
@@ -135,10 +135,11 @@ def guard_outputs(samples, outputs: Mapping[str, tuple], inputs: Iterable[Option
         if name in names:
             raise ParameterError(f"parameters {names[name]!r} and {param!r} name the same field {name!r}")
         names[name] = param
-    for name in inputs:
+    for in_param, name in inputs.items():
         if name and name in names:
             raise ParameterError(
-                f"parameter {names[name]!r}: {name!r} is an input of this run; choose another output field"
+                f"parameter {names[name]!r}: {name!r} is the {in_param} of this run (an input, never written); "
+                "choose another output field"
             )
     for param, (name, kind) in outputs.items():
         if not root.has_sample_field(name):
@@ -157,6 +158,11 @@ def guard_outputs(samples, outputs: Mapping[str, tuple], inputs: Iterable[Option
         raise ParameterError(
             f"parameter {param!r}: field {name!r} {why}; choose a new field name or pass overwrite=True"
         )
+
+
+def inputs_of(cfg, *params: str) -> Dict[str, Optional[str]]:
+    """``{param: field name}`` of a config's input fields, for :func:`guard_outputs`."""
+    return {p: getattr(cfg, p) for p in params}
 
 
 def declare_outputs(samples, outputs: Mapping[str, tuple]) -> None:
@@ -209,12 +215,19 @@ class Record:
         return f"holds values of {self.function} with other settings ({diff or 'fingerprint differs'})"
 
     def write(self, fields: Sequence[str]) -> None:
-        cfg = self.dataset.init_run(function=self.function, settings=self.settings,
-                                    fingerprint=self.fingerprint, fields=list(fields))
+        """Records the settings on the fields (a no-op when the same record is there, so
+        concurrent workers of one configuration do not race on it)."""
+        want = {"function": self.function, "settings": self.settings, "fingerprint": self.fingerprint,
+                "fields": list(fields)}
+        if self.stored == want:
+            return
+        cfg = self.dataset.init_run(**want)
         try:
             self.dataset.register_run(self.key, cfg, overwrite=True, cleanup=False)
-        except Exception:  # noqa: BLE001 -- a concurrent worker registered it
-            self.dataset.update_run_config(self.key, cfg)
+        except Exception:  # noqa: BLE001 -- a concurrent worker registered it meanwhile
+            self.stored = self.read()
+            if self.stored != want:
+                self.dataset.update_run_config(self.key, cfg)
         self.stored = self.read()
 
 
@@ -327,6 +340,6 @@ def reason(e: BaseException) -> str:
 __all__ = [
     "ParameterError", "check_int", "check_float", "check_bool", "check_choice", "check_str",
     "check_floats", "check_field_name", "require_field", "guard_outputs", "declare_outputs",
-    "image_collection", "Record", "find_record", "RunSummary", "Run", "values_or_none", "reason",
+    "image_collection", "inputs_of", "Record", "find_record", "RunSummary", "Run", "values_or_none", "reason",
     "MAX_SUMMARY_ERRORS", "BUILTIN_FIELDS",
 ]

@@ -169,7 +169,7 @@ def _stored_features(samples, cfg: ViewConfig, kind: str):
     fingerprint."""
     image_collection(samples)
     require_field(samples, "features_field", cfg.features_field, "string")
-    guard_outputs(samples, {"output_field": (cfg.output_field, kind)}, [cfg.features_field], cfg.overwrite)
+    guard_outputs(samples, {"output_field": (cfg.output_field, kind)}, {"features_field": cfg.features_field}, cfg.overwrite)
     ids, paths = samples.values(["id", cfg.features_field])
     if not any(paths):
         raise ParameterError(f"parameter 'features_field': no sample has stored features in {cfg.features_field!r}; "

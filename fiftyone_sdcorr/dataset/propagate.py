@@ -29,6 +29,7 @@ from fiftyone_sdcorr.dataset.engine import (
     declare_outputs,
     guard_outputs,
     image_collection,
+    inputs_of as _inputs,
     reason,
     require_field,
     values_or_none,
@@ -138,7 +139,7 @@ def check_propagation(targets, references, cfg: PropagationConfig):
         name = getattr(cfg, param)
         if name and targets._root_dataset.has_sample_field(name):
             require_field(targets, param, name, kind)
-    guard_outputs(targets, _outputs(cfg), [cfg.source_field, cfg.features_field, cfg.embedding_field],
+    guard_outputs(targets, _outputs(cfg), _inputs(cfg, "source_field", "features_field", "embedding_field"),
                   cfg.overwrite)
     if len(targets) == 0:
         raise ParameterError("the targets are empty: no sample to propagate to")

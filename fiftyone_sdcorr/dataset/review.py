@@ -40,6 +40,7 @@ from fiftyone_sdcorr.dataset.engine import (
     declare_outputs,
     guard_outputs,
     image_collection,
+    inputs_of as _inputs,
     reason,
     require_field,
     values_or_none,
@@ -157,7 +158,7 @@ def check_review(samples, references, cfg: ReviewConfig):
     require_field(samples, "gt_field", cfg.gt_field, "keypoints")
     if cfg.bbox_field is not None:
         require_field(samples, "bbox_field", cfg.bbox_field, "detections")
-    guard_outputs(samples, _outputs(cfg), [cfg.gt_field, cfg.features_field, cfg.embedding_field, cfg.bbox_field],
+    guard_outputs(samples, _outputs(cfg), _inputs(cfg, "gt_field", "features_field", "embedding_field", "bbox_field"),
                   cfg.overwrite)
     annotated = samples.exists(cfg.gt_field)
     if len(annotated) == 0:

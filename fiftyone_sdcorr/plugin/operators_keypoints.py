@@ -203,6 +203,9 @@ class EvaluateKeypoints(foo.Operator):
     def __call__(self, sample_collection, pred_field, gt_field, *, delegate=False, delegation_target=None,
                  **kwargs):
         """Runs the operator from Python; keywords as in :func:`fiftyone_sdcorr.evaluate_keypoints`."""
+        alphas = kwargs.get("alphas")
+        if alphas is not None and not isinstance(alphas, str):  # the form's type: comma-separated text
+            kwargs["alphas"] = ", ".join(str(a) for a in alphas) if isinstance(alphas, (list, tuple)) else alphas
         return common.call_operator(self, sample_collection, delegate, delegation_target, pred_field=pred_field,
                                     gt_field=gt_field, **kwargs)
 
