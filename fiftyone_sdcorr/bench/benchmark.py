@@ -156,7 +156,7 @@ def build_full_models(root=None, init_device=None, seed: int = 0, quiet: bool = 
     from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, Dinov2Config, Dinov2Model
 
-    from fiftyone_sdcorr.core.tiny import _clip_tokenizer_files, write_model_index
+    from fiftyone_sdcorr.core.tiny import clip_tokenizer_files, write_model_index
 
     root = Path(root) if root is not None else default_models_dir()
     sd_dir, dino_dir = root / "sd15", root / "dinov2-base"
@@ -176,7 +176,7 @@ def build_full_models(root=None, init_device=None, seed: int = 0, quiet: bool = 
         vae = AutoencoderKL.from_config(load_config("sd15_vae"))
         vae.save_pretrained(str(sd_dir / "vae"), safe_serialization=True)
         del vae
-        vocab = _clip_tokenizer_files(sd_dir / "tokenizer")
+        vocab = clip_tokenizer_files(sd_dir / "tokenizer")
         tok = CLIPTokenizer(
             str(sd_dir / "tokenizer" / "vocab.json"), str(sd_dir / "tokenizer" / "merges.txt"), model_max_length=77
         )

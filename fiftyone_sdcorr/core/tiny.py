@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 
-def _clip_tokenizer_files(path: Path):
+def clip_tokenizer_files(path: Path):
     # byte-level BPE alphabet: printable bytes map to themselves, the rest to 256 + i
     printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
     extra = [b for b in range(256) if b not in printable]
@@ -80,7 +80,7 @@ def build_tiny_sd(path, seed: int = 0) -> str:
         norm_num_groups=8,
         sample_size=512,
     )
-    vocab_size = _clip_tokenizer_files(path / "tokenizer")
+    vocab_size = clip_tokenizer_files(path / "tokenizer")
     tok = CLIPTokenizer(
         str(path / "tokenizer" / "vocab.json"), str(path / "tokenizer" / "merges.txt"), model_max_length=77
     )

@@ -17,7 +17,7 @@
 from __future__ import annotations
 
 import time
-from typing import Dict, Optional
+from typing import Optional
 
 import fiftyone as fo
 
@@ -47,14 +47,8 @@ def propagate_keypoints(
     source_field: str,
     output_field: str,
     *,
-    extractor=None,
-    sd_model=None,
-    dino_model=None,
-    device=None,
-    dtype=None,
-    batch_size: Optional[int] = None,
-    preset: Optional[str] = None,
-    recipe: Optional[dict] = None,
+    extractor=None, sd_model=None, dino_model=None, device=None, dtype=None,  # the features (FeatureConfig)
+    batch_size: Optional[int] = None, preset: Optional[str] = None, recipe: Optional[dict] = None,
     pca_dim: Optional[int] = None,
     store_dir=None,
     features_field: Optional[str] = PropagationConfig.features_field,
@@ -117,16 +111,12 @@ def propagate_keypoints(
         declare_outputs(targets, _outputs(cfg))
         for batch in run.batches(list(zip(ids, fps, stored, embs)), cfg.batch_size):
             feats = source.get([(sid, fp, st) for sid, fp, st, _ in batch])
-            values: Dict[str, Optional[fo.Keypoints]] = {}
-            for sid, _, _, emb in batch:
-                values[sid] = _predict(engine, cfg, sid, feats.get(sid), emb, problems, run)
-            run.write(cfg.output_field, values)
+            run.write(cfg.output_field, {sid: _predict(engine, cfg, sid, feats.get(sid), emb, problems, run)
+                                         for sid, _, _, emb in batch})
             run.flush_errors()
             run.step(len(batch))
-        target_ids = set(ids)
-        for sid, msgs in problems.items():  # problems of references that are not targets
-            if sid not in target_ids:
-                run.note(sid, "; ".join(msgs))
+        for sid in set(problems) - set(ids):  # problems of references that are not targets
+            run.note(sid, "; ".join(problems[sid]))
     return summary
 
 

@@ -66,14 +66,8 @@ def flag_keypoint_annotations(
     threshold: str = ReviewConfig.threshold,
     combine: str = "per_point",
     top_k: int = MatchConfig.top_k,
-    extractor=None,
-    sd_model=None,
-    dino_model=None,
-    device=None,
-    dtype=None,
-    batch_size: Optional[int] = None,
-    preset: Optional[str] = None,
-    recipe: Optional[dict] = None,
+    extractor=None, sd_model=None, dino_model=None, device=None, dtype=None,  # the features (FeatureConfig)
+    batch_size: Optional[int] = None, preset: Optional[str] = None, recipe: Optional[dict] = None,
     pca_dim: Optional[int] = None,
     features_field: Optional[str] = ReviewConfig.features_field,
     embedding_field: Optional[str] = ReviewConfig.embedding_field,
@@ -95,19 +89,16 @@ def flag_keypoint_annotations(
         review_field: new ``fo.Keypoints`` field for the per-point review.
         alpha, min_confidence: the flagging rule (module docstring).
         bbox_field, threshold: threshold size, as in :func:`evaluate_keypoints`.
-        combine, top_k, soft_argmax, flip, flip_pairs: as in :func:`propagate_keypoints`
-            (``"per_point"`` by default: each point from the most confident of the
-            ``top_k`` most similar references).
-        extractor, sd_model, ..., store_dir: features, as in :func:`propagate_keypoints`.
-        overwrite: allow an existing ``review_field``; the tag is then first removed from
-            the checked samples.
+        combine, top_k, soft_argmax, flip, flip_pairs, extractor, sd_model, ...: the
+            matching and the features, as in :func:`propagate_keypoints` (``"per_point"``
+            by default).
+        overwrite: allow an existing ``review_field`` (the tag is first removed).
         progress: True/False or ``callable(fraction, label)``.
 
     Returns:
         a :class:`RunSummary`: ``checked``, ``points_checked``, ``flagged_points``,
-        ``flagged_samples`` (ids), ``suspicious`` ({id: [{"instance", "point", "label",
-        "distance", "confidence", "evidence"}]}), ``failed``, ``errors``, ``warnings``,
-        ``review_field``, ``tag``.
+        ``flagged_samples``, ``suspicious`` ({id: [{"instance", "point", "label",
+        "distance", "confidence", "evidence"}]}), ``failed``, ``errors``, ``warnings``.
     """
     # 1. check every parameter and field before anything loads or is written
     cfg = ReviewConfig(gt_field, review_field, tag, alpha, min_confidence, bbox_field, threshold, features_field,
@@ -121,32 +112,26 @@ def flag_keypoint_annotations(
     summary = RunSummary(FUNCTION, ("checked", "points_checked", "flagged_points"), review_field=review_field,
                          error_field=cfg.error_field, tag=tag, alpha=cfg.alpha, min_confidence=cfg.min_confidence,
                          suspicious={})
-    ids = annotated.values("id")
-    rows = list(zip(ids, annotated.values("filepath"), annotated.values(gt_field),
-                    values_or_none(annotated, cfg.features_field, len(ids)),
-                    values_or_none(annotated, cfg.embedding_field, len(ids)),
-                    values_or_none(annotated, bbox_field, len(ids))))
+    rows = _rows(annotated, cfg)
     engine, source, problems = prepare_matching(samples, ref_view, gt_field, cfg, given, summary,
                                                 [r[3] for r in rows])
     refs = {r.id: r for r in engine.references}
     # 3. review batch by batch, write in bulk, tag the suspicious samples
-    with Run(samples, summary, len(ids), progress, "reviewing", cfg.error_field) as run:
+    with Run(samples, summary, len(rows), progress, "reviewing", cfg.error_field) as run:
         declare_outputs(samples, _outputs(cfg))
         if cfg.overwrite and cfg.tag:
             annotated.untag_samples(cfg.tag)
         for batch in run.batches(rows, cfg.batch_size):
             need = [(sid, fp, st) for sid, fp, _, st, _, _ in batch if sid not in refs]
             got = source.get(need) if need else {}
-            values = {}
-            for sid, _, gt, _, emb, box in batch:
-                feat = refs[sid].features if sid in refs else got.get(sid)
-                values[sid] = _review_sample(engine, cfg, sid, gt, feat, emb, box, problems, run)
-            run.write(cfg.review_field, values)
+            run.write(cfg.review_field, {
+                sid: _review_sample(engine, cfg, sid, gt, refs[sid].features if sid in refs else got.get(sid),
+                                    emb, box, problems, run)
+                for sid, _, gt, _, emb, box in batch})
             run.flush_errors()
             run.step(len(batch))
-        suspicious = summary["suspicious"]
-        if suspicious and cfg.tag:
-            samples._root_dataset.select(list(suspicious)).tag_samples(cfg.tag)
+        if summary["suspicious"] and cfg.tag:
+            samples._root_dataset.select(list(summary["suspicious"])).tag_samples(cfg.tag)
     summary["flagged_samples"] = sorted(summary["suspicious"])
     return summary
 
@@ -167,6 +152,13 @@ def check_review(samples, references, cfg: ReviewConfig):
     if references is None and len(ref_view) < 2:
         raise ParameterError("leave-one-out review needs at least 2 annotated samples")
     return annotated, ref_view
+
+
+def _rows(annotated, cfg: ReviewConfig) -> list:
+    n = len(annotated)
+    return list(zip(annotated.values("id"), annotated.values("filepath"), annotated.values(cfg.gt_field),
+                    values_or_none(annotated, cfg.features_field, n), values_or_none(annotated, cfg.embedding_field, n),
+                    values_or_none(annotated, cfg.bbox_field, n)))
 
 
 def _outputs(cfg) -> dict:

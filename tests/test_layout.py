@@ -1,0 +1,89 @@
+"""The architecture, read from the code's imports (DESIGN.md layers).
+
+- ``core/`` imports no FiftyOne, and no higher layer; ``dataset/`` no ``plugin/``;
+- the runtime (package, dataset functions, plugin) never imports ``bench/``;
+- no module imports another module's private (``_name``) names.
+Checked statically (the AST of every module) and at run time in a fresh interpreter.
+"""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PKG = Path(__file__).resolve().parents[1] / "fiftyone_sdcorr"
+
+
+def _imports(path: Path):
+    """``(module, [names])`` of every import in a file (relative imports resolved)."""
+    tree = ast.parse(path.read_text())
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out += [(a.name, []) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            mod = node.module or ""
+            if node.level:
+                base = path.relative_to(PKG.parent).with_suffix("").parts[: -node.level]
+                mod = ".".join(base + ((mod,) if mod else ()))
+            out.append((mod, [a.name for a in node.names]))
+    return out
+
+
+def _modules(sub: str):
+    return sorted((PKG / sub).rglob("*.py")) if sub else sorted(PKG.glob("*.py"))
+
+
+@pytest.mark.parametrize("layer, forbidden", [
+    ("core", ("fiftyone.", "fiftyone_sdcorr.dataset", "fiftyone_sdcorr.plugin", "fiftyone_sdcorr.bench")),
+    ("dataset", ("fiftyone_sdcorr.plugin", "fiftyone_sdcorr.bench")),
+    ("plugin", ("fiftyone_sdcorr.bench",)),
+])
+def test_layers_import_only_downwards(layer, forbidden):
+    bad = []
+    for path in _modules(layer):
+        for mod, _ in _imports(path):
+            name = mod + "."
+            if any(name.startswith(f) or mod == f.rstrip(".") for f in forbidden) or (
+                    layer == "core" and mod == "fiftyone"):
+                bad.append(f"{path.relative_to(PKG)} imports {mod}")
+    assert not bad, bad
+
+
+def test_no_private_names_across_modules():
+    bad = []
+    for path in sorted(PKG.rglob("*.py")):
+        for mod, names in _imports(path):
+            if mod.startswith("fiftyone_sdcorr"):
+                bad += [f"{path.relative_to(PKG)}: {mod}.{n}" for n in names if n.startswith("_")]
+    assert not bad, bad
+
+
+def test_runtime_imports_no_benchmark_and_core_no_fiftyone():
+    code = (
+        "import sys\n"
+        "import fiftyone_sdcorr.core.extractor, fiftyone_sdcorr.core.correspondence, fiftyone_sdcorr.core.store\n"
+        "import fiftyone_sdcorr.core.visualize, fiftyone_sdcorr.core.features, fiftyone_sdcorr.core.geometry\n"
+        "assert not [m for m in sys.modules if m == 'fiftyone' or m.startswith('fiftyone.')], 'core loaded fiftyone'\n"
+        "import fiftyone_sdcorr\n"
+        "for name in fiftyone_sdcorr.__all__: getattr(fiftyone_sdcorr, name)\n"
+        "import fiftyone_sdcorr.plugin.operators_features, fiftyone_sdcorr.plugin.operators_keypoints\n"
+        "import fiftyone_sdcorr.plugin.operators_views, fiftyone_sdcorr.plugin.panels\n"
+        "bench = [m for m in sys.modules if m.startswith('fiftyone_sdcorr.bench')]\n"
+        "assert not bench, bench\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+
+
+def test_dataset_functions_read_like_a_table_of_contents():
+    """No function of the dataset layer is longer than about 80 lines."""
+    long = []
+    for path in _modules("dataset"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = node.end_lineno - node.lineno + 1
+                if n > 85:
+                    long.append(f"{path.name}:{node.name} ({n} lines)")
+    assert not long, long
