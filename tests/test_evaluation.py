@@ -61,6 +61,21 @@ def hand_ds(tmp_path):
 
 
 # --------------------------------------------------------------------------- PCK
+def test_a_point_exactly_at_the_threshold_is_not_correct(tmp_path):
+    """RECIPE.md: correct when the distance is strictly below alpha x T (binary-exact
+    numbers, so no rounding decides it)."""
+    Image.new("RGB", (80, 80)).save(tmp_path / "s.png")
+    ds = fo.Dataset(_name())
+    try:
+        ds.add_sample(fo.Sample(filepath=str(tmp_path / "s.png"), gt=_kps("x", [[0.25, 0.5]]),
+                                pred=_kps("x", [[0.375, 0.5]])))  # 10 px = 0.125 x 80 px
+        r = evaluate_keypoints(ds, "pred", "gt", eval_key=None, threshold="image", alphas=(0.125, 0.25),
+                               progress=False)
+        assert r.pck(0.125) == 0.0 and r.pck(0.25) == 1.0
+    finally:
+        ds.delete()
+
+
 def test_known_pck_per_point_and_per_image(hand_ds):
     ds = hand_ds
     r = evaluate_keypoints(ds, "pred", "gt", alphas=(0.1, 0.04, 0.01), progress=False)

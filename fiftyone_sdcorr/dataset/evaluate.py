@@ -14,7 +14,7 @@ Definitions (RECIPE.md, "Evaluation protocol")
   the one with the most ground-truth points inside it); without ``bbox_field``, the
   extent ``max(x_max - x_min, y_max - y_min)`` of the visible ground-truth points.
   ``threshold="image"``: ``max(image width, image height)`` (PF-Pascal).
-- A point is **correct at alpha** when ``||pred - gt|| <= alpha * T`` (pixels).
+- A point is **correct at alpha** when ``||pred - gt|| < alpha * T`` (pixels; strictly below, as the paper's code).
 - **Per-point PCK** of a label: correct / counted points pooled over all instances of
   that label; overall per-point PCK = the mean over labels (SPair-71k style); the pooled
   value over all points is reported too (``pooled``).
@@ -377,7 +377,7 @@ class _Tally:
             if T is None or not both.any():
                 continue
             d = np.linalg.norm(p[:k] - g[:k], axis=1) / T
-            corr = np.stack([(d <= a) & both for a in self.alphas])
+            corr = np.stack([(d < a) & both for a in self.alphas])  # strictly below (RECIPE.md)
             n, c = int(both.sum()), corr.sum(axis=1).astype(np.float64)
             self.lab_correct[lab] = self.lab_correct.get(lab, self.zero()) + c
             self.lab_count[lab] = self.lab_count.get(lab, 0) + n
