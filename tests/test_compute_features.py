@@ -30,6 +30,7 @@ from fiftyone.operators.executor import ExecutionRunState
 from fiftyone_sdcorr.dataset.compute_features import compute_fused_features
 
 ERROR_FIELD = "sdcorr_features_error"
+from fiftyone_sdcorr.core.extractor import FeatureExtractor
 from fiftyone_sdcorr.core.store import FeatureStore
 from fiftyone_sdcorr.core.tiny import tiny_models
 from snapshots import field_snapshot
@@ -288,6 +289,64 @@ def test_existing_field_of_another_type_is_refused(photo_ds, models, tmp_path):
     with pytest.raises(ValueError, match="note"):
         compute_fused_features(photo_ds, sd, dino, embedding_field="note", **kw)
     assert photo_ds.values("note") == [f"n{i}" for i in range(len(photo_ds))]
+
+
+class CountingExtractor(FeatureExtractor):
+    """The real extractor, counting the images it extracts (not a stand-in)."""
+
+    extracted = 0
+
+    def extract(self, images, labels=None):
+        images = list(images)
+        CountingExtractor.extracted += len(images)
+        return super().extract(images, labels=labels)
+
+
+def test_projection_fitted_from_the_first_pass_each_image_extracted_once(photo_ds, models, tmp_path):
+    sd, dino, kw = _api_kwargs(models, tmp_path / "store", projection_samples=3)
+    rec = kw.pop("recipe")
+    ext = CountingExtractor(sd, dino, device="cpu", batch_size=1, pca_dim=kw.pop("pca_dim"), **rec)
+    CountingExtractor.extracted = 0
+    summary = compute_fused_features(photo_ds, extractor=ext, **kw)
+    assert summary["computed"] == len(photo_ds) and summary["projection"]
+    assert CountingExtractor.extracted == len(photo_ds)  # the 3 fitting images were not extracted again
+    _, meta = FeatureStore(namespace(tmp_path / "store")).load_tensors("projection")
+    assert len(meta["fitted_on"]) == 3
+
+
+def test_truncated_file_is_not_done_and_is_recomputed(photo_ds, models, tmp_path):
+    sd, dino, kw = _api_kwargs(models, tmp_path / "store")
+    compute_fused_features(photo_ds, sd, dino, **kw)
+    victim = photo_ds.first()
+    path = Path(victim["sdcorr_features"])
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    summary = compute_fused_features(photo_ds, sd, dino, **kw)
+    assert summary["computed"] == 1 and summary["skipped"] == len(photo_ds) - 1, summary
+    assert path.stat().st_size == len(data)
+    photo_ds.reload()
+    _check_done(photo_ds, tmp_path / "store")
+
+
+def test_another_recipe_coexists_in_its_own_namespace(photo_ds, models, tmp_path):
+    sd, dino, kw = _api_kwargs(models, tmp_path / "store")
+    first = compute_fused_features(photo_ds, sd, dino, **kw)
+    before = field_snapshot(photo_ds)
+    kw["recipe"] = dict(RECIPE, sd_mode="tiled", sd_tile=64)
+    with pytest.raises(ValueError, match=r"sd_mode: stored 'whole' vs requested 'tiled'"):
+        compute_fused_features(photo_ds, sd, dino, **kw)
+    assert field_snapshot(photo_ds) == before  # refused before anything was written
+    second = compute_fused_features(photo_ds, sd, dino, embedding_field="tiled_embedding",
+                                    features_field="tiled_features", **kw)
+    assert second["computed"] == len(photo_ds) and second["fingerprint"] != first["fingerprint"]
+    assert second["store_dir"] != first["store_dir"]
+    photo_ds.reload()
+    # both coexist: the first fields and files are untouched
+    assert field_snapshot(photo_ds, ("tiled_embedding", "tiled_features", "tiled_features_error")) == before
+    assert all(Path(p).is_file() for p in photo_ds.values("sdcorr_features"))
+    assert {str(Path(p).parent.parent) for p in photo_ds.values("tiled_features")} == {second["store_dir"]}
+    # a rerun of each configuration skips everything
+    assert compute_fused_features(photo_ds, sd, dino, **_api_kwargs(models, tmp_path / "store")[2])["skipped"] == 4
 
 
 # --------------------------------------------------------------------------- workers
