@@ -186,6 +186,8 @@ def K(**kw):
     return lambda w: dict(kw)
 
 
+#: an empty target collection must be called empty (not, say, "run compute_fused_features first")
+EMPTY = r"empty|no sample of the collection|no sample to"
 BAD_NAMES = [("dotdot", "../x"), ("slash", "a/b"), ("dot", "a.b"), ("private", "_x"), ("dollar", "$x"),
              ("empty", ""), ("id", "id"), ("filepath", "filepath"), ("long200", "x" * 200)]
 
@@ -306,17 +308,18 @@ CASES += [
          r"'references'.*no-sample-has-this-tag"),
     Case("prop-references-other-dataset", "prop", lambda w: dict(references=w.other.view()), r"'references'"),
     Case("prop-references-int", "prop", K(references=42), r"'references'"),
-    Case("prop-references-unannotated", "prop", lambda w: dict(references=[w.ds.last().id]), r"reference"),
+    Case("prop-references-unannotated", "prop", lambda w: dict(references=[w.ds.last().id]),
+         r"no usable reference"),
     Case("flag-references-empty-list", "flag", K(references=[]), r"'references'"),
     Case("flag-references-int", "flag", K(references=42), r"'references'"),
     Case("flag-references-other-dataset", "flag", lambda w: dict(references=w.other.view()), r"'references'"),
     # ---- empty targets
-    Case("prop-empty-targets", "prop", K(), r"targets are empty", target=lambda w: w.ds.limit(0)),
-    Case("flag-empty-targets", "flag", K(), r"'gt_field'.*no sample", target=lambda w: w.ds.limit(0)),
-    Case("pca-empty-targets", "pca", K(), r"'features_field'.*no sample", target=lambda w: w.ds.limit(0)),
-    Case("heat-empty-targets", "heat", K(), r"no sample", target=lambda w: w.ds.limit(0)),
-    Case("ev-empty-targets", "ev", K(), r"empty|no sample", target=lambda w: w.ds.limit(0)),
-    Case("cf-empty-targets", "cf", K(), r"empty|no sample", target=lambda w: w.ds.limit(0)),
+    Case("prop-empty-targets", "prop", K(), EMPTY, target=lambda w: w.ds.limit(0)),
+    Case("flag-empty-targets", "flag", K(), EMPTY, target=lambda w: w.ds.limit(0)),
+    Case("pca-empty-targets", "pca", K(), EMPTY, target=lambda w: w.ds.limit(0)),
+    Case("heat-empty-targets", "heat", K(), EMPTY, target=lambda w: w.ds.limit(0)),
+    Case("ev-empty-targets", "ev", K(), EMPTY, target=lambda w: w.ds.limit(0)),
+    Case("cf-empty-targets", "cf", K(), EMPTY, target=lambda w: w.ds.limit(0)),
     Case("cf-not-a-collection", "cf", K(), r"dataset or view", target=lambda w: [w.ref_id]),
     Case("cf-store_dir-is-a-file", "cf", lambda w: dict(store_dir=str(w.root / "a-file.txt")), r"'store_dir'",
          path=True),
@@ -515,7 +518,8 @@ def test_bad_input_is_refused_and_changes_nothing(world, case):
         after = _state(w)
         # (c) no file or folder written: outside the configured store first (paths), then inside it
         new = sorted(set(after["files"]) - set(before["files"]))
-        changed = sorted(p for p in set(after["files"]) & set(before["files"]) if after["files"][p] != before["files"][p])
+        changed = sorted(p for p in set(after["files"]) & set(before["files"])
+                         if after["files"][p] != before["files"][p])
         store = str(w.store) + os.sep
         outside = [p for p in new + changed if not p.startswith(store)]
         assert outside == [], f"written outside the configured folder {w.store}: {outside}"

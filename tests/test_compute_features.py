@@ -169,7 +169,8 @@ def test_immediate_operator_resumable_fields_untouched_and_brain(photo_ds, model
 
 def test_immediate_operator_yields_progress_and_reload(photo_ds, models, tmp_path):
     """What the App receives from an immediate run: set_progress messages while the work
-    runs, then reload_dataset (the server's path: the generator is not exhausted)."""
+    runs, then reload_dataset, then the run's summary: a notification and the operator's
+    output (the server's path: the generator is not exhausted)."""
     from fiftyone.operators.executor import _parse_ctx, execute_or_delegate_operator
 
     ds = photo_ds
@@ -185,7 +186,10 @@ def test_immediate_operator_yields_progress_and_reload(photo_ds, models, tmp_pat
     triggered = [(m["body"]["operator_uri"] if m["body"] else None, m["body"]) for m in msgs]
     uris = [u for u, _ in triggered]
     assert any(u and u.endswith("set_progress") for u in uris), uris
-    assert uris[-1].endswith("reload_dataset"), uris
+    assert [u.rsplit("/", 1)[-1] for u in uris[-3:]] == ["reload_dataset", "notify", "show_output"], uris
+    shown = triggered[-1][1]["params"]["results"]["summary"]
+    assert shown.startswith("compute_fused_features: total 2, computed 2"), shown
+    assert triggered[-2][1]["params"]["variant"] == "success"
     progress = [b["params"].get("progress") for u, b in triggered if u.endswith("set_progress")]
     assert progress[-1] == 1.0
     assert progress == sorted(progress)

@@ -125,6 +125,7 @@ def compute_fused_features(
         features_field=features_field, store_dir=store_dir, store_dtype=store_dtype, pca_dim=pca_dim,
         projection_samples=projection_samples, preset=preset, recipe=recipe, batch_size=batch_size,
         device=device, dtype=dtype, prompt_field=prompt_field)
+    image_collection(samples)
     job = FeatureJob(samples, cfg, check_bool("overwrite", overwrite))
     job.check()
     # 2. the store namespace of this configuration and its projection, if fitted
@@ -158,7 +159,6 @@ class FeatureJob:
 
     # ---- 1. checks
     def check(self) -> None:
-        image_collection(self.samples)
         if self.cfg.prompt_field is not None:
             require_field(self.samples, "prompt_field", self.cfg.prompt_field, "label")
         guard_outputs(self.samples, self.outputs, {"prompt_field": self.cfg.prompt_field}, self.overwrite, self.record)
@@ -216,7 +216,11 @@ class FeatureJob:
     def start(self, run: Run) -> None:
         """Declares the outputs, records this configuration on them, records non-images."""
         declare_outputs(self.samples, self.outputs)
-        self.record.write([self.cfg.embedding_field, self.cfg.features_field, self.cfg.error_field])
+        cfg = self.cfg
+        self.record.write([cfg.embedding_field, cfg.features_field, cfg.error_field], run={
+            "preset": cfg.preset, "device": cfg.device, "dtype": cfg.dtype, "batch_size": cfg.batch_size,
+            "store_dir": cfg.store_dir, "store_dtype": cfg.store_dtype, "features_field": cfg.features_field,
+            "embedding_field": cfg.embedding_field})
         if self.summary["skipped"]:
             run.step(self.summary["skipped"], f"{self.summary['skipped']} already done")
         for sid, why in self.not_images.items():

@@ -67,6 +67,18 @@ def _model_name(param: str, value: Any) -> str:
     return os.path.abspath(os.path.expanduser(value)) if os.path.isdir(os.path.expanduser(value)) else value
 
 
+def _folder(param: str, value: Any) -> Optional[str]:
+    """A folder path (absolute); an existing file is refused."""
+    if value is None:
+        return None
+    if not isinstance(value, (str, os.PathLike)) or not str(value).strip():
+        raise ParameterError(f"parameter {param!r} must be a folder path, got {value!r}")
+    path = os.path.abspath(os.path.expanduser(os.fspath(value)))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ParameterError(f"parameter {param!r}: {path} exists and is not a folder")
+    return path
+
+
 def _device(value: Any) -> Optional[str]:
     if value is None or value == "auto":
         return None
@@ -76,6 +88,9 @@ def _device(value: Any) -> Optional[str]:
         raise ParameterError(f"parameter 'device' must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {value!r}")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ParameterError(f"parameter 'device' is {value!r} but no CUDA device is available here")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ParameterError(f"parameter 'device' is {value!r} but this machine has "
+                             f"{torch.cuda.device_count()} CUDA device(s)")
     if dev.type not in ("cpu", "cuda", "mps"):
         raise ParameterError(f"parameter 'device' must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {value!r}")
     return str(dev)
@@ -115,10 +130,7 @@ class FeatureConfig:
                 object.__setattr__(self, "dtype", None)
         if self.batch_size is not None:
             check_int("batch_size", self.batch_size, lo=1, hi=4096)
-        if self.store_dir is not None:
-            if not isinstance(self.store_dir, (str, os.PathLike)) or not str(self.store_dir).strip():
-                raise ParameterError(f"parameter 'store_dir' must be a folder path, got {self.store_dir!r}")
-            object.__setattr__(self, "store_dir", os.path.abspath(os.path.expanduser(os.fspath(self.store_dir))))
+        object.__setattr__(self, "store_dir", _folder("store_dir", self.store_dir))
         check_choice("store_dtype", self.store_dtype, STORE_DTYPES)
         check_int("projection_samples", self.projection_samples, lo=1, hi=100_000)
         check_field_name("embedding_field", self.embedding_field)
@@ -332,9 +344,7 @@ class ViewConfig:
     def __post_init__(self):
         check_field_name("output_field", self.output_field)
         check_field_name("features_field", self.features_field)
-        if self.output_dir is not None and (not isinstance(self.output_dir, (str, os.PathLike))
-                                            or not str(self.output_dir).strip()):
-            raise ParameterError(f"parameter 'output_dir' must be a folder path, got {self.output_dir!r}")
+        object.__setattr__(self, "output_dir", _folder("output_dir", self.output_dir))
         check_int("fit_samples", self.fit_samples, lo=1, hi=100_000)
         check_int("max_side", self.max_side, lo=16, hi=8192)
         check_bool("overwrite", self.overwrite)

@@ -154,7 +154,7 @@ def guard_outputs(samples, outputs: Mapping[str, tuple], inputs: Mapping[str, Op
             continue
         if record is not None and record.resumable:
             continue
-        why = record.difference if record is not None and record.difference else "it already exists"
+        why = record.difference if record is not None and record.difference else "already exists"
         raise ParameterError(
             f"parameter {param!r}: field {name!r} {why}; choose a new field name or pass overwrite=True"
         )
@@ -170,13 +170,16 @@ def declare_outputs(samples, outputs: Mapping[str, tuple]) -> None:
         declare(kind, samples._root_dataset, name)
 
 
-def image_collection(samples) -> None:
-    """Refuses collections the functions cannot process (grouped, non-collections)."""
+def image_collection(samples, what: str = "samples") -> None:
+    """Refuses what the functions cannot process: not a collection, a grouped one, an
+    empty one (``what`` names the argument in the message)."""
     if not hasattr(samples, "_root_dataset"):
-        raise ParameterError(f"expected a FiftyOne dataset or view, got {type(samples).__name__}")
+        raise ParameterError(f"parameter {what!r}: expected a FiftyOne dataset or view, got {type(samples).__name__}")
     if samples.media_type == fom.GROUP:
-        raise ParameterError("grouped collections are not supported: select a slice first "
+        raise ParameterError(f"parameter {what!r}: grouped collections are not supported: select a slice first "
                              "(e.g. samples.select_group_slices('left'))")
+    if len(samples) == 0:
+        raise ParameterError(f"parameter {what!r}: the view is empty, no sample to process")
 
 
 # --------------------------------------------------------------------------- records
@@ -198,7 +201,7 @@ class Record:
         if self.key not in self.dataset.list_runs():
             return None
         cfg = self.dataset.get_run_info(self.key).config
-        return {k: getattr(cfg, k, None) for k in ("function", "settings", "fingerprint", "fields")}
+        return {k: getattr(cfg, k, None) for k in ("function", "settings", "fingerprint", "fields", "run")}
 
     @property
     def resumable(self) -> bool:
@@ -214,11 +217,12 @@ class Record:
         diff = ", ".join(f"{k}: stored {have.get(k)!r} vs requested {want.get(k)!r}" for k in keys)
         return f"holds values of {self.function} with other settings ({diff or 'fingerprint differs'})"
 
-    def write(self, fields: Sequence[str]) -> None:
-        """Records the settings on the fields (a no-op when the same record is there, so
-        concurrent workers of one configuration do not race on it)."""
+    def write(self, fields: Sequence[str], run: Optional[dict] = None) -> None:
+        """Records the settings on the fields, and ``run`` (how it ran: device, store, ...;
+        what later forms offer as defaults). A no-op when the same record is there, so
+        concurrent workers of one configuration do not race on it."""
         want = {"function": self.function, "settings": self.settings, "fingerprint": self.fingerprint,
-                "fields": list(fields)}
+                "fields": list(fields), "run": dict(run or {})}
         if self.stored == want:
             return
         cfg = self.dataset.init_run(**want)
@@ -234,6 +238,16 @@ class Record:
 def find_record(samples, function: str, field: str) -> Optional[dict]:
     """The record of ``function`` for ``field``, or None."""
     return Record(samples, function, field).stored
+
+
+def latest_record(dataset, function: str) -> Optional[dict]:
+    """The newest record of ``function`` on the dataset (any field), or None."""
+    prefix = f"sdcorr_{function}_"
+    keys = [k for k in dataset.list_runs() if k.startswith(prefix)]
+    if not keys:
+        return None
+    key = max(keys, key=lambda k: dataset.get_run_info(k).timestamp)
+    return Record(dataset, function, key[len(prefix):]).stored
 
 
 # --------------------------------------------------------------------------- summary
@@ -259,6 +273,25 @@ class RunSummary(dict):
         if message not in self["warnings"]:
             logger.warning("%s: %s", self["function"], message)
             self["warnings"].append(message)
+
+    def headline(self) -> str:
+        return f"{self['function']}: " + ", ".join(f"{k} {self[k]}" for k in self._counts)
+
+    def compact(self, max_errors: int = 20) -> dict:
+        """A small JSON-able copy (what delegated runs store for ``fiftyone delegated
+        output``): counts, warnings, the first ``max_errors`` failures, scalar entries;
+        large entries are replaced by their size."""
+        out = {}
+        for k, v in self.items():
+            if k == "errors":
+                out[k] = dict(list(v.items())[:max_errors])
+            elif isinstance(v, dict) and len(v) > max_errors:
+                out[f"{k}_count"] = len(v)
+            elif isinstance(v, list) and len(v) > max_errors:
+                out[k] = v[:max_errors] + [f"... {len(v) - max_errors} more"]
+            else:
+                out[k] = v
+        return out
 
     def text(self) -> str:
         counts = ", ".join(f"{k} {self[k]}" for k in self._counts)
@@ -340,6 +373,6 @@ def reason(e: BaseException) -> str:
 __all__ = [
     "ParameterError", "check_int", "check_float", "check_bool", "check_choice", "check_str",
     "check_floats", "check_field_name", "require_field", "guard_outputs", "declare_outputs",
-    "image_collection", "inputs_of", "Record", "find_record", "RunSummary", "Run", "values_or_none", "reason",
+    "image_collection", "inputs_of", "Record", "find_record", "latest_record", "RunSummary", "Run", "values_or_none", "reason",
     "MAX_SUMMARY_ERRORS", "BUILTIN_FIELDS",
 ]

@@ -48,8 +48,8 @@ class FeatureSource:
         self.samples, self.batch_size = samples, max(1, int(batch_size))
         run_kw = {k: given.get(k) for k in ("device", "dtype", "batch_size", "store_dir")}
         explicit = any(given.get(k) is not None for k in FEATURE_KEYWORDS)
-        self.cfg: Optional[FeatureConfig] = FeatureConfig.build(
-            **{k: given.get(k) for k in FEATURE_KEYWORDS}, **run_kw) if explicit else None
+        checked = FeatureConfig.build(**{k: given.get(k) for k in FEATURE_KEYWORDS}, **run_kw)  # every keyword
+        self.cfg: Optional[FeatureConfig] = checked if explicit else None
         record = find_record(samples, "compute_fused_features", features_field) if features_field else None
         self.config_fp: Optional[str] = None
         if record is not None:

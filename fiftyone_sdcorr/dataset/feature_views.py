@@ -193,6 +193,9 @@ def _reference(samples, reference_id, features_field):
     if not ref[features_field]:
         raise ParameterError(f"parameter 'reference_id': sample {reference_id} has no stored features in "
                              f"{features_field!r}")
+    if not os.path.isfile(str(ref[features_field])):
+        raise ParameterError(f"parameter 'features_field': field {features_field!r} holds {ref[features_field]!r} "
+                             "for the reference, not a stored feature file (run compute_fused_features)")
     return ref
 
 

@@ -93,7 +93,7 @@ def propagate_keypoints(
     # 1. check every parameter and field before anything loads or is written
     cfg = PropagationConfig(
         source_field, output_field, features_field, embedding_field, visibility_threshold,
-        batch_size or PropagationConfig.batch_size, overwrite,
+        PropagationConfig.batch_size if batch_size is None else batch_size, overwrite,
         MatchConfig(combine, top_k, soft_argmax, soft_window, temperature, flip, flip_pairs))
     given = dict(extractor=extractor, sd_model=sd_model, dino_model=dino_model, preset=preset, recipe=recipe,
                  pca_dim=pca_dim, device=device, dtype=dtype, batch_size=batch_size, store_dir=store_dir)
@@ -123,7 +123,7 @@ def propagate_keypoints(
 def check_propagation(targets, references, cfg: PropagationConfig):
     """Fields and views of a propagation, checked before anything is written; the
     references' view."""
-    image_collection(targets)
+    image_collection(targets, "targets")
     require_field(targets, "source_field", cfg.source_field, "keypoints")
     for param, kind in (("features_field", "string"), ("embedding_field", "vector")):
         name = getattr(cfg, param)
@@ -131,8 +131,6 @@ def check_propagation(targets, references, cfg: PropagationConfig):
             require_field(targets, param, name, kind)
     guard_outputs(targets, _outputs(cfg), _inputs(cfg, "source_field", "features_field", "embedding_field"),
                   cfg.overwrite)
-    if len(targets) == 0:
-        raise ParameterError("the targets are empty: no sample to propagate to")
     return resolve_references(targets, references)
 
 

@@ -102,7 +102,7 @@ def flag_keypoint_annotations(
     """
     # 1. check every parameter and field before anything loads or is written
     cfg = ReviewConfig(gt_field, review_field, tag, alpha, min_confidence, bbox_field, threshold, features_field,
-                       embedding_field, batch_size or ReviewConfig.batch_size, overwrite,
+                       embedding_field, ReviewConfig.batch_size if batch_size is None else batch_size, overwrite,
                        MatchConfig(combine, top_k, soft_argmax, MatchConfig.soft_window, MatchConfig.temperature,
                                    flip, flip_pairs))
     given = dict(extractor=extractor, sd_model=sd_model, dino_model=dino_model, preset=preset, recipe=recipe,

@@ -80,43 +80,64 @@ def collection_ctx(sample_collection) -> dict:
 
 
 # --------------------------------------------------------------------------- models / recipe
-def model_inputs(ctx, inputs, recipe: bool = True, advanced: bool = True) -> None:
-    """Model ids / directories, device, dtype, batch size, preset and recipe overrides."""
-    inputs.str(
-        "sd_model", default=FeatureConfig.sd_model, required=False, label="Stable Diffusion model",
-        description="Hugging Face Hub id or local directory (diffusers layout)",
-    )
-    inputs.str(
-        "dino_model", default=FeatureConfig.dino_model, required=False, label="DINOv2 model",
-        description="Hugging Face Hub id or local directory (transformers layout)",
-    )
-    inputs.str("device", default="auto", required=False, label="Device",
+def last_features(dataset) -> Dict[str, Any]:
+    """How features were last computed on ``dataset`` (its newest ``compute_fused_features``
+    record): models, recipe fields, preset, device, dtype, batch size, store, fields."""
+    from fiftyone_sdcorr.dataset.engine import latest_record
+
+    rec = latest_record(dataset, "compute_fused_features") if dataset is not None else None
+    if not rec:
+        return {}
+    out = {k: v for k, v in (rec.get("settings") or {}).items() if v is not None}
+    out.update({k: v for k, v in (rec.get("run") or {}).items() if v is not None})
+    return out
+
+
+def default_preset() -> str:
+    """The form's preset where nothing was computed yet: the paper's on a GPU, ``cpu`` without."""
+    import torch
+
+    return FeatureConfig.preset if torch.cuda.is_available() else "cpu"
+
+
+def model_inputs(ctx, inputs, follow: bool = True, advanced: bool = True) -> None:
+    """Model ids / directories, device, dtype, batch size, preset and recipe overrides.
+
+    ``follow``: defaults follow the dataset's last ``compute_fused_features`` (its models,
+    device and recipe), else the config's (preset ``cpu`` without a GPU). Otherwise all
+    blank: the functions then use the configuration recorded with the stored features.
+    """
+    last = last_features(ctx.dataset) if follow else {}
+    blank = "" if follow else " (blank: the models and recipe that computed the stored features)"
+    d = (lambda key, default: last.get(key, default)) if follow else (lambda key, default: None)  # noqa: E731
+    inputs.str("sd_model", default=d("sd_model", FeatureConfig.sd_model), required=False,
+               label="Stable Diffusion model",
+               description="Hugging Face Hub id or local directory (diffusers layout)" + blank)
+    inputs.str("dino_model", default=d("dino_model", FeatureConfig.dino_model), required=False,
+               label="DINOv2 model", description="Hugging Face Hub id or local directory (transformers layout)" + blank)
+    inputs.str("device", default=last.get("device") or "auto", required=False, label="Device",
                description="'auto' (CUDA when available), 'cuda', 'cuda:1', 'cpu', ...")
-    _enum(inputs, "dtype", _DTYPES, "auto", "Precision", "'auto': bf16/fp16 on CUDA, fp32 on CPU")
-    inputs.int(
-        "batch_size", label="Batch size", required=False,
-        description="Images per forward pass (empty: chosen from free GPU memory; "
-        "halved automatically on CUDA out-of-memory)",
-    )
-    if recipe:
-        recipe_inputs(ctx, inputs, advanced=advanced)
-
-
-def recipe_inputs(ctx, inputs, advanced: bool = True) -> None:
-    """Preset plus (when ``advanced``) a few recipe overrides, all optional."""
-    _enum(inputs, "preset", tuple(PRESETS), FeatureConfig.preset, "Recipe preset",
-          "'paper': the paper's recipe; 'whole': one SD pass; 'cpu': small inputs")
+    _enum(inputs, "dtype", _DTYPES, last.get("dtype") or "auto", "Precision", "'auto': bf16/fp16 on CUDA, fp32 on CPU")
+    inputs.int("batch_size", label="Batch size", required=False, default=last.get("batch_size"),
+               description="Images per forward pass (empty: chosen from free GPU memory; "
+               "halved automatically on CUDA out-of-memory)")
+    _enum(inputs, "preset", tuple(PRESETS), d("preset", default_preset()), "Recipe preset",
+          "'paper': the paper's recipe; 'whole': one SD pass; 'cpu': small inputs, for machines without a GPU"
+          + blank)
     if not advanced:
         return
+    preset = PRESETS.get(last.get("preset") or "", None)
     for key, (typ, label, desc) in RECIPE_PARAMS.items():
+        # a recorded value that differs from its preset's is an override worth showing
+        value = last.get(key) if follow and preset is not None and last.get(key) != getattr(preset, key) else None
         if key == "sd_mode":
-            _enum(inputs, key, ("tiled", "whole"), None, label, desc, required=False)
+            _enum(inputs, key, ("tiled", "whole"), value, label, desc, required=False)
         elif typ is int:
-            inputs.int(key, label=label, description=desc, required=False)
+            inputs.int(key, label=label, description=desc, required=False, default=value)
         elif typ is float:
-            inputs.float(key, label=label, description=desc, required=False, min=0.0, max=1.0)
+            inputs.float(key, label=label, description=desc, required=False, min=0.0, max=1.0, default=value)
         else:
-            inputs.str(key, label=label, description=desc, required=False)
+            inputs.str(key, label=label, description=desc, required=False, default=value)
 
 
 def _enum(inputs, name, values, default, label, description, required=False):
@@ -133,7 +154,7 @@ def _blank(v) -> bool:
 
 #: params that steer the form or the target, never passed to a dataset function
 PLUMBING = frozenset((VIEW_TARGET, "delegate", "delegation_target", "count", "references", "reference_tag",
-                      "reference_ids", "x", "y"))
+                      "reference_ids", "x", "y", "background_runs"))
 
 
 def function_kwargs(params: Dict[str, Any], fn: Callable[..., Any], positional: Sequence[str] = ()) -> Dict[str, Any]:
@@ -141,7 +162,8 @@ def function_kwargs(params: Dict[str, Any], fn: Callable[..., Any], positional: 
 
     Blank values (``None``, ``""``, ``"auto"`` for device / dtype) are left out, so the
     function's own default applies; the recipe overrides of the form (``sd_size``, ...)
-    join a ``recipe`` dict param; ``positional`` names are taken by the caller. A param
+    join a ``recipe`` dict param unless ``fn`` has a parameter of that name; ``positional``
+    names are taken by the caller. A param
     that is neither ``fn``'s nor plumbing is refused (a typo must not be ignored).
     """
     names = set(inspect.signature(fn).parameters) - {"progress"}
@@ -150,10 +172,10 @@ def function_kwargs(params: Dict[str, Any], fn: Callable[..., Any], positional: 
     for key, value in params.items():
         if key in PLUMBING or key in positional or key == "recipe" or _blank(value):
             continue
-        if key in RECIPE_PARAMS:
-            recipe[key] = value
-        elif key in names:
+        if key in names:  # the function's own parameter first (review's alpha is not the recipe's)
             out[key] = value
+        elif key in RECIPE_PARAMS:
+            recipe[key] = value
         else:
             raise ParameterError(f"unknown parameter {key!r} for {fn.__name__}")
     if recipe:
@@ -178,7 +200,8 @@ def python_params(**kwargs) -> Dict[str, Any]:
 
 # --------------------------------------------------------------------------- delegation
 def delegation_config() -> Dict[str, bool]:
-    """``OperatorConfig`` keyword arguments: delegated by default, immediate allowed."""
+    """``OperatorConfig`` keyword arguments: delegation allowed, immediate allowed
+    (:func:`execution_options` decides per request what the App offers)."""
     return dict(
         allow_delegated_execution=True,
         allow_immediate_execution=True,
@@ -188,9 +211,66 @@ def delegation_config() -> Dict[str, bool]:
 
 def resolve_delegation(ctx) -> Optional[bool]:
     """An explicit ``delegate`` param forces the mode; otherwise ``None`` (the user's or
-    caller's choice, delegated by default)."""
+    caller's choice)."""
     d = ctx.params.get("delegate", None)
     return None if d is None else bool(d)
+
+
+#: views up to this size run immediately by default, even where background runs exist
+SMALL_VIEW = 50
+BACKGROUND_SETTING = "FIFTYONE_ALLOW_LEGACY_ORCHESTRATORS=true"
+WORKER_COMMAND = "fiftyone delegated launch"
+
+
+def delegation_available() -> bool:
+    """Whether this App can schedule background (delegated) runs: open-source FiftyOne
+    schedules them only with ``allow_legacy_orchestrators`` (the setting
+    :data:`BACKGROUND_SETTING`); otherwise the App shows "Schedule NOT AVAILABLE"."""
+    return bool(getattr(fo.config, "allow_legacy_orchestrators", False))
+
+
+def execution_options(ctx, delegate_large: bool):
+    """What the App offers: immediate always; background only where it can be scheduled,
+    and the default for views larger than :data:`SMALL_VIEW` when ``delegate_large``."""
+    from fiftyone.operators.executor import ExecutionOptions
+
+    forced = resolve_delegation(ctx)
+    if forced is not None:
+        return ExecutionOptions(allow_immediate_execution=not forced, allow_delegated_execution=forced)
+    available = delegation_available()
+    try:
+        n = len(get_target_view(ctx))
+    except Exception:  # noqa: BLE001 -- no dataset yet
+        n = 0
+    # a programmatic request (``op(..., delegate=True)``) queues for `fiftyone delegated launch`
+    # whatever the App can schedule
+    requested = bool(getattr(ctx, "requesting_delegated_execution", False))
+    return ExecutionOptions(allow_immediate_execution=True, allow_delegated_execution=available or requested,
+                            default_choice_to_delegated=available and delegate_large and n > SMALL_VIEW)
+
+
+def background_notice(inputs) -> None:
+    """Says how background runs work here (added at the end of every run form)."""
+    if delegation_available():
+        text = (f"Scheduled runs start when a worker runs: `{WORKER_COMMAND}` in a shell that uses "
+                "the same FiftyOne database (several workers, on any machines, share the queue).")
+    else:
+        text = (f"This runs in the App now. For background runs, start the App with {BACKGROUND_SETTING} "
+                f"and a worker with `{WORKER_COMMAND}`.")
+    inputs.view("background_runs", types.Notice(label=text))
+
+
+class RunOperator(foo.Operator):
+    """Base of the operators that run a dataset function: execution options per request
+    (:func:`execution_options`); ``delegate_large``: large views default to background."""
+
+    delegate_large = True
+
+    def resolve_delegation(self, ctx):
+        return resolve_delegation(ctx)
+
+    def resolve_execution_options(self, ctx):
+        return execution_options(ctx, self.delegate_large)
 
 
 # --------------------------------------------------------------------------- progress
@@ -256,10 +336,11 @@ def reload_dataset(ctx):
 
 def execute(ctx, fn: Callable[..., Any], *args, reload: bool = True, **kwargs):
     """An operator's ``execute``: delegated, call ``fn`` with ``ctx.set_progress`` and
-    return its summary (the delegated service stores it); immediate, a generator that
-    streams progress to the App and then, with ``reload``, reloads the dataset."""
+    return its compact summary (the delegated service stores it: ``fiftyone delegated
+    output``); immediate, a generator that streams progress to the App, reloads the
+    dataset (with ``reload``) and shows the run's summary."""
     if ctx.delegated:
-        return fn(*args, progress=progress_callback(ctx), **kwargs)
+        return compact(fn(*args, progress=progress_callback(ctx), **kwargs))
     return _execute_immediate(ctx, fn, args, kwargs, reload)
 
 
@@ -267,7 +348,35 @@ def _execute_immediate(ctx, fn, args, kwargs, reload):
     result = yield from run_with_progress(ctx, fn, *args, **kwargs)
     if reload:
         yield reload_dataset(ctx)
-    return result
+    yield from show_summary(ctx, result)
+    return compact(result)
+
+
+def compact(result):
+    return result.compact() if hasattr(result, "compact") else result
+
+
+def summary_text(result) -> str:
+    """The run's summary as text: counts, warnings, failures (and a report, if any)."""
+    if hasattr(result, "text"):
+        return result.text()
+    if isinstance(result, dict):
+        parts = [str(result["summary"])] if result.get("summary") else []
+        if result.get("report"):
+            parts.append(str(result["report"]))
+        return "\n\n".join(parts)
+    return str(result)
+
+
+def show_summary(ctx, result):
+    """A notification with the headline (a warning when something failed or changed the
+    result) and the whole summary in the operator's output view."""
+    warn = isinstance(result, dict) and bool(result.get("failed") or result.get("warnings"))
+    headline = result.headline() if hasattr(result, "headline") else summary_text(result).split("\n")[0]
+    yield ctx.ops.notify(headline + (" (see the warnings)" if warn else ""), variant="warning" if warn else "success")
+    outputs = types.Object()
+    outputs.str("summary", label="Summary", view=types.CodeView(language="text"))
+    yield ctx.ops.show_output(types.Property(outputs).to_json(), {"summary": summary_text(result)})
 
 
 def call_operator(op, sample_collection, delegate: bool = False, delegation_target=None, **kwargs):

@@ -10,7 +10,7 @@ from fiftyone_sdcorr.dataset.config import STORE_DTYPES, FeatureConfig
 from fiftyone_sdcorr.plugin import common
 
 
-class ComputeFusedFeatures(foo.Operator):
+class ComputeFusedFeatures(common.RunOperator):
     @property
     def config(self):
         return foo.OperatorConfig(
@@ -33,38 +33,41 @@ class ComputeFusedFeatures(foo.Operator):
         return common.call_operator(self, sample_collection, delegate, delegation_target,
                                     sd_model=sd_model, dino_model=dino_model, **kwargs)
 
-    def resolve_delegation(self, ctx):
-        return common.resolve_delegation(ctx)
-
     def resolve_input(self, ctx):
         inputs = types.Object()
         target = common.target_view_input(ctx, inputs, action="Compute features for")
         common.model_inputs(ctx, inputs)
-        inputs.int("pca_dim", default=FeatureConfig.recipe.pca_dim, required=False, min=1,
+        last = common.last_features(ctx.dataset)  # the defaults follow the last run
+        inputs.int("pca_dim", default=last.get("pca_dim", FeatureConfig.recipe.pca_dim), required=False, min=1,
                    label="Channels per SD layer",
                    description="Fixed projection size per SD tap (smaller = smaller store)")
         inputs.int("projection_samples", default=FeatureConfig.projection_samples, required=False, min=1,
                    label="Projection images",
                    description="Images the fixed projection is fitted on (once per store)")
-        inputs.str("store_dir", required=False, label="Feature store directory",
+        inputs.str("store_dir", required=False, label="Feature store directory", default=last.get("store_dir"),
                    description="Default: ~/fiftyone/sdcorr_features/<dataset id> "
                    "(or $SDCORR_STORE_DIR/<dataset id>)")
         choices = types.DropdownView()
         for d in STORE_DTYPES:
             choices.add_choice(d, label=d)
-        inputs.enum("store_dtype", choices.values(), default=FeatureConfig.store_dtype, required=False,
+        inputs.enum("store_dtype", choices.values(), default=last.get("store_dtype", FeatureConfig.store_dtype),
+                    required=False,
                     label="Stored dtype", view=choices)
-        inputs.str("embedding_field", default=FeatureConfig.embedding_field, required=False,
+        inputs.str("embedding_field", default=last.get("embedding_field", FeatureConfig.embedding_field),
+                   required=False,
                    label="Embedding field", description="Vector field for the pooled fused vector")
-        inputs.str("features_field", default=FeatureConfig.features_field, required=False,
+        inputs.str("features_field", default=last.get("features_field", FeatureConfig.features_field),
+                   required=False,
                    label="Features field", description="String field for the store file's path")
         inputs.str("prompt_field", required=False, label="Prompt label field",
                    description="Field naming each sample's object (string, Classification, "
                    "Detections, Keypoints...) for a prompt with '{label}', e.g. 'a photo of a {label}'")
         inputs.bool("overwrite", default=False, label="Overwrite",
-                    description="Recompute samples that already have features")
+                    description="Recompute samples that already have features, and replace fields that "
+                    "hold other features")
         if target is not None:
             inputs.view("count", types.Notice(label=f"{len(target)} samples targeted"))
+        common.background_notice(inputs)
         return types.Property(inputs, view=types.View(label="Compute fused features"))
 
     def execute(self, ctx):

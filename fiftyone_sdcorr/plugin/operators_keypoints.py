@@ -116,7 +116,7 @@ def _reference_params(references):
 
 
 # --------------------------------------------------------------------------- propagate
-class PropagateKeypoints(foo.Operator):
+class PropagateKeypoints(common.RunOperator):
     @property
     def config(self):
         return foo.OperatorConfig(
@@ -136,9 +136,6 @@ class PropagateKeypoints(foo.Operator):
         return common.call_operator(self, sample_collection, delegate, delegation_target,
                                     source_field=source_field, output_field=output_field,
                                     **_reference_params(references), **kwargs)
-
-    def resolve_delegation(self, ctx):
-        return common.resolve_delegation(ctx)
 
     def resolve_input(self, ctx):
         inputs = types.Object()
@@ -162,9 +159,10 @@ class PropagateKeypoints(foo.Operator):
         inputs.str("embedding_field", default=PropagationConfig.embedding_field, required=False,
                    label="Embedding field")
         inputs.bool("overwrite", default=False, label="Overwrite an existing output field")
-        common.model_inputs(ctx, inputs)
+        common.model_inputs(ctx, inputs, follow=False, advanced=False)
         if target is not None:
             inputs.view("count", types.Notice(label=f"{len(target)} target samples"))
+        common.background_notice(inputs)
         return types.Property(inputs, view=types.View(label="Propagate keypoints"))
 
     def execute(self, ctx):
@@ -186,7 +184,9 @@ class PropagateKeypoints(foo.Operator):
 
 
 # --------------------------------------------------------------------------- evaluate
-class EvaluateKeypoints(foo.Operator):
+class EvaluateKeypoints(common.RunOperator):
+    delegate_large = False  # no model: immediate by default
+
     @property
     def config(self):
         return foo.OperatorConfig(
@@ -209,9 +209,6 @@ class EvaluateKeypoints(foo.Operator):
         return common.call_operator(self, sample_collection, delegate, delegation_target, pred_field=pred_field,
                                     gt_field=gt_field, **kwargs)
 
-    def resolve_delegation(self, ctx):
-        return common.resolve_delegation(ctx)
-
     def resolve_input(self, ctx):
         inputs = types.Object()
         target = common.target_view_input(ctx, inputs, action="Evaluate")
@@ -231,6 +228,7 @@ class EvaluateKeypoints(foo.Operator):
                       "Detections giving the target object's box", required=False)
         if target is not None:
             inputs.view("count", types.Notice(label=f"{len(target)} samples"))
+        common.background_notice(inputs)
         return types.Property(inputs, view=types.View(label="Evaluate keypoints"))
 
     def execute(self, ctx):
@@ -254,11 +252,12 @@ def _evaluate_report(samples, pred_field, gt_field, progress=None, **kwargs):
     from fiftyone_sdcorr.dataset.evaluate import evaluate_keypoints
 
     results = evaluate_keypoints(samples, pred_field, gt_field, progress=progress, **kwargs)
-    return {"eval_key": results.key, "report": results.report_str(), **results.report()}
+    return {"eval_key": results.key, "summary": results.summary.text(), "report": results.report_str(),
+            "warnings": results.summary["warnings"], "failed": results.summary["failed"], **results.report()}
 
 
 # --------------------------------------------------------------------------- review
-class FlagKeypointAnnotations(foo.Operator):
+class FlagKeypointAnnotations(common.RunOperator):
     @property
     def config(self):
         return foo.OperatorConfig(
@@ -276,9 +275,6 @@ class FlagKeypointAnnotations(foo.Operator):
         :func:`fiftyone_sdcorr.flag_keypoint_annotations`."""
         return common.call_operator(self, sample_collection, delegate, delegation_target, gt_field=gt_field,
                                     **_reference_params(references), **kwargs)
-
-    def resolve_delegation(self, ctx):
-        return common.resolve_delegation(ctx)
 
     def resolve_input(self, ctx):
         inputs = types.Object()
@@ -301,9 +297,10 @@ class FlagKeypointAnnotations(foo.Operator):
                    label="Stored features field")
         inputs.str("embedding_field", default=ReviewConfig.embedding_field, required=False, label="Embedding field")
         inputs.bool("overwrite", default=False, label="Overwrite an existing review field")
-        common.model_inputs(ctx, inputs)
+        common.model_inputs(ctx, inputs, follow=False, advanced=False)
         if target is not None:
             inputs.view("count", types.Notice(label=f"{len(target)} samples"))
+        common.background_notice(inputs)
         return types.Property(inputs, view=types.View(label="Flag keypoint annotations"))
 
     def execute(self, ctx):

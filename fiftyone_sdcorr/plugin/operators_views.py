@@ -35,7 +35,9 @@ def _reference_id(ctx):
     return None
 
 
-class WriteFeaturePCA(foo.Operator):
+class WriteFeaturePCA(common.RunOperator):
+    delegate_large = False  # cheap per sample: immediate by default
+
     @property
     def config(self):
         return foo.OperatorConfig(
@@ -54,9 +56,6 @@ class WriteFeaturePCA(foo.Operator):
         return common.call_operator(self, sample_collection, delegate, delegation_target,
                                     output_field=output_field, **kwargs)
 
-    def resolve_delegation(self, ctx):
-        return common.resolve_delegation(ctx)
-
     def resolve_input(self, ctx):
         inputs = types.Object()
         target = common.target_view_input(ctx, inputs, action="Write PCA masks for")
@@ -70,6 +69,7 @@ class WriteFeaturePCA(foo.Operator):
         inputs.bool("overwrite", default=False, label="Overwrite an existing output field")
         if target is not None:
             inputs.view("count", types.Notice(label=f"{len(target)} samples"))
+        common.background_notice(inputs)
         return types.Property(inputs)
 
     def execute(self, ctx):
@@ -79,7 +79,9 @@ class WriteFeaturePCA(foo.Operator):
         return common.execute(ctx, write_feature_pca, common.get_target_view(ctx), **kwargs)
 
 
-class WriteSimilarityHeatmap(foo.Operator):
+class WriteSimilarityHeatmap(common.RunOperator):
+    delegate_large = False  # cheap per sample: immediate by default
+
     @property
     def config(self):
         return foo.OperatorConfig(
@@ -99,9 +101,6 @@ class WriteSimilarityHeatmap(foo.Operator):
         x, y = (None, None) if point is None else point
         return common.call_operator(self, sample_collection, delegate, delegation_target,
                                     reference_id=reference_id, x=x, y=y, **kwargs)
-
-    def resolve_delegation(self, ctx):
-        return common.resolve_delegation(ctx)
 
     def resolve_input(self, ctx):
         inputs = types.Object()
@@ -127,6 +126,7 @@ class WriteSimilarityHeatmap(foo.Operator):
         inputs.bool("overwrite", default=False, label="Overwrite an existing output field")
         if target is not None:
             inputs.view("count", types.Notice(label=f"{len(target)} samples"))
+        common.background_notice(inputs)
         return types.Property(inputs)
 
     def execute(self, ctx):

@@ -101,9 +101,21 @@ def _features(path: Optional[str]):
 
 
 # --------------------------------------------------------------------------- dataset helpers
+REFERENCE_TAG = "reference"  # a sample tag containing this word marks a reference
+OUTPUT_FIELD = "sdcorr_keypoints"  # the first name offered for new predictions
+
+
 def keypoint_fields(dataset) -> List[str]:
-    schema = dataset.get_field_schema(embedded_doc_type=fo.Keypoints)
-    return sorted(schema)
+    """The ``fo.Keypoints`` fields of ``dataset``, in schema order."""
+    if dataset is None:
+        return []
+    return list(dataset.get_field_schema(embedded_doc_type=fo.Keypoints))
+
+
+def reference_tags(dataset) -> List[str]:
+    """The sample tags that mark references: ``reference`` and any tag containing it
+    (``reference_cat``, ``sdcorr:reference``; case-insensitive)."""
+    return [t for t in dataset.distinct("tags") if REFERENCE_TAG in str(t).lower()]
 
 
 def _is_predicted_field(dataset, name: str) -> bool:
@@ -115,13 +127,74 @@ def _is_predicted_field(dataset, name: str) -> bool:
     return False
 
 
-def default_fields(dataset) -> Tuple[Optional[str], Optional[str]]:
-    """``(ground_truth_field, predicted_field)``: predicted = a keypoints field whose
-    instances carry ``sdcorr_reference_id`` (written by propagation)."""
-    fields = keypoint_fields(dataset)
+def predicted_fields(dataset, fields: Optional[List[str]] = None) -> List[str]:
+    """Keypoints fields written by propagation (their instances carry
+    ``sdcorr_reference_id``), oldest first: by the field's ``created_at`` where FiftyOne
+    records it, else in schema order (newest last either way)."""
+    fields = keypoint_fields(dataset) if fields is None else fields
     pred = [f for f in fields if _is_predicted_field(dataset, f)]
-    gt = [f for f in fields if f not in pred]
-    return (gt[0] if gt else None), (pred[0] if pred else None)
+
+    def created(i_name):
+        i, name = i_name
+        try:
+            at = getattr(dataset.get_field(name), "created_at", None)
+        except Exception:
+            at = None
+        return (at is not None, at.timestamp() if at is not None else 0.0, i)
+
+    return [name for _, name in sorted(enumerate(pred), key=created)]
+
+
+def field_roles(dataset) -> Dict[str, List[str]]:
+    """``{"keypoints": every Keypoints field (schema order), "predicted": the predicted
+    ones (oldest first), "annotations": the others}``."""
+    fields = keypoint_fields(dataset)
+    pred = predicted_fields(dataset, fields) if dataset is not None else []
+    return {"keypoints": fields, "predicted": pred, "annotations": [f for f in fields if f not in pred]}
+
+
+def default_fields(dataset, roles: Optional[Dict[str, List[str]]] = None) -> Dict[str, Optional[str]]:
+    """The fields the panel shows by default, ``{"ref_field", "pred_field", "gt_field"}``:
+
+    - reference keypoints: the annotation field holding the most keypoints of tagged
+      references (:func:`reference_tags`); without tagged references, the annotation
+      field with the most keypoints;
+    - predicted: the newest predicted field (:func:`predicted_fields`);
+    - ground truth: the annotation field with the most keypoints on samples that are not
+      tagged references; else the reference field (one field holds both).
+    """
+    roles = roles or field_roles(dataset)
+    annotations = roles["annotations"]
+    out = {"ref_field": None, "pred_field": roles["predicted"][-1] if roles["predicted"] else None,
+           "gt_field": None}
+    if not annotations:
+        return out
+
+    def most(view, fields):
+        counts = [(view.count(f"{f}.keypoints"), -i, f) for i, f in enumerate(fields)]
+        best = max(counts)
+        return best[2] if best[0] > 0 else None
+
+    tags = reference_tags(dataset)
+    tagged = dataset.match_tags(tags) if tags else None
+    ref = most(tagged, annotations) if tagged is not None else None
+    out["ref_field"] = ref or most(dataset, annotations) or annotations[0]
+    others = dataset.match_tags(tags, bool=False) if tags else dataset
+    out["gt_field"] = most(others, annotations) or out["ref_field"]
+    return out
+
+
+def free_field_name(dataset, base: str = OUTPUT_FIELD) -> str:
+    """``base``, ``base_2``, ``base_3``, ...: the first name that is not a field of
+    ``dataset`` yet (nor is its ``<name>_error`` companion)."""
+    def taken(name):
+        return dataset.has_field(name) or dataset.has_field(f"{name}_error")
+
+    name, i = base, 1
+    while taken(name):
+        i += 1
+        name = f"{base}_{i}"
+    return name
 
 
 def skeleton_of(dataset, field: Optional[str]):
@@ -146,27 +219,33 @@ def _cosine(a, b) -> float:
     return float(a @ b / (na * nb))
 
 
-def rank_references(dataset, current_id: str, gt_field: Optional[str], limit: int = 200) -> List[dict]:
-    """Annotated references (samples with keypoints in ``gt_field``), most similar first
-    by the cosine of the global embeddings (``sdcorr_embedding``); without embeddings, in
-    dataset order. Returns ``[{"id", "label", "similarity"}]`` (the current sample is left
-    out)."""
-    if not gt_field or not dataset.has_sample_field(gt_field):
+def rank_references(dataset, current_id: str, ref_field: Optional[str], limit: int = 200) -> List[dict]:
+    """Annotated references (samples with keypoints in ``ref_field``): tagged references
+    (:func:`reference_tags`) first, then the others; within each, most similar first by
+    the cosine of the global embeddings (``sdcorr_embedding``), without embeddings in
+    dataset order. Returns ``[{"id", "label", "similarity", "tagged"}]`` (the current
+    sample is left out)."""
+    if not ref_field or not dataset.has_sample_field(ref_field):
         return []
-    refs = dataset.exists(f"{gt_field}.keypoints").match({"_id": {"$ne": ObjectId(current_id)}})
-    ids, paths = refs.values("id"), refs.values("filepath")
+    refs = dataset.exists(f"{ref_field}.keypoints").match({"_id": {"$ne": ObjectId(current_id)}})
+    ids, paths, tags = refs.values("id"), refs.values("filepath"), refs.values("tags")
+    ref_tags = set(reference_tags(dataset))
+    tagged = [bool(ref_tags.intersection(t or [])) for t in tags]
     sims = [float("nan")] * len(ids)
     if dataset.has_sample_field(EMBEDDING_FIELD) and ids:
         cur = dataset.select(current_id).values(EMBEDDING_FIELD)
         if cur and cur[0] is not None:
             embs = refs.values(EMBEDDING_FIELD)
             sims = [_cosine(cur[0], e) if e is not None else float("nan") for e in embs]
-    order = sorted(range(len(ids)), key=lambda i: (math.isnan(sims[i]), -np.nan_to_num(sims[i], nan=-9)))
+    order = sorted(range(len(ids)), key=lambda i: (not tagged[i], math.isnan(sims[i]),
+                                                   -np.nan_to_num(sims[i], nan=-9)))
     out = []
     for i in order[:limit]:
-        name = os.path.basename(paths[i])
-        label = f"{name} · {sims[i]:.2f}" if not math.isnan(sims[i]) else name
-        out.append({"id": ids[i], "label": label, "similarity": None if math.isnan(sims[i]) else sims[i]})
+        label = os.path.basename(paths[i]) + (" · reference" if tagged[i] else "")
+        if not math.isnan(sims[i]):
+            label += f" · {sims[i]:.2f}"
+        out.append({"id": ids[i], "label": label, "similarity": None if math.isnan(sims[i]) else sims[i],
+                    "tagged": tagged[i]})
     return out
 
 
@@ -250,8 +329,11 @@ def figure_options(state) -> dict:
             opts[k] = v
     opts["error_lines"], opts["heatmap"] = bool(opts["error_lines"]), bool(opts["heatmap"])
     opts["n_parts"] = int(opts["n_parts"])
-    for k in ("gt_field", "pred_field", "click", "selected_point"):
+    for k in ("ref_field", "gt_field", "pred_field", "click", "selected_point"):
         opts[k] = state.get(k)
+    opts["ref_field"] = opts["ref_field"] or opts["gt_field"]
+    instance = state.get("instance")
+    opts["instance"] = int(instance) if isinstance(instance, (int, float)) and instance >= 0 else None
     return opts
 
 
@@ -323,6 +405,8 @@ def build_figure(dataset, current, reference, state: dict) -> dict:
     places = placements(current.filepath, reference.filepath)
     samples = {"current": current, "reference": reference}
     gt_field, pred_field = state.get("gt_field"), state.get("pred_field")
+    ref_field = state.get("ref_field") or gt_field
+    instance = state.get("instance")
     show = state.get("show") or "predicted"
     mode = state.get("view_mode") or "photos"
     data: List[dict] = []
@@ -347,13 +431,14 @@ def build_figure(dataset, current, reference, state: dict) -> dict:
                                                  opacity=0.9 if mode == "pca" else 0.6))
 
     # keypoints
-    ref_insts = instances_of(reference, gt_field)
+    ref_insts = instances_of(reference, ref_field)
+    shown = [j for j in range(len(ref_insts)) if instance is None or j == instance]
     cur_gt = instances_of(current, gt_field)
     cur_pred = instances_of(current, pred_field) if pred_field else []
-    n_points = max([len(kp.points) for kp in ref_insts] + [0])
-    labels = point_labels(dataset, gt_field, n_points)
+    n_points = max([len(ref_insts[j].points) for j in shown] + [0])
+    labels = point_labels(dataset, ref_field, n_points)
     colors = [vis.palette_color(i) for i in range(n_points)]
-    sk = skeleton_of(dataset, gt_field)
+    sk = skeleton_of(dataset, ref_field)
     edges = [list(e) for e in (getattr(sk, "edges", None) or [])]
     selected = state.get("selected_point") or {}
 
@@ -377,7 +462,8 @@ def build_figure(dataset, current, reference, state: dict) -> dict:
                 "showlegend": False}
 
     lines, markers, n_lines = [], [], 0
-    for j, ref_kp in enumerate(ref_insts):
+    for j in shown:
+        ref_kp = ref_insts[j]
         ref_pts = list(ref_kp.points)
         pred_kp = predicted_for(cur_pred, reference.id, j) if cur_pred else None
         gt_kp = cur_gt[j] if j < len(cur_gt) else None
@@ -434,9 +520,11 @@ def build_figure(dataset, current, reference, state: dict) -> dict:
                                        places["current"].to_plot(*g), ERROR_COLOR, 1.5, "dash"))
 
     if not ref_insts:
-        status.append(f"The reference has no keypoints in `{gt_field}`.")
+        status.append(f"The reference has no keypoints in `{ref_field}`.")
+    elif not shown:
+        status.append(f"The reference has no instance {instance} in `{ref_field}`.")
     elif pred_field and show != "ground_truth" and not any(
-        predicted_for(cur_pred, reference.id, j) for j in range(len(ref_insts))
+        predicted_for(cur_pred, reference.id, j) for j in shown
     ):
         status.append(f"No predictions from this reference in `{pred_field}` yet: use *Propagate*.")
 

@@ -39,6 +39,7 @@ from fiftyone_sdcorr.plugin.panel_figure import (  # noqa: F401 -- MAX_SIDE etc.
     CONTROL_DEFAULTS,
     FIGURE_HEIGHT,
     MAX_SIDE,
+    OUTPUT_FIELD,
     PLOT_HEIGHT,
     PLUGIN,
     POINT_REVIEW_ATTR,
@@ -49,13 +50,34 @@ from fiftyone_sdcorr.plugin.panel_figure import (  # noqa: F401 -- MAX_SIDE etc.
     VIEW_MODES,
     build_figure,
     default_fields,
+    field_roles,
     figure_options,
+    free_field_name,
     instances_of,
     keypoint_fields,
     placements,
     predicted_for,
     rank_references,
 )
+
+#: the panel's field selectors: state key -> (label, whether "none" is a choice)
+FIELD_SELECTORS = {
+    "ref_field": ("Reference keypoints", False),
+    "pred_field": ("Predicted", True),
+    "gt_field": ("Ground truth", True),
+}
+NONE = "__none__"  # the "(none)" choice of the predicted / ground-truth selectors
+ALL_INSTANCES = "all"
+#: the execution store (scoped to the dataset) that remembers the panel's choices
+STORE_NAME = "sdcorr_match_panel"
+STORE_KEY = "choices"
+#: how a control sits in the wrapping control bar (the App gives grid items width 100%)
+ITEM = {"item": {"sx": {"width": "auto", "flex": "1 1 170px", "minWidth": "150px", "maxWidth": "340px"}}}
+SMALL_ITEM = {"item": {"sx": {"width": "auto", "flex": "0 0 auto"}}}
+
+
+def _dataset_id(dataset) -> Optional[str]:
+    return str(dataset._doc.id) if dataset is not None else None
 
 
 class MatchPanel(foo.Panel):
@@ -70,8 +92,9 @@ class MatchPanel(foo.Panel):
             surfaces="grid modal",
             help_markdown=(
                 "The current sample (left) and an annotated reference (right). Lines join "
-                "corresponding keypoints (opacity = confidence). Click any pixel to see its "
-                "best match and the similarity heat map in the other image; click a "
+                "corresponding keypoints (opacity = confidence). Pick the fields above the figure: "
+                "the references' keypoints, the predictions, the ground truth. Click any pixel to "
+                "see its best match and the similarity heat map in the other image; click a "
                 "predicted point to select it for review."
             ),
         )
@@ -99,34 +122,91 @@ class MatchPanel(foo.Panel):
             return selected[0], selected[1]
         return None, None
 
+    # ---- remembered choices (per dataset) -----------------------------------------
+    def _store(self, ctx):
+        try:
+            return ctx.store(STORE_NAME) if ctx.dataset is not None else None
+        except Exception:  # noqa: BLE001 -- no execution store: choices last as long as the panel
+            return None
+
+    def _saved(self, ctx) -> dict:
+        store = self._store(ctx)
+        try:
+            saved = store.get(STORE_KEY) if store is not None else None
+        except Exception:  # noqa: BLE001
+            saved = None
+        return saved if isinstance(saved, dict) else {}
+
+    def _remember(self, ctx, **choices):
+        """Saves the user's field choices for this dataset."""
+        store = self._store(ctx)
+        if store is None:
+            return
+        saved = {**self._saved(ctx), **choices}
+        try:
+            store.set(STORE_KEY, saved)
+        except Exception:  # noqa: BLE001 -- remembering is a convenience
+            pass
+
+    def _fields(self, ctx) -> dict:
+        """The fields to show: this panel's choices when they were made on this dataset,
+        else the choices remembered for the dataset, else the defaults
+        (:func:`default_fields`); a predicted field newer than any seen when the choice
+        was made takes over (a fresh propagation shows up)."""
+        state, dataset = ctx.panel.state, ctx.dataset
+        roles = field_roles(dataset)
+        same = state.dataset_id == _dataset_id(dataset)
+        saved = self._saved(ctx)
+        ours = {k: state.get(k) for k in FIELD_SELECTORS} if same else {}
+        defaults = default_fields(dataset, roles)
+        fields = {}
+        for key, (_, optional) in FIELD_SELECTORS.items():
+            valid = roles["keypoints"] + ([None] if optional else [])
+            for source in (ours, saved):
+                if key in source and source[key] in valid and (source[key] is not None or optional):
+                    fields[key] = source[key]
+                    break
+            else:
+                fields[key] = defaults[key]
+        known = state.pred_known if same and state.pred_known is not None else saved.get("pred_known")
+        new = [f for f in roles["predicted"] if known is not None and f not in known]
+        if new:
+            fields["pred_field"] = new[-1]
+        fields["pred_known"] = roles["predicted"]
+        fields["roles"] = roles
+        return fields
+
     def _refresh(self, ctx, keep_reference: bool = True):
         state = ctx.panel.state
         dataset = ctx.dataset
         current, forced = self._pair_ids(ctx)
-        gt_field, pred_field = state.gt_field, state.pred_field
-        fields = keypoint_fields(dataset) if dataset is not None else []
-        if gt_field not in fields or pred_field not in fields + [None]:
-            gt_field, pred_field = default_fields(dataset) if dataset is not None else (None, None)
+        fields = self._fields(ctx) if dataset is not None else {
+            "ref_field": None, "pred_field": None, "gt_field": None, "pred_known": [], "roles": {}}
+        same = state.dataset_id == _dataset_id(dataset)
         updates = {
+            "dataset_id": _dataset_id(dataset),
             "current_id": current,
-            "gt_field": gt_field,
-            "pred_field": pred_field,
+            **fields,
             "click": None,
             "selected_point": None,
             "message": None,
         }
-        refs = rank_references(dataset, current, gt_field) if current else []
+        for key in FIELD_SELECTORS:
+            updates[f"controls.{key}"] = fields[key] or NONE
+        refs = rank_references(dataset, current, fields["ref_field"]) if current else []
         if forced:
             sample = dataset[forced]
-            refs = [{"id": forced, "label": os.path.basename(sample.filepath), "similarity": None}] + [
-                r for r in refs if r["id"] != forced
-            ]
-        reference = state.reference_id if keep_reference else None
+            refs = [{"id": forced, "label": os.path.basename(sample.filepath), "similarity": None,
+                     "tagged": None}] + [r for r in refs if r["id"] != forced]
+        reference = state.reference_id if keep_reference and same else None
         ids = [r["id"] for r in refs]
         if forced:
             reference = forced
         elif reference not in ids:
             reference = ids[0] if ids else None
+        if reference != state.reference_id or not same:
+            updates["instance"] = None
+            updates["controls.instance"] = ALL_INSTANCES
         updates["references"] = refs
         updates["reference_id"] = reference
         updates["controls.reference"] = reference
@@ -139,33 +219,61 @@ class MatchPanel(foo.Panel):
     def on_change_reference(self, ctx):
         value = ctx.params.get("value")
         ctx.panel.state.set({"reference_id": value, "controls.reference": value, "click": None,
-                             "selected_point": None, "message": None})
+                             "selected_point": None, "message": None, "instance": None,
+                             "controls.instance": ALL_INSTANCES})
+
+    def _change_field(self, ctx, key):
+        value = ctx.params.get("value")
+        value = None if value in (None, "", NONE) else value
+        state = ctx.panel.state
+        if value is not None and value not in keypoint_fields(ctx.dataset):
+            return
+        state.set({key: value, f"controls.{key}": value or NONE, "selected_point": None, "click": None})
+        roles_pred = state.pred_known or []
+        self._remember(ctx, **{key: value}, pred_known=list(roles_pred))
+        if key == "ref_field":
+            self._refresh(ctx, keep_reference=True)
+
+    def on_change_ref_field(self, ctx):
+        self._change_field(ctx, "ref_field")
 
     def on_change_gt_field(self, ctx):
-        ctx.panel.state.set({"gt_field": ctx.params.get("value")})
-        self._refresh(ctx, keep_reference=True)
+        self._change_field(ctx, "gt_field")
 
     def on_change_pred_field(self, ctx):
-        ctx.panel.state.set({"pred_field": ctx.params.get("value"), "selected_point": None})
+        self._change_field(ctx, "pred_field")
+
+    def on_change_instance(self, ctx):
+        value = ctx.params.get("value")
+        try:
+            instance = None if value in (None, "", ALL_INSTANCES) else int(value)
+        except (TypeError, ValueError):
+            instance = None
+        ctx.panel.state.set({"instance": instance,
+                             "controls.instance": ALL_INSTANCES if instance is None else str(instance),
+                             "selected_point": None})
+
+    def _change_control(self, ctx, key, value):
+        ctx.panel.state.set({f"controls.{key}": value})
 
     def on_change_view_mode(self, ctx):
-        ctx.panel.state.set({"controls.view_mode": ctx.params.get("value") or "photos"})
+        self._change_control(ctx, "view_mode", ctx.params.get("value") or "photos")
 
     def on_change_show(self, ctx):
-        ctx.panel.state.set({"controls.show": ctx.params.get("value") or "predicted"})
+        self._change_control(ctx, "show", ctx.params.get("value") or "predicted")
 
     def on_change_error_lines(self, ctx):
-        ctx.panel.state.set({"controls.error_lines": bool(ctx.params.get("value"))})
+        self._change_control(ctx, "error_lines", bool(ctx.params.get("value")))
 
     def on_change_heatmap(self, ctx):
-        ctx.panel.state.set({"controls.heatmap": bool(ctx.params.get("value"))})
+        self._change_control(ctx, "heatmap", bool(ctx.params.get("value")))
 
     def on_change_n_parts(self, ctx):
         try:
             k = int(ctx.params.get("value"))
         except (TypeError, ValueError):
             k = CONTROL_DEFAULTS["n_parts"]
-        ctx.panel.state.set({"controls.n_parts": max(2, min(k, 20))})
+        self._change_control(ctx, "n_parts", max(2, min(k, 20)))
 
     def on_clear(self, ctx):
         ctx.panel.state.set({"click": None, "selected_point": None, "message": None})
@@ -204,19 +312,27 @@ class MatchPanel(foo.Panel):
         state.set({"click": {"side": side, "x": x, "y": y}, "message": None})
 
     # ---- actions --------------------------------------------------------------------
-    def on_propagate(self, ctx):
+    def propagate_params(self, ctx) -> Optional[dict]:
+        """What "Propagate from this reference" pre-fills: the current view (or the
+        selected samples) as targets, exactly the reference shown and the reference field
+        selected here, a new output field, overwrite off."""
         state = ctx.panel.state
-        if not state.reference_id or not state.gt_field:
-            state.set({"message": "No annotated reference to propagate from."})
-            return
-        params = {
+        if not state.reference_id or not state.ref_field or ctx.dataset is None:
+            return None
+        return {
+            "view_target": "SELECTED_SAMPLES" if ctx.selected else "CURRENT_VIEW",
             "references": "ids",
             "reference_ids": [state.reference_id],
-            "source_field": state.gt_field,
+            "source_field": state.ref_field,
+            "output_field": free_field_name(ctx.dataset, OUTPUT_FIELD),
+            "overwrite": False,
         }
-        if state.pred_field:
-            params["output_field"] = state.pred_field
-            params["overwrite"] = True
+
+    def on_propagate(self, ctx):
+        params = self.propagate_params(ctx)
+        if params is None:
+            ctx.panel.state.set({"message": "No annotated reference to propagate from."})
+            return
         ctx.prompt(f"{PLUGIN}/propagate_keypoints", params=params)
 
     def on_compute_features(self, ctx):
@@ -242,12 +358,15 @@ class MatchPanel(foo.Panel):
             return
         current, reference = pair
         sel = state.selected_point or {}
-        gt_insts = instances_of(reference, state.gt_field)
+        ref_insts = instances_of(reference, state.ref_field or state.gt_field)
         pred_insts = instances_of(current, state.pred_field)
+        instance = figure_options(state)["instance"]
         if sel:
             indices = [int(sel["instance"])]
+        elif instance is not None:
+            indices = [instance]
         else:
-            indices = list(range(len(gt_insts)))
+            indices = list(range(len(ref_insts)))
         targets = [(i, predicted_for(pred_insts, reference.id, i)) for i in indices]
         targets = [(i, kp) for i, kp in targets if kp is not None]
         if not targets:
@@ -287,6 +406,7 @@ class MatchPanel(foo.Panel):
     def render(self, ctx):
         panel = types.Object()
         state = ctx.panel.state
+        layout = types.GridView(orientation="vertical", columns=1, gap=1, padding=1)
         pair = self._pair(ctx)
         if pair is None:
             if not state.current_id:
@@ -296,22 +416,25 @@ class MatchPanel(foo.Panel):
                     name="hint",
                 )
             else:
+                self._controls(ctx, panel, None)
                 panel.md(
-                    "No annotated reference: this dataset has no sample with keypoints in a "
-                    f"ground-truth field ({', '.join(keypoint_fields(ctx.dataset)) or 'none'}).",
+                    f"No annotated reference: no other sample has keypoints in `{state.ref_field}`. "
+                    "Pick another *Reference keypoints* field "
+                    f"({', '.join(keypoint_fields(ctx.dataset)) or 'none'}).",
                     name="hint",
                 )
-            return types.Property(panel, view=types.GridView(orientation="vertical", padding=1))
+            return types.Property(panel, view=layout)
 
         current, reference = pair
-        self._controls(ctx, panel)
+        self._controls(ctx, panel, reference)
         try:
             figure = build_figure(ctx.dataset, current, reference, figure_options(state))
         except Exception as e:  # a broken file must not take the panel down
             panel.md(f"Could not draw this pair: `{e}`", name="error")
-            return types.Property(panel, view=types.GridView(orientation="vertical", padding=1))
+            return types.Property(panel, view=layout)
         self._actions(ctx, panel, figure)
-        panel.md(figure["status"], name="status")
+        status = figure["status"] if not state.message else f"{state.message}  \n{figure['status']}"
+        panel.md(status, name="status")
         panel.plot(
             "figure",
             data=figure["data"],
@@ -322,59 +445,90 @@ class MatchPanel(foo.Panel):
             height=f"{FIGURE_HEIGHT}px",
             width="100%",
         )
-        return types.Property(panel, view=types.GridView(orientation="vertical", columns=1, gap=1, padding=1))
+        return types.Property(panel, view=layout)
 
-    def _controls(self, ctx, panel):
+    def _controls(self, ctx, panel, reference):
+        """One bar of controls that wraps in a narrow split: the three field selectors,
+        the reference (tagged references first) and its instance, then the display
+        options."""
         state = ctx.panel.state
-        row = panel.h_stack("controls", align_x="left", align_y="center", gap=2)
+        row = panel.grid("controls", gap=1, align_x="left", align_y="center")
+        roles = state.roles or {}
+        fields = roles.get("keypoints") or keypoint_fields(ctx.dataset)
+        predicted = roles.get("predicted") or []
+        for key, (label, optional) in FIELD_SELECTORS.items():
+            choices = types.DropdownView(label=label, componentsProps=ITEM)
+            values = list(fields)
+            if key == "pred_field":  # predictions first, newest first
+                values = list(reversed(predicted)) + [f for f in fields if f not in predicted]
+            for f in values:
+                choices.add_choice(f, label=f + (" (predicted)" if f in predicted and key != "pred_field" else ""))
+            if optional:
+                choices.add_choice(NONE, label="(none)")
+                values.append(NONE)
+            if not values:
+                continue
+            row.enum(key, values, default=state.get(key) or NONE, view=choices,
+                     on_change=getattr(self, f"on_change_{key}"))
+        if reference is None:
+            return
         refs = state.references or []
-        ref_choices = types.DropdownView(label="Reference", space=4)
+        ref_choices = types.DropdownView(label="Reference", componentsProps=ITEM)
         for r in refs:
             ref_choices.add_choice(r["id"], label=r["label"])
         row.enum("reference", [r["id"] for r in refs], default=state.reference_id,
                  view=ref_choices, on_change=self.on_change_reference)
-        view_choices = types.DropdownView(label="View", space=2)
+        instances = instances_of(reference, state.ref_field or state.gt_field)
+        if len(instances) > 1:
+            inst = types.DropdownView(label="Instance", componentsProps=ITEM)
+            inst.add_choice(ALL_INSTANCES, label="All instances")
+            for j, kp in enumerate(instances):
+                inst.add_choice(str(j), label=f"{j}: {kp.label}" if kp.label else str(j))
+            current = figure_options(state)["instance"]
+            row.enum("instance", [ALL_INSTANCES] + [str(j) for j in range(len(instances))],
+                     default=ALL_INSTANCES if current is None else str(current), view=inst,
+                     on_change=self.on_change_instance)
+        view_choices = types.DropdownView(label="View", componentsProps=ITEM)
         for k, v in VIEW_MODES.items():
             view_choices.add_choice(k, label=v)
         opts = figure_options(state)
         row.enum("view_mode", list(VIEW_MODES), default=opts["view_mode"],
                  view=view_choices, on_change=self.on_change_view_mode)
-        show_choices = types.DropdownView(label="Keypoints", space=2)
+        show_choices = types.DropdownView(label="Keypoints", componentsProps=ITEM)
         for k, v in SHOW_MODES.items():
             show_choices.add_choice(k, label=v)
         row.enum("show", list(SHOW_MODES), default=opts["show"],
                  view=show_choices, on_change=self.on_change_show)
-        parts = types.DropdownView(label="Parts", space=1)
-        for k in (2, 3, 4, 5, 6, 8, 10, 12, 16):
-            parts.add_choice(k, label=str(k))
         if opts["view_mode"] == "parts":
+            parts = types.DropdownView(label="Parts", componentsProps=ITEM)
+            for k in (2, 3, 4, 5, 6, 8, 10, 12, 16):
+                parts.add_choice(k, label=str(k))
             row.enum("n_parts", [2, 3, 4, 5, 6, 8, 10, 12, 16], default=opts["n_parts"],
                      view=parts, on_change=self.on_change_n_parts)
         row.bool("error_lines", default=opts["error_lines"], label="Error lines",
-                 view=types.SwitchView(space=1), on_change=self.on_change_error_lines)
+                 view=types.SwitchView(componentsProps=SMALL_ITEM), on_change=self.on_change_error_lines)
         row.bool("heatmap", default=opts["heatmap"], label="Heat map",
-                 view=types.SwitchView(space=1), on_change=self.on_change_heatmap)
+                 view=types.SwitchView(componentsProps=SMALL_ITEM), on_change=self.on_change_heatmap)
 
     def _actions(self, ctx, panel, figure):
         state = ctx.panel.state
-        row = panel.h_stack("actions", align_x="left", align_y="center", gap=1)
+        row = panel.grid("actions", gap=1, align_x="left", align_y="center")
+
+        def btn(name, label, icon, on_click, variant="outlined"):
+            row.btn(name, label=label, icon=icon, variant=variant, on_click=on_click,
+                    componentsProps=SMALL_ITEM)
+
         if figure.get("missing_features"):
-            row.btn("compute_features", label="Compute features", icon="memory",
-                    variant="contained", on_click=self.on_compute_features)
-        row.btn("propagate", label="Propagate from this reference", icon="call_split",
-                variant="outlined", on_click=self.on_propagate)
+            btn("compute_features", "Compute features", "memory", self.on_compute_features, "contained")
+        btn("propagate", "Propagate from this reference", "call_split", self.on_propagate)
         if state.pred_field:
             if state.selected_point:
-                row.btn("accept_point", label="Accept point", icon="check",
-                        variant="outlined", on_click=self.on_accept_point)
-                row.btn("reject_point", label="Reject point", icon="close",
-                        variant="outlined", on_click=self.on_reject_point)
-            row.btn("accept_instance", label="Accept instance", icon="done_all",
-                    variant="outlined", on_click=self.on_accept_instance)
-            row.btn("reject_instance", label="Reject instance", icon="block",
-                    variant="outlined", on_click=self.on_reject_instance)
+                btn("accept_point", "Accept point", "check", self.on_accept_point)
+                btn("reject_point", "Reject point", "close", self.on_reject_point)
+            btn("accept_instance", "Accept instance", "done_all", self.on_accept_instance)
+            btn("reject_instance", "Reject instance", "block", self.on_reject_instance)
         if state.click or state.selected_point:
-            row.btn("clear", label="Clear", icon="clear", on_click=self.on_clear)
+            btn("clear", "Clear", "clear", self.on_clear, variant=None)
 
 
 PANELS = [MatchPanel]
