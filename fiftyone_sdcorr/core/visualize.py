@@ -280,19 +280,13 @@ class Parts:
     k: int
 
 
-def kmeans_parts(feats_a: FusedFeatures, feats_b: FusedFeatures, k: int = 6, seed: int = 0,
-                 iters: int = 50) -> Parts:
-    """Part clustering shared by both images: spherical k-means (cosine) on the unit
-    valid tokens of both, k-means++ seeding from ``torch.Generator().manual_seed(seed)``.
-    The same part gets the same cluster (colour) in both images. Clusters are numbered by
+def spherical_kmeans(x: torch.Tensor, k: int, seed: int = 0, iters: int = 50) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(assignment, unit centres)`` of unit rows ``x``: k-means with cosine distance,
+    k-means++ seeding from ``torch.Generator().manual_seed(seed)``; clusters numbered by
     decreasing size, so the numbering does not depend on the seeding order."""
-    ta, ma = _unit_valid_tokens(feats_a)
-    tb, mb = _unit_valid_tokens(feats_b)
-    x = torch.cat([ta, tb])
     n = x.shape[0]
     k = max(1, min(int(k), n))
     gen = torch.Generator().manual_seed(int(seed))
-    # k-means++ with cosine distance 1 - cos
     centers = [x[int(torch.randint(n, (1,), generator=gen))]]
     dist = (1 - x @ centers[0]).clamp_min(0)
     for _ in range(1, k):
@@ -312,20 +306,44 @@ def kmeans_parts(feats_a: FusedFeatures, feats_b: FusedFeatures, k: int = 6, see
             if members.numel():
                 m = members.sum(0)
                 c[j] = m / m.norm().clamp_min(1e-12)
-    # renumber by decreasing size (ties by index)
     sizes = torch.bincount(assign, minlength=k)
     order = sorted(range(k), key=lambda j: (-int(sizes[j]), j))
     remap = torch.empty(k, dtype=torch.long)
     for new_j, old_j in enumerate(order):
         remap[old_j] = new_j
-    assign = remap[assign]
-    c = c[order]
+    return remap[assign], c[order]
+
+
+def kmeans_parts(feats_a: FusedFeatures, feats_b: FusedFeatures, k: int = 6, seed: int = 0,
+                 iters: int = 50) -> Parts:
+    """Part clustering shared by both images (:func:`spherical_kmeans` on the unit valid
+    tokens of both): the same part gets the same cluster (colour) in both images."""
+    ta, ma = _unit_valid_tokens(feats_a)
+    tb, mb = _unit_valid_tokens(feats_b)
+    assign, c = spherical_kmeans(torch.cat([ta, tb]), k, seed, iters)
     out = []
     for mask, part in ((ma, assign[: ta.shape[0]]), (mb, assign[ta.shape[0]:])):
         lab = torch.full(mask.shape, -1, dtype=torch.long)
         lab[mask] = part
         out.append(lab.numpy())
-    return Parts(labels_a=out[0], labels_b=out[1], centers=c.numpy(), k=k)
+    return Parts(labels_a=out[0], labels_b=out[1], centers=c.numpy(), k=int(c.shape[0]))
+
+
+def fit_part_centers(fused_list: Sequence[FusedFeatures], k: int = 6, seed: int = 0,
+                     max_tokens: int = 200_000) -> torch.Tensor:
+    """Part centres fitted once on several images (a dataset-wide part clustering)."""
+    x = torch.cat([_unit_valid_tokens(f)[0] for f in fused_list])
+    if x.shape[0] > max_tokens:
+        x = x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))[:max_tokens]]
+    return spherical_kmeans(x, k, seed)[1]
+
+
+def assign_parts(fused: FusedFeatures, centers: torch.Tensor) -> np.ndarray:
+    """The part (nearest centre by cosine) of each token; ``-1`` on padding tokens."""
+    tokens, mask = _unit_valid_tokens(fused)
+    lab = torch.full(mask.shape, -1, dtype=torch.long)
+    lab[mask] = (tokens @ centers.T).argmax(dim=1)
+    return lab.numpy()
 
 
 # --------------------------------------------------------------------------- click-to-match

@@ -1,9 +1,10 @@
-"""Feature views as FiftyOne labels the App can overlay on the samples.
+"""Feature views the App shows: colour pictures of the features, similarity heat maps.
 
 - :func:`write_feature_pca`: the first three principal components of each sample's stored
-  fused features as an RGB colour mask (``fo.Segmentation`` with an RGB PNG on disk). The
-  PCA is fitted once on the tokens of (a subset of) the collection, so the same part has
-  the same colour on every sample (the paper's PCA figures, dataset-wide).
+  fused features as an RGB picture (or, ``mode="parts"``, a part clustering), fitted once
+  on (a subset of) the collection so the same part has the same colour on every sample
+  (the paper's PCA figures, dataset-wide); a PNG per sample whose path goes into a string
+  field that the App can show as the sample's media (``app_config.media_fields``).
 - :func:`write_similarity_heatmaps`: the cosine similarity of one point of a reference
   sample to every location of each sample, as an ``fo.Heatmap`` (8-bit PNG on disk,
   ``range=[0, 255]`` for cosine ``0..1``): where does "this part" appear in every image.
@@ -12,9 +13,9 @@ Both read the dense features stored by ``compute_fused_features`` (a path in
 ``features_field``, all of one fingerprint); samples without features are skipped and
 reported. The images go to ``output_dir``, by default beside the feature store in use:
 ``<store namespace>/_views/<output_field>/<sample id>.png`` (the field name is checked as
-a FiftyOne field name first, so it never leads outside that folder). Masks are written
-at the downsampled size the panel uses (long side at most ``max_side``); FiftyOne stretches
-them over the image, and the resampling goes through the letterbox, so they line up.
+a FiftyOne field name first, so it never leads outside that folder). Pictures are written
+at the downsampled size the panel uses (long side at most ``max_side``, the image's aspect);
+the resampling goes through the letterbox, so they line up with the image and its labels.
 Speaks FiftyOne (layer 4); the pictures come from :mod:`fiftyone_sdcorr.core.visualize`.
 """
 
@@ -35,7 +36,9 @@ from fiftyone_sdcorr.dataset.engine import (
     ParameterError,
     Run,
     RunSummary,
+    check_choice,
     check_float,
+    check_int,
     declare_outputs,
     guard_outputs,
     image_collection,
@@ -45,12 +48,15 @@ from fiftyone_sdcorr.dataset.feature_source import FeatureSource
 from fiftyone_sdcorr.dataset.progress import ProgressArg
 
 VIEWS_DIR = "_views"
+FEATURE_VIEW_MODES = ("pca", "parts")
 
 
 def write_feature_pca(
     samples,
     output_field: str = "sdcorr_pca",
     *,
+    mode: str = "pca",
+    n_parts: int = 6,
     features_field: str = ViewConfig.features_field,
     output_dir: Optional[str] = ViewConfig.output_dir,
     fit_samples: int = ViewConfig.fit_samples,
@@ -58,17 +64,14 @@ def write_feature_pca(
     overwrite: bool = False,
     progress: ProgressArg = True,
 ) -> RunSummary:
-    """Writes the PCA colours of each sample's fused features as an RGB ``fo.Segmentation``.
+    """Writes a colour picture of each sample's fused features as an extra media field.
 
-    Args:
-        samples: a dataset or view.
-        output_field: the ``fo.Segmentation`` field to write (``mask_path`` to an RGB PNG).
-        features_field: the field holding each sample's stored dense features.
-        output_dir: where the PNGs go (default: beside the feature store in use).
-        fit_samples: the PCA is fitted on at most this many samples (evenly spaced).
-        max_side: long side of the written masks.
-        overwrite: replace an existing ``output_field``.
-        progress: True/False (progress bar) or ``callable(fraction, label)``.
+    ``mode="pca"``: the first three principal components as RGB; ``mode="parts"``: a
+    k-means clustering of the tokens into ``n_parts`` parts, one colour per part. Both are
+    fitted once on ``fit_samples`` samples of the view, so a part has the same colour on
+    every sample. ``output_field`` (a string field) holds each PNG's path and is added to
+    the dataset's ``app_config.media_fields``: in the App, choose it as the media field (the
+    grid's settings, or the modal's) to see the pictures in colour.
 
     Returns:
         a :class:`RunSummary`: ``written``, ``failed``, ``errors`` (sample id -> reason),
@@ -76,37 +79,67 @@ def write_feature_pca(
     """
     # 1. check every parameter and field before anything is written
     cfg = ViewConfig(output_field, features_field, output_dir, fit_samples, max_side, overwrite)
-    items, source = _stored_features(samples, cfg, "segmentation")
-    # 2. one PCA for the whole view
-    summary = RunSummary("write_feature_pca", ("written",), output_field=output_field)
+    check_choice("mode", mode, FEATURE_VIEW_MODES)
+    check_int("n_parts", n_parts, lo=2, hi=64)
+    items, source = _stored_features(samples, cfg, "string")
+    # 2. one PCA (or one part clustering) for the whole view
+    summary = RunSummary("write_feature_pca", ("written",), output_field=output_field, mode=mode)
     have = [(sid, p) for sid, p in items if p]
+    fitted = _fit_features(have, cfg, source, summary)
+    colors = _pca_colors(fitted) if mode == "pca" else _part_colors(fitted, n_parts)
+    # 3. one colour image per sample, shown as a media field
+    out_dir = _output_dir(cfg, have[0][1], summary)
+    with Run(samples, summary, len(items), progress, mode) as run:
+        declare_outputs(samples, {"output_field": (output_field, "string")})
+        paths = {}
+        for sid, p in items:
+            try:
+                fused = _load(source, p)
+                w, h = vis.display_size(fused.letterbox.width, fused.letterbox.height, cfg.max_side)
+                paths[sid] = _save_png(out_dir, sid, colors(fused, w, h))
+                summary.add("written")
+            except Exception as e:  # noqa: BLE001
+                run.fail(sid, str(e))
+            run.step(1)
+        run.write(output_field, paths)
+    _add_media_field(samples._root_dataset, output_field)
+    return summary
+
+
+def _fit_features(have, cfg: ViewConfig, source, summary) -> list:
     step = max(1, len(have) // cfg.fit_samples)
     fitted = []
     for sid, p in have[::step][:cfg.fit_samples]:
         try:
             fitted.append(source.load_stored(p))
-        except Exception as e:  # noqa: BLE001 (recorded per sample below)
-            summary.warn(f"{sid}: cannot read features for the PCA fit: {e}")
+        except Exception as e:  # noqa: BLE001 (recorded per sample later)
+            summary.warn(f"{sid}: cannot read features for the fit: {e}")
     if not fitted:
-        raise ParameterError(f"parameter 'features_field': no readable stored features in {features_field!r}")
+        raise ParameterError(f"parameter 'features_field': no readable stored features in {cfg.features_field!r}")
+    return fitted
+
+
+def _pca_colors(fitted):
     pca = vis.fit_pca_colors(fitted)
-    # 3. one colour image per sample
-    out_dir = _output_dir(cfg, have[0][1], summary)
-    with Run(samples, summary, len(items), progress, "PCA") as run:
-        declare_outputs(samples, {"output_field": (output_field, "segmentation")})
-        labels = {}
-        for sid, p in items:
-            try:
-                fused = _load(source, p)
-                w, h = vis.display_size(fused.letterbox.width, fused.letterbox.height, cfg.max_side)
-                rgb = vis.token_map_to_image(pca.apply(fused).astype(np.float32), fused, w, h)
-                labels[sid] = fo.Segmentation(mask_path=_save_png(out_dir, sid, rgb.round().clip(0, 255)))
-                summary.add("written")
-            except Exception as e:  # noqa: BLE001
-                run.fail(sid, str(e))
-            run.step(1)
-        run.write(output_field, labels)
-    return summary
+    return lambda fused, w, h: vis.token_map_to_image(pca.apply(fused).astype(np.float32), fused, w, h).round().clip(0, 255)
+
+
+def _part_colors(fitted, n_parts: int):
+    centers = vis.fit_part_centers(fitted, k=n_parts)
+
+    def colors(fused, w, h):
+        up = vis.token_map_to_image(vis.assign_parts(fused, centers).astype(np.float32), fused, w, h, mode="nearest")
+        return vis.labels_to_rgb(up.round().astype(int))
+
+    return colors
+
+
+def _add_media_field(dataset, field: str) -> None:
+    """Lets the App show ``field`` (image paths) as the samples' media."""
+    fields = list(dataset.app_config.media_fields or ["filepath"])
+    if field not in fields:
+        dataset.app_config.media_fields = fields + [field]
+        dataset.save()
 
 
 def write_similarity_heatmaps(
@@ -241,4 +274,4 @@ def _save_png(out_dir: Path, sid: str, array: np.ndarray) -> str:
     return str(path)
 
 
-__all__ = ["write_feature_pca", "write_similarity_heatmaps", "VIEWS_DIR"]
+__all__ = ["write_feature_pca", "write_similarity_heatmaps", "VIEWS_DIR", "FEATURE_VIEW_MODES"]

@@ -23,7 +23,6 @@ import fiftyone as fo
 
 from fiftyone_sdcorr.dataset.config import MatchConfig, PropagationConfig
 from fiftyone_sdcorr.dataset.engine import (
-    ParameterError,
     Run,
     RunSummary,
     declare_outputs,

@@ -42,9 +42,8 @@ class WriteFeaturePCA(common.RunOperator):
     def config(self):
         return foo.OperatorConfig(
             name="write_feature_pca",
-            label="Write feature PCA colour masks",
-            description="First three principal components of the stored fused features as "
-            "an RGB segmentation mask per sample",
+            label="Write feature pictures (PCA colours or part clusters)",
+            description="A colour picture of the stored fused features per sample, shown as a media field",
             dynamic=True,
             execute_as_generator=True,
             **_views_config(),
@@ -60,7 +59,13 @@ class WriteFeaturePCA(common.RunOperator):
         inputs = types.Object()
         target = common.target_view_input(ctx, inputs, action="Write PCA masks for")
         inputs.str("output_field", default="sdcorr_pca", required=False, label="Output field",
-                   description="fo.Segmentation field (RGB masks)")
+                   description="A new field with a colour picture per sample; choose it as the media field "
+                   "(grid settings) to see the pictures")
+        choices = types.RadioGroup()
+        choices.add_choice("pca", label="PCA colours")
+        choices.add_choice("parts", label="Part clusters")
+        inputs.enum("mode", choices.values(), default="pca", required=False, label="Picture", view=choices)
+        inputs.int("n_parts", default=6, min=2, max=64, required=False, label="Parts (part clusters)")
         inputs.str("features_field", default=ViewConfig.features_field, required=False,
                    label="Stored features field")
         inputs.int("fit_samples", default=ViewConfig.fit_samples, min=1, label="Samples to fit the PCA on")
