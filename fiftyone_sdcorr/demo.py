@@ -105,6 +105,22 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--no-app", action="store_true", help="do not launch the App")
 
 
+def next_steps(name: str) -> str:
+    """What to do with the demo dataset next (printed at the end of the demo)."""
+    from fiftyone_sdcorr.plugin.common import BACKGROUND_SETTING, WORKER_COMMAND
+
+    return f"""
+The demo dataset is {name!r} (persistent: it stays until the demo runs again).
+  open it in the App:   fiftyone app launch {name}
+  with background runs: {BACKGROUND_SETTING} fiftyone app launch {name}
+                        and a worker in another shell: {WORKER_COMMAND}
+  in Python:            ds = fo.load_dataset("{name}")
+In the App: open a sample, click "+" above the sample and choose "Match panel" (its
+reference field is `keypoints`, predictions `predicted`, ground truth `ground_truth`);
+the operators are in the operator browser (backtick key): type "sdcorr" or "keypoints".
+"""
+
+
 def run(args) -> dict:
     import fiftyone as fo
     import torch
@@ -137,15 +153,17 @@ def run(args) -> dict:
     print("features:", {k: v for k, v in summary.items() if k in ("computed", "skipped", "failed")})
     refs = ds.match_tags("reference")
     targets = ds.match_tags("target")
-    propagate_keypoints(targets, refs, "keypoints", "predicted", flip=True,
-                        sd_model=sd_model, dino_model=dino_model, preset=preset, device=device,
-                        store_dir=os.path.join(work, "features"))
+    # no models given: propagation uses the configuration recorded with the stored features
+    prop = propagate_keypoints(targets, refs, "keypoints", "predicted", flip=True, device=device)
+    for warning in prop["warnings"]:
+        print("warning:", warning)
     gt_view = targets.exists("ground_truth")
     results = evaluate_keypoints(gt_view, "predicted", "ground_truth", eval_key="demo_pck")
     print()
     if args.tiny:
         print("(tiny random models: pipeline check; numbers are meaningless)")
     results.print_report()
+    print(next_steps(ds.name))
     if not args.no_app:
         session = fo.launch_app(ds)
         session.wait()
