@@ -490,3 +490,31 @@ def test_mutual_nn_identity_and_shift():
     mask[:, :5] = False
     s, t, _ = mutual_nn(f, _square_features(shifted), tgt_mask=mask)
     assert (t[:, 0] >= 5).all()
+
+
+# --------------------------------------------------------------------------- CUDA
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_matching_on_cuda_equals_cpu():
+    """Every matching function takes its inputs on one device, CPU or CUDA, and agrees."""
+    g = torch.Generator().manual_seed(0)
+    lb = Letterbox.fit(300, 200, 224)
+    src = FusedFeatures(torch.randn(64, 16, 16, generator=g), lb, 14, 32)
+    tgt = FusedFeatures(torch.randn(64, 16, 16, generator=g), lb, 14, 32)
+    pts = [[0.2, 0.3], [0.5, 0.5], [float("nan"), float("nan")], [0.9, 0.8]]
+    on = lambda f, d: FusedFeatures(f.descriptors.to(d), f.letterbox, f.stride, f.sd_channels)  # noqa: E731
+    for kw in ({}, {"soft_window": 5}):
+        cpu = match_keypoints(src, tgt, pts, **kw)
+        gpu = match_keypoints(on(src, "cuda"), on(tgt, "cuda"), pts, **kw)
+        assert gpu.confidence.is_cuda
+        torch.testing.assert_close(gpu.tokens.cpu(), cpu.tokens, equal_nan=True, atol=1e-4, rtol=0)
+        torch.testing.assert_close(gpu.confidence.cpu(), cpu.confidence, atol=1e-4, rtol=0)
+        torch.testing.assert_close(gpu.normalized(on(tgt, "cuda")).cpu(), cpu.normalized(tgt),
+                                   equal_nan=True, atol=1e-6, rtol=0)
+    flipped = FusedFeatures(torch.flip(src.descriptors, dims=[2]), lb, 14, 32)
+    a = match_keypoints_with_flip(src, flipped, tgt, pts, [(0, 3)])
+    b = match_keypoints_with_flip(on(src, "cuda"), on(flipped, "cuda"), on(tgt, "cuda"), pts, [(0, 3)])
+    assert a.flipped == b.flipped
+    torch.testing.assert_close(b.tokens.cpu(), a.tokens, equal_nan=True)
+    assert torch.equal(on(src, "cuda").valid_mask().cpu(), src.valid_mask())
+    torch.testing.assert_close(on(src, "cuda").global_vector().cpu(), src.global_vector(), atol=1e-5, rtol=0)

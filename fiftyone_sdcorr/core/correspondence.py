@@ -284,16 +284,18 @@ def match_prepared(tgt: Prepared, queries, *, soft_window=None, temperature=DEFA
     One ``(sum K) x N`` similarity matrix for all of them; each source's tokens are
     normalised once (:class:`Prepared`), not per call. Same rules as ``match_points``:
     argmax over the target's image tokens, optional window soft-argmax, cycle error
-    against the source's image tokens, ``confidence_from``.
+    against the source's image tokens, ``confidence_from``. Works on the target's device
+    (CPU or CUDA; sources must be there too); the matches are returned on it.
     """
     if not queries:
         return []
+    dev = tgt.unit.device
     if not bool(tgt.mask.any()):
         raise ValueError("tgt_mask allows no target token")
     rows, sizes = [], []
     for src, tokens, valid in queries:
-        tokens = torch.as_tensor(tokens).reshape(-1, 2).long()
-        safe = torch.where(torch.as_tensor(valid)[:, None], tokens, torch.zeros_like(tokens))
+        tokens = torch.as_tensor(tokens).reshape(-1, 2).long().to(dev)
+        safe = torch.where(torch.as_tensor(valid).to(dev)[:, None], tokens, torch.zeros_like(tokens))
         if safe.numel() and ((safe[:, 0] >= src.width).any() or (safe[:, 1] >= src.height).any()
                              or (safe < 0).any()):
             raise ValueError("source tokens off the grid")
@@ -316,16 +318,16 @@ def match_prepared(tgt: Prepared, queries, *, soft_window=None, temperature=DEFA
     for (src, tokens, valid), k in zip(queries, sizes):
         sl = slice(start, start + k)
         start += k
-        valid = torch.as_tensor(valid, dtype=torch.bool).reshape(-1)
-        tokens = torch.as_tensor(tokens).reshape(-1, 2).long()
+        valid = torch.as_tensor(valid, dtype=torch.bool).reshape(-1).to(dev)
+        tokens = torch.as_tensor(tokens).reshape(-1, 2).long().to(dev)
         sim_k = similarity[sl]
         if cycle and k:
             back = (matched[sl] @ src.unit).masked_fill(~src.mask[None, :], float("-inf")).argmax(dim=1)
             back_cr = torch.stack([back % src.width, back // src.width], dim=1).float()
             cyc = (back_cr - tokens.float()).norm(dim=1)
         else:
-            cyc = torch.full((k,), float("nan"))
-        nan = torch.tensor(float("nan"))
+            cyc = torch.full((k,), float("nan"), device=dev)
+        nan = torch.tensor(float("nan"), device=dev)
         tok = torch.where(valid[:, None], pos[sl], nan)
         sim_k = torch.where(valid, sim_k, nan)
         cyc = torch.where(valid, cyc, nan)

@@ -61,8 +61,8 @@ class FusedFeatures:
         return int(self.descriptors.shape[-1])
 
     def valid_mask(self) -> torch.Tensor:
-        """Tokens on the image (not on the letterbox padding)."""
-        return self.letterbox.valid_token_mask(self.stride)
+        """Tokens on the image (not on the letterbox padding), on the descriptors' device."""
+        return self.letterbox.valid_token_mask(self.stride).to(self.descriptors.device)
 
     def global_vector(self) -> torch.Tensor:
         """Mean of the unit-normalised tokens on the image, L2-normalised (1-D, float32)."""

@@ -22,6 +22,11 @@ from dataclasses import asdict, dataclass
 import torch
 
 
+def _pair(a, b, like: torch.Tensor) -> torch.Tensor:
+    """``[a, b]`` as float64 on the device of ``like`` (the geometry works on any device)."""
+    return torch.tensor([a, b], dtype=torch.float64, device=like.device)
+
+
 @dataclass(frozen=True)
 class Letterbox:
     """Where an original image sits inside a ``size x size`` square model frame."""
@@ -65,21 +70,19 @@ class Letterbox:
     def pixel_to_frame(self, xy):
         """Original pixel coordinates (..., 2) -> frame coordinates (..., 2)."""
         xy = torch.as_tensor(xy, dtype=torch.float64)
-        off = torch.tensor([self.pad_left, self.pad_top], dtype=torch.float64)
-        return xy * self.scale + off
+        return xy * self.scale + _pair(self.pad_left, self.pad_top, xy)
 
     def frame_to_pixel(self, xy):
         xy = torch.as_tensor(xy, dtype=torch.float64)
-        off = torch.tensor([self.pad_left, self.pad_top], dtype=torch.float64)
-        return (xy - off) / self.scale
+        return (xy - _pair(self.pad_left, self.pad_top, xy)) / self.scale
 
     def normalized_to_pixel(self, nxy):
         nxy = torch.as_tensor(nxy, dtype=torch.float64)
-        return nxy * torch.tensor([self.width, self.height], dtype=torch.float64)
+        return nxy * _pair(self.width, self.height, nxy)
 
     def pixel_to_normalized(self, xy):
         xy = torch.as_tensor(xy, dtype=torch.float64)
-        return xy / torch.tensor([self.width, self.height], dtype=torch.float64)
+        return xy / _pair(self.width, self.height, xy)
 
     def frame_to_token(self, xy, stride: int):
         """Frame coordinates -> integer token indices (col, row).
@@ -88,8 +91,8 @@ class Letterbox:
         belongs to the last pixel), then ``floor(frame / stride)``.
         """
         xy = torch.as_tensor(xy, dtype=torch.float64)
-        lo = torch.tensor([self.pad_left, self.pad_top], dtype=torch.float64)
-        hi = lo + torch.tensor([self.resized_width, self.resized_height], dtype=torch.float64) - 1e-6
+        lo = _pair(self.pad_left, self.pad_top, xy)
+        hi = lo + _pair(self.resized_width, self.resized_height, xy) - 1e-6
         xy = torch.minimum(torch.maximum(xy, lo), hi)
         grid = self.size // stride
         return torch.clamp(torch.floor(xy / stride), 0, grid - 1).long()

@@ -293,9 +293,9 @@ class Propagator:
                 if count == 2 and mean_similarity(matches[first + 1]) > mean_similarity(m):
                     m = matches[first + 1]
                     m.flipped = True
-                npts = corr.tokens_to_normalized(m.tokens, tgt_features).numpy().clip(0.0, 1.0)
-                c = m.confidence.double().numpy()
-                valid = m.valid.numpy()
+                npts = corr.tokens_to_normalized(m.tokens, tgt_features).cpu().numpy().clip(0.0, 1.0)
+                c = m.confidence.double().cpu().numpy()
+                valid = m.valid.cpu().numpy()
                 unset = np.array([x is None for x in rids])
                 better = valid & ((c > conf) | unset)
                 pts[better] = npts[better]

@@ -80,6 +80,23 @@ def _dataset_id(dataset) -> Optional[str]:
     return str(dataset._doc.id) if dataset is not None else None
 
 
+def view_target(ctx) -> str:
+    """The narrowest target FiftyOne's own view-target selector offers for this context:
+    the selected samples, else the current view; where the current view is the whole
+    dataset the selector names it ``DATASET`` (its only choice, so any other value would
+    be an invalid choice in the form)."""
+    try:
+        values = list(types.ViewTargetProperty(ctx).type.values)
+    except Exception:  # noqa: BLE001 -- no view in this context
+        values = []
+    for target in ("SELECTED_SAMPLES", "CURRENT_VIEW"):
+        if target in values:
+            return target
+    if values:
+        return values[-1]
+    return "SELECTED_SAMPLES" if ctx.selected else "CURRENT_VIEW"
+
+
 class MatchPanel(foo.Panel):
     """Side-by-side correspondences between a sample and an annotated reference."""
 
@@ -320,7 +337,7 @@ class MatchPanel(foo.Panel):
         if not state.reference_id or not state.ref_field or ctx.dataset is None:
             return None
         return {
-            "view_target": "SELECTED_SAMPLES" if ctx.selected else "CURRENT_VIEW",
+            "view_target": view_target(ctx),
             "references": "ids",
             "reference_ids": [state.reference_id],
             "source_field": state.ref_field,
