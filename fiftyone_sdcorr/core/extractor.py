@@ -7,6 +7,7 @@ default. No FiftyOne import.
 from __future__ import annotations
 
 import logging
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -23,6 +24,14 @@ from fiftyone_sdcorr.core.images import load_image
 from fiftyone_sdcorr.core.params import ParameterError, check_choice, check_float, check_int, check_str
 
 logger = logging.getLogger(__name__)
+
+#: GPU memory measured on an H100 (GPU-PROFILE.md): base and per image of a batch, bf16 paper recipe
+MEASURED_BASE_BYTES = 2.1e9
+MEASURED_BYTES_PER_IMAGE = 1.35e9
+#: the default batch stays within this much GPU memory
+MEMORY_TARGET_BYTES = 8e9
+#: threads that decode and letterbox images (PIL releases the GIL while resizing)
+PREP_THREADS = min(8, os.cpu_count() or 1)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -168,6 +177,7 @@ class FeatureExtractor:
         if self.recipe.dino_size % self.dino_stride:
             raise ValueError(f"dino_size {self.recipe.dino_size} is not a multiple of the patch size {self.dino_stride}")
         self._prompt_cache: Dict[str, torch.Tensor] = {}
+        self._prep_pool: Optional[ThreadPoolExecutor] = None
         self.text_encoder = sd.text_encoder
         self._max_tokens = min(
             int(self.tokenizer.model_max_length), int(self.text_encoder.config.max_position_embeddings)
@@ -198,13 +208,20 @@ class FeatureExtractor:
         }
 
     def _auto_batch_size(self) -> int:
+        """Images per pass from measured memory (GPU-PROFILE.md, one H100, SD 1.5 +
+        DINOv2-B, paper recipe, bf16: peak = 2.1 GB + 1.35 GB per image of the batch),
+        scaled by the recipe's SD pixels per image and the dtype, within
+        :data:`MEMORY_TARGET_BYTES` and 80 % of the free memory. CUDA out-of-memory halves
+        the batch anyway."""
         if self.device.type != "cuda":
             return 1
         free, _ = torch.cuda.mem_get_info(self.device)
-        # a first guess (SD 1.5 + DINOv2-B, paper recipe) until the GPU benchmark measures it;
-        # CUDA out-of-memory halves the batch anyway
-        per_image = 3.0e9 if self.dtype == torch.float32 else 1.5e9
-        return int(max(1, min(16, (free * 0.6) // per_image)))
+        r = self.recipe
+        tile = r.sd_tile if r.sd_mode == "tiled" and len(r.tile_offsets()) > 1 else r.sd_size
+        work = len(r.tile_offsets()) ** 2 * tile ** 2 / (4 * 512 ** 2)
+        per_image = MEASURED_BYTES_PER_IMAGE * work * (2 if self.dtype == torch.float32 else 1)
+        budget = min(free * 0.8, MEMORY_TARGET_BYTES) - MEASURED_BASE_BYTES
+        return int(max(1, min(16, budget // per_image)))
 
     # ------------------------------------------------------------------ prompts
     def _prompt_embedding(self, text: str) -> torch.Tensor:
@@ -376,14 +393,21 @@ class FeatureExtractor:
         return results
 
     def _prepare(self, images, labels) -> dict:
-        """Decode and letterbox a batch (CPU work; runs on a prefetch thread)."""
-        pil = [load_image(im) for im in images]
+        """Decode and letterbox a batch (CPU work, image by image on :data:`PREP_THREADS`
+        threads; runs ahead of the models on a prefetch thread)."""
+        if self._prep_pool is None:
+            self._prep_pool = ThreadPoolExecutor(max_workers=PREP_THREADS, thread_name_prefix="sdcorr-prep")
+        prepared = list(self._prep_pool.map(self._prepare_one, images))
         return {
             "sources": [str(im) if isinstance(im, str) or hasattr(im, "__fspath__") else None for im in images],
-            "sd_in": [self._sd_input(im) for im in pil],
-            "dino_in": [self._dino_input(im) for im in pil],
+            "sd_in": [sd for sd, _ in prepared],
+            "dino_in": [dino for _, dino in prepared],
             "prompts": [self.prompt_for(lbl) for lbl in labels],
         }
+
+    def _prepare_one(self, image):
+        pil = load_image(image)
+        return self._sd_input(pil), self._dino_input(pil)
 
     def _run_models(self, prep: dict) -> List[RawFeatures]:
         sources, sd_in, dino_in = prep["sources"], prep["sd_in"], prep["dino_in"]
