@@ -435,6 +435,40 @@ def test_two_workers_one_queue_no_duplicates(photo_paths, models, tmp_path):
         ds.delete()
 
 
+def test_shards_are_delegated_operations_that_two_workers_run_at_once(photo_paths, models, tmp_path):
+    """Beyond one GPU: op(view, shards=N, delegate=True) queues N operations; N workers
+    (here two processes on this CPU; in production N machines) run them in parallel."""
+    ds = _dataset(_many_paths(photo_paths, 8))
+    store_dir = tmp_path / "store"
+    svc = DelegatedOperationService()
+    try:
+        sd, dino = models
+        op = foo.get_operator(URI)
+        p = _params(models, store_dir, recipe=dict(RECIPE, sd_size=256, dino_size=112))
+        p.pop("sd_model"), p.pop("dino_model")
+        results = op(ds, sd, dino, shards=2, delegate=True, **p)
+        op_ids = [r.result["id"] for r in results]
+        assert len(op_ids) == 2
+        ready = tmp_path / "ready"
+        ready.mkdir()
+        procs = [_spawn_worker(tmp_path, ready, f"w{i}", 2, ds.name) for i in range(2)]
+        for i, proc in enumerate(procs):
+            assert proc.wait(timeout=240) == 0, _worker_output(tmp_path, f"w{i}")
+        docs = [svc.get(i) for i in op_ids]
+        assert [d.run_state for d in docs] == [ExecutionRunState.COMPLETED] * 2, [d.result.error for d in docs]
+        summaries = [d.result.result for d in docs]
+        assert [s["computed"] for s in summaries] == [4, 4], summaries
+        assert docs[0].started_at < docs[1].completed_at and docs[1].started_at < docs[0].completed_at
+        computed = Counter(e["id"] for e in _log_events(store_dir) if e["event"] == "computed")
+        assert set(computed) == set(ds.values("id")) and max(computed.values()) == 1
+        ds.reload()
+        _check_done(ds, store_dir)
+        with pytest.raises(ValueError, match="shards"):
+            op(ds, sd, dino, shards=2, **p)  # shards need delegation
+    finally:
+        ds.delete()
+
+
 def test_killed_worker_then_rerun_completes_without_duplicates(photo_paths, models, tmp_path):
     ds = _dataset(_many_paths(photo_paths, 10))
     store_dir = tmp_path / "store"

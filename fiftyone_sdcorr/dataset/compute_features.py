@@ -214,13 +214,15 @@ class FeatureJob:
 
     # ---- 4. compute
     def start(self, run: Run) -> None:
-        """Declares the outputs, records this configuration on them, records non-images."""
-        declare_outputs(self.samples, self.outputs)
+        """Records this configuration on the outputs, then declares them (in this order,
+        so a worker starting at the same time sees a resume, not a clash); records
+        non-images."""
         cfg = self.cfg
         self.record.write([cfg.embedding_field, cfg.features_field, cfg.error_field], run={
             "preset": cfg.preset, "device": cfg.device, "dtype": cfg.dtype, "batch_size": cfg.batch_size,
             "store_dir": cfg.store_dir, "store_dtype": cfg.store_dtype, "features_field": cfg.features_field,
             "embedding_field": cfg.embedding_field})
+        declare_outputs(self.samples, self.outputs)
         if self.summary["skipped"]:
             run.step(self.summary["skipped"], f"{self.summary['skipped']} already done")
         for sid, why in self.not_images.items():

@@ -152,8 +152,10 @@ def guard_outputs(samples, outputs: Mapping[str, tuple], inputs: Mapping[str, Op
             )
         if overwrite:
             continue
-        if record is not None and record.resumable:
-            continue
+        if record is not None:
+            record.stored = record.read()  # fresh: a worker that started meanwhile records first
+            if record.resumable:
+                continue
         why = record.difference if record is not None and record.difference else "already exists"
         raise ParameterError(
             f"parameter {param!r}: field {name!r} {why}; choose a new field name or pass overwrite=True"

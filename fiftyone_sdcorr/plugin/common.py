@@ -379,6 +379,16 @@ def show_summary(ctx, result):
     yield ctx.ops.show_output(types.Property(outputs).to_json(), {"summary": summary_text(result)})
 
 
+def shard_views(sample_collection, shards) -> list:
+    """The collection split into ``shards`` views of consecutive samples (by id)."""
+    from fiftyone_sdcorr.dataset.engine import check_int
+
+    n = check_int("shards", shards, lo=1, hi=10_000)
+    ids = sample_collection.values("id")
+    size = -(-len(ids) // n) if ids else 1
+    return [sample_collection.select(ids[i:i + size], ordered=True) for i in range(0, len(ids), size)]
+
+
 def call_operator(op, sample_collection, delegate: bool = False, delegation_target=None, **kwargs):
     """The programmatic ``__call__`` of our operators (as ``@voxel51/brain`` does it):
     run ``op`` on a dataset or view now, or queue it for a delegated worker; ``kwargs``

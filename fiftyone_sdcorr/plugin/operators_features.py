@@ -7,6 +7,7 @@ import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
 from fiftyone_sdcorr.dataset.config import STORE_DTYPES, FeatureConfig
+from fiftyone_sdcorr.dataset.engine import ParameterError
 from fiftyone_sdcorr.plugin import common
 
 
@@ -26,10 +27,22 @@ class ComputeFusedFeatures(common.RunOperator):
         )
 
     def __call__(self, sample_collection, sd_model=None, dino_model=None, *, delegate=False,
-                 delegation_target=None, **kwargs):
+                 delegation_target=None, shards=1, **kwargs):
         """Runs the operator from Python, immediately or (``delegate=True``) queued for a
         delegated-operation worker. Keywords as in
-        :func:`fiftyone_sdcorr.compute_fused_features`."""
+        :func:`fiftyone_sdcorr.compute_fused_features`.
+
+        ``shards=N`` (with ``delegate=True``) queues N delegated operations, each on an
+        N-th of the view: N workers (``fiftyone delegated launch`` on any machines that
+        share the database and the store) run them at once. Returns the list of results.
+        """
+        if shards != 1:
+            if not delegate:
+                raise ParameterError("parameter 'shards' splits a view into delegated operations: "
+                                     "pass delegate=True")
+            return [common.call_operator(self, view, True, delegation_target, sd_model=sd_model,
+                                         dino_model=dino_model, **kwargs)
+                    for view in common.shard_views(sample_collection, shards)]
         return common.call_operator(self, sample_collection, delegate, delegation_target,
                                     sd_model=sd_model, dino_model=dino_model, **kwargs)
 

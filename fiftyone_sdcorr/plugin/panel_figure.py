@@ -583,9 +583,10 @@ def build_figure(dataset, current, reference, state: dict) -> dict:
         "uirevision": f"{current.id}|{reference.id}",
         "xaxis": {"visible": False, "showgrid": False, "zeroline": False,
                   "range": [-pad, total_w + pad], "constrain": "domain"},
+        # in a narrow panel the images shrink to its width and sit at the top of the figure
         "yaxis": {"visible": False, "showgrid": False, "zeroline": False,
                   "range": [PLOT_HEIGHT + pad, -pad], "scaleanchor": "x", "scaleratio": 1,
-                  "constrain": "domain"},
+                  "constrain": "domain", "constraintoward": "top"},
         "annotations": [
             {"text": f"current · {title_c}", "x": places["current"].offset + places["current"].plot_width / 2,
              "y": -pad, "xref": "x", "yref": "y", "yanchor": "bottom", "showarrow": False,
