@@ -332,6 +332,15 @@ def test_truncated_file_is_not_done_and_is_recomputed(photo_ds, models, tmp_path
     _check_done(photo_ds, tmp_path / "store")
 
 
+def test_int8_store_end_to_end(photo_ds, models, tmp_path):
+    sd, dino, kw = _api_kwargs(models, tmp_path / "store", store_dtype="int8")
+    summary = compute_fused_features(photo_ds, sd, dino, **kw)
+    assert summary["computed"] == len(photo_ds)
+    photo_ds.reload()
+    _check_done(photo_ds, tmp_path / "store")  # the embedding is that of the stored (int8) maps
+    assert compute_fused_features(photo_ds, sd, dino, **kw)["skipped"] == len(photo_ds)
+
+
 def test_another_recipe_coexists_in_its_own_namespace(photo_ds, models, tmp_path):
     sd, dino, kw = _api_kwargs(models, tmp_path / "store")
     first = compute_fused_features(photo_ds, sd, dino, **kw)

@@ -373,3 +373,45 @@ def test_load_to_cuda(tmp_path):
     g = store.load(OID, device="cuda", dtype=torch.float16)
     assert g.descriptors.is_cuda and g.descriptors.dtype == torch.float16
     torch.testing.assert_close(g.descriptors.float().cpu(), f.descriptors, rtol=2**-10, atol=1e-4)
+
+
+def test_int8_store_halves_the_bytes_and_keeps_the_nearest_neighbours(tmp_path):
+    """The compact option: int8 with one scale per channel. About half the bytes of fp16;
+    values within half a quantisation step; matches (nearest target token of every source
+    token, cosine) nearly all equal to the fp32 descriptors'."""
+    from fiftyone_sdcorr.core.store import stored_values
+
+    store = FeatureStore(tmp_path)
+    a = _fused(seed=1)
+    fp16 = store.bytes_per_sample(store.save("a16", a, dtype=torch.float16))
+    int8 = store.bytes_per_sample(store.save("a8", a, dtype=torch.int8))
+    assert int8 < 0.52 * fp16
+    back = store.load("a8")
+    assert back.descriptors.dtype == torch.float32 and back.letterbox == a.letterbox
+    scale = a.descriptors.abs().amax(dim=(1, 2)) / 127
+    assert ((back.descriptors - a.descriptors).abs() <= scale[:, None, None] / 2 + 1e-6).all()
+    torch.testing.assert_close(back.descriptors, stored_values(a.descriptors, torch.int8))
+    assert store.check("a8") is None  # header and size check out with the scale tensor
+    # nearest neighbours on real pictures (a deterministic local descriptor of two photos):
+    # every image token of one matched into the other, int8 against fp32
+    from skimage import data
+
+    from local_descriptor import LocalDescriptor
+
+    fa, fb = LocalDescriptor(size=448, stride=14).describe([data.chelsea(), data.chelsea()[20:280, 40:400]])
+    store.save("ca", fa, dtype=torch.int8), store.save("cb", fb, dtype=torch.int8)
+    agree = _nn_agreement(fa, fb, store.load("ca"), store.load("cb"))
+    # measured here: fp16 99.9 %, bf16 99.6 %, int8 98.9 % of 704 tokens (150 channels; the
+    # bench measures the 1536-channel SD + DINOv2 descriptor)
+    assert agree >= 0.98, agree
+
+
+def _nn_agreement(a, b, qa, qb) -> float:
+    """Share of a's image tokens whose nearest token in b is the same for (qa, qb)."""
+    from fiftyone_sdcorr.core.correspondence import Prepared
+
+    def nn(x, y):
+        px, py = Prepared.of(x), Prepared.of(y)
+        return (px.unit.T[px.mask] @ py.unit).masked_fill(~py.mask[None], float("-inf")).argmax(dim=1)
+
+    return float((nn(a, b) == nn(qa, qb)).float().mean())

@@ -571,6 +571,28 @@ class _Scaled:
         self.seconds = float(seconds)
 
 
+def _compact_store_options(store, fused: list) -> dict:
+    """Bytes per sample of each store dtype, and how many nearest neighbours (every image
+    token of one image matched into the next, cosine) equal those of the float32 maps."""
+    from fiftyone_sdcorr.core.correspondence import Prepared
+    from fiftyone_sdcorr.core.features import FusedFeatures
+    from fiftyone_sdcorr.core.store import STORE_DTYPES, stored_values
+
+    def nn(x, y):
+        px, py = Prepared.of(x), Prepared.of(y)
+        return (px.unit.T[px.mask] @ py.unit).masked_fill(~py.mask[None], float("-inf")).argmax(dim=1)
+
+    pairs = [(fused[i], fused[(i + 1) % len(fused)]) for i in range(min(4, len(fused)))] if len(fused) > 1 else []
+    out = {}
+    for name, dt in STORE_DTYPES.items():
+        nbytes = store.bytes_per_sample(store.save(f"compact-{name}", fused[0], dtype=dt))
+        q = lambda f: FusedFeatures(stored_values(f.descriptors, dt), f.letterbox, f.stride, f.sd_channels)  # noqa: E731
+        same = [float((nn(a, b) == nn(q(a), q(b))).float().mean()) for a, b in pairs]
+        out[name] = {"bytes_per_sample": int(nbytes),
+                     "nn_equal_to_float32": (sum(same) / len(same)) if same else None}
+    return out
+
+
 def bench_store_and_matching(fused: list, device: torch.device, keypoints: int, targets: int,
                              seed: int = 0, quiet: bool = False) -> tuple:
     """Save ``targets`` feature files (copies of ``fused`` under distinct keys), read
@@ -591,6 +613,7 @@ def bench_store_and_matching(fused: list, device: torch.device, keypoints: int, 
             loaded = [store.load(k) for k in keys]
         g = fused[0].descriptors.shape
         store_res = {
+            "compact": _compact_store_options(store, fused),
             "samples": targets,
             "dtype": "float16",
             "channels": int(g[0]),

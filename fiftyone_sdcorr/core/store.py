@@ -114,6 +114,29 @@ def _read(path: Path, device) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
     return tensors, metadata
 
 
+#: dtypes a store can hold: floats as they are, int8 with one float32 scale per channel
+STORE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
+                "int8": torch.int8}
+
+
+def encode(descriptors: torch.Tensor, dtype: torch.dtype) -> Dict[str, torch.Tensor]:
+    """The tensors a file holds for ``descriptors`` (``C x G x G``) in ``dtype``: the cast,
+    or for int8 the rounded ``descriptors / scale`` and the per-channel ``scale``
+    (max |value| / 127) that :meth:`FeatureStore.load` multiplies back."""
+    if dtype == torch.int8:
+        scale = descriptors.float().abs().amax(dim=(1, 2)).clamp_min(1e-12) / 127.0
+        q = torch.round(descriptors.float() / scale[:, None, None]).clamp(-127, 127).to(torch.int8)
+        return {"descriptors": q.contiguous(), "scale": scale.contiguous()}
+    return {"descriptors": descriptors.to(dtype).contiguous()}
+
+
+def stored_values(descriptors: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """What :meth:`FeatureStore.load` returns (float32) for ``descriptors`` saved in ``dtype``."""
+    t = encode(descriptors.detach().to("cpu"), dtype)
+    d = t["descriptors"].float()
+    return d * t["scale"][:, None, None] if "scale" in t else d
+
+
 def read_header(path: Path) -> Tuple[Dict[str, str], bool]:
     """``(metadata, size_ok)`` of a safetensors file from its header alone; ``size_ok`` is
     False when the file is shorter or longer than the header declares."""
@@ -208,7 +231,8 @@ class FeatureStore:
             )
         if not (0 <= int(fused.sd_channels) <= d.shape[0]):
             raise ValueError(f"sd_channels={fused.sd_channels} outside 0..{d.shape[0]}")
-        t = d.detach().to(device="cpu", dtype=dtype).contiguous()
+        tensors = encode(d.detach().to("cpu"), dtype)
+        t = tensors["descriptors"]
         if dtype.is_floating_point and not bool(torch.isfinite(t).all()):
             src_finite = bool(torch.isfinite(d.detach()).all())
             raise ValueError(
@@ -229,7 +253,7 @@ class FeatureStore:
             "meta": meta_json,
             "fingerprint": str(fingerprint),
         }
-        _write_atomic(path, _st_save({"descriptors": t}, metadata=metadata), self.fsync)
+        _write_atomic(path, _st_save(tensors, metadata=metadata), self.fsync)
         return path
 
     def load(
@@ -256,6 +280,8 @@ class FeatureStore:
             raise FeatureStoreError(
                 f"{path}: descriptors of shape {tuple(d.shape)} do not match sd_channels={sd_channels}"
             )
+        if "scale" in tensors:  # int8 with a scale per channel
+            d = d.float() * tensors["scale"].float()[:, None, None]
         if dtype is not None and d.dtype != dtype:
             d = d.to(dtype)
         return FusedFeatures(
@@ -360,4 +386,7 @@ __all__ = [
     "default_store_root",
     "FORMAT_VERSION",
     "read_header",
+    "encode",
+    "stored_values",
+    "STORE_DTYPES",
 ]

@@ -47,8 +47,7 @@ import fiftyone.core.media as fom
 
 from fiftyone_sdcorr.core.features import FixedProjection, FusedFeatures, fuse_raw
 from fiftyone_sdcorr.core.images import load_image
-from fiftyone_sdcorr.core.models import resolve_dtype
-from fiftyone_sdcorr.core.store import FeatureStore
+from fiftyone_sdcorr.core.store import STORE_DTYPES, FeatureStore, stored_values
 from fiftyone_sdcorr.dataset.claims import SampleLock, exclusive, fs_now, worker_id
 from fiftyone_sdcorr.dataset.config import FeatureConfig
 from fiftyone_sdcorr.dataset.engine import (
@@ -152,7 +151,7 @@ class FeatureJob:
             "features_field": (cfg.features_field, "string"),
             "features_field (its error field)": (cfg.error_field, "string"),
         }
-        self.st_dtype = resolve_dtype(cfg.store_dtype)
+        self.st_dtype = STORE_DTYPES[cfg.store_dtype]
         self.projection: Optional[FixedProjection] = None
         self.summary = RunSummary(FUNCTION, COUNTS, fingerprint=self.fingerprint, projection=None,
                                   worker=worker_id())
@@ -410,7 +409,7 @@ class FeatureJob:
 
     def _embedding(self, fused: FusedFeatures) -> np.ndarray:
         # from the stored (dtype-rounded) maps: the same for a computed or a recovered sample
-        d = fused.descriptors.detach().to("cpu", self.st_dtype).float()
+        d = stored_values(fused.descriptors, self.st_dtype)
         ff = FusedFeatures(d, fused.letterbox, fused.stride, fused.sd_channels, fused.meta)
         return ff.global_vector().numpy().astype(np.float32)
 

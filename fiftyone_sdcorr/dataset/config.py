@@ -35,10 +35,11 @@ from fiftyone_sdcorr.core.params import (
     check_int,
     check_str,
 )
+from fiftyone_sdcorr.core.store import STORE_DTYPES as STORE_DTYPE_MAP
 from fiftyone_sdcorr.core.store import default_store_root
 from fiftyone_sdcorr.dataset.engine import check_field_name
 
-STORE_DTYPES = ("float16", "bfloat16", "float32")
+STORE_DTYPES = tuple(STORE_DTYPE_MAP)  # float16, bfloat16, float32, int8 (a scale per channel)
 DTYPES = ("float32", "float16", "bfloat16")
 COMBINE_RULES = ("best", "per_point")
 THRESHOLDS = ("bbox", "image")

@@ -243,11 +243,12 @@ class MatchPanel(foo.Panel):
         value = ctx.params.get("value")
         value = None if value in (None, "", NONE) else value
         state = ctx.panel.state
-        if value is not None and value not in keypoint_fields(ctx.dataset):
+        optional = FIELD_SELECTORS[key][1]
+        if (value is None and not optional) or (value is not None and value not in keypoint_fields(ctx.dataset)):
+            state.set({f"controls.{key}": state.get(key) or NONE})  # not a Keypoints field: keep the choice
             return
         state.set({key: value, f"controls.{key}": value or NONE, "selected_point": None, "click": None})
-        roles_pred = state.pred_known or []
-        self._remember(ctx, **{key: value}, pred_known=list(roles_pred))
+        self._remember(ctx, **{key: value}, pred_known=list(state.pred_known or []))
         if key == "ref_field":
             self._refresh(ctx, keep_reference=True)
 
