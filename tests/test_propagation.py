@@ -298,6 +298,28 @@ def test_uses_stored_features(variants, tmp_path):
         ds.delete()
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_propagation_on_cuda_equals_cpu(variants, tmp_path):
+    """Stored features read onto the GPU and matched there give the CPU's answer."""
+    ds = _dataset([variants["orig"][0], variants["crop"][0], variants["small"][0]], ref_points=CAT_POINTS)
+    try:
+        store = FeatureStore(tmp_path / "store")
+        d = desc()
+        for s in ds:
+            s["sdcorr_features"] = str(store.save(s.id, d.describe([s.filepath])[0], dtype=torch.float32))
+            s.save()
+        ref = [ds.first().id]
+        kw = dict(extractor=_NoCompute(), visibility_threshold=0.0, flip=False, progress=False)
+        assert propagate_keypoints(ds, ref, "gt", "on_cpu", device="cpu", **kw)["predicted"] == 3
+        assert propagate_keypoints(ds, ref, "gt", "on_gpu", device="cuda", **kw)["predicted"] == 3
+        a = np.array(ds.values("on_cpu.keypoints.points"), dtype=float)
+        b = np.array(ds.values("on_gpu.keypoints.points"), dtype=float)
+        np.testing.assert_allclose(b, a, atol=1e-4)
+    finally:
+        ds.delete()
+
+
 # --------------------------------------------------------------------------- bad data, safety
 def test_bad_samples_recorded_rest_completes(variants, tmp_path):
     corrupt = tmp_path / "corrupt.jpg"

@@ -11,7 +11,9 @@ and the projection that produced them, :mod:`.compute_features`):
   run's; a file of another fingerprint is an error for that sample (never mixed);
 - missing features are computed with that configuration and the projection of its store
   namespace, so they are comparable with the stored ones; with no stored projection, one
-  is fitted on the first images described (the references).
+  is fitted on the first images described (the references);
+- features are handed out on the matching device (``device``, else CUDA when available):
+  stored files are read straight onto it, so propagation matches on the GPU.
 """
 
 from __future__ import annotations
@@ -20,10 +22,13 @@ import logging
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
+import torch
+
 import fiftyone.core.media as fom
 
 from fiftyone_sdcorr.core.features import FixedProjection, FusedFeatures, fuse_raw
 from fiftyone_sdcorr.core.images import load_image
+from fiftyone_sdcorr.core.models import default_device
 from fiftyone_sdcorr.core.store import FeatureStore, FeatureStoreError, read_header
 from fiftyone_sdcorr.dataset.config import FeatureConfig
 from fiftyone_sdcorr.dataset.engine import ParameterError, find_record
@@ -70,6 +75,8 @@ class FeatureSource:
         self._store: Optional[FeatureStore] = None
         self.projection: Optional[FixedProjection] = None
         self.notes: List[str] = []  # what changes the result, for the run's warnings
+        # features are handed out on the matching device: the given one, else CUDA when available
+        self.device = torch.device(checked.device) if checked.device else default_device()
 
     def locate(self, stored_paths) -> None:
         """The store namespace (and so the projection) of the stored features, found from
@@ -86,7 +93,7 @@ class FeatureSource:
         self._accept(md.get("fingerprint", ""), f"stored features {path}")
         if self._store is None:  # the namespace of the stored files holds their projection
             self._store = FeatureStore(Path(path).parent.parent)
-        return self._store.load(path)
+        return self._store.load(path, device=self.device)
 
     def _accept(self, fp: str, what: str) -> None:
         if self.file_fp is None:
@@ -122,7 +129,7 @@ class FeatureSource:
         cfg_fp = self.cfg.fingerprint()
         if not (callable(getattr(ext, "extract", None)) and hasattr(ext, "recipe")):
             self._accept(f"{cfg_fp}:-", "computed features")
-            return list(ext.describe(images))
+            return [self._on_device(f) for f in ext.describe(images)]
         raws = ext.extract(images)
         if self._projection(ext) is None:
             logger.info("fitting a fixed projection on %d image(s): no stored projection", len(images))
@@ -130,7 +137,11 @@ class FeatureSource:
             self.notes.append("no stored projection: features were computed with a projection fitted on the "
                               "references (run compute_fused_features first for dataset-wide features)")
         self._accept(f"{cfg_fp}:{self.projection.digest()}", "computed features")
-        return [fuse_raw(r, self.projection, alpha=ext.recipe.alpha, meta=self.cfg.settings()) for r in raws]
+        return [self._on_device(fuse_raw(r, self.projection, alpha=ext.recipe.alpha, meta=self.cfg.settings()))
+                for r in raws]
+
+    def _on_device(self, f: FusedFeatures) -> FusedFeatures:
+        return FusedFeatures(f.descriptors.to(self.device), f.letterbox, f.stride, f.sd_channels, f.meta)
 
     def describe_flipped(self, filepath: str) -> FusedFeatures:
         from PIL import ImageOps

@@ -207,7 +207,7 @@ def _stored_features(samples, cfg: ViewConfig, kind: str):
     if not any(paths):
         raise ParameterError(f"parameter 'features_field': no sample has stored features in {cfg.features_field!r}; "
                              "run compute_fused_features first")
-    return list(zip(ids, paths)), FeatureSource(samples, cfg.features_field, {})
+    return list(zip(ids, paths)), FeatureSource(samples, cfg.features_field, {"device": "cpu"})  # pictures: CPU
 
 
 def _load(source: FeatureSource, path):
