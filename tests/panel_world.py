@@ -84,3 +84,33 @@ def build_panel_dataset(name, photo_paths, tmp, persistent=False, size=224, crop
     )
     ids = {"ref": ref.id, "target": target.id, "ref2": ref2.id, "plain": plain.id}
     return dataset, ids, describer
+
+
+def build_demo_dataset(name, workdir, timeout=900):
+    """The README's demo dataset, built by its own command (``python -m fiftyone_sdcorr demo
+    --tiny --no-app``): the reference tagged ``reference`` annotated in ``keypoints``,
+    transformed copies with ``ground_truth``, two unrelated photos, features from tiny
+    random models, predictions in ``predicted``. Returns the loaded dataset (persistent)."""
+    import os
+    import subprocess
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "fiftyone_sdcorr", "demo", "--tiny", "--no-app", "--dataset", name,
+         "--workdir", str(workdir)],
+        capture_output=True, text=True, timeout=timeout, env=env,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"the demo command failed:\n{(proc.stdout + proc.stderr)[-4000:]}")
+    return fo.load_dataset(name)
+
+
+def demo_ids(dataset):
+    """``{"reference": id, "<role>": id, ...}`` of the demo dataset's samples (roles: crop,
+    half_size, crop_upscaled, mirrored; the two unrelated photos are ``other`` and
+    ``other2``)."""
+    ids = {}
+    for sid, role in zip(dataset.values("id"), dataset.values("role")):
+        key = role if role not in ids else f"{role}2"
+        ids[key] = sid
+    return ids

@@ -156,8 +156,23 @@ def test_store_and_matching(tiny_run):
 def test_targets_not_claimed_in_tiny_mode(tiny_run):
     _, d, _ = tiny_run
     t = d["targets"]
-    assert set(t) == {"images_per_s", "speedup_vs_plain", "peak_mem_bytes", "bf16_nn_equal_pct", "matching_speedup_cpu"}
+    assert set(t) == {"end_to_end_images_per_s", "images_per_s", "speedup_vs_plain", "peak_mem_bytes",
+                      "bf16_nn_equal_pct", "matching_speedup_cpu"}
     assert not any(v["applicable"] for v in t.values())
+
+
+def test_end_to_end_stage_runs_the_public_api(tiny_run):
+    """The headline stage: compute_fused_features on JPEG files through FiftyOne."""
+    _, d, _ = tiny_run
+    e2e = d["end_to_end"]
+    assert "error" not in e2e and "skipped" not in e2e, e2e
+    assert e2e["computed"] == e2e["images"] and e2e["failed"] == 0
+    assert e2e["images_per_s"] > 0 and e2e["speedup_vs_plain"] > 0 and e2e["store_bytes_per_sample"] > 0
+    # the compact store options: bytes and nearest-neighbour agreement per dtype
+    compact = d["store"]["compact"]
+    assert set(compact) == {"float16", "bfloat16", "float32", "int8"}
+    assert compact["int8"]["bytes_per_sample"] < 0.6 * compact["float16"]["bytes_per_sample"]  # + scales, header
+    assert compact["float32"]["nn_equal_to_float32"] == 1.0
 
 
 def test_report_from_json(tiny_run, tmp_path):

@@ -1,16 +1,26 @@
 """The match panel in the real FiftyOne App, driven in headless Chromium.
 
 Starts ``python -m fiftyone.server.main`` on a free localhost port against this test
-session's database and plugins dir, opens a sample of a small persistent dataset in the
-modal, opens the match panel, checks that the figure is drawn (both images, keypoint
-lines), clicks a pixel of the current image and checks that the match (and the heat map)
-appear where the features say, then saves screenshots to the test's tmp dir (and, with
-``SDCORR_UPDATE_SCREENSHOTS=1``, to ``docs/match_panel.png`` for the README).
+session's database and plugins dir and drives the App through its UI:
+
+- a small persistent dataset (tests/panel_world.py): the figure is drawn (both images,
+  keypoint lines), a click on a pixel shows the match (and the heat map) where the features
+  say; the light theme;
+- the README demo's dataset (built by ``python -m fiftyone_sdcorr demo --tiny``): the panel
+  picks the demo's own fields (reference keypoints ``keypoints``, predictions ``predicted``,
+  ground truth ``ground_truth``) and draws the reference's match lines; its field selectors
+  change the figure; "Propagate from this reference" opens the operator's form pre-filled
+  with the reference shown, a new output field and overwrite off, and running it changes
+  no existing field; in a narrow window the controls wrap and the figure fits.
+
+Screenshots go to the test's tmp dir; with ``SDCORR_UPDATE_SCREENSHOTS=1`` the demo's
+pictures also go to ``docs/match_panel.png`` and ``docs/match_panel_parts.png`` (README).
 
 Needs Debian's ``chromium`` (``/usr/bin/chromium``) and Python ``playwright``; skipped
 with the reason when either is missing.
 """
 
+import json
 import os
 import shutil
 import socket
@@ -25,7 +35,8 @@ import pytest
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from panel_world import build_panel_dataset  # noqa: E402
+from panel_world import build_demo_dataset, build_panel_dataset, demo_ids  # noqa: E402
+from snapshots import field_snapshot  # noqa: E402
 
 from fiftyone_sdcorr.core import visualize as vis  # noqa: E402
 
@@ -65,12 +76,9 @@ def playwright_api():
 
 
 @pytest.fixture(scope="module")
-def app(photo_paths, tmp_path_factory, playwright_api):
-    """A persistent dataset and a FiftyOne App server that sees it."""
-    tmp = tmp_path_factory.mktemp("browser")
-    name = f"sdcorr-browser-{uuid.uuid4().hex[:8]}"
-    dataset, ids, describer = build_panel_dataset(
-        name, photo_paths, tmp / "world", persistent=True, crop=CROP)
+def server(tmp_path_factory, playwright_api):
+    """A FiftyOne App server on this test session's database; yields its URL."""
+    tmp = tmp_path_factory.mktemp("server")
     port = _free_port()
     log = open(tmp / "server.log", "wb")
     env = dict(os.environ)  # same FIFTYONE_DATABASE_DIR / FIFTYONE_PLUGINS_DIR as this test
@@ -91,7 +99,7 @@ def app(photo_paths, tmp_path_factory, playwright_api):
                 raise RuntimeError("App server did not answer in 90 s")
             time.sleep(0.5)
     try:
-        yield {"url": url, "dataset": dataset, "ids": ids, "describer": describer, "tmp": tmp}
+        yield url
     finally:
         proc.terminate()
         try:
@@ -100,6 +108,29 @@ def app(photo_paths, tmp_path_factory, playwright_api):
             proc.kill()
             proc.wait()
         log.close()
+
+
+@pytest.fixture(scope="module")
+def app(photo_paths, tmp_path_factory, server):
+    """A persistent dataset the App server sees."""
+    tmp = tmp_path_factory.mktemp("browser")
+    name = f"sdcorr-browser-{uuid.uuid4().hex[:8]}"
+    dataset, ids, describer = build_panel_dataset(
+        name, photo_paths, tmp / "world", persistent=True, crop=CROP)
+    try:
+        yield {"url": server, "dataset": dataset, "ids": ids, "describer": describer, "tmp": tmp}
+    finally:
+        dataset.delete()
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory, server):
+    """The README demo's dataset (the demo command, tiny models), seen by the App server."""
+    tmp = tmp_path_factory.mktemp("demo")
+    dataset = build_demo_dataset(f"sdcorr-browser-demo-{uuid.uuid4().hex[:8]}", tmp / "work")
+    try:
+        yield {"url": server, "dataset": dataset, "ids": demo_ids(dataset), "tmp": tmp}
+    finally:
         dataset.delete()
 
 
@@ -236,9 +267,6 @@ def test_match_panel_in_the_app(app, playwright_api):
             time.sleep(1.0)  # let plotly finish drawing the overlay
             shot = app["tmp"] / "match_panel.png"
             _screenshot(page, shot)
-            if UPDATE_DOCS:
-                SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy(shot, SCREENSHOT)
             assert shot.stat().st_size > 20000
 
             # feature views: switch the "View" dropdown to the part clusters
@@ -250,8 +278,6 @@ def test_match_panel_in_the_app(app, playwright_api):
             time.sleep(1.0)
             parts = app["tmp"] / "match_panel_parts.png"
             _screenshot(page, parts)
-            if UPDATE_DOCS:
-                shutil.copy(parts, SCREENSHOT.with_name("match_panel_parts.png"))
             assert not [e for e in errors if "plotly" in e.lower()], errors
         finally:
             browser.close()
@@ -280,5 +306,227 @@ def test_match_panel_in_the_light_theme(app, playwright_api):
             assert sum(rgb) / 3 > 200, body
             assert paper == "rgba(0, 0, 0, 0)" and plot == "rgba(0, 0, 0, 0)", (paper, plot)
             _screenshot(page, app["tmp"] / "match_panel_light.png")
+        finally:
+            browser.close()
+
+
+# --------------------------------------------------------------------------- the demo dataset
+PANEL = "#modal [data-cy=panel-content-match_panel]"
+DEMO_FIELDS = {"Reference keypoints": "keypoints", "Predicted": "predicted", "Ground truth": "ground_truth"}
+
+
+def _control(page, label):
+    """The combobox of the panel's dropdown labelled ``label``."""
+    return page.locator(PANEL).locator(
+        f"xpath=.//p[normalize-space()='{label}']/ancestor::div[.//div[@role='combobox']][1]"
+        "//div[@role='combobox']").first
+
+
+def _choose(page, label, option, tries=4):
+    """Picks ``option`` in the panel's dropdown ``label``, as a user does (again when the
+    panel re-rendered under the open menu), until the dropdown shows it."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    for _ in range(tries):
+        if page.get_by_role("listbox").count():
+            page.keyboard.press("Escape")
+            time.sleep(0.3)
+        try:
+            _control(page, label).click(timeout=10000)
+            page.get_by_role("option", name=option, exact=True).click(timeout=5000)
+            page.wait_for_function(
+                "([el, want]) => el && el.innerText.trim() === want",
+                arg=[_control(page, label).element_handle(timeout=5000), option], timeout=10000)
+            return
+        except PlaywrightTimeout:
+            continue
+    raise AssertionError(f"could not choose {option!r} in {label!r}")
+
+
+def _names(page):
+    return page.evaluate(_plot_js("return gd.data.map(t => t.name);"))
+
+
+def _wait_plot(page, condition, timeout=60000):
+    page.wait_for_function(_plot_js(f"return !!gd && !!gd.data && ({condition});"), timeout=timeout)
+
+
+def _reference_title(page):
+    return page.evaluate(_plot_js(
+        "return (gd.layout.annotations || []).map(a => a.text).find(t => t.startsWith('reference')) || '';"))
+
+
+def _click_current(page, filepath, xy):
+    """Clicks the normalised point ``xy`` of the current image (screen position from
+    plotly's own axes)."""
+    x0, y0, dx, dy = page.evaluate(_plot_js(
+        "const t = gd.data.find(t => t.name === 'current|photo'); return [t.x0, t.y0, t.dx, t.dy];"))
+    w, h = display_size(filepath)
+    px, py = x0 - dx / 2 + xy[0] * w * dx, y0 - dy / 2 + xy[1] * h * dy
+    sx, sy = page.evaluate(_plot_js(
+        "const fl = gd._fullLayout; const r = gd.getBoundingClientRect();"
+        "return [r.left + fl.xaxis._offset + fl.xaxis.l2p(arg[0]),"
+        "        r.top + fl.yaxis._offset + fl.yaxis.l2p(arg[1])];"), [px, py])
+    page.mouse.move(sx - 2, sy - 2)
+    page.mouse.move(sx, sy)
+    time.sleep(0.3)
+    page.mouse.click(sx, sy)
+
+
+def _open_demo(page, demo, sample="crop"):
+    _open_modal(page, f"{demo['url']}/datasets/{demo['dataset'].name}?id={demo['ids'][sample]}")
+    toggle = page.locator("#modal [data-cy=action-toggle-sidebar]")
+    if toggle.count():
+        toggle.first.click()
+    _open_panel(page)
+    _wait_plot(page, "gd.data.filter(t => t.name.startsWith('line|')).length > 0")
+
+
+def test_demo_dataset_defaults_selectors_and_safe_propagation(demo, playwright_api):
+    dataset, ids = demo["dataset"], demo["ids"]
+    crop = dataset[ids["crop"]]
+    with playwright_api() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1800, "height": 1000})
+            errors = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            _open_demo(page, demo)
+
+            # 1. the demo's own fields are picked, and its reference with its match lines
+            for label, field in DEMO_FIELDS.items():
+                assert _control(page, label).inner_text().strip() == field, label
+            names = _names(page)
+            assert sum(n.startswith("line|") for n in names) == 5
+            assert sum(n.startswith("error|") for n in names) == 5
+            assert _reference_title(page) == "reference · chelsea.png"
+            status = page.locator(PANEL).inner_text()
+            assert "No predictions" not in status and "has no keypoints" not in status
+
+            # click-to-match between the copy's eyes (away from the keypoint markers, which a
+            # click would select for review): match star and heat map over the reference
+            eyes = crop["ground_truth"].keypoints[0].points[:2]
+            _click_current(page, crop.filepath, ((eyes[0][0] + eyes[1][0]) / 2, (eyes[0][1] + eyes[1][1]) / 2))
+            _wait_plot(page, "gd.data.some(t => t.name === 'reference|match')"
+                             " && gd.data.some(t => t.name === 'reference|heatmap')")
+            time.sleep(1.0)  # let plotly finish drawing the overlay
+            shot = demo["tmp"] / "match_panel.png"
+            _screenshot(page, shot)
+            assert shot.stat().st_size > 20000
+            if UPDATE_DOCS:
+                SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(shot, SCREENSHOT)
+            _choose(page, "View", "Part clusters")
+            _wait_plot(page, "gd.data.some(t => t.name === 'current|parts')"
+                             " && gd.data.some(t => t.name === 'reference|parts')")
+            time.sleep(1.0)
+            parts = demo["tmp"] / "match_panel_parts.png"
+            _screenshot(page, parts)
+            if UPDATE_DOCS:
+                shutil.copy(parts, SCREENSHOT.with_name("match_panel_parts.png"))
+            _choose(page, "View", "Photos")
+            _wait_plot(page, "!gd.data.some(t => t.name === 'current|parts')")
+
+            # 2. the field selectors change the figure
+            _choose(page, "Ground truth", "(none)")
+            _wait_plot(page, "!gd.data.some(t => t.name.startsWith('error|'))")
+            assert sum(n.startswith("line|") for n in _names(page)) == 5
+            _choose(page, "Reference keypoints", "ground_truth")  # the copies' annotations
+            _wait_plot(page, "(gd.layout.annotations || []).some(a => a.text.startsWith('reference')"
+                             " && a.text !== 'reference · chelsea.png')")
+            copies = {os.path.basename(dataset[ids[r]].filepath) for r in ("half_size", "crop_upscaled", "mirrored")}
+            assert _reference_title(page).split(" · ", 1)[1] in copies
+            _choose(page, "Reference keypoints", "keypoints")
+            _choose(page, "Ground truth", "ground_truth")
+            _wait_plot(page, "(gd.layout.annotations || []).some(a => a.text === 'reference · chelsea.png')"
+                             " && gd.data.filter(t => t.name.startsWith('error|')).length === 5")
+
+            # 3. "Propagate from this reference": the form is pre-filled safely
+            with page.expect_request(lambda r: "resolve-type" in r.url
+                                     and "propagate_keypoints" in (r.post_data or "")) as request:
+                page.get_by_role("button", name="Propagate from this reference").click()
+            params = json.loads(request.value.post_data)["params"]
+            assert params["references"] == "ids"
+            assert params["reference_ids"] == [ids["reference"]]
+            assert params["source_field"] == "keypoints"
+            assert params["output_field"] == "sdcorr_keypoints" and not dataset.has_field("sdcorr_keypoints")
+            assert params["overwrite"] is False
+            assert params["view_target"] == "DATASET"  # the App shows the whole dataset: FiftyOne's only choice
+            dialog = page.get_by_role("dialog")
+            dialog.get_by_text("Output field", exact=True).wait_for(timeout=30000)
+            values = dialog.locator("input").evaluate_all("els => els.map(e => e.value)")
+            assert "sdcorr_keypoints" in values
+            overwrite = dialog.get_by_role("checkbox", name="Overwrite an existing output field")
+            assert overwrite.count() == 1 and not overwrite.is_checked()
+            form = demo["tmp"] / "propagate_form.png"
+            page.screenshot(path=str(form))
+
+            # ... and running it writes the new field and changes nothing else
+            before = field_snapshot(dataset)
+            execute = dialog.get_by_role("button", name="Execute", exact=True)
+            page.wait_for_function("(b) => !b.disabled", arg=execute.element_handle(), timeout=30000)
+            with page.expect_response(lambda r: "/operators/execute" in r.url and r.request.post_data
+                                      and "propagate_keypoints" in r.request.post_data,
+                                      timeout=300000) as response:
+                execute.click()
+            body = response.value.text()
+            assert "Traceback" not in body, body[-3000:]
+            deadline = time.time() + 300
+            while True:
+                dataset.reload()
+                if dataset.has_field("sdcorr_keypoints") and dataset.count("sdcorr_keypoints"):
+                    break
+                assert time.time() < deadline, f"no predictions written; server said: {body[-3000:]}"
+                time.sleep(1.0)
+            time.sleep(2.0)  # the run writes its record after the values
+            dataset.reload()
+            assert field_snapshot(dataset, exclude=("sdcorr_keypoints", "sdcorr_keypoints_error")) == before
+            targets = dataset.match_tags("target")
+            assert targets.count("sdcorr_keypoints") == len(targets)
+            kp = dataset[ids["crop"]]["sdcorr_keypoints"].keypoints[0]
+            assert kp["sdcorr_reference_id"] == ids["reference"]
+            assert not [e for e in errors if "plotly" in e.lower()], errors
+        finally:
+            browser.close()
+
+
+def test_demo_panel_in_a_narrow_split(demo, playwright_api):
+    """The panel beside the sample in a split of a small window: the controls wrap onto
+    several rows and stay legible, the figure fits the panel's width (no horizontal
+    scrolling) and still draws the match lines."""
+    with playwright_api() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            _open_demo(page, demo)
+            containers = page.locator("#modal [data-cy=panel-container]")
+            if containers.count() < 2:  # the panel is a tab beside the sample: split them
+                page.locator('#modal button[title="Split horizontally"]').first.click()
+                page.wait_for_function(
+                    "() => document.querySelectorAll('#modal [data-cy=panel-container]').length >= 2",
+                    timeout=30000)
+            _wait_plot(page, "gd.data.filter(t => t.name.startsWith('line|')).length === 5")
+            time.sleep(1.0)
+            geometry = page.evaluate(
+                "(sel) => { const panel = document.querySelector(sel);"
+                " const boxes = Array.from(panel.querySelectorAll('[role=combobox]'))"
+                "   .map(c => c.getBoundingClientRect());"
+                " const plot = panel.querySelector('.js-plotly-plot').getBoundingClientRect();"
+                " const modal = document.querySelector('#modal [data-cy=modal-content]').getBoundingClientRect();"
+                " const p = panel.getBoundingClientRect();"
+                " return {rows: new Set(boxes.map(b => Math.round(b.top))).size,"
+                "   minWidth: Math.min(...boxes.map(b => b.width)),"
+                "   right: Math.max(...boxes.map(b => b.right)), plotLeft: plot.left, plotRight: plot.right,"
+                "   panelLeft: p.left, panelRight: p.right, panelWidth: p.width, modalWidth: modal.width,"
+                "   scroll: panel.scrollWidth - panel.clientWidth}; }",
+                PANEL)
+            assert geometry["panelWidth"] < 0.7 * geometry["modalWidth"], geometry  # a split
+            assert geometry["rows"] >= 2, geometry  # the controls wrapped
+            assert geometry["minWidth"] >= 120, geometry  # each control stays legible
+            assert geometry["right"] <= geometry["panelRight"] + 1, geometry
+            assert geometry["panelLeft"] - 1 <= geometry["plotLeft"], geometry
+            assert geometry["plotRight"] <= geometry["panelRight"] + 1, geometry
+            assert geometry["scroll"] <= 1, geometry
+            _screenshot(page, demo["tmp"] / "match_panel_split.png")
         finally:
             browser.close()

@@ -27,7 +27,8 @@ import fiftyone as fo
 import fiftyone.operators as foo
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from panel_world import GT_POINTS, SKELETON_LABELS, build_panel_dataset  # noqa: E402
+from panel_world import GT_POINTS, SKELETON_LABELS, build_demo_dataset, build_panel_dataset, demo_ids  # noqa: E402
+from snapshots import field_snapshot  # noqa: E402
 
 from fiftyone_sdcorr.core import visualize as vis  # noqa: E402
 from fiftyone_sdcorr.plugin import panels  # noqa: E402
@@ -39,8 +40,9 @@ PANEL_URI = "@sdcorr/sdcorr/match_panel"
 class PanelDriver:
     """Plays the App's part: keeps the panel state, calls methods, applies patches."""
 
-    def __init__(self, dataset, current_sample=None, selected=None):
+    def __init__(self, dataset, current_sample=None, selected=None, view=None):
         self.dataset = dataset
+        self.view = view  # the App's current view (None: the whole dataset)
         self.current_sample = current_sample
         self.selected = selected or []
         self.panel_id = f"panel-{uuid.uuid4().hex[:8]}"
@@ -51,6 +53,7 @@ class PanelDriver:
     def call(self, method, **params):
         ctx = {
             "dataset": self.dataset,
+            **({"view": self.view} if self.view is not None else {}),
             "current_sample": self.current_sample,
             "selected": self.selected,
             "params": {
@@ -328,7 +331,25 @@ def test_propagate_prompts_the_operator_with_this_reference(world):
     assert p["operator_uri"] == "@sdcorr/sdcorr/propagate_keypoints"
     assert p["params"]["references"] == "ids"
     assert p["params"]["reference_ids"] == [ids["ref"]]
-    assert p["params"]["source_field"] == "gt" and p["params"]["output_field"] == "pred"
+    # the reference field shown, a NEW output field, overwrite off, the current view as targets
+    assert p["params"]["source_field"] == "gt"
+    assert p["params"]["output_field"] == "sdcorr_keypoints" and not dataset.has_field("sdcorr_keypoints")
+    assert p["params"]["overwrite"] is False
+    # the App shows the whole dataset: FiftyOne's target selector then offers only "DATASET"
+    assert p["params"]["view_target"] == "DATASET"
+
+    # a filtered view in the App: the current view is the target
+    d = PanelDriver(dataset, current_sample=ids["target"], view=dataset.exists("gt")).call("on_load")
+    d.call("on_propagate")
+    p = [r for r in d.requests if r["operator_uri"] == "prompt_user_for_operation"][0]["params"]
+    assert p["params"]["view_target"] == "CURRENT_VIEW"
+
+    # with samples selected in the grid, the selection is the target
+    d = PanelDriver(dataset, current_sample=ids["target"], selected=[ids["target"], ids["plain"]]).call("on_load")
+    d.call("on_propagate")
+    p = [r for r in d.requests if r["operator_uri"] == "prompt_user_for_operation"][0]["params"]
+    assert p["params"]["view_target"] == "SELECTED_SAMPLES"
+    assert p["params"]["reference_ids"] == [d.state["reference_id"]]
 
 
 def test_missing_features_and_no_reference(world):
@@ -387,6 +408,217 @@ def test_visualize_helpers_exact_geometry(world):
     assert list(sizes) == sorted(sizes, reverse=True)
 
 
+# --------------------------------------------------------------------------- the demo dataset
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """The README demo's dataset, built by the demo command (tiny models)."""
+    dataset = build_demo_dataset(f"sdcorr-panel-demo-{uuid.uuid4().hex[:8]}", tmp_path_factory.mktemp("demo"))
+    yield dataset, demo_ids(dataset)
+    dataset.delete()
+
+
+@pytest.fixture
+def demo_copy(demo):
+    """A throw-away clone of the demo dataset (features, records and runs included), for
+    tests that write into it."""
+    dataset, _ = demo
+    clone = dataset.clone(f"sdcorr-panel-demo-copy-{uuid.uuid4().hex[:8]}")
+    yield clone, demo_ids(clone)
+    clone.delete()
+
+
+def choices(d, name):
+    return [c["value"] for c in d.properties()[name]["view"]["choices"]]
+
+
+def prompt_params(d):
+    prompts = [r for r in d.requests if r["operator_uri"] == "prompt_user_for_operation"]
+    assert len(prompts) == 1
+    assert prompts[0]["params"]["operator_uri"] == "@sdcorr/sdcorr/propagate_keypoints"
+    return prompts[0]["params"]["params"]
+
+
+def test_defaults_on_the_demo_dataset_show_its_reference(demo):
+    """The demo annotates its reference in `keypoints`, predicts into `predicted` and keeps
+    the copies' ground truth in `ground_truth`: the panel picks exactly these (not the first
+    field alphabetically) and draws the reference's match lines."""
+    dataset, ids = demo
+    for d in (PanelDriver(dataset, current_sample=ids["crop"]).call("on_load"),
+              PanelDriver(dataset, selected=[ids["crop"], ids["reference"]]).call("on_load")):
+        assert (d.state["ref_field"], d.state["pred_field"], d.state["gt_field"]) == \
+            ("keypoints", "predicted", "ground_truth")
+        assert d.state["reference_id"] == ids["reference"]
+        # one line per reference keypoint, error lines against the copy's ground truth
+        assert len(d.traces(prefix="line|")) == 5
+        assert len(d.traces(prefix="error|")) == 5
+        assert "No predictions" not in d.status() and "has no keypoints" not in d.status()
+        # the selectors offer the Keypoints fields (and "none" where a field is optional)
+        assert set(choices(d, "ref_field")) == {"keypoints", "ground_truth", "predicted"}
+        assert choices(d, "pred_field")[0] == "predicted"
+        assert set(choices(d, "gt_field")) == {"keypoints", "ground_truth", "predicted", panels.NONE}
+        assert d.state["controls"]["ref_field"] == "keypoints"
+        assert d.state["controls"]["pred_field"] == "predicted"
+        assert d.state["controls"]["gt_field"] == "ground_truth"
+    # the tagged reference heads the reference list
+    d = PanelDriver(dataset, current_sample=ids["mirrored"]).call("on_load")
+    assert d.state["references"][0]["id"] == ids["reference"] and d.state["references"][0]["tagged"]
+    assert "reference" in d.state["references"][0]["label"]
+
+
+def test_field_selectors_change_the_figure_and_are_remembered_per_dataset(demo_copy, world):
+    dataset, ids = demo_copy
+    d = PanelDriver(dataset, current_sample=ids["crop"]).call("on_load")
+    photo = d.traces("reference|photo")[0]["source"]
+
+    # no ground truth: no error lines, the prediction lines stay
+    d.call("on_change_gt_field", value=panels.NONE)
+    assert d.state["gt_field"] is None and d.state["controls"]["gt_field"] == panels.NONE
+    assert not d.traces(prefix="error|") and len(d.traces(prefix="line|")) == 5
+
+    # the copies' ground truth as reference keypoints: the references are the other copies
+    d.call("on_change_ref_field", value="ground_truth")
+    refs = [r["id"] for r in d.state["references"]]
+    assert set(refs) == {ids["half_size"], ids["crop_upscaled"], ids["mirrored"]}
+    assert d.state["reference_id"] in refs
+    assert d.traces("reference|photo")[0]["source"] != photo
+    assert d.traces("reference|gt")  # the copy's annotation is drawn on the reference side
+
+    # a field that is not a Keypoints field is refused
+    d.call("on_change_pred_field", value="role")
+    assert d.state["pred_field"] == "predicted" and d.state["controls"]["pred_field"] == "predicted"
+    d.call("on_change_ref_field", value=panels.NONE)  # the references' field cannot be "none"
+    assert d.state["ref_field"] == "ground_truth"
+
+    # a new panel on this dataset starts from these choices ...
+    d2 = PanelDriver(dataset, current_sample=ids["half_size"]).call("on_load")
+    assert (d2.state["ref_field"], d2.state["pred_field"], d2.state["gt_field"]) == \
+        ("ground_truth", "predicted", None)
+    # ... a panel on another dataset does not
+    w, wids, _ = world
+    d3 = PanelDriver(w, current_sample=wids["target"]).call("on_load")
+    assert (d3.state["ref_field"], d3.state["pred_field"], d3.state["gt_field"]) == ("gt", "pred", "gt")
+    # and the same panel moved to another dataset takes that dataset's fields
+    d2.dataset, d2.current_sample = w, wids["target"]
+    d2.call("on_change_dataset")
+    assert (d2.state["ref_field"], d2.state["gt_field"]) == ("gt", "gt")
+    d2.dataset, d2.current_sample = dataset, ids["half_size"]
+    d2.call("on_change_dataset")
+    assert d2.state["ref_field"] == "ground_truth"
+
+
+def test_propagate_from_the_panel_is_safe_and_its_result_becomes_the_default(demo_copy):
+    """The prompt targets the current view, names the reference shown and the panel's
+    reference field, writes a NEW field, never pre-checks overwrite; running it with those
+    params changes no existing field; the panel then shows the new predictions."""
+    dataset, ids = demo_copy
+    view = dataset.match_tags("target")  # the App's current view
+    d = PanelDriver(dataset, current_sample=ids["crop"], view=view).call("on_load")
+    d.call("on_propagate")
+    params = prompt_params(d)
+    assert params == {
+        "view_target": "CURRENT_VIEW",
+        "references": "ids",
+        "reference_ids": [ids["reference"]],
+        "source_field": "keypoints",
+        "output_field": "sdcorr_keypoints",
+        "overwrite": False,
+    }
+
+    before = field_snapshot(dataset)
+    # the App adds the panel's id and state to every operator a panel triggers, prompts included
+    sent = {**params, "panel_id": d.panel_id, "panel_state": d.state}
+    result = foo.execute_operator("@sdcorr/sdcorr/propagate_keypoints", {"view": view}, params=sent)
+    result.raise_exceptions()
+    new_fields = ("sdcorr_keypoints", "sdcorr_keypoints_error")
+    after = field_snapshot(dataset, exclude=new_fields)
+    assert after == before, "propagating from the panel changed an existing field"
+    assert dataset.count("sdcorr_keypoints") == len(view)
+    assert not dataset.match_tags("reference").exists("sdcorr_keypoints")
+    kp = dataset[ids["crop"]]["sdcorr_keypoints"].keypoints[0]
+    assert kp["sdcorr_reference_id"] == ids["reference"]
+
+    # the open panel switches to the fresh predictions on the next sample; a new panel
+    # starts with them (the newest predicted field)
+    d.current_sample = ids["half_size"]
+    d.call("on_change_current_sample")
+    assert d.state["pred_field"] == "sdcorr_keypoints"
+    assert len(d.traces(prefix="line|")) == 5
+    d2 = PanelDriver(dataset, current_sample=ids["crop"]).call("on_load")
+    assert d2.state["pred_field"] == "sdcorr_keypoints"
+    assert choices(d2, "pred_field")[:2] == ["sdcorr_keypoints", "predicted"]
+    # a chosen field stays chosen, in this panel and in new ones, until a newer one appears
+    d2.call("on_change_pred_field", value="predicted")
+    assert PanelDriver(dataset, current_sample=ids["crop"]).call("on_load").state["pred_field"] == "predicted"
+
+    # the next proposal is the next free name
+    d2.call("on_propagate")
+    assert prompt_params(d2)["output_field"] == "sdcorr_keypoints_2"
+
+
+def test_instance_selector(demo_copy):
+    """A reference with two instances: the selector shows one or all of them."""
+    dataset, ids = demo_copy
+    ref = dataset[ids["reference"]]
+    first = ref["keypoints"].keypoints[0]
+    second = fo.Keypoint(label="cat2", points=[(min(1.0, x * 0.5 + 0.4), y) for x, y in first.points])
+    ref["keypoints"].keypoints.append(second)
+    ref.save()
+    d = PanelDriver(dataset, current_sample=ids["crop"]).call("on_load")
+    assert choices(d, "instance") == [panels.ALL_INSTANCES, "0", "1"]
+    assert len(d.traces("reference|gt")) == 2
+    d.call("on_change_instance", value="1")
+    assert d.state["instance"] == 1
+    markers = d.traces("reference|gt")
+    assert len(markers) == 1 and len(markers[0]["x"]) == 5
+    # instance 1 has no prediction (propagated before it existed): no lines, and the status says so
+    assert not d.traces(prefix="line|") and "No predictions" in d.status()
+    d.call("on_change_instance", value="0")
+    assert len(d.traces(prefix="line|")) == 5 and len(d.traces("reference|gt")) == 1
+    d.call("on_change_instance", value=panels.ALL_INSTANCES)
+    assert d.state["instance"] is None and len(d.traces("reference|gt")) == 2
+    # another reference resets the choice
+    d.call("on_change_instance", value="1")
+    d.call("on_change_reference", value=ids["reference"])
+    assert d.state["instance"] is None
+
+
+def test_tagged_references_come_first(world):
+    """Any tag containing "reference" marks a reference; tagged ones head the list even
+    when an untagged one is more similar."""
+    dataset, ids, _ = world
+    clone = dataset.clone(f"sdcorr-panel-tags-{uuid.uuid4().hex[:8]}")
+    try:
+        clone.untag_samples("reference")
+        clone.select(ids["ref2"]).tag_samples("cup-Reference")
+        d = PanelDriver(clone, current_sample=ids["target"]).call("on_load")
+        assert [r["id"] for r in d.state["references"]] == [ids["ref2"], ids["ref"]]
+        assert d.state["reference_id"] == ids["ref2"]
+        assert d.state["references"][1]["similarity"] == pytest.approx(1.0, abs=1e-4)
+    finally:
+        clone.delete()
+
+
+def test_field_defaults_without_tags_and_newest_prediction(tmp_dataset, photo_paths):
+    """No tagged reference: the annotation field with the most keypoints; several predicted
+    fields: the newest (created last), whatever the names' order."""
+    from fiftyone_sdcorr.plugin.panel_figure import default_fields, free_field_name
+
+    def kps(attrs=None):
+        kp = fo.Keypoint(label="x", points=[(0.1, 0.2)], **(attrs or {}))
+        return fo.Keypoints(keypoints=[kp])
+
+    ds = tmp_dataset
+    ds.add_samples([fo.Sample(filepath=photo_paths["chelsea"], zz_annot=kps()),
+                    fo.Sample(filepath=photo_paths["coffee"], zz_annot=kps(), aa_other=kps())])
+    assert default_fields(ds) == {"ref_field": "zz_annot", "pred_field": None, "gt_field": "zz_annot"}
+    for name in ("zz_pred", "aa_pred"):  # created in this order: aa_pred is the newest
+        ds.set_values(name, [kps({"sdcorr_reference_id": "x"})] * len(ds))
+    assert default_fields(ds)["pred_field"] == "aa_pred"
+    assert free_field_name(ds, "zz_annot") == "zz_annot_2"
+    ds.add_sample_field("zz_annot_2_error", fo.StringField)
+    assert free_field_name(ds, "zz_annot") == "zz_annot_3"
+
+
 # --------------------------------------------------------------------------- view operators
 def test_write_feature_pca_operator(world, tmp_path):
     from PIL import Image
@@ -399,10 +631,13 @@ def test_write_feature_pca_operator(world, tmp_path):
     )
     result.raise_exceptions()
     assert dataset.count("pca_view") == 3  # the sample without features is skipped
-    seg_t = dataset[ids["target"]]["pca_view"]
-    seg_r = dataset[ids["ref"]]["pca_view"]
-    assert isinstance(seg_t, fo.Segmentation) and os.path.isfile(seg_t.mask_path)
-    a, b = np.asarray(Image.open(seg_t.mask_path)), np.asarray(Image.open(seg_r.mask_path))
+    # a picture per sample (a media field the App can show), written into output_dir
+    pic_t = dataset[ids["target"]]["pca_view"]
+    pic_r = dataset[ids["ref"]]["pca_view"]
+    assert os.path.isfile(pic_t) and Path(pic_t).parent == tmp_path / "pca"
+    dataset.reload()
+    assert "pca_view" in dataset.app_config.media_fields
+    a, b = np.asarray(Image.open(pic_t)), np.asarray(Image.open(pic_r))
     w, h = vis.display_size(*Image.open(dataset[ids["target"]].filepath).size, 512)
     assert a.shape == (h, w, 3)
     # one PCA for the whole collection: the same image gets the same colours

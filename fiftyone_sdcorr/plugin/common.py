@@ -154,7 +154,8 @@ def _blank(v) -> bool:
 
 #: params that steer the form or the target, never passed to a dataset function
 PLUMBING = frozenset((VIEW_TARGET, "delegate", "delegation_target", "count", "references", "reference_tag",
-                      "reference_ids", "x", "y", "background_runs"))
+                      "reference_ids", "x", "y", "background_runs",
+                      "panel_id", "panel_state"))  # the App adds these to operators a panel starts
 
 
 def function_kwargs(params: Dict[str, Any], fn: Callable[..., Any], positional: Sequence[str] = ()) -> Dict[str, Any]:
