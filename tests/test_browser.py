@@ -23,11 +23,8 @@ with the reason when either is missing.
 import json
 import os
 import shutil
-import socket
-import subprocess
 import sys
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 
@@ -35,6 +32,7 @@ import pytest
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from app_server import CHROMIUM, CHROMIUM_ARGS, app_server, require_playwright  # noqa: E402
 from panel_world import build_demo_dataset, build_panel_dataset, demo_ids  # noqa: E402
 from snapshots import field_snapshot  # noqa: E402
 
@@ -43,14 +41,6 @@ from fiftyone_sdcorr.core import visualize as vis  # noqa: E402
 pytestmark = pytest.mark.browser
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--no-first-run",
-]
 SCREENSHOT = REPO_ROOT / "docs" / "match_panel.png"
 UPDATE_DOCS = os.environ.get("SDCORR_UPDATE_SCREENSHOTS") == "1"  # tests write into the repo only when asked
 PLOT = "#modal .js-plotly-plot"
@@ -58,56 +48,16 @@ CLICK_XY = (0.80, 0.25)  # normalised point of the current image to click (no ke
 CROP = (0.20, 0.05, 1.0, 0.95)  # the current sample is this crop of the reference image
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def playwright_api():
-    if not os.path.exists(CHROMIUM):
-        pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium; scripts/setup.sh does it as root)")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.skip("python playwright is not installed (pip install playwright)")
-    return sync_playwright
+    return require_playwright()
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, playwright_api):
     """A FiftyOne App server on this test session's database; yields its URL."""
-    tmp = tmp_path_factory.mktemp("server")
-    port = _free_port()
-    log = open(tmp / "server.log", "wb")
-    env = dict(os.environ)  # same FIFTYONE_DATABASE_DIR / FIFTYONE_PLUGINS_DIR as this test
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "fiftyone.server.main", "--port", str(port)],
-        env=env, stdout=log, stderr=subprocess.STDOUT, cwd=str(tmp),
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"App server exited: {(tmp / 'server.log').read_text()[-3000:]}")
-        try:
-            urllib.request.urlopen(url, timeout=2).read()
-            break
-        except OSError:
-            if time.time() > deadline:
-                raise RuntimeError("App server did not answer in 90 s")
-            time.sleep(0.5)
-    try:
+    with app_server(tmp_path_factory.mktemp("server")) as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
 
 
 @pytest.fixture(scope="module")
@@ -322,7 +272,7 @@ def _control(page, label):
         "//div[@role='combobox']").first
 
 
-def _choose(page, label, option, tries=4):
+def _choose(page, label, option, tries=6):
     """Picks ``option`` in the panel's dropdown ``label``, as a user does (again when the
     panel re-rendered under the open menu), until the dropdown shows it."""
     from playwright.sync_api import TimeoutError as PlaywrightTimeout

@@ -241,6 +241,14 @@ class MatchConfig:
             object.__setattr__(self, "flip_pairs", pairs)
 
 
+def _check_matching_run(cfg) -> None:
+    """What propagation and review share: stored features, batch, overwrite."""
+    _field_or_none("features_field", cfg.features_field)
+    _field_or_none("embedding_field", cfg.embedding_field)
+    check_int("batch_size", cfg.batch_size, lo=1, hi=4096)
+    check_bool("overwrite", cfg.overwrite)
+
+
 @dataclass(frozen=True)
 class PropagationConfig:
     """``propagate_keypoints``: where from, where to, and the output rule."""
@@ -257,11 +265,8 @@ class PropagationConfig:
     def __post_init__(self):
         check_field_name("source_field", self.source_field)
         check_field_name("output_field", self.output_field)
-        _field_or_none("features_field", self.features_field)
-        _field_or_none("embedding_field", self.embedding_field)
         check_float("visibility_threshold", self.visibility_threshold, lo=0.0, hi=1.0)
-        check_int("batch_size", self.batch_size, lo=1, hi=4096)
-        check_bool("overwrite", self.overwrite)
+        _check_matching_run(self)
 
     @property
     def error_field(self) -> str:
@@ -320,10 +325,7 @@ class ReviewConfig:
         check_float("min_confidence", self.min_confidence, lo=0.0, hi=1.0)
         _field_or_none("bbox_field", self.bbox_field)
         check_choice("threshold", self.threshold, THRESHOLDS)
-        _field_or_none("features_field", self.features_field)
-        _field_or_none("embedding_field", self.embedding_field)
-        check_int("batch_size", self.batch_size, lo=1, hi=4096)
-        check_bool("overwrite", self.overwrite)
+        _check_matching_run(self)
 
     @property
     def error_field(self) -> str:
