@@ -34,6 +34,9 @@ _LAZY = {
     "flag_keypoint_annotations": "fiftyone_sdcorr.dataset.review",
     "write_feature_pca": "fiftyone_sdcorr.dataset.feature_views",
     "write_similarity_heatmaps": "fiftyone_sdcorr.dataset.feature_views",
+    "import_benchmark": "fiftyone_sdcorr.dataset.benchmarks",
+    "benchmark_pairs": "fiftyone_sdcorr.dataset.benchmarks",
+    "evaluate_pairs": "fiftyone_sdcorr.pair_eval",
 }
 
 

@@ -4,6 +4,9 @@ Commands:
     bench         extraction / matching / store benchmark (fiftyone_sdcorr.bench.benchmark)
     bench-report  markdown table + plot from results/*.json
     demo          end-to-end demo (fiftyone_sdcorr.demo, when installed)
+    evaluate-pairs    PCK on SPair-71k / PF-Pascal / AP-10K pairs, the paper's protocol
+                      (fiftyone_sdcorr.pair_eval; no FiftyOne needed)
+    import-benchmark  a benchmark split into a FiftyOne dataset (fiftyone_sdcorr.dataset.benchmarks)
 
 Adding a command: add a sub-parser in :func:`build_parser` and dispatch in :func:`main`.
 
@@ -47,6 +50,15 @@ def build_parser(with_demo_module=None) -> argparse.ArgumentParser:
     p = sub.add_parser("bench-report", help="markdown table and PNG plot from benchmark JSON files")
     bench.add_report_arguments(p)
 
+    from fiftyone_sdcorr import pair_eval
+
+    p = sub.add_parser("evaluate-pairs", help="PCK on SPair-71k, PF-Pascal or AP-10K pairs (the paper's protocol)",
+                       description=pair_eval.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    pair_eval.add_arguments(p)
+
+    p = sub.add_parser("import-benchmark", help="a SPair-71k, PF-Pascal or AP-10K split into a FiftyOne dataset")
+    pair_eval.add_import_arguments(p)
+
     # demo: its own arguments when the module declares them, else passed through
     if with_demo_module is not None and hasattr(with_demo_module, "add_arguments"):
         p = sub.add_parser("demo", help="end-to-end demo (fiftyone_sdcorr.demo)")
@@ -74,6 +86,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         from fiftyone_sdcorr.bench.benchmark import main_report
 
         return main_report(args)
+    if args.command == "evaluate-pairs":
+        from fiftyone_sdcorr.pair_eval import main as main_evaluate_pairs
+
+        return main_evaluate_pairs(args)
+    if args.command == "import-benchmark":
+        from fiftyone_sdcorr.dataset.benchmarks import main_import
+
+        return main_import(args)
     if args.command == "demo":
         if hasattr(demo, "add_arguments"):
             rc = demo.main(args)

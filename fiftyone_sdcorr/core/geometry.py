@@ -17,8 +17,11 @@ Pure Python / torch; no FiftyOne import.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 
 
@@ -145,4 +148,20 @@ def grid_size(size: int, stride: int) -> int:
     return size // stride
 
 
-__all__ = ["Letterbox", "grid_size"]
+__all__ = ["Letterbox", "grid_size", "points_array"]
+
+
+def points_array(rows) -> np.ndarray:
+    """``[[x, y] | None, ...]`` -> ``(K, 2)`` float64 with NaN for missing / non-finite."""
+    rows = list(rows or [])
+    out = np.full((len(rows), 2), np.nan)
+    for i, xy in enumerate(rows):
+        if xy is None:
+            continue
+        try:
+            x, y = float(xy[0]), float(xy[1])
+        except (TypeError, ValueError, IndexError):
+            continue
+        if math.isfinite(x) and math.isfinite(y):
+            out[i] = (x, y)
+    return out

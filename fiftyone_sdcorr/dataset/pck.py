@@ -2,27 +2,19 @@
 
 from __future__ import annotations
 
-import math
 from typing import Dict, List, Optional
 
 import numpy as np
 
 import fiftyone as fo
 
+from fiftyone_sdcorr.core.geometry import points_array
 from fiftyone_sdcorr.core.images import image_size
 
 
 def points_of(kp) -> np.ndarray:
-    raw = kp.points or []
-    out = np.full((len(raw), 2), np.nan)
-    for i, xy in enumerate(raw):
-        try:
-            x, y = float(xy[0]), float(xy[1])
-        except (TypeError, ValueError, IndexError):
-            continue
-        if math.isfinite(x) and math.isfinite(y):
-            out[i] = (x, y)
-    return out
+    """A keypoint's points as ``(K, 2)`` float64, NaN where missing or not finite."""
+    return points_array(kp.points)
 
 
 def pair_instances(pred, gt):

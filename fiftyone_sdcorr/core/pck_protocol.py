@@ -1,0 +1,245 @@
+"""The paper's PCK protocol for benchmark pairs: scoring, averaging, predictions files.
+
+As in sd-dino's ``pck_spair_pascal.py`` (and RECIPE.md, "Evaluation protocol"):
+
+- A point **counts** when it is annotated (visible) in both images. A counted point with
+  no prediction (``null`` / NaN) counts as wrong.
+- A counted point is **correct at alpha** when its distance to the ground truth is
+  **strictly below** ``alpha * T``; ``T`` = ``max(w, h)`` of the target object's box
+  (SPair-71k, AP-10K) or of the target image (PF-Pascal). Distances are measured in
+  target-image pixels; sd-dino measures point and ``T`` in the 840 letterbox frame, a
+  uniform scaling of the same numbers (the result is the same up to floating-point ties).
+- **Per point** (sd-dino): within a category, correct / counted over all its points
+  pooled; overall, the categories' values averaged with weights = their number of
+  evaluated pairs. On a full test split those are the paper code's fixed weights
+  (SPair-71k: 690, 650, ...); with ``--sample N`` every category weighs ``N`` pairs,
+  sd-dino's unweighted mean.
+- **Per image** (GeoAware-SC's default): each pair's fraction correct / counted; the mean
+  over a category's pairs, and overall the mean over all evaluated pairs (the same as
+  the categories averaged with weights = their pairs).
+- ``per_point_pooled`` (extra): all counted points pooled across categories, i.e. the
+  categories weighted by their points (GeoAware-SC's ``KPT_RESULT``).
+- A pair with no counted point is not evaluated (it would be 0 / 0) and is listed in
+  ``counts.skipped_pairs``.
+
+Results are percentages keyed by the alpha written with two decimals (``"0.10"``).
+
+Predictions files are JSON Lines, one object per pair::
+
+    {"pair": "<pair identifier>", "trg_kps": [[x, y], ..., null, ...]}
+
+``trg_kps``: predicted target-image pixel coordinates, one per keypoint of the pair in
+the order of the pair's source keypoints (SPair-71k: ``src_kps`` of the pair file;
+PF-Pascal: ``XA`` / ``YA``; AP-10K: the 17 COCO keypoints). ``null`` = no prediction.
+
+No FiftyOne import.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from fiftyone_sdcorr.core.benchmark_formats import PairRecord
+from fiftyone_sdcorr.core.geometry import points_array
+
+
+def alpha_key(alpha: float) -> str:
+    """``0.1`` -> ``"0.10"`` (the results' keys)."""
+    return f"{float(alpha):.2f}"
+
+
+class PredictionsError(ValueError):
+    """A predictions file is malformed or does not fit the pairs; the message says where."""
+
+
+# --------------------------------------------------------------------------- scoring
+@dataclass
+class PairScore:
+    """One pair under the protocol: ``counted`` points, ``correct[i]`` at ``alphas[i]``."""
+
+    pair: str
+    category: str
+    counted: int
+    correct: Tuple[int, ...]
+    missing: int = 0  # counted points without a prediction
+
+    def fraction(self, i: int) -> float:
+        return self.correct[i] / self.counted if self.counted else float("nan")
+
+
+def score_pair(pred, gt, visible, threshold: float, alphas: Sequence[float], *, pair: str = "",
+               category: str = "") -> PairScore:
+    """Scores one pair's predictions.
+
+    Args:
+        pred: ``(K, 2)`` predicted target pixels (NaN: no prediction, counted as wrong).
+        gt: ``(K, 2)`` ground-truth target pixels.
+        visible: ``(K,)`` bool, the points that count (annotated in both images).
+        threshold: ``T`` in target pixels.
+        alphas: PCK alphas.
+    """
+    pred = np.asarray(pred, dtype=np.float64).reshape(-1, 2)
+    gt = np.asarray(gt, dtype=np.float64).reshape(-1, 2)
+    visible = np.asarray(visible, dtype=bool).reshape(-1)
+    if not (len(pred) == len(gt) == len(visible)):
+        raise ValueError(f"pair {pair!r}: {len(pred)} predictions for {len(gt)} keypoints")
+    counted = visible & np.isfinite(gt).all(axis=1)
+    dist = np.linalg.norm(pred - gt, axis=1)
+    dist = np.where(np.isfinite(dist), dist, np.inf)[counted]
+    correct = tuple(int((dist < float(a) * float(threshold)).sum()) for a in alphas)
+    missing = int((~np.isfinite(pred).all(axis=1) & counted).sum())
+    return PairScore(pair, category, int(counted.sum()), correct, missing)
+
+
+def score_record(record: PairRecord, pred, alphas: Sequence[float]) -> PairScore:
+    """:func:`score_pair` for a :class:`~fiftyone_sdcorr.core.benchmark_formats.PairRecord`."""
+    if not (math.isfinite(record.threshold) and record.threshold > 0):
+        raise ValueError(f"pair {record.pair!r}: threshold size must be positive, got {record.threshold}")
+    return score_pair(pred, record.trg_kps, record.visible, record.threshold, alphas,
+                      pair=record.pair, category=record.category)
+
+
+# --------------------------------------------------------------------------- averaging
+def _pct(x: float) -> Optional[float]:
+    return None if x is None or not math.isfinite(x) else 100.0 * float(x)
+
+
+def _category_block(scores: List[PairScore], alphas: Sequence[float]) -> dict:
+    ev = [s for s in scores if s.counted]
+    pts = sum(s.counted for s in ev)
+    block = {"pairs": len(ev), "points": pts, "skipped_pairs": len(scores) - len(ev),
+             "missing_predictions": sum(s.missing for s in ev), "per_point": {}, "per_image": {}}
+    for i, a in enumerate(alphas):
+        k = alpha_key(a)
+        block["per_point"][k] = _pct(sum(s.correct[i] for s in ev) / pts) if pts else None
+        block["per_image"][k] = _pct(float(np.mean([s.fraction(i) for s in ev]))) if ev else None
+    return block
+
+
+def aggregate(scores: Iterable[PairScore], alphas: Sequence[float]) -> dict:
+    """Per category and overall PCK (module docstring), JSON-ready.
+
+    Returns ``{"alphas", "per_point", "per_image", "per_point_pooled", "categories":
+    {name: {"per_point", "per_image", "pairs", "points", "skipped_pairs",
+    "missing_predictions"}}, "counts": {...}}``; values in percent, ``None`` where nothing
+    was evaluated.
+    """
+    by_cat: Dict[str, List[PairScore]] = {}
+    for s in scores:
+        by_cat.setdefault(s.category, []).append(s)
+    cats = {c: _category_block(by_cat[c], alphas) for c in sorted(by_cat)}
+    used = {c: b for c, b in cats.items() if b["pairs"]}
+    n_pairs = sum(b["pairs"] for b in used.values())
+    n_points = sum(b["points"] for b in used.values())
+    out = {"alphas": [alpha_key(a) for a in alphas], "per_point": {}, "per_image": {}, "per_point_pooled": {}}
+    for i, a in enumerate(alphas):
+        k = alpha_key(a)
+        out["per_point"][k] = (sum(b["pairs"] * b["per_point"][k] for b in used.values()) / n_pairs
+                               if n_pairs else None)
+        out["per_image"][k] = (sum(b["pairs"] * b["per_image"][k] for b in used.values()) / n_pairs
+                               if n_pairs else None)
+        correct = sum(s.correct[i] for ss in by_cat.values() for s in ss if s.counted)
+        out["per_point_pooled"][k] = _pct(correct / n_points) if n_points else None
+    out["categories"] = cats
+    out["counts"] = {
+        "pairs": n_pairs, "points": n_points, "categories": len(used),
+        "skipped_pairs": sum(b["skipped_pairs"] for b in cats.values()),
+        "missing_predictions": sum(b["missing_predictions"] for b in cats.values()),
+        "category_weights": {c: b["pairs"] for c, b in used.items()},
+    }
+    return out
+
+
+# --------------------------------------------------------------------------- report
+def _cell(v) -> str:
+    return "-" if v is None else f"{v:.2f}"
+
+
+def markdown_table(result: dict, title: Optional[str] = None) -> str:
+    """A markdown table: one row per category and an overall row (per point: categories
+    weighted by pairs; per image: mean over pairs)."""
+    keys = list(result["alphas"])
+    head = ["category", "pairs", "points"] + [f"per point @{k}" for k in keys] + [f"per image @{k}" for k in keys]
+    lines = [f"**{title}**", ""] if title else []
+    lines += ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
+    for name, b in result["categories"].items():
+        row = [name, str(b["pairs"]), str(b["points"])]
+        row += [_cell(b["per_point"][k]) for k in keys] + [_cell(b["per_image"][k]) for k in keys]
+        lines.append("| " + " | ".join(row) + " |")
+    c = result["counts"]
+    row = ["**all**", str(c["pairs"]), str(c["points"])]
+    row += [f"**{_cell(result[kind][k])}**" for kind in ("per_point", "per_image") for k in keys]
+    lines.append("| " + " | ".join(row) + " |")
+    lines += ["", "PCK in percent. Per point: points pooled within a category, categories averaged with "
+                  "weights = their evaluated pairs (sd-dino). Per image: mean over pairs of each pair's "
+                  "fraction (GeoAware-SC). A point is correct when its error is strictly below alpha x T."]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- predictions files
+def read_predictions(path) -> Dict[str, np.ndarray]:
+    """A predictions file (JSON Lines, module docstring) -> ``{pair: (K, 2) float64}``
+    (``null`` -> NaN). Blank lines are skipped; a malformed line or a pair given twice
+    raises :class:`PredictionsError` naming the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise PredictionsError(f"predictions file {path} does not exist")
+    out: Dict[str, np.ndarray] = {}
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}, line {n}"
+            try:
+                obj = json.loads(line)
+            except ValueError as e:
+                raise PredictionsError(f"{where}: not JSON ({e})") from None
+            if not isinstance(obj, dict) or not isinstance(obj.get("pair"), str) or \
+                    not isinstance(obj.get("trg_kps"), list):
+                raise PredictionsError(f'{where}: expected {{"pair": "<id>", "trg_kps": [[x, y], ...]}}')
+            for j, xy in enumerate(obj["trg_kps"]):
+                if xy is not None and not (isinstance(xy, (list, tuple)) and len(xy) == 2 and all(
+                        isinstance(v, (int, float)) and not isinstance(v, bool) or v is None for v in xy)):
+                    raise PredictionsError(f"{where}: trg_kps[{j}] must be [x, y] or null, got {xy!r}")
+            if obj["pair"] in out:
+                raise PredictionsError(f"{where}: pair {obj['pair']!r} appears twice")
+            out[obj["pair"]] = points_array([None if xy is None or None in xy else xy for xy in obj["trg_kps"]])
+    return out
+
+
+def predictions_line(pair: str, trg_kps) -> str:
+    """One line of a predictions file (NaN written as ``null``)."""
+    pts = points_array(np.asarray(trg_kps, dtype=np.float64).reshape(-1, 2).tolist())
+    rows = [[round(float(x), 4), round(float(y), 4)] if np.isfinite([x, y]).all() else None for x, y in pts]
+    return json.dumps({"pair": pair, "trg_kps": rows})
+
+
+def score_predictions(records: Sequence[PairRecord], predictions: Dict[str, np.ndarray],
+                      alphas: Sequence[float]) -> List[PairScore]:
+    """Scores each record with its predictions; every record must have predictions of
+    the right length (extra predictions, e.g. of pairs not sampled, are ignored)."""
+    missing = [r.pair for r in records if r.pair not in predictions]
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise PredictionsError(f"no predictions for {len(missing)} of {len(records)} pairs: "
+                               f"{', '.join(missing[:5])}{more}")
+    scores = []
+    for r in records:
+        pred = predictions[r.pair]
+        if len(pred) != len(r.src_kps):
+            raise PredictionsError(f"pair {r.pair!r}: {len(pred)} predicted points, but the pair has "
+                                   f"{len(r.src_kps)} source keypoints (one [x, y] or null each, in order)")
+        scores.append(score_record(r, pred, alphas))
+    return scores
+
+
+__all__ = [
+    "alpha_key", "PredictionsError", "PairScore", "score_pair", "score_record", "aggregate",
+    "markdown_table", "read_predictions", "predictions_line", "score_predictions",
+]

@@ -1,0 +1,350 @@
+"""``python -m fiftyone_sdcorr evaluate-pairs``: the paper's protocol on SPair-71k,
+PF-Pascal and AP-10K, from the benchmarks' own files.
+
+Two ways to get predictions:
+
+- ``--predictions FILE``: any method's predicted target keypoints, one JSON object per
+  line (``{"pair": "<id>", "trg_kps": [[x, y], ...]}``; format and pair identifiers:
+  :mod:`fiftyone_sdcorr.core.pck_protocol`, :mod:`fiftyone_sdcorr.core.benchmark_formats`),
+  scored with no model loaded.
+- otherwise the models: fused SD + DINOv2 features per image, co-PCA per pair (the paper)
+  or a fixed projection, nearest neighbour, optional soft-argmax and flip alignment
+  (:mod:`fiftyone_sdcorr.core.pair_matching`). ``--save-predictions FILE`` writes what the
+  model predicts in the same JSON Lines format, one line per pair as it is done; rerun
+  with the same file and settings to resume where it stopped.
+
+Writes the results as JSON (``--out``) and a markdown table (``--markdown``, default:
+``--out`` with ``.md``), and prints the table. Protocol: :mod:`fiftyone_sdcorr.core.pck_protocol`.
+No FiftyOne import.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+from fiftyone_sdcorr.core.benchmark_formats import (
+    ALPHAS,
+    FORMATS,
+    PAPER_TEST_PAIRS,
+    THRESHOLDS,
+    BenchmarkFormatError,
+    PairRecord,
+    flip_pairs,
+    read_pairs,
+)
+from fiftyone_sdcorr.core.geometry import points_array
+from fiftyone_sdcorr.core.images import ImageLoadError
+from fiftyone_sdcorr.core.models import DEFAULT_DINO_MODEL, DEFAULT_SD_MODEL, ModelLoadError
+from fiftyone_sdcorr.core.pair_matching import FEATURES, PCA_MODES, PairMatcher, PairMatchOptions
+from fiftyone_sdcorr.core.params import ParameterError, check_choice, check_int, check_str
+from fiftyone_sdcorr.core.pck_protocol import (
+    PredictionsError,
+    aggregate,
+    markdown_table,
+    predictions_line,
+    read_predictions,
+    score_predictions,
+    score_record,
+)
+
+#: recipe fields settable from the command line (the rest: ``recipe={...}`` in Python)
+RECIPE_OPTIONS = ("sd_size", "sd_mode", "dino_size", "pca_dim", "alpha", "taps", "prompt", "timestep", "padding")
+
+
+# --------------------------------------------------------------------------- Python API
+def evaluate_pairs(
+    format: str,
+    root,
+    split: str = "test",
+    *,
+    categories: Optional[Sequence[str]] = None,
+    sample: Optional[int] = None,
+    seed: int = 0,
+    predictions=None,
+    records: Optional[Sequence[PairRecord]] = None,
+    sd_model: str = DEFAULT_SD_MODEL,
+    dino_model: str = DEFAULT_DINO_MODEL,
+    device=None,
+    dtype=None,
+    batch_size: Optional[int] = None,
+    preset: str = "paper",
+    recipe: Optional[dict] = None,
+    features: str = "fused",
+    pca: str = "co",
+    soft_argmax: bool = False,
+    flip: bool = False,
+    pca_device=None,
+    projection=None,
+    fit_images: int = 32,
+    cache_images: int = 64,
+    save_predictions=None,
+    extractor=None,
+    progress: bool = True,
+) -> dict:
+    """PCK of a benchmark split under the paper's protocol; returns the results dict.
+
+    Args:
+        format: ``"spair"``, ``"pfpascal"`` or ``"ap10k"``.
+        root: the benchmark's folder (:mod:`fiftyone_sdcorr.core.benchmark_formats`).
+        split: the benchmark's split name (``"test"``).
+        categories: only these categories; sample: at most this many pairs per category
+            (seeded by ``seed``).
+        predictions: a predictions file (JSON Lines), or a dict ``{pair: (K, 2)}``; when
+            given no model is loaded.
+        records: the pairs to evaluate instead of reading them (e.g.
+            :func:`fiftyone_sdcorr.dataset.benchmarks.benchmark_pairs` of an imported dataset).
+        sd_model, dino_model, device, dtype, batch_size, preset, recipe: the
+            :class:`~fiftyone_sdcorr.FeatureExtractor` (``recipe``: recipe field overrides;
+            ``alpha`` there is the SD share of the fused descriptor).
+        features: ``"fused"``, ``"sd"`` or ``"dino"``; pca: ``"co"`` (per pair, the paper)
+            or ``"fixed"``; soft_argmax, flip: the GeoAware-SC refinements; pca_device: where
+            the per-pair co-PCA runs (default: the extractor's device).
+        projection: a saved :class:`~fiftyone_sdcorr.FixedProjection` (``pca="fixed"``);
+            without one it is fitted on the first ``fit_images`` images of the pairs.
+        cache_images: raw features of this many images are kept in memory (a category's
+            test images recur in many pairs).
+        save_predictions: write (and resume from) the model's predictions here.
+        extractor: an already loaded extractor (its settings win over the model options).
+
+    Returns:
+        ``{"per_point", "per_image", "per_point_pooled", "categories", "counts", "alphas",
+        "benchmark", "method", "warnings"}`` (PCK in percent; :func:`~fiftyone_sdcorr.core.pck_protocol.aggregate`).
+    """
+    check_choice("format", format, FORMATS)
+    check_str("split", split)
+    if sample is not None:
+        check_int("sample", sample, lo=1)
+    alphas = ALPHAS[format]
+    if records is None:
+        records = read_pairs(format, root, split, categories=categories, sample=sample, seed=seed)
+    records = list(records)
+    if not records:
+        raise BenchmarkFormatError(f"no {format} pairs for split {split!r} under {root}"
+                                   + (f" in categories {list(categories)}" if categories else ""))
+    warnings: List[str] = []
+    if predictions is not None:
+        preds = predictions if isinstance(predictions, dict) else read_predictions(predictions)
+        scores = score_predictions(records, preds, alphas)
+        method = {"source": "predictions", "file": None if isinstance(predictions, dict) else str(predictions)}
+    else:
+        opts = PairMatchOptions(features=features, pca=pca, soft_argmax=soft_argmax, flip=flip,
+                                pca_device=pca_device, cache_images=cache_images)
+        matcher = _matcher(extractor, opts, projection, records, fit_images, sd_model=sd_model,
+                           dino_model=dino_model, device=device, dtype=dtype, batch_size=batch_size,
+                           preset=preset, recipe=recipe)
+        method = {"source": "model", **_method_config(matcher, opts, projection)}
+        if flip and format == "pfpascal":
+            warnings.append("flip alignment on PF-Pascal: its pair lists name no keypoints, so the mirrored "
+                            "source keeps every label (no left/right swap)")
+        scores = _run_model(matcher, records, format, alphas, save_predictions, method, progress)
+    result = aggregate(scores, alphas)
+    result["benchmark"] = _benchmark_info(format, root, split, categories, sample, seed, records, result)
+    result["method"] = method
+    result["warnings"] = warnings
+    return result
+
+
+def _benchmark_info(fmt, root, split, categories, sample, seed, records, result) -> dict:
+    paper = PAPER_TEST_PAIRS.get(fmt)
+    weights = result["counts"]["category_weights"]
+    return {"format": fmt, "root": str(root), "split": split, "categories": list(categories) if categories else None,
+            "sample": sample, "seed": seed, "threshold": THRESHOLDS[fmt], "pairs_read": len(records),
+            "weights_equal_paper": (weights == paper) if paper and split == "test" else None}
+
+
+def _matcher(extractor, opts, projection, records, fit_images, **model) -> PairMatcher:
+    if extractor is None:
+        from fiftyone_sdcorr.core.extractor import FeatureExtractor
+
+        extractor = FeatureExtractor(model["sd_model"], model["dino_model"], device=model["device"],
+                                     dtype=model["dtype"], batch_size=model["batch_size"], preset=model["preset"],
+                                     **(model["recipe"] or {}))
+    proj = None
+    if opts.pca == "fixed" and projection is not None:
+        from fiftyone_sdcorr.core.features import FixedProjection
+
+        proj = FixedProjection.load(projection)
+    matcher = PairMatcher(extractor, opts, proj)
+    if opts.pca == "fixed" and proj is None:
+        check_int("fit_images", fit_images, lo=1)
+        paths = list(dict.fromkeys(p for r in records for p in (r.src, r.trg)))[:fit_images]
+        label = {p: r.category for r in records for p in (r.src, r.trg)}
+        matcher.fit_projection(paths, [label[p] for p in paths])
+    return matcher
+
+
+def _method_config(matcher: PairMatcher, opts: PairMatchOptions, projection) -> dict:
+    cfg = dict(matcher.extractor.config()) if hasattr(matcher.extractor, "config") else {}
+    cfg.update(features=opts.features, pca=opts.pca, soft_argmax=opts.soft_argmax, flip=opts.flip,
+               projection=str(projection) if projection else ("fitted" if opts.pca == "fixed" else None))
+    return json.loads(json.dumps(cfg, default=str))
+
+
+def _run_model(matcher, records, fmt, alphas, save_predictions, method, progress) -> list:
+    done = _resume(save_predictions, method) if save_predictions else {}
+    out = open(save_predictions, "a") if save_predictions else None
+    scores, bar = [], _progress(len(records), progress)
+    try:
+        for r in records:
+            pred = done.get(r.pair)
+            if pred is None or len(pred) != len(r.src_kps):
+                pred = matcher.predict(r, flip_pairs(fmt, r.category)).trg_kps
+                if out is not None:
+                    out.write(predictions_line(r.pair, pred) + "\n")
+                    out.flush()
+            scores.append(score_record(r, pred, alphas))
+            bar.update(1)
+    finally:
+        bar.close()
+        if out is not None:
+            out.close()
+    return scores
+
+
+def _resume(path, method) -> Dict[str, np.ndarray]:
+    """Predictions already saved with the same settings (a sidecar ``<file>.config.json``
+    records them). Lines that do not parse (a half-written last line of an interrupted
+    run) are dropped; a pair saved twice keeps its last line."""
+    path = Path(path)
+    side = path.with_name(path.name + ".config.json")
+    if path.exists() and path.stat().st_size:
+        stored = json.loads(side.read_text()) if side.exists() else None
+        if stored != method:
+            diff = sorted(k for k in set(stored or {}) | set(method) if (stored or {}).get(k) != method.get(k))
+            why = f"predictions of other settings ({', '.join(diff)})" if stored else "predictions of unknown settings"
+            raise ParameterError(f"parameter 'save_predictions': {path} holds {why}; choose another file or "
+                                 "delete it")
+    side.write_text(json.dumps(method, indent=2, sort_keys=True))
+    done: Dict[str, np.ndarray] = {}
+    if not path.exists():
+        return done
+    good = []
+    for line in path.read_text().splitlines():
+        try:
+            obj = json.loads(line)
+            pts = points_array(obj["trg_kps"])
+            done[str(obj["pair"])] = pts
+            good.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue
+    path.write_text("".join(ln + "\n" for ln in good))
+    return done
+
+
+class _NoBar:
+    def update(self, n=1):
+        pass
+
+    def close(self):
+        pass
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="evaluate-pairs", unit="pair", file=sys.stderr)
+
+
+# --------------------------------------------------------------------------- command line
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``evaluate-pairs`` sub-command's arguments."""
+    g = p.add_argument_group("benchmark")
+    g.add_argument("--format", required=True, choices=FORMATS, help="which benchmark's files --root holds")
+    g.add_argument("--root", required=True, help="the benchmark folder (SPair-71k, PF-dataset-PASCAL, ap-10k)")
+    g.add_argument("--split", default="test", help="split name as the benchmark spells it (default: test)")
+    g.add_argument("--categories", nargs="+", metavar="NAME", help="only these categories")
+    g.add_argument("--sample", type=int, help="at most N pairs per category (seeded, without replacement)")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    g.add_argument("--predictions", help="score these predictions (JSON Lines) instead of running the models")
+    g.add_argument("--out", required=True, help="results JSON file")
+    g.add_argument("--markdown", help="markdown table file (default: --out with .md)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    m = p.add_argument_group("model (ignored with --predictions)")
+    m.add_argument("--sd-model", default=DEFAULT_SD_MODEL, help="SD checkpoint: Hub id or diffusers folder")
+    m.add_argument("--dino-model", default=DEFAULT_DINO_MODEL, help="DINOv2 checkpoint: Hub id or folder")
+    m.add_argument("--preset", default="paper", help="recipe preset: paper, whole, cpu")
+    m.add_argument("--device", help="cuda, cpu, ... (default: CUDA when available)")
+    m.add_argument("--dtype", help="float32, float16, bfloat16 (default: bf16 on CUDA, fp32 on CPU)")
+    m.add_argument("--batch-size", type=int, help="images per forward pass")
+    m.add_argument("--features", default="fused", choices=FEATURES, help="fused (default), sd or dino")
+    m.add_argument("--pca", default="co", choices=PCA_MODES, help="co: per pair (the paper); fixed: one projection")
+    m.add_argument("--projection", help="a saved FixedProjection (.safetensors) for --pca fixed")
+    m.add_argument("--fit-images", type=int, default=32, help="images the fixed projection is fitted on (default 32)")
+    m.add_argument("--soft-argmax", action="store_true", help="window soft-argmax refinement (GeoAware-SC)")
+    m.add_argument("--flip", action="store_true", help="flip alignment: also match the mirrored source")
+    m.add_argument("--pca-device", help="where the per-pair co-PCA runs (default: the models' device)")
+    m.add_argument("--cache-images", type=int, default=64, help="images whose raw features stay in memory (64)")
+    m.add_argument("--save-predictions", help="write (and resume from) the model's predictions, JSON Lines")
+    r = p.add_argument_group("recipe overrides (default: the preset's)")
+    r.add_argument("--alpha", type=float, help="SD share of the fused descriptor (paper: 0.5)")
+    r.add_argument("--pca-dim", type=int, help="channels kept per SD tap (paper: 256)")
+    r.add_argument("--taps", nargs="+", help="SD taps, e.g. s5 s4 s3 (paper)")
+    r.add_argument("--sd-mode", choices=("tiled", "whole"), help="tiled (paper) or whole")
+    r.add_argument("--sd-size", type=int, help="SD letterbox side (paper: 960)")
+    r.add_argument("--dino-size", type=int, help="DINOv2 letterbox side (paper: 840)")
+    r.add_argument("--prompt", help='SD prompt, may hold "{label}" (the category); default empty')
+    r.add_argument("--timestep", type=int, help="diffusion timestep (paper: 100)")
+    r.add_argument("--padding", choices=("zero", "edge"), help="letterbox padding")
+
+
+def add_import_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``import-benchmark`` sub-command's arguments (it runs
+    :func:`fiftyone_sdcorr.dataset.benchmarks.import_benchmark`; FiftyOne is imported only then)."""
+    p.add_argument("--format", required=True, choices=FORMATS, help="which benchmark's files --root holds")
+    p.add_argument("--root", required=True, help="the benchmark folder (SPair-71k, PF-dataset-PASCAL, ap-10k)")
+    p.add_argument("--split", default="test", help="the split whose pairs and images are imported (default: test)")
+    p.add_argument("--name", help="dataset name (default: <format>-<split>)")
+    p.add_argument("--categories", nargs="+", metavar="NAME", help="only these categories")
+    p.add_argument("--sample", type=int, help="at most N pairs per category (seeded, as evaluate-pairs)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset of that name")
+    p.add_argument("--temporary", action="store_true", help="a non-persistent dataset (default: persistent)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _recipe_of(args) -> dict:
+    rec = {k: getattr(args, k) for k in RECIPE_OPTIONS if getattr(args, k, None) is not None}
+    if "taps" in rec:
+        rec["taps"] = tuple(rec["taps"])
+    return rec
+
+
+def main(args: argparse.Namespace) -> int:
+    """Runs ``evaluate-pairs``; 0 on success, 2 on a usage / data error (message on stderr)."""
+    try:
+        result = evaluate_pairs(
+            args.format, args.root, args.split, categories=args.categories, sample=args.sample, seed=args.seed,
+            predictions=args.predictions, sd_model=args.sd_model, dino_model=args.dino_model, device=args.device,
+            dtype=args.dtype, batch_size=args.batch_size, preset=args.preset, recipe=_recipe_of(args),
+            features=args.features, pca=args.pca, soft_argmax=args.soft_argmax, flip=args.flip,
+            pca_device=args.pca_device, projection=args.projection, fit_images=args.fit_images,
+            cache_images=args.cache_images, save_predictions=args.save_predictions, progress=not args.no_progress,
+        )
+    except (ParameterError, BenchmarkFormatError, PredictionsError, ModelLoadError, ImageLoadError,
+            FileNotFoundError) as e:
+        print(f"evaluate-pairs: error: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    b = result["benchmark"]
+    table = markdown_table(result, title=f"{b['format']} {b['split']}: {result['method']['source']}")
+    md = Path(args.markdown) if args.markdown else out.with_suffix(".md")
+    md.write_text(table + "\n")
+    print(table)
+    for w in result["warnings"]:
+        print(f"warning: {w}", file=sys.stderr)
+    print(f"\nwrote {os.fspath(out)} and {os.fspath(md)}")
+    return 0
+
+
+__all__ = ["evaluate_pairs", "add_arguments", "add_import_arguments", "main", "RECIPE_OPTIONS"]
