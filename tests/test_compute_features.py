@@ -187,8 +187,8 @@ def test_immediate_operator_yields_progress_and_reload(photo_ds, models, tmp_pat
     uris = [u for u, _ in triggered]
     assert any(u and u.endswith("set_progress") for u in uris), uris
     assert [u.rsplit("/", 1)[-1] for u in uris[-3:]] == ["reload_dataset", "notify", "show_output"], uris
-    shown = triggered[-1][1]["params"]["results"]["summary"]
-    assert shown.startswith("compute_fused_features: total 2, computed 2"), shown
+    shown = triggered[-1][1]["params"]["results"]["summary"]  # a Markdown code block
+    assert shown.startswith("```\ncompute_fused_features: total 2, computed 2"), shown
     assert triggered[-2][1]["params"]["variant"] == "success"
     progress = [b["params"].get("progress") for u, b in triggered if u.endswith("set_progress")]
     assert progress[-1] == 1.0

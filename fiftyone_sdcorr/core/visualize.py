@@ -146,7 +146,8 @@ def to_data_uri(image, fmt: str = "jpeg", quality: int = 85) -> str:
 def image_sample_grid(fused: FusedFeatures, width: int, height: int) -> torch.Tensor:
     """``1 x H x W x 2`` ``grid_sample`` coordinates (align_corners=True) that read the
     token map of ``fused`` at the centre of every pixel of a ``width x height`` picture of
-    the image (any size: the original or a downsampled copy)."""
+    the image (any size: the original or a downsampled copy), never past the tokens that
+    cover the image (the padding's tokens would bleed into its edges)."""
     lb, stride = fused.letterbox, fused.stride
     g = fused.grid
     nx = (torch.arange(width, dtype=torch.float64) + 0.5) / width
@@ -156,6 +157,13 @@ def image_sample_grid(fused: FusedFeatures, width: int, height: int) -> torch.Te
     fy = ny * lb.height * lb.scale + lb.pad_top
     px = (fx - (stride - 1) / 2.0) / stride
     py = (fy - (stride - 1) / 2.0) / stride
+    # read only tokens on the image: near the image's edge, repeat the last such token
+    # rather than blend in the letterbox padding's tokens
+    valid = fused.valid_mask().cpu()
+    cols, rows = torch.nonzero(valid.any(dim=0)).flatten(), torch.nonzero(valid.any(dim=1)).flatten()
+    if len(cols) and len(rows):
+        px = px.clamp(float(cols.min()), float(cols.max()))
+        py = py.clamp(float(rows.min()), float(rows.max()))
     gx = (px / max(g - 1, 1)) * 2 - 1
     gy = (py / max(g - 1, 1)) * 2 - 1
     grid = torch.stack(torch.broadcast_tensors(gx[None, :], gy[:, None]), dim=-1)

@@ -375,9 +375,17 @@ def show_summary(ctx, result):
     warn = isinstance(result, dict) and bool(result.get("failed") or result.get("warnings"))
     headline = result.headline() if hasattr(result, "headline") else summary_text(result).split("\n")[0]
     yield ctx.ops.notify(headline + (" (see the warnings)" if warn else ""), variant="warning" if warn else "success")
+    # Markdown, not a CodeView: the App loads its code editor from a CDN, so offline it
+    # would stay on "Loading..."
     outputs = types.Object()
-    outputs.str("summary", label="Summary", view=types.CodeView(language="text"))
-    yield ctx.ops.show_output(types.Property(outputs).to_json(), {"summary": summary_text(result)})
+    outputs.str("summary", label="Summary", view=types.MarkdownView())
+    yield ctx.ops.show_output(types.Property(outputs).to_json(), {"summary": as_markdown_text(summary_text(result))})
+
+
+def as_markdown_text(text: str) -> str:
+    """Plain text (tables aligned with spaces) as a Markdown code block."""
+    fence = "`" * 3
+    return f"{fence}\n" + text.replace(fence, "'''") + f"\n{fence}"
 
 
 def shard_views(sample_collection, shards) -> list:

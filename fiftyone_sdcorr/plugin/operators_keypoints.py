@@ -24,6 +24,7 @@ from fiftyone_sdcorr.dataset.config import (
 )
 from fiftyone_sdcorr.dataset.engine import ParameterError
 from fiftyone_sdcorr.plugin import common
+from fiftyone_sdcorr.plugin.panel_figure import default_fields, free_field_name
 
 REFERENCE_MODES = ("annotated", "tag", "selected", "ids")
 
@@ -47,6 +48,12 @@ def _field_choice(inputs, name, fields, label, description, required=True, defau
                     view=choices, default=default if default in fields else (fields[0] if required else None))
     else:
         inputs.str(name, required=required, label=label, description=description, default=default)
+
+
+def _roles(ctx) -> dict:
+    """The dataset's keypoint fields by role (the match panel's defaults): the tagged
+    references' annotations, the newest predicted field, the ground truth."""
+    return default_fields(ctx.dataset) if ctx.dataset is not None else {}
 
 
 def _enum(inputs, name, values, default, label, description):
@@ -140,11 +147,12 @@ class PropagateKeypoints(common.RunOperator):
     def resolve_input(self, ctx):
         inputs = types.Object()
         target = common.target_view_input(ctx, inputs, action="Propagate to")
+        roles = _roles(ctx)
         _field_choice(inputs, "source_field", _label_fields(ctx, [fo.Keypoints]), "Source keypoints field",
-                      "The references' annotations (never written)")
+                      "The references' annotations (never written)", default=roles.get("ref_field"))
         _reference_inputs(ctx, inputs)
-        inputs.str("output_field", default="sdcorr_keypoints", required=False, label="Output field",
-                   description="A new fo.Keypoints field for the predictions")
+        inputs.str("output_field", default=free_field_name(ctx.dataset) if ctx.dataset is not None else None,
+                   required=False, label="Output field", description="A new fo.Keypoints field for the predictions")
         inputs.float("visibility_threshold", default=PropagationConfig.visibility_threshold, min=0.0, max=1.0,
                      label="Visibility threshold", description="Points with lower confidence become NaN")
         _enum(inputs, "combine", COMBINE_RULES, MatchConfig.combine, "Several references",
@@ -213,9 +221,11 @@ class EvaluateKeypoints(common.RunOperator):
         inputs = types.Object()
         target = common.target_view_input(ctx, inputs, action="Evaluate")
         kp_fields = _label_fields(ctx, [fo.Keypoints])
+        roles = _roles(ctx)
         _field_choice(inputs, "pred_field", kp_fields, "Predicted keypoints", "fo.Keypoints predictions",
-                      default="sdcorr_keypoints")
-        _field_choice(inputs, "gt_field", kp_fields, "Ground-truth keypoints", "fo.Keypoints ground truth")
+                      default=roles.get("pred_field"))
+        _field_choice(inputs, "gt_field", kp_fields, "Ground-truth keypoints", "fo.Keypoints ground truth",
+                      default=roles.get("gt_field"))
         inputs.str("eval_key", default=EvaluationConfig.eval_key, required=False, label="Evaluation key")
         inputs.str("alphas", default=", ".join(f"{a:g}" for a in EvaluationConfig.alphas), required=False,
                    label="Alphas",
@@ -244,7 +254,7 @@ class EvaluateKeypoints(common.RunOperator):
     def resolve_output(self, ctx):
         outputs = types.Object()
         outputs.str("eval_key", label="Evaluation key")
-        outputs.str("report", label="Report", view=types.CodeView(language="text"))
+        outputs.str("report", label="Report", view=types.MarkdownView())
         return types.Property(outputs, view=types.View(label="PCK"))
 
 
@@ -280,7 +290,7 @@ class FlagKeypointAnnotations(common.RunOperator):
         inputs = types.Object()
         target = common.target_view_input(ctx, inputs, action="Review")
         _field_choice(inputs, "gt_field", _label_fields(ctx, [fo.Keypoints]), "Annotations",
-                      "fo.Keypoints field to review (never written)")
+                      "fo.Keypoints field to review (never written)", default=_roles(ctx).get("ref_field"))
         _reference_inputs(ctx, inputs)
         inputs.str("tag", default=ReviewConfig.tag, required=False, label="Tag for flagged samples")
         inputs.str("review_field", default=ReviewConfig.review_field, required=False, label="Review field",

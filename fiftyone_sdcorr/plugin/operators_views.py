@@ -1,8 +1,9 @@
 """Operators behind the match panel's views, useful on their own: thin glue over
 :mod:`fiftyone_sdcorr.dataset.feature_views`.
 
-- ``write_feature_pca``: PCA colours of each sample's fused features as an RGB
-  ``fo.Segmentation`` the App overlays (same colours for the same part across samples).
+- ``write_feature_pca``: a colour picture of each sample's fused features (PCA colours or
+  part clusters, the same colour for the same part across samples), as a media field the
+  App can show in the grid and the modal.
 - ``write_similarity_heatmap``: the similarity of one point of a reference sample (a
   keypoint or an ``(x, y)``) to every location of each target sample, as ``fo.Heatmap``.
 """
