@@ -1,4 +1,4 @@
-"""FeatureExtractor: images -> raw SD tap maps + DINOv2 patch tokens (RECIPE.md).
+"""FeatureExtractor: images -> raw SD tap maps + DINO patch tokens (RECIPE.md).
 
 Every number of the recipe is a field of :class:`Recipe` with the paper's value as the
 default. No FiftyOne import.
@@ -21,7 +21,7 @@ from fiftyone_sdcorr.core import models as _models
 from fiftyone_sdcorr.core.features import DEFAULT_TAPS, FixedProjection, FusedFeatures, RawFeatures, fuse_raw, fuse_pair
 from fiftyone_sdcorr.core.geometry import Letterbox
 from fiftyone_sdcorr.core.images import load_image
-from fiftyone_sdcorr.core.params import ParameterError, check_choice, check_float, check_int, check_str
+from fiftyone_sdcorr.core.params import ParameterError, check_bool, check_choice, check_float, check_int, check_str
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +53,10 @@ class Recipe:
     dino_size: int = 840
     pca_dim: int = 256  # per SD tap (co-PCA or fixed projection)
     alpha: float = 0.5  # SD share of the fused descriptor (paper: alpha = 0.5)
+    #: add the shared noise at ``timestep`` (the paper). False: the clean latent goes into the
+    #: UNet as it is, for UNets fine-tuned on clean images (CleanDIFT); ``Recipe.build`` then
+    #: sets ``timestep`` to 0 unless it is given.
+    noise: bool = True
 
     def __post_init__(self):
         check_int("sd_size", self.sd_size, lo=64, hi=4096)
@@ -66,6 +70,7 @@ class Recipe:
         check_int("dino_size", self.dino_size, lo=14, hi=4096)
         check_int("pca_dim", self.pca_dim, lo=1, hi=4096)
         check_float("alpha", self.alpha, lo=0.0, hi=1.0)
+        check_bool("noise", self.noise)
         if isinstance(self.taps, str) or not isinstance(self.taps, (list, tuple)):
             raise ParameterError(f"parameter 'taps' must be a list of tap names, got {self.taps!r}")
         bad = [t for t in self.taps if t not in _models.SD_TAPS]
@@ -86,11 +91,17 @@ class Recipe:
         unknown = sorted(set(overrides) - set(cls.__dataclass_fields__))
         if unknown:
             raise ParameterError(f"unknown recipe field(s) {unknown}; fields: {sorted(cls.__dataclass_fields__)}")
+        if overrides.get("noise") is False and "timestep" not in overrides:
+            overrides["timestep"] = 0  # clean-latent UNets (CleanDIFT) are called at t = 0
         return replace(PRESETS[preset], **overrides)
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["taps"] = list(self.taps)
+        if d["noise"]:
+            # the paper's noising is left out so that settings, and the fingerprints of
+            # features stored before the field existed, stay as they were
+            del d["noise"]
         return d
 
     def tile_offsets(self) -> List[int]:
@@ -140,7 +151,13 @@ class FeatureExtractor:
 
     Args:
         sd_model: Hub id or local directory of an SD 1.x/2.x checkpoint (diffusers layout)
-        dino_model: Hub id or local directory of a DINOv2 checkpoint (transformers layout)
+        dino_model: Hub id or local directory of a DINOv2 (with or without registers) or
+            DINOv3 ViT checkpoint (transformers layout). DINOv3 has patch 16: ``dino_size``
+            must be a multiple of 16 (960 gives the 60x60 grid of SD's s3 tap at 960)
+        unet_model: replaces ``sd_model``'s UNet (diffusers layout: a directory or Hub id,
+            or a ``.safetensors`` UNet state dict such as
+            ``CompVis/cleandift/cleandift_sd15_unet.safetensors``); pair a UNet trained on
+            clean latents with ``noise=False`` (timestep 0, no noise added)
         device: ``"cuda"``, ``"cpu"``, ... (default: CUDA when available)
         dtype: default bf16 (fp16 where bf16 is unsupported) on CUDA, fp32 on CPU
         batch_size: images per forward pass (default: 1 on CPU, chosen from free memory on CUDA)
@@ -158,13 +175,15 @@ class FeatureExtractor:
         batch_size: Optional[int] = None,
         preset: str = "paper",
         channels_last: Optional[bool] = None,
+        unet_model: Optional[str] = None,
         **recipe,
     ):
         self.recipe = Recipe.build(preset, **recipe)
         self.device = torch.device(device) if device is not None else _models.default_device()
         self.dtype = _models.resolve_dtype(dtype) or _models.default_dtype(self.device)
         self.sd_model_name, self.dino_model_name = str(sd_model), str(dino_model)
-        sd = _models.load_stable_diffusion(sd_model, self.device, self.dtype)
+        self.unet_model_name = None if unet_model is None else str(unet_model)
+        sd = _models.load_stable_diffusion(sd_model, self.device, self.dtype, unet_model=self.unet_model_name)
         self.unet, self.vae, self.scheduler, self.tokenizer = sd.unet, sd.vae, sd.scheduler, sd.tokenizer
         self.dino = _models.load_dino(dino_model, self.device, self.dtype)
         if self.device.type == "cuda":
@@ -173,9 +192,17 @@ class FeatureExtractor:
         if self.channels_last:
             self.unet.to(memory_format=torch.channels_last)
             self.vae.to(memory_format=torch.channels_last)
-        self.dino_stride = int(self.dino.config.patch_size)
+        self.dino_stride = _models.dino_patch_size(self.dino)
         if self.recipe.dino_size % self.dino_stride:
-            raise ValueError(f"dino_size {self.recipe.dino_size} is not a multiple of the patch size {self.dino_stride}")
+            # e.g. DINOv3 (patch 16) with the DINOv2 default 840: the size with the same token
+            # grid as SD's s3 tap (stride 16) is the SD size itself
+            same_grid = self.recipe.sd_size // 16 * self.dino_stride
+            raise ValueError(
+                f"dino_size {self.recipe.dino_size} is not a multiple of the patch size {self.dino_stride} of "
+                f"{self.dino_model_name!r}; pass dino_size={same_grid} for a "
+                f"{same_grid // self.dino_stride}x{same_grid // self.dino_stride} token grid (SD's s3 grid at "
+                f"sd_size {self.recipe.sd_size})"
+            )
         self._prompt_cache: Dict[str, torch.Tensor] = {}
         self._prep_pool: Optional[ThreadPoolExecutor] = None
         self.text_encoder = sd.text_encoder
@@ -199,13 +226,16 @@ class FeatureExtractor:
 
     # ------------------------------------------------------------------ config
     def config(self) -> dict:
-        return {
+        cfg = {
             "extractor": "sd+dinov2",
             "sd_model": self.sd_model_name,
             "dino_model": self.dino_model_name,
             "dtype": str(self.dtype).replace("torch.", ""),
             **self.recipe.to_dict(),
         }
+        if self.unet_model_name is not None:  # absent by default: settings stay as they were
+            cfg["unet_model"] = self.unet_model_name
+        return cfg
 
     def _auto_batch_size(self) -> int:
         """Images per pass from measured memory (GPU-PROFILE.md, one H100, SD 1.5 +
@@ -267,6 +297,7 @@ class FeatureExtractor:
     @torch.inference_mode()
     def unet_taps(self, pixels: torch.Tensor, prompt_embeds: torch.Tensor, full_forward: bool = False):
         """VAE mean latent x scale, shared noise at t, UNet to the last requested tap.
+        With ``recipe.noise`` False the clean latent goes into the UNet (still at ``timestep``).
 
         ``pixels``: (B, 3, H, W) in [-1, 1]. Returns {tap: (B, C, h, w) float32 on the device}.
         With ``full_forward`` the UNet runs to the end (used to prove truncation changes nothing).
@@ -275,9 +306,12 @@ class FeatureExtractor:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         latent = self.vae.encode(x).latent_dist.mean * self.vae.config.scaling_factor
-        noise = self._noise_for(*latent.shape[-2:]).to(latent.device, latent.dtype).expand_as(latent)
         t = torch.full((latent.shape[0],), self.recipe.timestep, dtype=torch.long, device=latent.device)
-        noisy = self.scheduler.add_noise(latent, noise, t)
+        if self.recipe.noise:
+            noise = self._noise_for(*latent.shape[-2:]).to(latent.device, latent.dtype).expand_as(latent)
+            noisy = self.scheduler.add_noise(latent, noise, t)
+        else:
+            noisy = latent
         captured: Dict[str, torch.Tensor] = {}
         last = self._taps_in_order[-1]
         handles = []
@@ -342,7 +376,8 @@ class FeatureExtractor:
     # ------------------------------------------------------------------ DINO
     @torch.inference_mode()
     def dino_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) normalised -> (B, C, S/14, S/14): last block, before the final norm."""
+        """(B, 3, S, S) normalised -> (B, C, S/p, S/p) (p = patch size: 14 for DINOv2, 16 for
+        DINOv3): the last block's output, before the final norm, CLS and registers dropped."""
         out = self.dino(pixel_values=pixels.to(self.device, self.dtype), output_hidden_states=True)
         tokens = out.hidden_states[-1][:, _models.dino_num_prefix_tokens(self.dino) :]
         g = pixels.shape[-1] // self.dino_stride

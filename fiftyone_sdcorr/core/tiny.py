@@ -32,6 +32,23 @@ def clip_tokenizer_files(path: Path):
     return len(vocab)
 
 
+def _tiny_unet():
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=64,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(8, 16, 16, 32),
+        layers_per_block=2,
+        norm_num_groups=8,
+        cross_attention_dim=16,
+        attention_head_dim=4,
+    )
+
+
 def write_model_index(path) -> None:
     """The diffusers ``model_index.json`` of an SD 1.x checkpoint directory."""
     Path(path, "model_index.json").write_text(
@@ -50,25 +67,14 @@ def write_model_index(path) -> None:
 
 def build_tiny_sd(path, seed: int = 0) -> str:
     """A tiny SD 1.x-shaped checkpoint (4 UNet levels, same block types and taps)."""
-    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, PNDMScheduler
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     path = Path(path)
     if (path / "model_index.json").exists():
         return str(path)
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=64,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        block_out_channels=(8, 16, 16, 32),
-        layers_per_block=2,
-        norm_num_groups=8,
-        cross_attention_dim=16,
-        attention_head_dim=4,
-    )
+    unet = _tiny_unet()
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
@@ -117,6 +123,47 @@ def build_tiny_dino(path, seed: int = 0, registers: int = 0) -> str:
         model = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(num_register_tokens=registers, **kw))
     else:
         model = Dinov2Model(Dinov2Config(**kw))
+    model.save_pretrained(str(path), safe_serialization=True)
+    return str(path)
+
+
+def build_tiny_unet(path, seed: int = 1, layout: str = "dir") -> str:
+    """A tiny replacement UNet with the architecture of :func:`build_tiny_sd`'s, other weights.
+
+    ``layout="dir"``: a diffusers UNet directory (``config.json`` and
+    ``diffusion_pytorch_model.safetensors``); ``"file"``: one ``.safetensors`` state dict
+    with diffusers key names (how CleanDIFT ships its UNet). Returns the directory or file.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    target = path / "unet.safetensors" if layout == "file" else path
+    if (path / "config.json").exists() or (layout == "file" and target.exists()):
+        return str(target)
+    torch.manual_seed(seed)
+    unet = _tiny_unet()
+    if layout == "file":
+        path.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, str(target))
+    else:
+        unet.save_pretrained(str(path), safe_serialization=True)
+    return str(target)
+
+
+def build_tiny_dinov3(path, seed: int = 0, registers: int = 4) -> str:
+    """A tiny DINOv3 ViT (transformers ``DINOv3ViTModel``, patch 16, RoPE, layer scale),
+    with register tokens like the released checkpoints (4)."""
+    from transformers import DINOv3ViTConfig, DINOv3ViTModel
+
+    path = Path(path)
+    if (path / "config.json").exists():
+        return str(path)
+    torch.manual_seed(seed)
+    cfg = DINOv3ViTConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, patch_size=16,
+        image_size=64, num_register_tokens=registers, layerscale_value=0.5,
+    )
+    model = DINOv3ViTModel(cfg)
     model.save_pretrained(str(path), safe_serialization=True)
     return str(path)
 
