@@ -84,6 +84,7 @@ def evaluate_pairs(
     projection=None,
     fit_images: int = 32,
     cache_images: int = 64,
+    feature_cache=None,
     save_predictions=None,
     extractor=None,
     progress: bool = True,
@@ -110,6 +111,9 @@ def evaluate_pairs(
             without one it is fitted on the first ``fit_images`` images of the pairs.
         cache_images: raw features of this many images are kept in memory (a category's
             test images recur in many pairs).
+        feature_cache: a folder where each image's raw maps are kept (float16 safetensors,
+            keyed by image, mirror, prompt label and the extractor's settings): reruns and
+            ablations (``features``, ``pca``, ``soft_argmax``, ``flip``) reuse them.
         save_predictions: write (and resume from) the model's predictions here.
         extractor: an already loaded extractor (its settings win over the model options).
 
@@ -138,7 +142,7 @@ def evaluate_pairs(
                                 pca_device=pca_device, cache_images=cache_images)
         matcher = _matcher(extractor, opts, projection, records, fit_images, sd_model=sd_model,
                            dino_model=dino_model, device=device, dtype=dtype, batch_size=batch_size,
-                           preset=preset, recipe=recipe)
+                           preset=preset, recipe=recipe, feature_cache=feature_cache)
         method = {"source": "model", **_method_config(matcher, opts, projection)}
         if flip and format == "pfpascal":
             warnings.append("flip alignment on PF-Pascal: its pair lists name no keypoints, so the mirrored "
@@ -171,7 +175,12 @@ def _matcher(extractor, opts, projection, records, fit_images, **model) -> PairM
         from fiftyone_sdcorr.core.features import FixedProjection
 
         proj = FixedProjection.load(projection)
-    matcher = PairMatcher(extractor, opts, proj)
+    store = None
+    if model.get("feature_cache") is not None:
+        from fiftyone_sdcorr.core.store import FeatureStore
+
+        store = FeatureStore(model["feature_cache"], fsync=False)
+    matcher = PairMatcher(extractor, opts, proj, raw_store=store)
     if opts.pca == "fixed" and proj is None:
         check_int("fit_images", fit_images, lo=1)
         paths = list(dict.fromkeys(p for r in records for p in (r.src, r.trg)))[:fit_images]
@@ -283,6 +292,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--flip", action="store_true", help="flip alignment: also match the mirrored source")
     m.add_argument("--pca-device", help="where the per-pair co-PCA runs (default: the models' device)")
     m.add_argument("--cache-images", type=int, default=64, help="images whose raw features stay in memory (64)")
+    m.add_argument("--feature-cache", default=None,
+                   help="folder for each image's raw maps (float16): reruns and ablations reuse them")
     m.add_argument("--save-predictions", help="write (and resume from) the model's predictions, JSON Lines")
     r = p.add_argument_group("recipe overrides (default: the preset's)")
     r.add_argument("--alpha", type=float, help="SD share of the fused descriptor (paper: 0.5)")
@@ -327,7 +338,7 @@ def main(args: argparse.Namespace) -> int:
             dtype=args.dtype, batch_size=args.batch_size, preset=args.preset, recipe=_recipe_of(args),
             features=args.features, pca=args.pca, soft_argmax=args.soft_argmax, flip=args.flip,
             pca_device=args.pca_device, projection=args.projection, fit_images=args.fit_images,
-            cache_images=args.cache_images, save_predictions=args.save_predictions, progress=not args.no_progress,
+            cache_images=args.cache_images, feature_cache=args.feature_cache, save_predictions=args.save_predictions, progress=not args.no_progress,
         )
     except (ParameterError, BenchmarkFormatError, PredictionsError, ModelLoadError, ImageLoadError,
             FileNotFoundError) as e:

@@ -443,3 +443,34 @@ def test_commands_are_listed_and_ncnet_pair_lists_are_read(bench_root, tmp_path)
     (root / "image_pairs").mkdir(exist_ok=True)
     (root / "image_pairs" / "val_pairs.csv").write_text((root / "test_pairs_pf_pascal.csv").read_text())
     assert [p.pair for p in read_pairs("pfpascal", root, "val")] == [p.pair for p in read_pairs("pfpascal", root)]
+
+
+def test_feature_cache_serves_reruns_and_ablations(bench_root, tiny, tmp_path):
+    """--feature-cache: the raw maps of each image are kept on disk; a rerun and another
+    ablation extract nothing, and give the same numbers as without the cache."""
+    from fiftyone_sdcorr import FeatureExtractor
+
+    class Counting(FeatureExtractor):  # the real extractor, counting what it extracts
+        extracted = 0
+
+        def extract(self, images, labels=None):
+            images = list(images)
+            Counting.extracted += len(images)
+            return super().extract(images, labels=labels)
+
+    ext = Counting(*tiny, device="cpu", sd_size=128, sd_mode="whole", dino_size=56, pca_dim=8)
+    kw = dict(extractor=ext, feature_cache=str(tmp_path / "cache"), cache_images=0, progress=False)
+    first = evaluate_pairs("spair", bench_root["spair"], **kw)
+    n = Counting.extracted
+    assert n > 0 and len(list((tmp_path / "cache").rglob("*.safetensors"))) == n
+    again = evaluate_pairs("spair", bench_root["spair"], **kw)
+    sd_only = evaluate_pairs("spair", bench_root["spair"], features="sd", **kw)
+    assert Counting.extracted == n  # nothing extracted again
+    plain = evaluate_pairs("spair", bench_root["spair"], extractor=ext, features="sd", cache_images=0,
+                           progress=False)
+    assert again["per_point"] == first["per_point"] and sd_only["per_point"] == plain["per_point"]
+    # another recipe is another key: never served the first recipe's maps
+    other = Counting(*tiny, device="cpu", sd_size=128, sd_mode="whole", dino_size=56, pca_dim=8, timestep=50)
+    before = Counting.extracted
+    evaluate_pairs("spair", bench_root["spair"], **dict(kw, extractor=other))
+    assert Counting.extracted == before + n

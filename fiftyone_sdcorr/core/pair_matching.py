@@ -31,6 +31,10 @@ FiftyOne import.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -96,6 +100,12 @@ class PairPrediction:
     flipped: bool = False
 
 
+def settings_fingerprint(extractor) -> str:
+    """What decides an extractor's raw maps (its config without precision and device)."""
+    config = {k: v for k, v in dict(extractor.config()).items() if k not in ("dtype", "device", "batch_size")}
+    return hashlib.sha1(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 class PairMatcher:
     """Predicts a benchmark pair's target keypoints with an extractor's features.
 
@@ -108,8 +118,11 @@ class PairMatcher:
     """
 
     def __init__(self, extractor, options: PairMatchOptions = PairMatchOptions(),
-                 projection: Optional[FixedProjection] = None):
+                 projection: Optional[FixedProjection] = None, raw_store=None):
         self.extractor, self.options, self.projection = extractor, options, projection
+        # raw maps on disk, keyed by image, mirror, label and the extractor's settings: what
+        # every ablation (sd / dino / fused, co-PCA / fixed, soft-argmax, flip) shares
+        self.raw_store, self.raw_fingerprint = raw_store, settings_fingerprint(extractor)
         recipe = extractor.recipe
         self.pca_dim = int(recipe.pca_dim)
         self.alpha = {"fused": float(recipe.alpha), "sd": 1.0, "dino": 0.0}[options.features]
@@ -124,16 +137,30 @@ class PairMatcher:
         if todo:
             uniq = list(dict.fromkeys(keys[i] for i in todo))
             label_of = {keys[i]: labels[i] for i in todo}
+            for k in uniq:
+                cached = self.raw_store.load_raw(self._disk_key(k, label_of[k]), self.raw_fingerprint) \
+                    if self.raw_store is not None else None
+                if cached is not None:
+                    got[k] = cached
+                    self._remember(k, cached)
+            uniq = [k for k in uniq if k not in got]
             images = [ImageOps.mirror(load_image(p)) if f else p for p, f in uniq]
-            for k, r in zip(uniq, self.extractor.extract(images, labels=[label_of[k] for k in uniq])):
+            for k, r in zip(uniq, self.extractor.extract(images, labels=[label_of[k] for k in uniq]) if uniq else []):
                 got[k] = r
                 self._remember(k, r)
+                if self.raw_store is not None:
+                    self.raw_store.save_raw(self._disk_key(k, label_of[k]), r, self.raw_fingerprint)
         out = []
         for k in keys:
             if k in self._cache:
                 self._cache.move_to_end(k)
             out.append(got.get(k) or self._cache[k])
         return out
+
+    def _disk_key(self, key, label) -> str:
+        path, flipped = key
+        blob = json.dumps([os.path.abspath(path), bool(flipped), label, self.raw_fingerprint])
+        return hashlib.sha1(blob.encode()).hexdigest()
 
     def _remember(self, key, raw: RawFeatures) -> None:
         if self.options.cache_images <= 0:

@@ -33,11 +33,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as _st_save
 
-from fiftyone_sdcorr.core.features import FusedFeatures
+from fiftyone_sdcorr.core.features import FusedFeatures, RawFeatures
 from fiftyone_sdcorr.core.geometry import Letterbox
 
 FORMAT = "fiftyone-sdcorr/dense"
 TENSORS_FORMAT = "fiftyone-sdcorr/tensors"
+RAW_FORMAT = "fiftyone-sdcorr/raw"
 FORMAT_VERSION = 1
 SUFFIX = ".safetensors"
 TENSORS_DIR = "_tensors"
@@ -305,6 +306,38 @@ class FeatureStore:
             return (f"{path} was computed with other settings (fingerprint {md.get('fingerprint') or 'none'!r}, "
                     f"expected {fingerprint!r})")
         return None
+
+    # ---- raw maps (before any PCA: what evaluate-pairs' ablations share) ------------
+    def save_raw(self, key: str, raw: RawFeatures, fingerprint: str = "") -> Path:
+        """Write the raw SD tap maps and DINO tokens of one image (float16) for ``key``."""
+        tensors = {f"sd_{tap}": m.detach().to("cpu", torch.float16).contiguous() for tap, m in raw.sd.items()}
+        tensors["dino"] = raw.dino.detach().to("cpu", torch.float16).contiguous()
+        metadata = {
+            "format": RAW_FORMAT, "format_version": str(FORMAT_VERSION), "key": key,
+            "sd_letterbox": json.dumps(raw.sd_letterbox.to_dict(), sort_keys=True),
+            "dino_letterbox": json.dumps(raw.dino_letterbox.to_dict(), sort_keys=True),
+            "dino_stride": str(int(raw.dino_stride)), "source": raw.source or "", "fingerprint": str(fingerprint),
+        }
+        path = self.path_for(key)
+        _write_atomic(path, _st_save(tensors, metadata=metadata), self.fsync)
+        return path
+
+    def load_raw(self, key: str, fingerprint: Optional[str] = None) -> Optional[RawFeatures]:
+        """The raw features saved for ``key`` (float32), or None when there is no usable
+        file: missing, truncated, not raw maps, or of another ``fingerprint``."""
+        path = self.path_for(key)
+        try:
+            md, size_ok = read_header(path)
+        except FeatureStoreError:
+            return None
+        if not size_ok or md.get("format") != RAW_FORMAT or (fingerprint is not None and md.get("fingerprint") != fingerprint):
+            return None
+        tensors, md = _read(path, "cpu")
+        return RawFeatures(
+            sd={k[3:]: v.float() for k, v in tensors.items() if k.startswith("sd_")}, dino=tensors["dino"].float(),
+            sd_letterbox=Letterbox.from_dict(json.loads(md["sd_letterbox"])),
+            dino_letterbox=Letterbox.from_dict(json.loads(md["dino_letterbox"])),
+            dino_stride=int(md["dino_stride"]), source=md.get("source") or None)
 
     def exists(self, key: str) -> bool:
         return self.path_for(key).is_file()
