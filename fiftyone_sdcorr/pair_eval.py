@@ -55,7 +55,8 @@ from fiftyone_sdcorr.core.pck_protocol import (
 )
 
 #: recipe fields settable from the command line (the rest: ``recipe={...}`` in Python)
-RECIPE_OPTIONS = ("sd_size", "sd_mode", "dino_size", "pca_dim", "alpha", "taps", "prompt", "timestep", "padding")
+RECIPE_OPTIONS = ("sd_size", "sd_mode", "dino_size", "pca_dim", "alpha", "taps", "prompt", "timestep", "padding",
+                  "noise")
 
 
 # --------------------------------------------------------------------------- Python API
@@ -71,6 +72,7 @@ def evaluate_pairs(
     records: Optional[Sequence[PairRecord]] = None,
     sd_model: str = DEFAULT_SD_MODEL,
     dino_model: str = DEFAULT_DINO_MODEL,
+    unet_model=None,
     device=None,
     dtype=None,
     batch_size: Optional[int] = None,
@@ -101,7 +103,7 @@ def evaluate_pairs(
             given no model is loaded.
         records: the pairs to evaluate instead of reading them (e.g.
             :func:`fiftyone_sdcorr.dataset.benchmarks.benchmark_pairs` of an imported dataset).
-        sd_model, dino_model, device, dtype, batch_size, preset, recipe: the
+        sd_model, dino_model, unet_model, device, dtype, batch_size, preset, recipe: the
             :class:`~fiftyone_sdcorr.FeatureExtractor` (``recipe``: recipe field overrides;
             ``alpha`` there is the SD share of the fused descriptor).
         features: ``"fused"``, ``"sd"`` or ``"dino"``; pca: ``"co"`` (per pair, the paper)
@@ -142,7 +144,7 @@ def evaluate_pairs(
                                 pca_device=pca_device, cache_images=cache_images)
         matcher = _matcher(extractor, opts, projection, records, fit_images, sd_model=sd_model,
                            dino_model=dino_model, device=device, dtype=dtype, batch_size=batch_size,
-                           preset=preset, recipe=recipe, feature_cache=feature_cache)
+                           preset=preset, recipe=recipe, feature_cache=feature_cache, unet_model=unet_model)
         method = {"source": "model", **_method_config(matcher, opts, projection)}
         if flip and format == "pfpascal":
             warnings.append("flip alignment on PF-Pascal: its pair lists name no keypoints, so the mirrored "
@@ -169,7 +171,7 @@ def _matcher(extractor, opts, projection, records, fit_images, **model) -> PairM
 
         extractor = FeatureExtractor(model["sd_model"], model["dino_model"], device=model["device"],
                                      dtype=model["dtype"], batch_size=model["batch_size"], preset=model["preset"],
-                                     **(model["recipe"] or {}))
+                                     unet_model=model.get("unet_model"), **(model["recipe"] or {}))
     proj = None
     if opts.pca == "fixed" and projection is not None:
         from fiftyone_sdcorr.core.features import FixedProjection
@@ -280,6 +282,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m = p.add_argument_group("model (ignored with --predictions)")
     m.add_argument("--sd-model", default=DEFAULT_SD_MODEL, help="SD checkpoint: Hub id or diffusers folder")
     m.add_argument("--dino-model", default=DEFAULT_DINO_MODEL, help="DINOv2 checkpoint: Hub id or folder")
+    m.add_argument("--unet-model", default=None,
+                   help="a replacement SD UNet: diffusers folder / Hub id, or a .safetensors state dict")
     m.add_argument("--preset", default="paper", help="recipe preset: paper, whole, cpu")
     m.add_argument("--device", help="cuda, cpu, ... (default: CUDA when available)")
     m.add_argument("--dtype", help="float32, float16, bfloat16 (default: bf16 on CUDA, fp32 on CPU)")
@@ -305,6 +309,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--prompt", help='SD prompt, may hold "{label}" (the category); default empty')
     r.add_argument("--timestep", type=int, help="diffusion timestep (paper: 100)")
     r.add_argument("--padding", choices=("zero", "edge"), help="letterbox padding")
+    r.add_argument("--no-noise", dest="noise", action="store_const", const=False,
+                   help="no noise: the clean latent at t=0 (for a replacement UNet such as CleanDIFT's)")
 
 
 def add_import_arguments(p: argparse.ArgumentParser) -> None:
@@ -334,7 +340,8 @@ def main(args: argparse.Namespace) -> int:
     try:
         result = evaluate_pairs(
             args.format, args.root, args.split, categories=args.categories, sample=args.sample, seed=args.seed,
-            predictions=args.predictions, sd_model=args.sd_model, dino_model=args.dino_model, device=args.device,
+            predictions=args.predictions, sd_model=args.sd_model, dino_model=args.dino_model,
+            unet_model=args.unet_model, device=args.device,
             dtype=args.dtype, batch_size=args.batch_size, preset=args.preset, recipe=_recipe_of(args),
             features=args.features, pca=args.pca, soft_argmax=args.soft_argmax, flip=args.flip,
             pca_device=args.pca_device, projection=args.projection, fit_images=args.fit_images,

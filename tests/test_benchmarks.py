@@ -474,3 +474,20 @@ def test_feature_cache_serves_reruns_and_ablations(bench_root, tiny, tmp_path):
     before = Counting.extracted
     evaluate_pairs("spair", bench_root["spair"], **dict(kw, extractor=other))
     assert Counting.extracted == before + n
+
+
+def test_cli_model_path_with_a_replacement_unet_without_noise(bench_root, tiny, tmp_path):
+    """evaluate-pairs --unet-model DIR --no-noise (CleanDIFT's way), end to end on the CLI."""
+    from fiftyone_sdcorr.core.tiny import build_tiny_unet
+
+    unet = build_tiny_unet(tmp_path / "unet", layout="file")
+    out = tmp_path / "clean.json"
+    rc, log = run_cli("evaluate-pairs", "--format", "spair", "--root", bench_root["spair"], "--out", out,
+                      "--sd-model", tiny[0], "--dino-model", tiny[1], "--unet-model", unet, "--no-noise",
+                      "--device", "cpu", "--sd-size", 128, "--sd-mode", "whole", "--dino-size", 56, "--pca-dim", 8,
+                      "--no-progress")
+    assert rc == 0, log[-3000:]
+    res = json.loads(out.read_text())
+    _well_formed(res)
+    method = res["method"]
+    assert method["unet_model"] == str(unet) and method["noise"] is False and method["timestep"] == 0, method
