@@ -184,12 +184,15 @@ class FixedProjection:
         return d
 
     def digest(self) -> str:
-        """A short hash of the projection's numbers: which projection produced a stored file."""
-        h = hashlib.sha1()
-        for k, v in sorted(self.state_dict().items()):
-            h.update(k.encode())
-            h.update(v.detach().cpu().contiguous().numpy().tobytes())
-        return h.hexdigest()[:12]
+        """A short hash of the projection's numbers: which projection produced a stored file
+        (computed once: callers ask for it per sample)."""
+        if getattr(self, "_digest", None) is None:
+            h = hashlib.sha1()
+            for k, v in sorted(self.state_dict().items()):
+                h.update(k.encode())
+                h.update(v.detach().cpu().contiguous().numpy().tobytes())
+            self._digest = h.hexdigest()[:12]
+        return self._digest
 
     @classmethod
     def from_state_dict(cls, d: Dict[str, torch.Tensor]) -> "FixedProjection":

@@ -184,8 +184,11 @@ class FeatureJob:
         return f"{self.fingerprint}:{self.projection.digest() if self.projection is not None else '-'}"
 
     def is_done(self, sid: str, emb, fpath) -> bool:
-        return (emb is not None and fpath is not None and str(fpath) == str(self.store.path_for(sid))
-                and self.store.check(fpath, self.file_fingerprint) is None)
+        return self._recorded(sid, emb, fpath) and self.store.check(fpath, self.file_fingerprint) is None
+
+    def _recorded(self, sid: str, emb, fpath) -> bool:
+        """The database values point at this sample's file in this namespace."""
+        return emb is not None and fpath is not None and str(fpath) == str(self.store.path_for(sid))
 
     # ---- 3. plan
     def plan(self) -> List[Tuple[str, str]]:
@@ -199,8 +202,8 @@ class FeatureJob:
         for sid, fp, emb, fpath in zip(self.ids, paths, embs, feats):
             if not self.overwrite and self.is_done(sid, emb, fpath):
                 self.summary.add("skipped")
-            elif _not_an_image(fp):
-                self.not_images[sid] = _not_an_image(fp)
+            elif (why := _not_an_image(fp)) is not None:
+                self.not_images[sid] = why
             else:
                 pending.append((sid, fp))
         self.prompt_labels = self._prompt_labels()
@@ -297,7 +300,7 @@ class FeatureJob:
             path = self.store.path_for(sid)
             fresh_file = path.exists() and (not self.overwrite or path.stat().st_mtime >= self.run_start)
             if fresh_file and self.store.check(path, self.file_fingerprint) is None:
-                if self.is_done(sid, emb, fpath):
+                if self._recorded(sid, emb, fpath):  # the file was just checked: done
                     self.summary.add("skipped")
                     run.step(1, f"{sid}: done by another worker")
                 else:  # a store file without database values: recovered, no model run

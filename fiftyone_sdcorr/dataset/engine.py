@@ -141,6 +141,8 @@ def guard_outputs(samples, outputs: Mapping[str, tuple], inputs: Mapping[str, Op
                 f"parameter {names[name]!r}: {name!r} is the {in_param} of this run (an input, never written); "
                 "choose another output field"
             )
+    if record is not None:
+        record.stored = record.read()  # fresh: a worker that started meanwhile records first
     for param, (name, kind) in outputs.items():
         if not root.has_sample_field(name):
             continue
@@ -152,10 +154,8 @@ def guard_outputs(samples, outputs: Mapping[str, tuple], inputs: Mapping[str, Op
             )
         if overwrite:
             continue
-        if record is not None:
-            record.stored = record.read()  # fresh: a worker that started meanwhile records first
-            if record.resumable:
-                continue
+        if record is not None and record.resumable:
+            continue
         why = record.difference if record is not None and record.difference else "already exists"
         raise ParameterError(
             f"parameter {param!r}: field {name!r} {why}; choose a new field name or pass overwrite=True"
