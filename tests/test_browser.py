@@ -163,23 +163,9 @@ def test_match_panel_in_the_app(app, playwright_api):
             assert all(h.startswith("data:image/") for h in hrefs)
             assert page.evaluate(_plot_js("return gd.querySelectorAll('.scatterlayer .trace').length;")) >= 6
 
-            # click a pixel of the current image (screen position from plotly's own axes)
-            cur = page.evaluate(_plot_js(
-                "const t = gd.data.find(t => t.name === 'current|photo');"
-                "return [t.x0, t.y0, t.dx, t.dy];"))
-            x0, y0, dx, dy = cur
-            # the panel shows images downsampled to at most panels.MAX_SIDE pixels
-            w, h = display_size(dataset[ids["target"]].filepath)
-            px = x0 - dx / 2 + CLICK_XY[0] * w * dx
-            py = y0 - dy / 2 + CLICK_XY[1] * h * dy
-            sx, sy = page.evaluate(_plot_js(
-                "const fl = gd._fullLayout; const r = gd.getBoundingClientRect();"
-                "return [r.left + fl.xaxis._offset + fl.xaxis.l2p(arg[0]),"
-                "        r.top + fl.yaxis._offset + fl.yaxis.l2p(arg[1])];"), [px, py])
-            page.mouse.move(sx - 2, sy - 2)
-            page.mouse.move(sx, sy)
-            time.sleep(0.3)
-            page.mouse.click(sx, sy)
+            # click a pixel of the current image (screen position from plotly's own axes; the
+            # panel shows images downsampled to at most panels.MAX_SIDE pixels)
+            x0, y0, dx, dy, w, h = _click_current(page, dataset[ids["target"]].filepath, CLICK_XY)
             page.wait_for_function(
                 _plot_js("return gd.data.some(t => t.name === 'reference|match');"), timeout=60000
             )
@@ -308,7 +294,8 @@ def _reference_title(page):
 
 def _click_current(page, filepath, xy):
     """Clicks the normalised point ``xy`` of the current image (screen position from
-    plotly's own axes)."""
+    plotly's own axes); returns the image trace's ``x0, y0, dx, dy`` and the displayed
+    ``w, h``."""
     x0, y0, dx, dy = page.evaluate(_plot_js(
         "const t = gd.data.find(t => t.name === 'current|photo'); return [t.x0, t.y0, t.dx, t.dy];"))
     w, h = display_size(filepath)
@@ -321,6 +308,7 @@ def _click_current(page, filepath, xy):
     page.mouse.move(sx, sy)
     time.sleep(0.3)
     page.mouse.click(sx, sy)
+    return x0, y0, dx, dy, w, h
 
 
 def _open_demo(page, demo, sample="crop"):

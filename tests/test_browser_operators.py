@@ -36,7 +36,8 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from app_server import CHROMIUM, CHROMIUM_ARGS, app_server, dismiss_popover, require_playwright  # noqa: E402
+from app_server import (  # noqa: E402
+    CHROMIUM, CHROMIUM_ARGS, app_server, dismiss_popover, require_playwright, stop_process)
 from panel_world import build_demo_dataset  # noqa: E402
 
 pytestmark = pytest.mark.browser
@@ -376,12 +377,7 @@ def test_schedule_compute_features_and_run_a_worker(demo, page, tmp_path):
                 break
             time.sleep(1.0)
     finally:
-        worker.terminate()
-        try:
-            worker.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-            worker.wait()
+        stop_process(worker)
         log.close()
     wlog = (tmp_path / "worker.log").read_text(errors="replace")[-3000:]
     assert op.run_state == "completed", (op.run_state, op.result.error if op.result else None, wlog)
