@@ -311,7 +311,18 @@ def _click_current(page, filepath, xy):
     return x0, y0, dx, dy, w, h
 
 
+def _forget_panel_choices(dataset):
+    """Clears the field choices the panel remembers for ``dataset`` (tests start from the
+    defaults, whatever an earlier test chose)."""
+    from fiftyone.operators.store import ExecutionStore
+
+    from fiftyone_sdcorr.plugin.panels import STORE_NAME
+
+    ExecutionStore.create(STORE_NAME, dataset._doc.id).clear()
+
+
 def _open_demo(page, demo, sample="crop"):
+    _forget_panel_choices(demo["dataset"])
     _open_modal(page, f"{demo['url']}/datasets/{demo['dataset'].name}?id={demo['ids'][sample]}")
     toggle = page.locator("#modal [data-cy=action-toggle-sidebar]")
     if toggle.count():
