@@ -296,14 +296,15 @@ def test_existing_field_of_another_type_is_refused(photo_ds, models, tmp_path):
 
 
 class CountingExtractor(FeatureExtractor):
-    """The real extractor, counting the images it extracts (not a stand-in)."""
+    """The real extractor, counting the images its models run on (not a stand-in): every
+    path (``extract`` and the pipelined one of compute_fused_features) goes through
+    ``run_prepared``."""
 
     extracted = 0
 
-    def extract(self, images, labels=None):
-        images = list(images)
-        CountingExtractor.extracted += len(images)
-        return super().extract(images, labels=labels)
+    def run_prepared(self, prep):
+        CountingExtractor.extracted += len(prep["sources"])
+        return super().run_prepared(prep)
 
 
 def test_projection_fitted_from_the_first_pass_each_image_extracted_once(photo_ds, models, tmp_path):
@@ -572,3 +573,42 @@ def test_prompt_field_gives_each_sample_its_prompt(photo_paths, models, tmp_path
             assert torch.allclose(stored, expect, atol=2e-2), (stored - expect).abs().max()
     finally:
         ds.delete()
+
+
+class WithoutPipeline:
+    """The real extractor behind its public ``extract`` / ``describe`` only: what any
+    extractor without ``prepare``/``run_prepared`` gets (one batch at a time, on the host)."""
+
+    def __init__(self, ext):
+        self._ext, self.recipe, self.batch_size = ext, ext.recipe, ext.batch_size
+
+    def extract(self, images, labels=None):
+        return self._ext.extract(images, labels=labels)
+
+    def describe(self, images, **kw):
+        return self._ext.describe(images, **kw)
+
+    def config(self):
+        return self._ext.config()
+
+
+@pytest.mark.parametrize("store_dtype", ["float16", "int8"])
+def test_pipelined_path_stores_what_the_one_batch_path_stores(photo_ds, models, tmp_path, store_dtype, caplog):
+    """Batches queued on the device, fused and encoded there, copied back while the next
+    batch runs: the same files and embeddings as extracting and fusing on the host."""
+    caplog.set_level("WARNING", logger="fiftyone_sdcorr")
+    sd, dino, kw = _api_kwargs(models, tmp_path / "piped", projection_samples=1, store_dtype=store_dtype)
+    rec, pdim = kw.pop("recipe"), kw.pop("pca_dim")
+    ext = FeatureExtractor(sd, dino, device="cpu", batch_size=2, pca_dim=pdim, **rec)
+    piped = compute_fused_features(photo_ds, extractor=ext, **kw)
+    kw["store_dir"] = str(tmp_path / "plain")
+    plain = compute_fused_features(photo_ds, extractor=WithoutPipeline(ext), embedding_field="e2",
+                                   features_field="f2", **kw)
+    assert piped["computed"] == plain["computed"] == len(photo_ds) and not piped["failed"]
+    assert not [r for r in caplog.records if "image by image" in r.getMessage()]  # no fallback ran
+    a_store, b_store = FeatureStore(namespace(tmp_path / "piped")), FeatureStore(namespace(tmp_path / "plain"))
+    for sid, ea, eb in zip(photo_ds.values("id"), photo_ds.values("sdcorr_embedding"), photo_ds.values("e2")):
+        fa, fb = a_store.load(sid), b_store.load(sid)
+        assert torch.equal(fa.descriptors, fb.descriptors) and fa.letterbox == fb.letterbox
+        np.testing.assert_allclose(ea, eb, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(ea, fa.global_vector().numpy(), rtol=0, atol=1e-6)

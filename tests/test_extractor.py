@@ -313,3 +313,38 @@ def test_default_dtypes():
     assert resolve_dtype("bf16") == torch.bfloat16
     with pytest.raises(ValueError):
         resolve_dtype("int3")
+
+
+# ----------------------------------------------------------------------------- compiled path
+def test_compile_policy(tiny_dirs):
+    from fiftyone_sdcorr.core.extractor import COMPILE_MIN_IMAGES, MEASURED_COMPILE_SECONDS
+
+    # auto: never on a CPU, however long the run; the threshold earns back the measured cost
+    auto = FeatureExtractor(tiny_dirs[0], tiny_dirs[1], device="cpu", **SMALL)
+    assert auto.compile_policy is None and auto.plan_run(10 ** 6) is False and auto.compiled is None
+    assert 1000 < COMPILE_MIN_IMAGES < 10000 and MEASURED_COMPILE_SECONDS > 0
+    off = FeatureExtractor(tiny_dirs[0], tiny_dirs[1], device="cpu", compile=False, **SMALL)
+    assert off.plan_run(10 ** 6) is False
+    with pytest.raises(ValueError, match="'compile'"):
+        FeatureExtractor(tiny_dirs[0], tiny_dirs[1], device="cpu", compile="yes", **SMALL)
+    # channels-last is off unless asked for (measured slower on an H100, GPU-PROFILE.md)
+    assert auto.channels_last is False
+
+
+def test_compiled_path_equals_eager_and_compiles_once_for_every_batch(tiny_dirs):
+    """torch.compile (inductor, on this CPU) of the real blocks: the same maps as the eager
+    path, and a short last batch is padded to the compiled shape, not recompiled."""
+    imgs = [_rand_image(w, h, s) for s, (w, h) in enumerate([(150, 100), (90, 120), (80, 80)])]
+    eager = FeatureExtractor(tiny_dirs[0], tiny_dirs[1], device="cpu", batch_size=2, **SMALL).extract(imgs)
+    fx = FeatureExtractor(tiny_dirs[0], tiny_dirs[1], device="cpu", batch_size=2, compile=True, **SMALL)
+    first = fx.extract(imgs[:2])  # compiles (plan_run with compile=True)
+    assert fx.compiled is not None and fx.compiled["dynamic"] is False
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        rest = fx.extract(imgs[2:])  # 1 image: padded to the batch of 2, the same graphs
+    assert len(rest) == 1
+    for e, c in zip(eager, first + rest):
+        assert c.sd.keys() == e.sd.keys()
+        for tap in e.sd:
+            assert c.sd[tap].shape == e.sd[tap].shape
+            torch.testing.assert_close(c.sd[tap], e.sd[tap], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(c.dino, e.dino, rtol=1e-4, atol=1e-4)

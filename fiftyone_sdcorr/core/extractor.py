@@ -32,6 +32,12 @@ MEASURED_BYTES_PER_IMAGE = 1.35e9
 MEMORY_TARGET_BYTES = 8e9
 #: threads that decode and letterbox images (PIL releases the GIL while resizing)
 PREP_THREADS = min(8, os.cpu_count() or 1)
+#: ``torch.compile`` of the VAE encoder, the UNet blocks and DINOv2, measured on an H100
+#: (GPU-PROFILE.md, paper recipe, batch 4): a 131 s first compilation, then 70.5 -> 31.6 ms
+#: per image. ``compile=None`` (auto) compiles on CUDA for runs long enough to earn it back.
+MEASURED_COMPILE_SECONDS = 131.0
+MEASURED_COMPILE_SAVING_S_PER_IMAGE = 0.0705 - 0.0316
+COMPILE_MIN_IMAGES = int(MEASURED_COMPILE_SECONDS / MEASURED_COMPILE_SAVING_S_PER_IMAGE) + 1
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -146,6 +152,11 @@ class _StopForward(Exception):
     pass
 
 
+def to_host(raw: RawFeatures) -> RawFeatures:
+    """``raw`` with its maps on the CPU (float32)."""
+    return replace(raw, sd={k: v.cpu() for k, v in raw.sd.items()}, dino=raw.dino.cpu())
+
+
 class FeatureExtractor:
     """Fused SD + DINOv2 features, exactly as RECIPE.md describes.
 
@@ -161,7 +172,13 @@ class FeatureExtractor:
         device: ``"cuda"``, ``"cpu"``, ... (default: CUDA when available)
         dtype: default bf16 (fp16 where bf16 is unsupported) on CUDA, fp32 on CPU
         batch_size: images per forward pass (default: 1 on CPU, chosen from free memory on CUDA)
-        channels_last: NHWC convolutions for the VAE and UNet (default: on CUDA)
+        channels_last: NHWC convolutions for the VAE and UNet (default: off; on an H100
+            NCHW was faster for the VAE, 24 vs 34 ms per image, and no slower for the UNet:
+            channels-last converts back and forth around every GroupNorm)
+        compile: ``torch.compile`` the models (fixed shapes: batches are padded to
+            ``batch_size``, so one compilation serves a whole run). ``None`` (auto): on CUDA,
+            for runs of at least :data:`COMPILE_MIN_IMAGES` images (see :meth:`plan_run`);
+            ``True``: on the first batch; ``False``: never
         **recipe: fields of :class:`Recipe` (``sd_size``, ``sd_mode``, ``taps``, ...) or
             ``preset="paper" | "whole" | "cpu"``
     """
@@ -176,6 +193,7 @@ class FeatureExtractor:
         preset: str = "paper",
         channels_last: Optional[bool] = None,
         unet_model: Optional[str] = None,
+        compile: Optional[bool] = None,
         **recipe,
     ):
         self.recipe = Recipe.build(preset, **recipe)
@@ -188,7 +206,11 @@ class FeatureExtractor:
         self.dino = _models.load_dino(dino_model, self.device, self.dtype)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed tile shapes: let cuDNN pick its kernels
-        self.channels_last = self.device.type == "cuda" if channels_last is None else bool(channels_last)
+        self.channels_last = bool(channels_last)
+        if compile is not None and not isinstance(compile, bool):
+            raise ParameterError(f"parameter 'compile' must be True, False or None (auto), got {compile!r}")
+        self.compile_policy = compile
+        self.compiled: Optional[dict] = None
         if self.channels_last:
             self.unet.to(memory_format=torch.channels_last)
             self.vae.to(memory_format=torch.channels_last)
@@ -222,6 +244,7 @@ class FeatureExtractor:
             1, int(self.vae.config.latent_channels), self.recipe.noise_size, self.recipe.noise_size,
             generator=torch.Generator().manual_seed(self.recipe.noise_seed),
         )
+        self._noise_on_device: Dict[Tuple[int, int, torch.dtype], torch.Tensor] = {}
         self._taps_in_order = [t for t in _models.SD_TAPS if t in self.recipe.taps]
 
     # ------------------------------------------------------------------ config
@@ -287,12 +310,21 @@ class FeatureExtractor:
         std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
         return (x - mean) / std, lb
 
+    def _upload(self, x: torch.Tensor) -> torch.Tensor:
+        """To the device without waiting for the work queued there (pinned or pageable
+        source, ``non_blocking``: a blocking copy would synchronise with the GPU)."""
+        return x.to(self.device, non_blocking=True).to(self.dtype)
+
     # ------------------------------------------------------------------ SD
-    def _noise_for(self, h: int, w: int) -> torch.Tensor:
-        n = self._noise
-        if (h, w) != tuple(n.shape[-2:]):
-            n = F.interpolate(n, size=(h, w), mode="bicubic", align_corners=False)
-        return n
+    def _noise_for(self, h: int, w: int, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """The shared noise at the latent size, on the device (made once per size and dtype)."""
+        key = (h, w, dtype or self.dtype)
+        if key not in self._noise_on_device:
+            n = self._noise
+            if (h, w) != tuple(n.shape[-2:]):
+                n = F.interpolate(n, size=(h, w), mode="bicubic", align_corners=False)
+            self._noise_on_device[key] = n.to(self.device, key[2])
+        return self._noise_on_device[key]
 
     @torch.inference_mode()
     def unet_taps(self, pixels: torch.Tensor, prompt_embeds: torch.Tensor, full_forward: bool = False):
@@ -302,13 +334,13 @@ class FeatureExtractor:
         ``pixels``: (B, 3, H, W) in [-1, 1]. Returns {tap: (B, C, h, w) float32 on the device}.
         With ``full_forward`` the UNet runs to the end (used to prove truncation changes nothing).
         """
-        x = pixels.to(self.device, self.dtype)
+        x = self._upload(pixels)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         latent = self.vae.encode(x).latent_dist.mean * self.vae.config.scaling_factor
         t = torch.full((latent.shape[0],), self.recipe.timestep, dtype=torch.long, device=latent.device)
         if self.recipe.noise:
-            noise = self._noise_for(*latent.shape[-2:]).to(latent.device, latent.dtype).expand_as(latent)
+            noise = self._noise_for(*latent.shape[-2:], latent.dtype).expand_as(latent)
             noisy = self.scheduler.add_noise(latent, noise, t)
         else:
             noisy = latent
@@ -338,28 +370,29 @@ class FeatureExtractor:
         return captured
 
     def _sd_features(
-        self, sd_pixels: List[torch.Tensor], prompts: List[str], tiles_per_pass: Optional[int] = None,
+        self, sd_pixels, prompts: List[str], tiles_per_pass: Optional[int] = None,
         full_forward: bool = False,
     ) -> List[Dict[str, torch.Tensor]]:
-        """Tiled or whole SD pass for several images; tiles of all images share batches
-        (``tiles_per_pass`` of them, default all tiles of ``batch_size`` images).
-        ``tiles_per_pass=1, full_forward=True`` is the plain recipe the benchmark compares to."""
+        """Tiled or whole SD pass for several images (``sd_pixels``: (B, 3, S, S) or a list
+        of (3, S, S)); tiles of all images share batches (``tiles_per_pass`` of them,
+        default all tiles of ``batch_size`` images), cut on the device. Maps stay on the
+        device. ``tiles_per_pass=1, full_forward=True`` is the plain recipe the benchmark
+        compares to. Compiled, every pass is padded to the same number of tiles."""
         r = self.recipe
+        if isinstance(sd_pixels, (list, tuple)):
+            sd_pixels = torch.stack(list(sd_pixels))
+        pixels = sd_pixels.to(self.device, non_blocking=True)
         offs = r.tile_offsets()
         tile = r.sd_tile if r.sd_mode == "tiled" and len(offs) > 1 else r.sd_size
-        jobs = []  # (image index, oy, ox)
-        for i in range(len(sd_pixels)):
-            for oy in offs:
-                for ox in offs:
-                    jobs.append((i, oy, ox))
-        sums: List[Dict[str, torch.Tensor]] = [dict() for _ in sd_pixels]
-        counts: List[Dict[str, torch.Tensor]] = [dict() for _ in sd_pixels]
+        jobs = [(i, oy, ox) for i in range(pixels.shape[0]) for oy in offs for ox in offs]
+        sums: List[Dict[str, torch.Tensor]] = [dict() for _ in range(pixels.shape[0])]
+        counts: List[Dict[str, torch.Tensor]] = [dict() for _ in range(pixels.shape[0])]
         per_pass = tiles_per_pass or max(1, self.batch_size * len(offs) ** 2)
         for start in range(0, len(jobs), per_pass):
             chunk = jobs[start : start + per_pass]
-            pix = torch.stack([sd_pixels[i][:, oy : oy + tile, ox : ox + tile] for i, oy, ox in chunk])
+            pix = torch.stack([pixels[i, :, oy : oy + tile, ox : ox + tile] for i, oy, ox in chunk])
             emb = torch.cat([self._prompt_embedding(prompts[i]) for i, _, _ in chunk])
-            taps = self.unet_taps(pix, emb, full_forward=full_forward)
+            taps = self.unet_taps(*self._padded(pix, emb, per_pass), full_forward=full_forward)
             for k, (i, oy, ox) in enumerate(chunk):
                 for name, fmap in taps.items():
                     stride = tile // fmap.shape[-1]
@@ -371,21 +404,72 @@ class FeatureExtractor:
                     h, w = fmap.shape[-2:]
                     sums[i][name][:, y0 : y0 + h, x0 : x0 + w] += fmap[k]
                     counts[i][name][:, y0 : y0 + h, x0 : x0 + w] += 1
-        return [{n: (s[n] / c[n]).cpu() for n in s} for s, c in zip(sums, counts)]
+        return [{n: s[n] / c[n] for n in s} for s, c in zip(sums, counts)]
+
+    def _padded(self, *tensors_and_size):
+        """Compiled models see one batch shape: pad the batch (first dim) to ``size`` by
+        repeating the first row (its outputs are dropped); eager runs are left as they are."""
+        *tensors, size = tensors_and_size
+        if self.compiled is None or tensors[0].shape[0] >= size:
+            return tensors
+        n = size - tensors[0].shape[0]
+        return [torch.cat([t, t[:1].expand(n, *t.shape[1:])]) for t in tensors]
 
     # ------------------------------------------------------------------ DINO
     @torch.inference_mode()
     def dino_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) normalised -> (B, C, S/p, S/p) (p = patch size: 14 for DINOv2, 16 for
-        DINOv3): the last block's output, before the final norm, CLS and registers dropped."""
-        out = self.dino(pixel_values=pixels.to(self.device, self.dtype), output_hidden_states=True)
-        tokens = out.hidden_states[-1][:, _models.dino_num_prefix_tokens(self.dino) :]
+        """(B, 3, S, S) normalised -> (B, C, S/p, S/p) float32 on the device (p = patch size:
+        14 for DINOv2, 16 for DINOv3): the last block's output, before the final norm, CLS
+        and registers dropped."""
+        b = pixels.shape[0]
+        (x,) = self._padded(self._upload(pixels), self.batch_size)
+        out = self.dino(pixel_values=x, output_hidden_states=True)
+        tokens = out.hidden_states[-1][:b, _models.dino_num_prefix_tokens(self.dino) :]
         g = pixels.shape[-1] // self.dino_stride
-        return tokens.float().cpu().reshape(pixels.shape[0], g, g, -1).permute(0, 3, 1, 2).contiguous()
+        return tokens.float().reshape(b, g, g, -1).permute(0, 3, 1, 2).contiguous()
+
+    # ------------------------------------------------------------------ compiled path
+    def plan_run(self, n_images: int) -> bool:
+        """Called with the length of a run before it starts: with ``compile=None`` (auto)
+        compiles on CUDA when the run has at least :data:`COMPILE_MIN_IMAGES` images (the
+        measured compile time is then earned back). Returns whether the models are compiled."""
+        if self.compiled is None and (
+            self.compile_policy is True
+            or (self.compile_policy is None and self.device.type == "cuda" and n_images >= COMPILE_MIN_IMAGES)
+        ):
+            self.compile_models()
+        return self.compiled is not None
+
+    def compile_models(self, mode: Optional[str] = None) -> dict:
+        """``torch.compile`` the heavy blocks in place (fixed shapes), keeping the tap modules
+        hookable: the VAE encoder whole; the UNet's down and mid blocks whole and, in the up
+        blocks, each resnet, attention and upsampler (a forward hook on a compiled wrapper
+        runs eagerly, so the early stop still works); DINO's transformer layers. Compilation
+        happens on the first batch of each shape; batches are padded to ``batch_size``."""
+        if self.compiled is not None:
+            return self.compiled
+        kw = dict(dynamic=False)
+        if mode and mode != "default":
+            kw["mode"] = mode
+
+        def each(modules):
+            for i, m in enumerate(modules):
+                modules[i] = torch.compile(m, **kw)
+
+        self.vae.encoder = torch.compile(self.vae.encoder, **kw)
+        each(self.unet.down_blocks)
+        self.unet.mid_block = torch.compile(self.unet.mid_block, **kw)
+        for blk in self.unet.up_blocks:
+            for name in ("resnets", "attentions", "upsamplers"):
+                if getattr(blk, name, None) is not None:
+                    each(getattr(blk, name))
+        each(_models.dino_layers(self.dino))
+        self.compiled = {"mode": mode or "default", "dynamic": False, "batch_size": self.batch_size}
+        return self.compiled
 
     # ------------------------------------------------------------------ public
     def extract(self, images: Sequence, labels: Optional[Sequence[Optional[str]]] = None) -> List[RawFeatures]:
-        """Raw features of each image (PIL images, arrays or file paths).
+        """Raw features of each image (PIL images, arrays or file paths), float32 on the CPU.
 
         ``labels`` fill the prompt template when the recipe's prompt contains ``{label}``.
         A file that cannot be read raises :class:`fiftyone_sdcorr.core.images.ImageLoadError`
@@ -397,6 +481,7 @@ class FeatureExtractor:
         labels = list(labels) if labels is not None else [None] * len(images)
         if len(labels) != len(images):
             raise ValueError(f"got {len(labels)} labels for {len(images)} images")
+        self.plan_run(len(images))
         results: List[RawFeatures] = []
         start = 0
         with ThreadPoolExecutor(max_workers=1) as pool:
@@ -406,14 +491,14 @@ class FeatureExtractor:
                 n = self.batch_size
                 chunk = images[start : start + n]
                 prepared = pending.result() if pending is not None and pending.n == len(chunk) else None
-                prepared = prepared or self._prepare(chunk, labels[start : start + n])
+                prepared = prepared or self.prepare(chunk, labels[start : start + n])
                 nxt = images[start + n : start + 2 * n]
                 pending = None
                 if nxt:
-                    pending = pool.submit(self._prepare, nxt, labels[start + n : start + 2 * n])
+                    pending = pool.submit(self.prepare, nxt, labels[start + n : start + 2 * n])
                     pending.n = len(nxt)
                 try:
-                    results.extend(self._run_models(prepared))
+                    results.extend(to_host(r) for r in self.run_prepared(prepared))
                 except torch.cuda.OutOfMemoryError:
                     if self.batch_size == 1:
                         raise
@@ -427,16 +512,21 @@ class FeatureExtractor:
                 start += len(chunk)
         return results
 
-    def _prepare(self, images, labels) -> dict:
-        """Decode and letterbox a batch (CPU work, image by image on :data:`PREP_THREADS`
-        threads; runs ahead of the models on a prefetch thread)."""
+    def prepare(self, images, labels=None) -> dict:
+        """Decode and letterbox a batch: CPU work, image by image on :data:`PREP_THREADS`
+        threads (PIL releases the GIL). The pixels come stacked, in pinned memory on CUDA
+        (uploaded without waiting for the GPU). Thread-safe: runs ahead of the models."""
+        labels = [None] * len(images) if labels is None else list(labels)
         if self._prep_pool is None:
             self._prep_pool = ThreadPoolExecutor(max_workers=PREP_THREADS, thread_name_prefix="sdcorr-prep")
         prepared = list(self._prep_pool.map(self._prepare_one, images))
+        sd, dino = torch.stack([p[0][0] for p in prepared]), torch.stack([p[1][0] for p in prepared])
+        if self.device.type == "cuda":
+            sd, dino = sd.pin_memory(), dino.pin_memory()
         return {
             "sources": [str(im) if isinstance(im, str) or hasattr(im, "__fspath__") else None for im in images],
-            "sd_in": [sd for sd, _ in prepared],
-            "dino_in": [dino for _, dino in prepared],
+            "sd": sd, "sd_letterboxes": [p[0][1] for p in prepared],
+            "dino": dino, "dino_letterboxes": [p[1][1] for p in prepared],
             "prompts": [self.prompt_for(lbl) for lbl in labels],
         }
 
@@ -444,16 +534,18 @@ class FeatureExtractor:
         pil = load_image(image)
         return self._sd_input(pil), self._dino_input(pil)
 
-    def _run_models(self, prep: dict) -> List[RawFeatures]:
-        sources, sd_in, dino_in = prep["sources"], prep["sd_in"], prep["dino_in"]
-        sd_maps = self._sd_features([p for p, _ in sd_in], prep["prompts"])
-        dino = self.dino_tokens(torch.stack([p for p, _ in dino_in]))
+    def run_prepared(self, prep: dict) -> List[RawFeatures]:
+        """The models on a :meth:`prepare`\\ d batch; the maps stay on the device (float32).
+        Nothing here waits for the GPU: the work is queued and the call returns."""
+        sd_maps = self._sd_features(prep["sd"], prep["prompts"])
+        dino = self.dino_tokens(prep["dino"])
         return [
             RawFeatures(
-                sd=sd_maps[i], dino=dino[i], sd_letterbox=sd_in[i][1], dino_letterbox=dino_in[i][1],
-                dino_stride=self.dino_stride, source=sources[i],
+                sd=sd_maps[i], dino=dino[i], sd_letterbox=prep["sd_letterboxes"][i],
+                dino_letterbox=prep["dino_letterboxes"][i], dino_stride=self.dino_stride,
+                source=prep["sources"][i],
             )
-            for i in range(len(sd_in))
+            for i in range(len(sd_maps))
         ]
 
     def describe(self, images: Sequence, projection: Optional[FixedProjection] = None, labels=None) -> List[FusedFeatures]:

@@ -61,14 +61,16 @@ class FusedFeatures:
         return int(self.descriptors.shape[-1])
 
     def valid_mask(self) -> torch.Tensor:
-        """Tokens on the image (not on the letterbox padding), on the descriptors' device."""
-        return self.letterbox.valid_token_mask(self.stride).to(self.descriptors.device)
+        """Tokens on the image (not on the letterbox padding), made on the descriptors' device."""
+        return self.letterbox.valid_token_mask(self.stride, device=self.descriptors.device)
 
     def global_vector(self) -> torch.Tensor:
-        """Mean of the unit-normalised tokens on the image, L2-normalised (1-D, float32)."""
+        """Mean of the unit-normalised tokens on the image, L2-normalised (1-D, float32).
+        A masked sum, not a boolean index: on CUDA it queues without waiting for the GPU."""
         d = self.descriptors.float()
         d = d / d.norm(dim=0, keepdim=True).clamp_min(1e-12)
-        v = d[:, self.valid_mask()].mean(dim=1)
+        m = self.valid_mask().to(d.dtype)
+        v = (d * m).sum(dim=(1, 2)) / m.sum().clamp_min(1.0)
         return v / v.norm().clamp_min(1e-12)
 
 
@@ -168,13 +170,25 @@ class FixedProjection:
         return cls(means, comps)
 
     def apply(self, maps: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """Projected maps, computed on the maps' device (float64, as the fit)."""
         out = {}
-        for tap, v in self.components.items():
+        for tap in self.components:
             if tap not in maps:
                 raise KeyError(f"projection was fitted on tap {tap!r}, which these features lack")
             m = maps[tap]
-            out[tap] = ((_tokens(m) - self.means[tap]) @ v).T.reshape(-1, *m.shape[-2:]).float()
+            mean, v = self._on(m.device, tap)
+            out[tap] = ((_tokens(m) - mean) @ v).T.reshape(-1, *m.shape[-2:]).float()
         return out
+
+    def _on(self, device: torch.device, tap: str):
+        """Mean and components of ``tap`` on ``device`` (copied there once)."""
+        if device.type == "cpu":
+            return self.means[tap], self.components[tap]
+        cache = self.__dict__.setdefault("_device_copies", {})
+        key = (str(device), tap)
+        if key not in cache:
+            cache[key] = (self.means[tap].to(device), self.components[tap].to(device))
+        return cache[key]
 
     def state_dict(self) -> Dict[str, torch.Tensor]:
         d = {}

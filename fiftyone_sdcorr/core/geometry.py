@@ -120,15 +120,16 @@ class Letterbox:
         return self.frame_to_pixel(self.token_center(cr, stride))
 
     # ---- masks --------------------------------------------------------------
-    def valid_token_mask(self, stride: int) -> torch.Tensor:
-        """(grid, grid) bool mask of tokens that cover any part of the image.
+    def valid_token_mask(self, stride: int, device=None) -> torch.Tensor:
+        """(grid, grid) bool mask of tokens that cover any part of the image, made on
+        ``device`` (default CPU; no host-to-device copy).
 
         A token spans frame pixels ``[stride p, stride (p + 1))``; it is valid when that
         span overlaps the resized image on both axes, so every point on the image maps to
         a valid token and letterbox-only tokens are excluded.
         """
         grid = self.size // stride
-        lo = torch.arange(grid, dtype=torch.float64) * stride
+        lo = torch.arange(grid, dtype=torch.float64, device=device) * stride
         hi = lo + stride
         cols = (hi > self.pad_left) & (lo < self.pad_left + self.resized_width)
         rows = (hi > self.pad_top) & (lo < self.pad_top + self.resized_height)

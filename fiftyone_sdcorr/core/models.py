@@ -307,3 +307,13 @@ def dino_patch_size(model) -> int:
             raise ModelLoadError(f"non-square patches {tuple(ps)} are not supported")
         ps = ps[0]
     return int(ps)
+
+
+def dino_layers(model):
+    """The transformer layers (an ``nn.ModuleList``) of a DINOv2 (``encoder.layer``) or
+    DINOv3 ViT (``layer``) backbone."""
+    encoder = getattr(model, "encoder", None)
+    layers = getattr(encoder, "layer", None) if encoder is not None else getattr(model, "layer", None)
+    if layers is None:
+        raise ModelLoadError(f"cannot find the transformer layers of {type(model).__name__}")
+    return layers

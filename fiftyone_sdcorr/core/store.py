@@ -132,10 +132,15 @@ def encode(descriptors: torch.Tensor, dtype: torch.dtype) -> Dict[str, torch.Ten
 
 
 def stored_values(descriptors: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """What :meth:`FeatureStore.load` returns (float32) for ``descriptors`` saved in ``dtype``."""
-    t = encode(descriptors.detach().to("cpu"), dtype)
-    d = t["descriptors"].float()
-    return d * t["scale"][:, None, None] if "scale" in t else d
+    """What :meth:`FeatureStore.load` returns (float32) for ``descriptors`` saved in ``dtype``
+    (computed on ``descriptors``' device)."""
+    return decode(encode(descriptors.detach(), dtype))
+
+
+def decode(tensors: Dict[str, torch.Tensor]) -> torch.Tensor:
+    """float32 descriptors from what :func:`encode` made (on the tensors' device)."""
+    d = tensors["descriptors"].float()
+    return d * tensors["scale"].float()[:, None, None] if "scale" in tensors else d
 
 
 def read_header(path: Path) -> Tuple[Dict[str, str], bool]:
@@ -220,10 +225,11 @@ class FeatureStore:
 
     # ---- dense maps ---------------------------------------------------------------
     def save(self, key: str, fused: FusedFeatures, dtype: torch.dtype = torch.float16,
-             fingerprint: str = "") -> Path:
+             fingerprint: str = "", encoded: Optional[Dict[str, torch.Tensor]] = None) -> Path:
         """Write ``fused`` for ``key`` atomically; returns the file's path. ``fingerprint``
         (what produced the features: models, recipe, projection) goes into the header;
-        :meth:`check` compares it."""
+        :meth:`check` compares it. ``encoded``: the file's tensors already made by
+        :func:`encode` in ``dtype`` (on the GPU, copied to the host), used as they are."""
         path = self.path_for(key)
         d = fused.descriptors
         if not isinstance(d, torch.Tensor) or d.dim() != 3:
@@ -232,10 +238,11 @@ class FeatureStore:
             )
         if not (0 <= int(fused.sd_channels) <= d.shape[0]):
             raise ValueError(f"sd_channels={fused.sd_channels} outside 0..{d.shape[0]}")
-        tensors = encode(d.detach().to("cpu"), dtype)
+        tensors = encode(d.detach().to("cpu"), dtype) if encoded is None else {
+            k: v.to("cpu").contiguous() for k, v in encoded.items()}
         t = tensors["descriptors"]
         if dtype.is_floating_point and not bool(torch.isfinite(t).all()):
-            src_finite = bool(torch.isfinite(d.detach()).all())
+            src_finite = encoded is None and bool(torch.isfinite(d.detach()).all())
             raise ValueError(
                 f"descriptors for {key!r} "
                 + (f"overflow {dtype}; save with a wider dtype" if src_finite else "contain NaN/inf")

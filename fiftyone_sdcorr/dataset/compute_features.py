@@ -37,6 +37,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -45,9 +46,11 @@ import torch
 
 import fiftyone.core.media as fom
 
+from fiftyone_sdcorr.core.extractor import PREP_THREADS
 from fiftyone_sdcorr.core.features import FixedProjection, FusedFeatures, fuse_raw
 from fiftyone_sdcorr.core.images import load_image
 from fiftyone_sdcorr.core.store import STORE_DTYPES, FeatureStore, stored_values
+from fiftyone_sdcorr.core.transfer import EncodedFeatures, encode_batch
 from fiftyone_sdcorr.dataset.claims import SampleLock, exclusive, fs_now, worker_id
 from fiftyone_sdcorr.dataset.config import FeatureConfig
 from fiftyone_sdcorr.dataset.engine import (
@@ -233,20 +236,35 @@ class FeatureJob:
             run.step(len(self.not_images), f"{len(self.not_images)} non-image samples")
 
     def compute(self, pending: List[Tuple[str, str]], run: Run) -> None:
+        """Claimed batches through a two-stage pipeline: batch k+1 is loaded, letterboxed
+        and queued on the GPU (:meth:`start_batch`) before batch k is copied back, stored
+        and written (:meth:`end_batch`), so host work overlaps the models."""
         self.extractor = self.cfg.make_extractor()
         self.uses_projection = callable(getattr(self.extractor, "extract", None))
+        self.pipelined = self.uses_projection and callable(getattr(self.extractor, "run_prepared", None))
+        if callable(getattr(self.extractor, "plan_run", None)):
+            self.summary["compiled"] = bool(self.extractor.plan_run(len(pending)))
         self.alpha = float(getattr(getattr(self.extractor, "recipe", None), "alpha", 0.5))
         size = int(self.cfg.batch_size or getattr(self.extractor, "batch_size", None) or 1)
         log_path = self.store.root / LOG_DIR / f"{self.summary['worker']}.jsonl"
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(log_path, "a", encoding="utf-8") as self.log:
+        with open(log_path, "a", encoding="utf-8") as self.log, \
+                ThreadPoolExecutor(PREP_THREADS, thread_name_prefix="sdcorr-load") as self.loader:
             queue = list(pending)
             if self.uses_projection and self.projection is None:
                 queue = self.fit_projection(queue, run)
-            while queue:
-                claimed, queue = self.claim(queue, size, run)
-                if claimed:
-                    self.run_batch(claimed, run)
+            inflight = None
+            try:
+                while queue:
+                    claimed, queue = self.claim(queue, size, run)
+                    if claimed:
+                        started = self.start_batch(claimed, run)
+                        if inflight is not None:
+                            self.end_batch(inflight, run)
+                        inflight = started
+            finally:
+                if inflight is not None:
+                    self.end_batch(inflight, run)
 
     def claim(self, queue, size: int, run: Run):
         """Up to ``size`` samples this worker could lock, and the rest of the queue."""
@@ -291,8 +309,9 @@ class FeatureJob:
                     lock.release()
         return queue
 
-    def run_batch(self, claimed, run: Run) -> None:
-        """Re-checks each claimed sample under its lock, then computes what is left."""
+    def start_batch(self, claimed, run: Run) -> dict:
+        """Re-checks each claimed sample under its lock, loads the rest and queues their
+        features (:meth:`launch`); a batch that cannot be queued is computed right here."""
         fresh = self._db_state([sid for sid, _, _ in claimed])
         todo, results = [], {}
         for sid, fp, lock in claimed:
@@ -312,22 +331,52 @@ class FeatureJob:
                 run.step(1, f"{sid}: failed in another worker")
             else:
                 todo.append((sid, fp, lock))
+        batch = {"claimed": claimed, "results": results, "recovered": set(results), "pending": None}
         try:
-            recovered = set(results)
-            loaded = self.load_images(todo, run)
-            results.update(self.describe(loaded, run))
-            self.finish(claimed, results, run, recovered)
+            batch["loaded"] = self.load_images(todo, run)
+            batch["pending"] = self.launch(batch["loaded"])
+        except Exception as e:  # noqa: BLE001 -- e.g. CUDA out of memory: the careful path below
+            logger.warning("batch not queued (%s); computing it image by image where needed", reason(e))
+        if batch["pending"] is None:
+            results.update(self.describe(batch.get("loaded", []), run))
+        return batch
+
+    def launch(self, loaded):
+        """Queues the models, the projection, the fusion and the store encoding of a batch
+        on the extractor's device and starts the copy to the host (see
+        :func:`fiftyone_sdcorr.core.transfer.encode_batch`); None for extractors without
+        that path (they run in :meth:`describe`)."""
+        if not loaded or not self.pipelined:
+            return None
+        sids = [sid for sid, _, _ in loaded]
+        raws = self.extractor.run_prepared(self.extractor.prepare([im for _, _, im in loaded], self._labels(sids)))
+        fused = [fuse_raw(r, self.projection, alpha=self.alpha, meta=self.cfg.settings()) for r in raws]
+        return sids, encode_batch(fused, self.st_dtype)
+
+    def end_batch(self, batch: dict, run: Run) -> None:
+        """Waits for a started batch's copies, stores and writes it, releases its claims."""
+        try:
+            results = batch["results"]
+            if batch["pending"] is not None:
+                sids, pending = batch["pending"]
+                try:
+                    results.update(zip(sids, pending.result()))
+                except Exception as e:  # noqa: BLE001 -- an error raised by the queued work
+                    logger.warning("queued batch failed (%s); computing it image by image", reason(e))
+                    results.update(self.describe(batch["loaded"], run))
+            self.finish(batch["claimed"], results, run, batch["recovered"])
         finally:
-            for _, _, lock in claimed:
+            for _, _, lock in batch["claimed"]:
                 lock.release()
 
     def load_images(self, claimed, run: Run):
+        """Decodes the claimed images on the loader threads; one that cannot be read fails alone."""
         loaded = []
-        for sid, fp, lock in claimed:
-            try:
-                loaded.append((sid, fp, load_image(fp)))
-            except Exception as e:  # noqa: BLE001 -- ImageLoadError names the file
-                self._failed(sid, lock, str(e) if fp in str(e) else f"cannot load image {fp}: {reason(e)}", run)
+        for (sid, fp, lock), got in zip(claimed, self.loader.map(_try_load, [fp for _, fp, _ in claimed])):
+            if isinstance(got, Exception):  # ImageLoadError names the file
+                self._failed(sid, lock, str(got) if fp in str(got) else f"cannot load image {fp}: {reason(got)}", run)
+            else:
+                loaded.append((sid, fp, got))
         return loaded
 
     def extract(self, images, labels=None):
@@ -380,11 +429,15 @@ class FeatureJob:
             fp, lock = by_id[sid]
             path = self.store.path_for(sid)
             try:
+                encoded = fused if isinstance(fused, EncodedFeatures) else None
                 if sid not in recovered:
-                    self.store.save(sid, fused, dtype=self.st_dtype, fingerprint=self.file_fingerprint)
+                    self.store.save(sid, fused if encoded is None else encoded.fused, dtype=self.st_dtype,
+                                    fingerprint=self.file_fingerprint,
+                                    encoded=None if encoded is None else encoded.tensors)
                     self.summary.add("computed")
                     self._log(sid, "computed")
-                embs[sid], paths[sid] = self._embedding(fused), str(path)
+                embs[sid] = self._embedding(fused) if encoded is None else encoded.embedding.numpy()
+                paths[sid] = str(path)
             except Exception as e:  # noqa: BLE001
                 self._failed(sid, lock, f"could not store the features of {fp}: {reason(e)}", run)
         run.write(self.cfg.embedding_field, embs)
@@ -434,6 +487,13 @@ def label_of(value) -> Optional[str]:
     items = getattr(value, getattr(value, "_LABEL_LIST_FIELD", "") or "", None)
     names = [str(x.label) for x in (items or []) if getattr(x, "label", None)]
     return max(set(names), key=names.count) if names else None
+
+
+def _try_load(filepath: str):
+    try:
+        return load_image(filepath)
+    except Exception as e:  # noqa: BLE001 -- reported per sample by the caller
+        return e
 
 
 def _not_an_image(filepath: str) -> Optional[str]:
