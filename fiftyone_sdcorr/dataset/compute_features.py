@@ -245,7 +245,6 @@ class FeatureJob:
         if callable(getattr(self.extractor, "plan_run", None)):
             self.summary["compiled"] = bool(self.extractor.plan_run(len(pending)))
         self.alpha = float(getattr(getattr(self.extractor, "recipe", None), "alpha", 0.5))
-        size = int(self.cfg.batch_size or getattr(self.extractor, "batch_size", None) or 1)
         log_path = self.store.root / LOG_DIR / f"{self.summary['worker']}.jsonl"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "a", encoding="utf-8") as self.log, \
@@ -256,7 +255,7 @@ class FeatureJob:
             inflight = None
             try:
                 while queue:
-                    claimed, queue = self.claim(queue, size, run)
+                    claimed, queue = self.claim(queue, self.batch_size(), run)
                     if claimed:
                         started = self.start_batch(claimed, run)
                         if inflight is not None:
@@ -265,6 +264,10 @@ class FeatureJob:
             finally:
                 if inflight is not None:
                     self.end_batch(inflight, run)
+
+    def batch_size(self) -> int:
+        """Images per claimed batch: the extractor's (it halves on CUDA out-of-memory)."""
+        return int(getattr(self.extractor, "batch_size", None) or self.cfg.batch_size or 1)
 
     def claim(self, queue, size: int, run: Run):
         """Up to ``size`` samples this worker could lock, and the rest of the queue."""
