@@ -144,8 +144,8 @@ def letterbox_image(img: Image.Image, size: int, padding: str = "zero") -> Tuple
     return canvas, lb
 
 
-def _to_chw(arr: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float() / 255.0
+def _chw_uint8(arr: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).contiguous()
 
 
 class _StopForward(Exception):
@@ -245,6 +245,7 @@ class FeatureExtractor:
             generator=torch.Generator().manual_seed(self.recipe.noise_seed),
         )
         self._noise_on_device: Dict[Tuple[int, int, torch.dtype], torch.Tensor] = {}
+        self._imagenet: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
         self._taps_in_order = [t for t in _models.SD_TAPS if t in self.recipe.taps]
 
     # ------------------------------------------------------------------ config
@@ -300,15 +301,31 @@ class FeatureExtractor:
 
     # ------------------------------------------------------------------ inputs
     def _sd_input(self, img: Image.Image) -> Tuple[torch.Tensor, Letterbox]:
+        """The SD letterbox of ``img``, (3, S, S) float32 in [-1, 1]."""
         arr, lb = letterbox_image(img, self.recipe.sd_size, self.recipe.padding)
-        return _to_chw(arr) * 2.0 - 1.0, lb
+        return self._sd_pixels(_chw_uint8(arr)), lb
 
     def _dino_input(self, img: Image.Image) -> Tuple[torch.Tensor, Letterbox]:
+        """The DINO letterbox of ``img``, (3, S, S) float32, ImageNet-normalised."""
         arr, lb = letterbox_image(img, self.recipe.dino_size, self.recipe.padding)
-        x = _to_chw(arr)
-        mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-        std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-        return (x - mean) / std, lb
+        return self._dino_pixels(_chw_uint8(arr)), lb
+
+    @staticmethod
+    def _sd_pixels(x: torch.Tensor) -> torch.Tensor:
+        """uint8 letterbox pixels (on any device) -> [-1, 1] float32; float input is taken
+        as already scaled. Batches travel to the GPU as uint8 (4x fewer bytes) and are
+        scaled there, with the same operations as on the CPU."""
+        return x.float() / 255.0 * 2.0 - 1.0 if x.dtype == torch.uint8 else x
+
+    def _dino_pixels(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 letterbox pixels -> ImageNet-normalised float32 on ``x``'s device."""
+        if x.dtype != torch.uint8:
+            return x
+        key = str(x.device)
+        if key not in self._imagenet:  # made once per device
+            self._imagenet[key] = tuple(torch.tensor(v).view(3, 1, 1).to(x.device) for v in (IMAGENET_MEAN, IMAGENET_STD))
+        mean, std = self._imagenet[key]
+        return (x.float() / 255.0 - mean) / std
 
     def _upload(self, x: torch.Tensor) -> torch.Tensor:
         """To the device without waiting for the work queued there (pinned or pageable
@@ -381,7 +398,7 @@ class FeatureExtractor:
         r = self.recipe
         if isinstance(sd_pixels, (list, tuple)):
             sd_pixels = torch.stack(list(sd_pixels))
-        pixels = sd_pixels.to(self.device, non_blocking=True)
+        pixels = self._sd_pixels(sd_pixels.to(self.device, non_blocking=True))
         offs = r.tile_offsets()
         tile = r.sd_tile if r.sd_mode == "tiled" and len(offs) > 1 else r.sd_size
         jobs = [(i, oy, ox) for i in range(pixels.shape[0]) for oy in offs for ox in offs]
@@ -422,7 +439,8 @@ class FeatureExtractor:
         14 for DINOv2, 16 for DINOv3): the last block's output, before the final norm, CLS
         and registers dropped."""
         b = pixels.shape[0]
-        (x,) = self._padded(self._upload(pixels), self.batch_size)
+        x = self._upload(self._dino_pixels(pixels.to(self.device, non_blocking=True)))
+        (x,) = self._padded(x, self.batch_size)
         out = self.dino(pixel_values=x, output_hidden_states=True)
         tokens = out.hidden_states[-1][:b, _models.dino_num_prefix_tokens(self.dino) :]
         g = pixels.shape[-1] // self.dino_stride
@@ -514,8 +532,9 @@ class FeatureExtractor:
 
     def prepare(self, images, labels=None) -> dict:
         """Decode and letterbox a batch: CPU work, image by image on :data:`PREP_THREADS`
-        threads (PIL releases the GIL). The pixels come stacked, in pinned memory on CUDA
-        (uploaded without waiting for the GPU). Thread-safe: runs ahead of the models."""
+        threads (PIL releases the GIL). The pixels come stacked as uint8, in pinned memory
+        on CUDA (uploaded without waiting for the GPU, scaled there). Thread-safe: runs
+        ahead of the models."""
         labels = [None] * len(images) if labels is None else list(labels)
         if self._prep_pool is None:
             self._prep_pool = ThreadPoolExecutor(max_workers=PREP_THREADS, thread_name_prefix="sdcorr-prep")
@@ -531,8 +550,12 @@ class FeatureExtractor:
         }
 
     def _prepare_one(self, image):
+        """Both letterboxes of one image as uint8 (3, S, S) tensors (scaled on the device)."""
         pil = load_image(image)
-        return self._sd_input(pil), self._dino_input(pil)
+        r = self.recipe
+        sd, sd_lb = letterbox_image(pil, r.sd_size, r.padding)
+        dino, dino_lb = letterbox_image(pil, r.dino_size, r.padding)
+        return (_chw_uint8(sd), sd_lb), (_chw_uint8(dino), dino_lb)
 
     def run_prepared(self, prep: dict) -> List[RawFeatures]:
         """The models on a :meth:`prepare`\\ d batch; the maps stay on the device (float32).
