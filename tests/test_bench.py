@@ -151,14 +151,22 @@ def test_store_and_matching(tiny_run):
     # vectorised and loop find the same nearest neighbours
     assert m["nn_equal_pct"] == 100.0
     assert m["batched_prenormalised"]["nn_equal_pct_vs_loop"] == 100.0
+    # the package API, batched: Propagator.predict_many over the targets, same answers as one by one
+    pb = m["propagation_batched"]
+    assert pb["keypoints"] == 20 and pb["batch"] == 64 and pb["targets"] == 8 and pb["failed"] == 0
+    assert _pos(pb["targets_per_s"]) and _pos(pb["per_target_targets_per_s"]) and "predict_many" in pb["call"]
+    assert pb["equal_to_per_target_pct"] == 100.0
 
 
 def test_targets_not_claimed_in_tiny_mode(tiny_run):
     _, d, _ = tiny_run
     t = d["targets"]
     assert set(t) == {"end_to_end_images_per_s", "images_per_s", "speedup_vs_plain", "peak_mem_bytes",
-                      "bf16_nn_equal_pct", "matching_speedup_cpu"}
+                      "bf16_nn_equal_pct", "matching_speedup_cpu", "propagation_targets_per_s"}
     assert not any(v["applicable"] for v in t.values())
+    # the propagation target reads the batched package API (issue 10: >= 500 targets/s)
+    prop = t["propagation_targets_per_s"]
+    assert prop["threshold"] == 500.0 and prop["value"] == d["matching"]["propagation_batched"]["targets_per_s"]
 
 
 def test_end_to_end_stage_runs_the_public_api(tiny_run):

@@ -200,41 +200,47 @@ def window_soft_argmax(
     Takes the ``window x window`` neighbourhood of the integer ``peak`` in each map,
     applies ``softmax(sim / temperature)`` over it and returns the expected ``(col, row)``.
     Window cells off the grid or outside ``mask`` are left out (so near a border the
-    window is one-sided). Vectorised over the ``K`` maps.
+    window is one-sided). Vectorised over all maps.
 
     Args:
-        sim: ``(K, H, W)`` similarity maps.
-        peak: ``(K, 2)`` integer ``(col, row)`` of each map's argmax.
+        sim: ``(K, H, W)`` similarity maps, or ``(T, K, H, W)`` (``K`` maps in each of
+            ``T`` targets).
+        peak: ``(K, 2)`` (or ``(T, K, 2)``) integer ``(col, row)`` of each map's argmax.
         window: odd window size in tokens (11 in GeoAware-SC).
         temperature: softmax temperature (0.02 in GeoAware-SC, on cosine similarities).
-        mask: optional ``(H, W)`` bool mask of allowed cells.
+        mask: optional bool mask of allowed cells: ``(H, W)`` for every map, or
+            ``(T, H, W)``, one per target of a ``(T, K, H, W)`` ``sim``.
 
     Returns:
-        ``(K, 2)`` float32 ``(col, row)``.
+        ``(K, 2)`` (or ``(T, K, 2)``) float32 ``(col, row)``.
     """
     if window < 1 or window % 2 == 0:
         raise ValueError(f"window must be a positive odd number, got {window}")
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
-    k, h, w = sim.shape
+    lead, (h, w) = sim.shape[:-2], sim.shape[-2:]
+    flat = sim.reshape(-1, h * w).float()  # B x N, B = all maps
+    k = flat.shape[0]
+    peak = peak.reshape(-1, 2).to(sim.device)
     half = window // 2
     off = torch.arange(-half, half + 1, device=sim.device)
-    cols = peak[:, 0, None, None].to(sim.device) + off[None, None, :]  # K x 1 x w
-    rows = peak[:, 1, None, None].to(sim.device) + off[None, :, None]  # K x w x 1
-    cols, rows = torch.broadcast_tensors(cols, rows)  # K x w x w
+    cols = peak[:, 0, None, None] + off[None, None, :]  # B x 1 x w
+    rows = peak[:, 1, None, None] + off[None, :, None]  # B x w x 1
+    cols, rows = torch.broadcast_tensors(cols, rows)  # B x w x w
     inside = (cols >= 0) & (cols < w) & (rows >= 0) & (rows < h)
     cc, rr = cols.clamp(0, w - 1), rows.clamp(0, h - 1)
-    flat = sim.reshape(k, -1).float()
-    idx = (rr * w + cc).reshape(k, -1)
+    cells = window * window
+    idx = (rr * w + cc).reshape(k, cells)
     vals = torch.gather(flat, 1, idx)
-    keep = inside.reshape(k, -1)
+    keep = inside.reshape(k, cells)
     if mask is not None:
-        keep = keep & mask.to(sim.device).reshape(-1)[idx]
+        m = mask.to(device=sim.device, dtype=torch.bool).reshape(-1, h * w)  # 1 x N, or one row per target
+        keep = keep & torch.gather(m, 1, idx.reshape(m.shape[0], k // m.shape[0] * cells)).reshape(k, cells)
     logits = (vals / temperature).masked_fill(~keep, float("-inf"))
     weights = torch.softmax(logits, dim=1)
-    col = (weights * cc.reshape(k, -1).float()).sum(1)
-    row = (weights * rr.reshape(k, -1).float()).sum(1)
-    return torch.stack([col, row], dim=1)
+    col = (weights * cc.reshape(k, cells).float()).sum(1)
+    row = (weights * rr.reshape(k, cells).float()).sum(1)
+    return torch.stack([col, row], dim=1).reshape(*lead, 2)
 
 
 def confidence_from(similarity: torch.Tensor, cycle_error: torch.Tensor) -> torch.Tensor:
@@ -276,6 +282,138 @@ class Prepared:
         return v / v.norm().clamp_min(1e-12)
 
 
+@dataclass
+class PreparedBatch:
+    """``T`` targets of one descriptor shape ready for matching, stacked on one device:
+    unit-norm token vectors ``T x C x N`` and masks ``T x N`` (tokens on the image)."""
+
+    unit: torch.Tensor  # T x C x N float32, unit-norm columns (zero tokens stay zero)
+    mask: torch.Tensor  # T x N bool
+    height: int
+    width: int
+
+    def __len__(self) -> int:
+        return int(self.unit.shape[0])
+
+    @classmethod
+    def of(cls, features: Sequence, masks: Optional[Sequence] = None) -> "PreparedBatch":
+        """Stack and normalise the descriptors of :class:`FusedFeatures` (or ``C x H x W``
+        tensors) of one shape, on their (common) device; ``masks`` as in
+        :meth:`Prepared.of` (default: each one's ``valid_mask()``). Each target is
+        normalised straight into the batch (one pass fewer than stacking first)."""
+        descs = [descriptors_of(f) for f in features]
+        if not descs:
+            raise ValueError("no features to prepare")
+        shape, dev = tuple(descs[0].shape), descs[0].device
+        if len(shape) != 3 or any(tuple(d.shape) != shape or d.device != dev for d in descs):
+            raise ValueError("a batch of targets needs C x H x W descriptors of one shape on one device, got "
+                             f"{sorted({(tuple(d.shape), str(d.device)) for d in descs})}")
+        c, h, w = shape
+        masks = [None] * len(descs) if masks is None else list(masks)
+        mask = torch.stack([_default_mask(m, f, h, w, dev).reshape(-1) for f, m in zip(features, masks)])
+        unit = torch.empty(len(descs), c, h * w, dtype=torch.float32, device=dev)
+        for i, d in enumerate(descs):
+            flat = d.reshape(c, -1)
+            norm = torch.linalg.vector_norm(flat, dim=0, keepdim=True, dtype=torch.float32)
+            torch.div(flat, norm.clamp_min_(1e-12), out=unit[i])
+        return cls(unit, mask, int(h), int(w))
+
+    @classmethod
+    def of_prepared(cls, prepared: Sequence[Prepared]) -> "PreparedBatch":
+        """A batch of :class:`Prepared` targets of one shape (one target: no copy)."""
+        p0 = prepared[0]
+        if len(prepared) == 1:
+            return cls(p0.unit[None], p0.mask[None], p0.height, p0.width)
+        return cls(torch.stack([p.unit for p in prepared]), torch.stack([p.mask for p in prepared]),
+                   p0.height, p0.width)
+
+    def select(self, index: Sequence[int]) -> "PreparedBatch":
+        """The targets at ``index`` (a copy on the same device)."""
+        i = torch.as_tensor(list(index), dtype=torch.long, device=self.unit.device)
+        return PreparedBatch(self.unit.index_select(0, i), self.mask.index_select(0, i), self.height, self.width)
+
+    def global_vectors(self) -> torch.Tensor:
+        """``T x C``: :meth:`Prepared.global_vector` of every target, in one product."""
+        v = torch.bmm(self.unit, self.mask.to(self.unit.dtype)[:, :, None]).squeeze(2)
+        return v / v.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def _query_rows(queries, dev):
+    """Source rows ``Ktot x C`` of all queries, their tokens ``Ktot x 2``, validity and sizes."""
+    rows, toks, valids, sizes = [], [], [], []
+    for src, tokens, valid in queries:
+        tokens = torch.as_tensor(tokens).reshape(-1, 2).long().to(dev)
+        valid = torch.as_tensor(valid, dtype=torch.bool).reshape(-1).to(dev)
+        safe = torch.where(valid[:, None], tokens, torch.zeros_like(tokens))
+        if safe.numel() and bool(((safe < 0) | (safe[:, :1] >= src.width) | (safe[:, 1:] >= src.height)).any()):
+            raise ValueError("source tokens off the grid")
+        rows.append(src.unit[:, safe[:, 1] * src.width + safe[:, 0]].T)
+        toks.append(tokens)
+        valids.append(valid)
+        sizes.append(len(safe))
+    return torch.cat(rows), torch.cat(toks), torch.cat(valids), sizes
+
+
+def match_prepared_many(tgts: PreparedBatch, queries, *, soft_window=None, temperature=DEFAULT_TEMPERATURE,
+                        cycle=True, out_device=None) -> List[List[Matches]]:
+    """:func:`match_prepared` for ``T`` targets of one shape at once.
+
+    ``queries``: ``[(src: Prepared, tokens (K, 2) long (col, row), valid (K,) bool)]``,
+    the same for every target. ONE batched ``T x (sum K) x N`` similarity product, then
+    argmax, window soft-argmax and the cycle check batched over the targets (one product
+    per source). Everything runs on the targets' device (CPU or CUDA; the sources must be
+    there too); the matches come back in one transfer to ``out_device`` (default: that
+    device). Returns ``[target][query]`` :class:`Matches`.
+    """
+    t = len(tgts)
+    if not queries:
+        return [[] for _ in range(t)]
+    dev = tgts.unit.device
+    if not bool(tgts.mask.any(dim=1).all()):
+        raise ValueError("tgt_mask allows no target token")
+    q, tokens, valid, sizes = _query_rows(queries, dev)
+    c, h, w = tgts.unit.shape[1], tgts.height, tgts.width
+    if c != q.shape[1]:
+        raise ValueError(f"channel mismatch: reference {q.shape[1]} vs target {c}")
+    sim = torch.matmul(q, tgts.unit)  # T x Ktot x N
+    best = sim.masked_fill(~tgts.mask[:, None, :], float("-inf")).argmax(dim=2)  # T x Ktot
+    similarity = sim.gather(2, best[:, :, None]).squeeze(2)
+    peak = torch.stack([best % w, best // w], dim=2)  # T x Ktot x 2
+    if soft_window:
+        pos = window_soft_argmax(sim.reshape(t, -1, h, w), peak, window=soft_window, temperature=temperature,
+                                 mask=tgts.mask.reshape(t, h, w))
+    else:
+        pos = peak.float()
+    cyc = torch.full_like(similarity, float("nan"))
+    if cycle and q.shape[0]:
+        matched = torch.gather(tgts.unit, 2, best[:, None, :].expand(-1, c, -1)).transpose(1, 2)  # T x Ktot x C
+        start = 0
+        for (src, _, _), k in zip(queries, sizes):
+            sl = slice(start, start + k)
+            start += k
+            back = torch.matmul(matched[:, sl], src.unit).masked_fill(~src.mask, float("-inf")).argmax(dim=2)
+            back_cr = torch.stack([back % src.width, back // src.width], dim=2).float()
+            cyc[:, sl] = (back_cr - tokens[sl].float()).norm(dim=2)
+    v = valid[None, :]
+    similarity = torch.where(v, similarity, float("nan"))
+    cyc = torch.where(v, cyc, float("nan"))
+    conf = torch.where(v, confidence_from(similarity, cyc), 0.0)
+    pos = torch.where(v[:, :, None], pos.float(), float("nan"))
+    packed = torch.cat([pos, similarity[:, :, None], cyc[:, :, None], conf[:, :, None]], dim=2)  # T x Ktot x 5
+    if out_device is not None:
+        packed, valid = packed.to(out_device), valid.to(out_device)
+    out = []
+    for i in range(t):
+        row, start = [], 0
+        for k in sizes:
+            p = packed[i, start:start + k]
+            row.append(Matches(tokens=p[:, :2], similarity=p[:, 2], cycle_error=p[:, 3], confidence=p[:, 4],
+                               valid=valid[start:start + k]))
+            start += k
+        out.append(row)
+    return out
+
+
 def match_prepared(tgt: Prepared, queries, *, soft_window=None, temperature=DEFAULT_TEMPERATURE,
                    cycle=True) -> List[Matches]:
     """:func:`fiftyone_sdcorrespondence.match_points` for many sources at once.
@@ -286,54 +424,10 @@ def match_prepared(tgt: Prepared, queries, *, soft_window=None, temperature=DEFA
     argmax over the target's image tokens, optional window soft-argmax, cycle error
     against the source's image tokens, ``confidence_from``. Works on the target's device
     (CPU or CUDA; sources must be there too); the matches are returned on it.
+    :func:`match_prepared_many` with one target.
     """
-    if not queries:
-        return []
-    dev = tgt.unit.device
-    if not bool(tgt.mask.any()):
-        raise ValueError("tgt_mask allows no target token")
-    rows, sizes = [], []
-    for src, tokens, valid in queries:
-        tokens = torch.as_tensor(tokens).reshape(-1, 2).long().to(dev)
-        safe = torch.where(torch.as_tensor(valid).to(dev)[:, None], tokens, torch.zeros_like(tokens))
-        if safe.numel() and ((safe[:, 0] >= src.width).any() or (safe[:, 1] >= src.height).any()
-                             or (safe < 0).any()):
-            raise ValueError("source tokens off the grid")
-        rows.append(src.unit[:, safe[:, 1] * src.width + safe[:, 0]].T)
-        sizes.append(len(safe))
-    if tgt.unit.shape[0] != rows[0].shape[1]:
-        raise ValueError(f"channel mismatch: reference {rows[0].shape[1]} vs target {tgt.unit.shape[0]}")
-    q = torch.cat(rows)  # Ktot x C
-    sim = q @ tgt.unit  # Ktot x N
-    best = sim.masked_fill(~tgt.mask[None, :], float("-inf")).argmax(dim=1)
-    similarity = sim.gather(1, best[:, None]).squeeze(1)
-    peak = torch.stack([best % tgt.width, best // tgt.width], dim=1)
-    if soft_window:
-        pos = window_soft_argmax(sim.reshape(-1, tgt.height, tgt.width), peak, window=soft_window,
-                                      temperature=temperature, mask=tgt.mask.reshape(tgt.height, tgt.width))
-    else:
-        pos = peak.float()
-    out, start = [], 0
-    matched = tgt.unit[:, best].T  # Ktot x C
-    for (src, tokens, valid), k in zip(queries, sizes):
-        sl = slice(start, start + k)
-        start += k
-        valid = torch.as_tensor(valid, dtype=torch.bool).reshape(-1).to(dev)
-        tokens = torch.as_tensor(tokens).reshape(-1, 2).long().to(dev)
-        sim_k = similarity[sl]
-        if cycle and k:
-            back = (matched[sl] @ src.unit).masked_fill(~src.mask[None, :], float("-inf")).argmax(dim=1)
-            back_cr = torch.stack([back % src.width, back // src.width], dim=1).float()
-            cyc = (back_cr - tokens.float()).norm(dim=1)
-        else:
-            cyc = torch.full((k,), float("nan"), device=dev)
-        nan = torch.tensor(float("nan"), device=dev)
-        tok = torch.where(valid[:, None], pos[sl], nan)
-        sim_k = torch.where(valid, sim_k, nan)
-        cyc = torch.where(valid, cyc, nan)
-        conf = torch.where(valid, confidence_from(sim_k, cyc), torch.zeros_like(sim_k))
-        out.append(Matches(tokens=tok, similarity=sim_k, cycle_error=cyc, confidence=conf, valid=valid))
-    return out
+    return match_prepared_many(PreparedBatch.of_prepared([tgt]), queries, soft_window=soft_window,
+                               temperature=temperature, cycle=cycle)[0]
 
 
 def match_points(
@@ -509,6 +603,10 @@ __all__ = [
     "similarity_maps",
     "window_soft_argmax",
     "confidence_from",
+    "Prepared",
+    "PreparedBatch",
+    "match_prepared",
+    "match_prepared_many",
     "match_points",
     "match_keypoints",
     "match_points_with_flip",

@@ -13,12 +13,14 @@ and the projection that produced them, :mod:`.compute_features`):
   namespace, so they are comparable with the stored ones; with no stored projection, one
   is fitted on the first images described (the references);
 - features are handed out on the matching device (``device``, else CUDA when available):
-  stored files are read straight onto it, so propagation matches on the GPU.
+  the stored files of a batch are read concurrently into host memory and each moved to
+  it once (float32 there), so propagation matches on the GPU.
 """
 
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
@@ -36,6 +38,8 @@ from fiftyone_sdcorr.dataset.engine import ParameterError, find_record
 logger = logging.getLogger(__name__)
 
 PROJECTION_NAME = "projection"
+#: stored files of a batch read at once (safetensors reads release the GIL)
+READ_THREADS = 8
 #: keywords of the dataset functions that choose the features (device, dtype and batch size do not)
 FEATURE_KEYWORDS = ("sd_model", "dino_model", "preset", "recipe", "pca_dim", "extractor")
 
@@ -86,14 +90,58 @@ class FeatureSource:
             self._store = FeatureStore(Path(first).parent.parent)
 
     # ---- stored features
-    def load_stored(self, path: str) -> FusedFeatures:
+    def check_stored(self, path: str) -> None:
+        """A stored file's header, size and fingerprint (the first one accepted is the
+        run's; :class:`OtherSettingsError` for another); reads the header only."""
         md, size_ok = read_header(Path(path))
         if not size_ok:
             raise FeatureStoreError(f"truncated feature file {path} (its size differs from its header)")
         self._accept(md.get("fingerprint", ""), f"stored features {path}")
         if self._store is None:  # the namespace of the stored files holds their projection
             self._store = FeatureStore(Path(path).parent.parent)
-        return self._store.load(path, device=self.device)
+
+    def load_stored(self, path: str) -> FusedFeatures:
+        self.check_stored(path)
+        return self._to_device(self._read_host(path))
+
+    def _read_host(self, path: str) -> FusedFeatures:
+        """The file as stored (its dtype), in host memory; safetensors reads release the GIL."""
+        return self._store.load(path, device="cpu", dtype=None)
+
+    def _to_device(self, f: FusedFeatures) -> FusedFeatures:
+        """Stored features on the matching device as float32, converted there (a float16
+        file moves as float16)."""
+        return FusedFeatures(f.descriptors.to(self.device).float(), f.letterbox, f.stride, f.sd_channels, f.meta)
+
+    def read_stored(self, items: List[Tuple[str, str]]) -> Dict[str, Union[FusedFeatures, Exception]]:
+        """``(id, stored path)`` -> id -> features on the matching device, or the error:
+        headers checked in order (the first fingerprint is the run's), then the files read
+        concurrently (:data:`READ_THREADS`) and moved to the device, each once."""
+        found: Dict[str, Union[FusedFeatures, Exception]] = {}
+        paths: Dict[str, str] = {}
+        for sid, path in items:
+            try:
+                self.check_stored(path)
+                paths[sid] = path
+            except FeatureStoreError as e:
+                found[sid] = e
+        if len(paths) > 1:
+            with ThreadPoolExecutor(min(READ_THREADS, len(paths))) as pool:
+                hosts = list(pool.map(self._try_read_host, paths.values()))
+        else:
+            hosts = [self._try_read_host(p) for p in paths.values()]
+        for sid, f in zip(paths, hosts):
+            try:
+                found[sid] = f if isinstance(f, Exception) else self._to_device(f)
+            except Exception as e:  # noqa: BLE001 -- e.g. out of device memory: this sample only
+                found[sid] = e
+        return found
+
+    def _try_read_host(self, path: str) -> Union[FusedFeatures, Exception]:
+        try:
+            return self._read_host(path)
+        except Exception as e:  # noqa: BLE001 -- reported per sample
+            return e
 
     def _accept(self, fp: str, what: str) -> None:
         if self.file_fp is None:
@@ -149,20 +197,22 @@ class FeatureSource:
         return self.describe([ImageOps.mirror(load_image(filepath))])[0]
 
     def get(self, items: List[Tuple[str, str, Optional[str]]]) -> Dict[str, Union[FusedFeatures, Exception]]:
-        """``(id, filepath, stored path or None)`` -> id -> features, or the error."""
+        """``(id, filepath, stored path or None)`` -> id -> features, or the error. Stored
+        files are read concurrently (:meth:`read_stored`); a file of another fingerprint
+        is that sample's error; an unusable one (missing, truncated, corrupt) is
+        recomputed, like a sample without stored features."""
         out: Dict[str, Union[FusedFeatures, Exception]] = {}
+        stored = self.read_stored([(sid, st) for sid, _, st in items if st])
         todo = []
-        for sid, fp, stored in items:
-            if stored:
-                try:
-                    out[sid] = self.load_stored(stored)
-                    continue
-                except OtherSettingsError as e:
-                    out[sid] = e
-                    continue
-                except FeatureStoreError as e:
-                    logger.warning("stored features of %s unusable (%s); recomputing", sid, e)
-            todo.append((sid, fp))
+        for sid, fp, _ in items:
+            got = stored.get(sid)
+            if isinstance(got, FeatureStoreError) and not isinstance(got, OtherSettingsError):
+                logger.warning("stored features of %s unusable (%s); recomputing", sid, got)
+                got = None
+            if got is None:
+                todo.append((sid, fp))
+            else:
+                out[sid] = got
         images = []
         for sid, fp in todo:
             try:
@@ -189,4 +239,4 @@ def _diff(have: dict, want: dict) -> str:
     return ", ".join(f"{k}: stored {have.get(k)!r} vs given {want.get(k)!r}" for k in keys) or "fingerprint differs"
 
 
-__all__ = ["FeatureSource", "OtherSettingsError", "FEATURE_KEYWORDS"]
+__all__ = ["FeatureSource", "OtherSettingsError", "FEATURE_KEYWORDS", "READ_THREADS"]

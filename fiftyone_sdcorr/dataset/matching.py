@@ -11,8 +11,10 @@ review (FiftyOne labels in, FiftyOne labels out; the tensor work is
 - **Flip alignment**: the mirrored reference is matched too, with left/right labels
   swapped (pairs from ``flip_pairs`` or the dataset's skeleton), and the better of the
   two (mean similarity) is kept.
-- **Cost**: per target, every candidate reference instance (and mirrored variant) is
-  matched in ONE ``(sum K) x N`` similarity product (:func:`match_prepared`).
+- **Cost**: per batch of targets of one descriptor shape, the targets that use the same
+  references are matched in ONE batched ``T x (sum K) x N`` similarity product, every
+  candidate reference instance (and mirrored variant) at once
+  (:func:`match_prepared_many`), on the features' device (the GPU when present).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -28,7 +30,7 @@ import torch
 import fiftyone as fo
 
 from fiftyone_sdcorr.core import correspondence as corr
-from fiftyone_sdcorr.core.correspondence import Prepared, match_prepared
+from fiftyone_sdcorr.core.correspondence import Prepared, PreparedBatch, match_prepared_many
 from fiftyone_sdcorr.core.features import FusedFeatures
 from fiftyone_sdcorr.dataset.config import MatchConfig
 from fiftyone_sdcorr.dataset.engine import ParameterError, reason, values_or_none
@@ -194,12 +196,24 @@ def mean_similarity(m: corr.Matches) -> float:
     return float(m.similarity[m.valid].mean()) if bool(m.valid.any()) else float("-inf")
 
 
+#: most bytes of stacked float32 target descriptors matched at once on a GPU (64 targets
+#: of the paper's 1536 x 60 x 60 maps are 1.4 GB)
+BATCH_BYTES_GPU = 4 << 30
+#: the same on a CPU, where matching is bound by memory traffic and a large batch only adds
+#: fresh pages to touch: one paper-size target at a time, small maps in batches
+BATCH_BYTES_CPU = 32 << 20
+
+
 class Propagator:
     """Matches references into targets (the engine behind :func:`propagate_keypoints`
     and :func:`fiftyone_sdcorr.flag_keypoint_annotations`).
 
-    Per target: one similarity matrix for every candidate reference instance (and its
-    mirrored variant with flip alignment), see :func:`match_prepared`.
+    :meth:`predict_many` takes a batch of targets: those of one descriptor shape are
+    stacked on their device, ranked against the references from one product, and the
+    targets that use the same references are matched together: one batched similarity
+    product for every candidate reference instance (and its mirrored variant with flip
+    alignment), see :func:`match_prepared_many`; the matches come to the host once per
+    such group. :meth:`predict` is the same for one target.
     """
 
     def __init__(self, references: List[Reference], match: MatchConfig = MatchConfig(),
@@ -213,26 +227,31 @@ class Propagator:
         self.flip_pairs = list(flip_pairs)
         self._prep: Dict[Tuple[str, bool], Prepared] = {}
         self._tokens: Dict[Tuple[str, int], Tuple[torch.Tensor, torch.Tensor]] = {}
+        self._gvec: Dict[str, torch.Tensor] = {}  # on the host: ranking needs no device round trip
+        self._plans: Dict[Tuple[str, ...], tuple] = {}
         for r in references:
             self._prep[(r.id, False)] = Prepared.of(r.features)
             if r.gvec is None:
                 r.gvec = self._prep[(r.id, False)].global_vector()
+            self._gvec[r.id] = r.gvec.float().cpu()
             if self.flip and r.flipped is not None:
                 self._prep[(r.id, True)] = Prepared.of(r.flipped)
             for inst in r.instances:
                 self._tokens[(r.id, inst.index)] = corr.keypoints_to_tokens(torch.as_tensor(inst.points), r.features)
 
-    def rank(self, tgt: Prepared, tgt_emb: Optional[torch.Tensor], exclude: Optional[str] = None):
-        """``[(cosine, reference)]``, most similar first."""
+    def rank(self, gvec: torch.Tensor, tgt_emb: Optional[torch.Tensor], exclude: Optional[str] = None):
+        """``[(cosine, reference)]``, most similar first; ``gvec``: the target's global
+        vector (:meth:`PreparedBatch.global_vectors`), used unless every reference has an
+        embedding of ``tgt_emb``'s size."""
         refs = [r for r in self.references if r.id != exclude]
         if not refs:
             return []
         use_emb = tgt_emb is not None and all(
             r.embedding is not None and r.embedding.numel() == tgt_emb.numel() for r in refs)
-        t = tgt_emb if use_emb else tgt.global_vector()
+        t = (tgt_emb if use_emb else gvec).float().cpu()
         sims = []
         for r in refs:
-            v = r.embedding if use_emb else r.gvec
+            v = r.embedding if use_emb else self._gvec[r.id]
             s = float(t @ v) if v is not None and v.numel() == t.numel() else float("-inf")
             sims.append((s, r))
         sims.sort(key=lambda x: -x[0])
@@ -250,35 +269,103 @@ class Propagator:
             qs.append((self._prep[(ref.id, True)], mirrored, valid[perm]))
         return qs
 
+    def _plan(self, chosen):
+        """``(plan, queries, slots)`` of the chosen references (best first), made once per
+        choice: the candidates of each output instance (the best reference's instances)
+        and the queries that match them, on the references' device."""
+        key = tuple(r.id for _, r in chosen)
+        if key not in self._plans:
+            best = chosen[0][1]
+            plan = []
+            for inst in best.instances:
+                cands = [(best, inst)]
+                for _, r in chosen[1:]:
+                    other = next((o for o in r.instances if o.label == inst.label and o.ordinal == inst.ordinal
+                                  and len(o.points) == len(inst.points)), None)
+                    if other is not None:
+                        cands.append((r, other))
+                plan.append((inst, cands))
+            queries, slots = [], []
+            for inst, cands in plan:
+                for r, o in cands:
+                    dev = self._prep[(r.id, False)].unit.device
+                    qs = [(src, tok.to(dev), val.to(dev)) for src, tok, val in self._queries(r, o)]
+                    slots.append((len(queries), len(qs)))
+                    queries.extend(qs)
+            self._plans[key] = (plan, queries, slots)
+        return self._plans[key]
+
     def predict(self, tgt_features: FusedFeatures, tgt_emb: Optional[torch.Tensor] = None,
                 exclude: Optional[str] = None) -> List[InstancePrediction]:
-        tgt = Prepared.of(tgt_features)
-        ranked = self.rank(tgt, tgt_emb, exclude=exclude)
-        if not ranked:
-            raise ValueError("no usable reference (other than the target itself)")
+        """The instances predicted in one target (:meth:`predict_many` of one)."""
+        out = self.predict_many([(tgt_features, tgt_emb, exclude)])[0]
+        if isinstance(out, Exception):
+            raise out
+        return out
+
+    def predict_many(self, items) -> List[Union[List[InstancePrediction], Exception]]:
+        """``items``: ``[(FusedFeatures, embedding or None, excluded reference id or None)]``
+        -> per target, its ``[InstancePrediction]`` or the exception it raised (a target
+        fails alone). Targets of one descriptor shape (and device) are matched together,
+        up to :data:`BATCH_BYTES_GPU` of float32 descriptors at once on a GPU (on a CPU
+        :data:`BATCH_BYTES_CPU`: there a batch only adds memory traffic)."""
+        out: List = [None] * len(items)
+        groups: Dict[tuple, List[int]] = {}
+        for i, (f, _, _) in enumerate(items):
+            try:
+                d = corr.descriptors_of(f)
+                if d.dim() != 3:
+                    raise ValueError(f"target descriptors must be C x H x W, got shape {tuple(d.shape)}")
+            except Exception as e:  # noqa: BLE001
+                out[i] = e
+                continue
+            groups.setdefault((tuple(d.shape), str(d.device)), []).append(i)
+        for (shape, device), idx in groups.items():
+            limit = BATCH_BYTES_GPU if device.startswith("cuda") else BATCH_BYTES_CPU
+            size = max(1, limit // (4 * math.prod(shape)))
+            for start in range(0, len(idx), size):
+                self._isolated(items, idx[start:start + size], out)
+        return out
+
+    def _isolated(self, items, idx: List[int], out: list) -> None:
+        """:meth:`_predict_group`; when it raises, target by target, so that a failure
+        (bad features, out of memory) stays with its target."""
+        try:
+            self._predict_group(items, idx, out)
+        except Exception as e:  # noqa: BLE001
+            if len(idx) == 1:
+                out[idx[0]] = e
+                return
+            for i in idx:
+                self._isolated(items, [i], out)
+
+    def _predict_group(self, items, idx: List[int], out: list) -> None:
+        """Targets ``idx`` of one descriptor shape: ranked from one product, then matched
+        in groups that use the same references."""
+        batch = PreparedBatch.of([items[i][0] for i in idx])
+        gvecs, empty = batch.global_vectors().cpu(), (~batch.mask.any(dim=1)).cpu().tolist()
         n = 1 if self.combine == "best" else self.top_k
-        chosen = ranked[:n]
+        by_choice: Dict[Tuple[str, ...], list] = {}
+        for j, i in enumerate(idx):
+            ranked = self.rank(gvecs[j], items[i][1], exclude=items[i][2])
+            if not ranked:
+                out[i] = ValueError("no usable reference (other than the target itself)")
+            elif empty[j]:
+                out[i] = ValueError("tgt_mask allows no target token")
+            else:
+                by_choice.setdefault(tuple(r.id for _, r in ranked[:n]), []).append((j, i, ranked[:n]))
+        for members in by_choice.values():
+            plan, queries, slots = self._plan(members[0][2])
+            sub = batch if len(members) == len(idx) else batch.select([j for j, _, _ in members])
+            matches = match_prepared_many(sub, queries, soft_window=self.soft_window, temperature=self.temperature,
+                                          out_device="cpu")
+            for (_, i, chosen), ms in zip(members, matches):
+                out[i] = self._instances(items[i][0], chosen, plan, slots, ms)
+
+    def _instances(self, tgt_features: FusedFeatures, chosen, plan, slots, matches) -> List[InstancePrediction]:
+        """The predicted instances of one target from its matches (on the host)."""
         best_sim, best = chosen[0]
         sim_of = {r.id: s for s, r in chosen}
-
-        # candidates per output instance (the best reference's instances)
-        plan = []
-        for inst in best.instances:
-            cands = [(best, inst)]
-            for _, r in chosen[1:]:
-                other = next((o for o in r.instances if o.label == inst.label and o.ordinal == inst.ordinal
-                              and len(o.points) == len(inst.points)), None)
-                if other is not None:
-                    cands.append((r, other))
-            plan.append((inst, cands))
-        queries, slots = [], []
-        for inst, cands in plan:
-            for r, o in cands:
-                qs = self._queries(r, o)
-                slots.append((len(queries), len(qs)))
-                queries.extend(qs)
-        matches = match_prepared(tgt, queries, soft_window=self.soft_window, temperature=self.temperature)
-
         out, si = [], 0
         for inst, cands in plan:
             k = len(inst.points)
@@ -293,9 +380,9 @@ class Propagator:
                 if count == 2 and mean_similarity(matches[first + 1]) > mean_similarity(m):
                     m = matches[first + 1]
                     m.flipped = True
-                npts = corr.tokens_to_normalized(m.tokens, tgt_features).cpu().numpy().clip(0.0, 1.0)
-                c = m.confidence.double().cpu().numpy()
-                valid = m.valid.cpu().numpy()
+                npts = corr.tokens_to_normalized(m.tokens, tgt_features).numpy().clip(0.0, 1.0)
+                c = m.confidence.double().numpy()
+                valid = m.valid.numpy()
                 unset = np.array([x is None for x in rids])
                 better = valid & ((c > conf) | unset)
                 pts[better] = npts[better]
@@ -315,6 +402,24 @@ class Propagator:
                 flipped=flipped,
             ))
         return out
+
+
+def predict_rows(engine: Propagator, rows, *, leave_out_self: bool = False) -> dict:
+    """``[(sample id, features (or the error loading them, or None), embedding)]`` -> id
+    -> its ``[InstancePrediction]`` or the exception it raised, for the samples whose
+    features loaded, in one :meth:`Propagator.predict_many` call. ``leave_out_self``: a
+    sample is never its own reference (review)."""
+    ids, items, out = [], [], {}
+    for sid, f, emb in rows:
+        if f is None or isinstance(f, Exception):
+            continue
+        try:
+            items.append((f, unit_vector(emb), sid if leave_out_self else None))
+            ids.append(sid)
+        except Exception as e:  # noqa: BLE001
+            out[sid] = e
+    out.update(zip(ids, engine.predict_many(items)))
+    return out
 
 
 def to_keypoints(preds: List[InstancePrediction], visibility_threshold: float) -> fo.Keypoints:
@@ -442,6 +547,7 @@ def prepare_matching(samples, ref_view, source_field: str, cfg, given: dict, sum
 
 __all__ = [
     "flip_pairs_from_labels", "resolve_flip_pairs", "skeleton_for", "RefInstance", "Reference",
-    "parse_reference_keypoints", "unit_vector", "InstancePrediction", "Propagator", "to_keypoints",
+    "parse_reference_keypoints", "unit_vector", "InstancePrediction", "Propagator", "predict_rows", "to_keypoints",
+    "BATCH_BYTES_GPU", "BATCH_BYTES_CPU",
     "resolve_references", "load_references", "prepare_matching",
 ]

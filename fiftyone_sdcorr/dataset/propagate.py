@@ -33,7 +33,7 @@ from fiftyone_sdcorr.dataset.engine import (
     require_field,
     values_or_none,
 )
-from fiftyone_sdcorr.dataset.matching import prepare_matching, resolve_references, to_keypoints, unit_vector
+from fiftyone_sdcorr.dataset.matching import predict_rows, prepare_matching, resolve_references, to_keypoints
 from fiftyone_sdcorr.dataset.progress import ProgressArg
 
 FUNCTION = "propagate_keypoints"
@@ -110,8 +110,9 @@ def propagate_keypoints(
         declare_outputs(targets, _outputs(cfg))
         for batch in run.batches(list(zip(ids, fps, stored, embs)), cfg.batch_size):
             feats = source.get([(sid, fp, st) for sid, fp, st, _ in batch])
-            run.write(cfg.output_field, {sid: _predict(engine, cfg, sid, feats.get(sid), emb, problems, run)
-                                         for sid, _, _, emb in batch})
+            preds = _predict_batch(engine, [(sid, feats.get(sid), emb) for sid, _, _, emb in batch], run)
+            run.write(cfg.output_field, {sid: _record(cfg, sid, feats.get(sid), preds.get(sid), problems, run)
+                                         for sid, _, _, _ in batch})
             run.flush_errors()
             run.step(len(batch))
         for sid in set(problems) - set(ids):  # problems of references that are not targets
@@ -138,18 +139,22 @@ def _outputs(cfg) -> dict:
             "output_field (its error field)": (cfg.error_field, "string")}
 
 
-def _predict(engine, cfg, sid, features, emb, problems, run: Run) -> Optional[fo.Keypoints]:
-    """One target's prediction, or None with the failure recorded."""
+def _predict_batch(engine, rows, run: Run) -> dict:
+    """:func:`predict_rows` of one batch, its time counted in ``seconds_matching``."""
+    t0 = time.perf_counter()
+    out = predict_rows(engine, rows)
+    run.summary["seconds_matching"] += time.perf_counter() - t0
+    return out
+
+
+def _record(cfg, sid, features, preds, problems, run: Run) -> Optional[fo.Keypoints]:
+    """One target's keypoints, or None with the failure recorded."""
     msgs = list(problems.get(sid, []))
     if features is None or isinstance(features, Exception):
         run.fail(sid, "; ".join(msgs + [f"target: {reason(features) if features is not None else 'no features'}"]))
         return None
-    try:
-        t0 = time.perf_counter()
-        preds = engine.predict(features, unit_vector(emb))
-        run.summary["seconds_matching"] += time.perf_counter() - t0
-    except Exception as e:  # noqa: BLE001
-        run.fail(sid, "; ".join(msgs + [f"target: {reason(e)}"]))
+    if isinstance(preds, Exception):
+        run.fail(sid, "; ".join(msgs + [f"target: {reason(preds)}"]))
         return None
     run.summary.add("predicted")
     if msgs:

@@ -45,7 +45,7 @@ from fiftyone_sdcorr.dataset.engine import (
     require_field,
     values_or_none,
 )
-from fiftyone_sdcorr.dataset.matching import prepare_matching, resolve_references, unit_vector
+from fiftyone_sdcorr.dataset.matching import predict_rows, prepare_matching, resolve_references
 from fiftyone_sdcorr.dataset.pck import pair_instances, points_of, threshold_size
 from fiftyone_sdcorr.dataset.progress import ProgressArg
 
@@ -124,10 +124,12 @@ def flag_keypoint_annotations(
         for batch in run.batches(rows, cfg.batch_size):
             need = [(sid, fp, st) for sid, fp, _, st, _, _ in batch if sid not in refs]
             got = source.get(need) if need else {}
+            feats = {sid: refs[sid].features if sid in refs else got.get(sid) for sid, *_ in batch}
+            preds = predict_rows(engine, [(sid, feats[sid], emb) for sid, _, _, _, emb, _ in batch],
+                                 leave_out_self=True)
             run.write(cfg.review_field, {
-                sid: _review_sample(engine, cfg, sid, gt, refs[sid].features if sid in refs else got.get(sid),
-                                    emb, box, problems, run)
-                for sid, _, gt, _, emb, box in batch})
+                sid: _review_sample(cfg, sid, gt, feats[sid], preds.get(sid), box, problems, run)
+                for sid, _, gt, _, _, box in batch})
             run.flush_errors()
             run.step(len(batch))
         if summary["suspicious"] and cfg.tag:
@@ -166,16 +168,15 @@ def _outputs(cfg) -> dict:
             "review_field (its error field)": (cfg.error_field, "string")}
 
 
-def _review_sample(engine, cfg, sid, gt, feat, emb, box, problems, run: Run) -> Optional[fo.Keypoints]:
-    """The review of one annotated sample, or None with the failure recorded."""
+def _review_sample(cfg, sid, gt, feat, preds, box, problems, run: Run) -> Optional[fo.Keypoints]:
+    """The review of one annotated sample from its evidence (``preds``, or the exception
+    predicting it raised), or None with the failure recorded."""
     msgs = list(problems.get(sid, []))
     if feat is None or isinstance(feat, Exception):
         run.fail(sid, "; ".join(msgs + [f"target: {reason(feat) if feat is not None else 'no features'}"]))
         return None
-    try:
-        preds = engine.predict(feat, unit_vector(emb), exclude=sid)
-    except Exception as e:  # noqa: BLE001
-        run.fail(sid, "; ".join(msgs + [f"target: {reason(e)}"]))
+    if isinstance(preds, Exception):
+        run.fail(sid, "; ".join(msgs + [f"target: {reason(preds)}"]))
         return None
     run.summary.add("checked")
     w, h = feat.letterbox.width, feat.letterbox.height
