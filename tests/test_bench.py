@@ -202,6 +202,10 @@ def test_report_from_json(tiny_run, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     md = (tmp_path / "B.md").read_text()
     assert "fake-full.json" in md and f"{d['extraction']['speedup']:.3g}x" in md
+    # the headline table: end to end through compute_fused_features, and the targets met
+    headline = next(line for line in md.splitlines() if "fake-full.json" in line)
+    assert f"{d['end_to_end']['images_per_s']:.3g} ({d['end_to_end']['batch']})" in headline
+    assert " of 0 |" in headline  # a tiny run claims no target
     png = tmp_path / "b.png"
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
