@@ -188,6 +188,21 @@ def test_end_to_end_stage_runs_the_public_api(tiny_run):
     assert compact["float32"]["nn_equal_to_float32"] == 1.0
 
 
+def test_pipeline_stage_without_a_database(tiny_run):
+    """compute_fused_features' own pipeline, timed without FiftyOne (what a GPU machine
+    without MongoDB can measure), and the headline target falls back to it only there."""
+    from fiftyone_sdcorr.bench.benchmark import evaluate_targets
+
+    _, d, _ = tiny_run
+    pipe = d["pipeline"]
+    assert "error" not in pipe, pipe
+    assert pipe["computed"] == pipe["images"] and pipe["images_per_s"] > 0 and pipe["speedup_vs_plain"] > 0
+    assert evaluate_targets(d)["end_to_end_images_per_s"]["value"] == d["end_to_end"]["images_per_s"]
+    no_db = dict(d, end_to_end={"skipped": "FiftyOne unavailable: No module named 'fiftyone'"})
+    t = evaluate_targets(no_db)["end_to_end_images_per_s"]
+    assert t["value"] == pipe["images_per_s"] and t["note"].startswith("pipeline; ") and "without database" in t["note"]
+
+
 def test_report_from_json(tiny_run, tmp_path):
     _, d, out = tiny_run
     # a tiny run is no speed claim: the report says so rather than tabulating it

@@ -50,7 +50,8 @@ from fiftyone_sdcorr.core.extractor import PREP_THREADS
 from fiftyone_sdcorr.core.features import FixedProjection, FusedFeatures, fuse_raw
 from fiftyone_sdcorr.core.images import load_image
 from fiftyone_sdcorr.core.store import STORE_DTYPES, FeatureStore, stored_values
-from fiftyone_sdcorr.core.transfer import EncodedFeatures, encode_batch
+from fiftyone_sdcorr.core.pipeline import pipelined
+from fiftyone_sdcorr.core.transfer import EncodedFeatures
 from fiftyone_sdcorr.dataset.claims import SampleLock, exclusive, fs_now, worker_id
 from fiftyone_sdcorr.dataset.config import FeatureConfig
 from fiftyone_sdcorr.dataset.engine import (
@@ -236,9 +237,10 @@ class FeatureJob:
             run.step(len(self.not_images), f"{len(self.not_images)} non-image samples")
 
     def compute(self, pending: List[Tuple[str, str]], run: Run) -> None:
-        """Claimed batches through a two-stage pipeline: batch k+1 is loaded, letterboxed
-        and queued on the GPU (:meth:`start_batch`) before batch k is copied back, stored
-        and written (:meth:`end_batch`), so host work overlaps the models."""
+        """Claimed batches through :func:`fiftyone_sdcorr.core.pipeline.pipelined`: batch
+        k+1 is claimed, loaded and queued on the GPU before batch k is stored and written
+        (:meth:`end_batch`), so host work overlaps the models. Extractors without
+        ``prepare``/``run_prepared`` run batch by batch (:meth:`describe`)."""
         self.extractor = self.cfg.make_extractor()
         self.uses_projection = callable(getattr(self.extractor, "extract", None))
         self.pipelined = self.uses_projection and callable(getattr(self.extractor, "run_prepared", None))
@@ -252,18 +254,28 @@ class FeatureJob:
             queue = list(pending)
             if self.uses_projection and self.projection is None:
                 queue = self.fit_projection(queue, run)
-            inflight = None
+            started: List[dict] = []  # batches whose claims are held
             try:
-                while queue:
-                    claimed, queue = self.claim(queue, self.batch_size(), run)
-                    if claimed:
-                        started = self.start_batch(claimed, run)
-                        if inflight is not None:
-                            self.end_batch(inflight, run)
-                        inflight = started
+                batches = self.batches(queue, run, started)
+                done = pipelined(self.extractor, batches, self.projection, self.alpha, self.st_dtype,
+                                 self.cfg.settings()) if self.pipelined else ((b, None) for b, _, _ in batches)
+                for batch, got in done:
+                    self.end_batch(batch, got, run)
+                    started.remove(batch)
             finally:
-                if inflight is not None:
-                    self.end_batch(inflight, run)
+                for batch in started:  # stopped by an error: no claim stays held
+                    for _, _, lock in batch["claimed"]:
+                        lock.release()
+
+    def batches(self, queue, run: Run, started: List[dict]):
+        """Claimed batches as ``(batch, images, labels)`` (see :meth:`start_batch`)."""
+        while queue:
+            claimed, queue = self.claim(queue, self.batch_size(), run)
+            if claimed:
+                batch = self.start_batch(claimed, run)
+                started.append(batch)
+                loaded = batch["loaded"]
+                yield batch, [im for _, _, im in loaded], self._labels([sid for sid, _, _ in loaded])
 
     def batch_size(self) -> int:
         """Images per claimed batch: the extractor's (it halves on CUDA out-of-memory)."""
@@ -313,8 +325,8 @@ class FeatureJob:
         return queue
 
     def start_batch(self, claimed, run: Run) -> dict:
-        """Re-checks each claimed sample under its lock, loads the rest and queues their
-        features (:meth:`launch`); a batch that cannot be queued is computed right here."""
+        """Re-checks each claimed sample under its lock and loads the rest (computed here
+        for extractors outside the pipeline)."""
         fresh = self._db_state([sid for sid, _, _ in claimed])
         todo, results = [], {}
         for sid, fp, lock in claimed:
@@ -334,39 +346,24 @@ class FeatureJob:
                 run.step(1, f"{sid}: failed in another worker")
             else:
                 todo.append((sid, fp, lock))
-        batch = {"claimed": claimed, "results": results, "recovered": set(results), "pending": None}
-        try:
-            batch["loaded"] = self.load_images(todo, run)
-            batch["pending"] = self.launch(batch["loaded"])
-        except Exception as e:  # noqa: BLE001 -- e.g. CUDA out of memory: the careful path below
-            logger.warning("batch not queued (%s); computing it image by image where needed", reason(e))
-        if batch["pending"] is None:
-            results.update(self.describe(batch.get("loaded", []), run))
+        batch = {"claimed": claimed, "results": results, "recovered": set(results)}
+        batch["loaded"] = self.load_images(todo, run)
+        if not self.pipelined:
+            results.update(self.describe(batch["loaded"], run))
         return batch
 
-    def launch(self, loaded):
-        """Queues the models, the projection, the fusion and the store encoding of a batch
-        on the extractor's device and starts the copy to the host (see
-        :func:`fiftyone_sdcorr.core.transfer.encode_batch`); None for extractors without
-        that path (they run in :meth:`describe`)."""
-        if not loaded or not self.pipelined:
-            return None
-        sids = [sid for sid, _, _ in loaded]
-        raws = self.extractor.run_prepared(self.extractor.prepare([im for _, _, im in loaded], self._labels(sids)))
-        fused = [fuse_raw(r, self.projection, alpha=self.alpha, meta=self.cfg.settings()) for r in raws]
-        return sids, encode_batch(fused, self.st_dtype)
-
-    def end_batch(self, batch: dict, run: Run) -> None:
-        """Waits for a started batch's copies, stores and writes it, releases its claims."""
+    def end_batch(self, batch: dict, got, run: Run) -> None:
+        """Stores and writes a started batch, releases its claims. ``got``: the pipeline's
+        encoded features of the loaded images, or the exception that stopped them (then
+        they are computed here, image by image where needed); ``None`` when
+        :meth:`start_batch` computed them."""
         try:
             results = batch["results"]
-            if batch["pending"] is not None:
-                sids, pending = batch["pending"]
-                try:
-                    results.update(zip(sids, pending.result()))
-                except Exception as e:  # noqa: BLE001 -- an error raised by the queued work
-                    logger.warning("queued batch failed (%s); computing it image by image", reason(e))
-                    results.update(self.describe(batch["loaded"], run))
+            if isinstance(got, Exception):
+                logger.warning("batch failed on the device (%s); computing it image by image", reason(got))
+                results.update(self.describe(batch["loaded"], run))
+            elif got is not None:
+                results.update(zip([sid for sid, _, _ in batch["loaded"]], got))
             self.finish(batch["claimed"], results, run, batch["recovered"])
         finally:
             for _, _, lock in batch["claimed"]:
