@@ -203,6 +203,28 @@ def test_pipeline_stage_without_a_database(tiny_run):
     assert t["value"] == pipe["images_per_s"] and t["note"].startswith("pipeline; ") and "without database" in t["note"]
 
 
+def test_bench_runs_where_fiftyone_cannot_be_imported(tmp_path):
+    """The lent GPU machines have no FiftyOne (nor MongoDB): the bench still runs, says the
+    FiftyOne stage was skipped, times the pipeline without a database and measures batched
+    propagation with the core product."""
+    shim = tmp_path / "shim" / "fiftyone"
+    shim.mkdir(parents=True)
+    (shim / "__init__.py").write_text("raise ImportError('no fiftyone on this machine')\n")
+    env = _env(tmp_path)
+    env["PYTHONPATH"] = os.pathsep.join([str(shim.parent), env.get("PYTHONPATH", "")])
+    out = tmp_path / "nofo.json"
+    proc = subprocess.run([sys.executable, "-m", "fiftyone_sdcorr", "bench", "--tiny", "--device", "cpu", "--batch", "2",
+                           "--quiet", "--out", str(out), "--models-dir", str(tmp_path / "models")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    d = json.loads(out.read_text())
+    assert "no fiftyone" in d["end_to_end"]["skipped"]
+    assert d["pipeline"]["computed"] == d["pipeline"]["images"] and _pos(d["pipeline"]["images_per_s"])
+    pb = d["matching"]["propagation_batched"]
+    assert _pos(pb["targets_per_s"]) and "match_prepared_many" in pb["call"] and "could not load" in pb["note"]
+    assert d["targets"]["end_to_end_images_per_s"]["value"] == d["pipeline"]["images_per_s"]
+
+
 def test_report_from_json(tiny_run, tmp_path):
     _, d, out = tiny_run
     # a tiny run is no speed claim: the report says so rather than tabulating it
