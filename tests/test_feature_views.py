@@ -2,7 +2,6 @@
 through the operators, with features stored by compute_fused_features (a deterministic
 local descriptor stands in for SD + DINOv2: no weights here)."""
 
-import os
 import uuid
 from pathlib import Path
 
