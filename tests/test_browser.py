@@ -24,6 +24,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -300,9 +301,10 @@ def _choose_until(page, label, option, other, condition, tries=3, timeout=30000,
             _choose(page, label, option)
             _wait_plot(page, condition, timeout=timeout)
             return
-        except (PlaywrightTimeout, AssertionError):
+        except (PlaywrightTimeout, AssertionError) as e:
             if attempt == tries - 1:
-                raise
+                raise AssertionError(f"{label} -> {option}: the figure never met {condition!r}; "
+                                     f"{_diagnose(page)}") from e
             if reopen is not None and attempt == tries - 2:
                 reopen()
                 continue
@@ -310,6 +312,24 @@ def _choose_until(page, label, option, other, condition, tries=3, timeout=30000,
                 _choose(page, label, other)
             except AssertionError:  # the panel did not answer: the next try reopens it
                 pass
+
+
+def _diagnose(page) -> str:
+    """What the page showed when a wait failed: a screenshot path, the panel's text, the
+    figure's trace names and the dropdowns' values (for the next reader of a flaky run)."""
+    shot = Path(tempfile.gettempdir()) / f"sdcorr-browser-failure-{int(time.time())}.png"
+    info = {"screenshot": str(shot)}
+    for key, fn in (("screenshot_error", lambda: page.screenshot(path=str(shot))),
+                    ("panel_text", lambda: page.locator(PANEL).inner_text(timeout=5000)[:800]),
+                    ("traces", lambda: _names(page)),
+                    ("dropdowns", lambda: {k: _control(page, k).inner_text(timeout=2000) for k in DEMO_FIELDS})):
+        try:
+            got = fn()
+            if key != "screenshot_error":
+                info[key] = got
+        except Exception as err:  # noqa: BLE001 -- diagnostics must not hide the failure
+            info[key if key != "screenshot_error" else key] = f"{type(err).__name__}: {err}"[:200]
+    return json.dumps(info, default=str)
 
 
 def _reference_title(page):
@@ -346,7 +366,10 @@ def _forget_panel_choices(dataset):
     ExecutionStore.create(STORE_NAME, dataset._doc.id).clear()
 
 
-def _open_demo(page, demo, sample="crop", forget=True):
+def _open_demo(page, demo, sample="crop", forget=True, lines=True):
+    """Opens the demo sample's modal and the panel (from the default fields unless
+    ``forget`` is False); ``lines``: wait for match lines too (not every choice of fields
+    has them)."""
     if forget:
         _forget_panel_choices(demo["dataset"])
     _open_modal(page, f"{demo['url']}/datasets/{demo['dataset'].name}?id={demo['ids'][sample]}")
@@ -354,7 +377,8 @@ def _open_demo(page, demo, sample="crop", forget=True):
     if toggle.count():
         toggle.first.click()
     _open_panel(page)
-    _wait_plot(page, "gd.data.filter(t => t.name.startsWith('line|')).length > 0")
+    if lines:
+        _wait_plot(page, "gd.data.filter(t => t.name.startsWith('line|')).length > 0")
 
 
 def test_demo_dataset_defaults_selectors_and_safe_propagation(demo, playwright_api):
@@ -409,7 +433,7 @@ def test_demo_dataset_defaults_selectors_and_safe_propagation(demo, playwright_a
             _choose_until(page, "Reference keypoints", "ground_truth", "keypoints",  # the copies' annotations
                           "(gd.layout.annotations || []).some(a => a.text.startsWith('reference')"
                           " && a.text !== 'reference · chelsea.png')",
-                          reopen=lambda: _open_demo(page, demo, forget=False))
+                          reopen=lambda: _open_demo(page, demo, forget=False, lines=False))
             copies = {os.path.basename(dataset[ids[r]].filepath) for r in ("half_size", "crop_upscaled", "mirrored")}
             assert _reference_title(page).split(" · ", 1)[1] in copies
             _choose(page, "Reference keypoints", "keypoints")
