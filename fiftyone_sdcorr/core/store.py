@@ -26,6 +26,7 @@ import json
 import os
 import re
 import uuid
+from dataclasses import replace
 from pathlib import Path
 from typing import Dict, Iterator, Optional, Tuple, Union
 
@@ -135,6 +136,12 @@ def stored_values(descriptors: torch.Tensor, dtype: torch.dtype) -> torch.Tensor
     """What :meth:`FeatureStore.load` returns (float32) for ``descriptors`` saved in ``dtype``
     (computed on ``descriptors``' device)."""
     return decode(encode(descriptors.detach(), dtype))
+
+
+def stored_embedding(fused: FusedFeatures, tensors: Dict[str, torch.Tensor]) -> torch.Tensor:
+    """The global vector of the values a file holds (``tensors`` made by :func:`encode` from
+    ``fused``), on their device: the same for a computed, a recovered or a copied sample."""
+    return replace(fused, descriptors=decode(tensors)).global_vector()
 
 
 def decode(tensors: Dict[str, torch.Tensor]) -> torch.Tensor:

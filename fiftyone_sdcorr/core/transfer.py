@@ -13,7 +13,7 @@ from typing import Dict, List
 import torch
 
 from fiftyone_sdcorr.core.features import FusedFeatures
-from fiftyone_sdcorr.core.store import decode, encode
+from fiftyone_sdcorr.core.store import encode, stored_embedding
 
 _COPY_STREAMS: Dict[str, "torch.cuda.Stream"] = {}
 
@@ -87,8 +87,7 @@ def encode_batch(fused: List[FusedFeatures], dtype: torch.dtype) -> PendingEncod
     copies = []
     for f in fused:
         tensors = encode(f.descriptors, dtype)
-        stored = replace(f, descriptors=decode(tensors))
-        copies.append(HostCopy({**tensors, "embedding": stored.global_vector()}))
+        copies.append(HostCopy({**tensors, "embedding": stored_embedding(f, tensors)}))
     return PendingEncoded([replace(f, descriptors=None) for f in fused], copies)
 
 

@@ -49,7 +49,7 @@ import fiftyone.core.media as fom
 from fiftyone_sdcorr.core.extractor import PREP_THREADS
 from fiftyone_sdcorr.core.features import FixedProjection, FusedFeatures, fuse_raw
 from fiftyone_sdcorr.core.images import load_image
-from fiftyone_sdcorr.core.store import STORE_DTYPES, FeatureStore, stored_values
+from fiftyone_sdcorr.core.store import STORE_DTYPES, FeatureStore, encode, stored_embedding
 from fiftyone_sdcorr.core.pipeline import pipelined
 from fiftyone_sdcorr.core.transfer import EncodedFeatures
 from fiftyone_sdcorr.dataset.claims import SampleLock, exclusive, fs_now, worker_id
@@ -464,10 +464,9 @@ class FeatureJob:
         return {i: (e, f) for i, e, f in zip(ids, embs, feats)}
 
     def _embedding(self, fused: FusedFeatures) -> np.ndarray:
-        # from the stored (dtype-rounded) maps: the same for a computed or a recovered sample
-        d = stored_values(fused.descriptors, self.st_dtype)
-        ff = FusedFeatures(d, fused.letterbox, fused.stride, fused.sd_channels, fused.meta)
-        return ff.global_vector().numpy().astype(np.float32)
+        """The embedding of the stored (dtype-rounded) values, as the pipeline makes it."""
+        tensors = encode(fused.descriptors.detach().cpu(), self.st_dtype)
+        return stored_embedding(fused, tensors).numpy().astype(np.float32)
 
     def _log(self, sid: str, event: str, **kw) -> None:
         self.log.write(json.dumps({"id": sid, "event": event, "worker": self.summary["worker"],
