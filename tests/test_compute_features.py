@@ -612,3 +612,22 @@ def test_pipelined_path_stores_what_the_one_batch_path_stores(photo_ds, models, 
         assert torch.equal(fa.descriptors, fb.descriptors) and fa.letterbox == fb.letterbox
         np.testing.assert_allclose(ea, eb, rtol=0, atol=1e-6)
         np.testing.assert_allclose(ea, fa.global_vector().numpy(), rtol=0, atol=1e-6)
+
+
+def test_rerun_without_store_dir_resumes_where_the_fields_were_stored(photo_ds, models, tmp_path, monkeypatch):
+    """A user reruns with the same settings but leaves out store_dir (as the demo's user
+    does): the samples are done, nothing is computed again into the default folder."""
+    monkeypatch.setenv("SDCORR_STORE_DIR", str(tmp_path / "default"))
+    sd, dino, kw = _api_kwargs(models, tmp_path / "chosen")
+    first = compute_fused_features(photo_ds, sd, dino, **kw)
+    assert first["computed"] == len(photo_ds)
+    paths = photo_ds.values("sdcorr_features")
+    kw.pop("store_dir")
+    again = compute_fused_features(photo_ds, sd, dino, **kw)
+    assert again["computed"] == 0 and again["skipped"] == len(photo_ds) and not again["failed"]
+    assert photo_ds.values("sdcorr_features") == paths and again["store_dir"] == first["store_dir"]
+    assert not (tmp_path / "default").exists()
+    # other settings into other fields, no store_dir: the default folder, as documented
+    other = compute_fused_features(photo_ds, sd, dino, embedding_field="e3", features_field="f3",
+                                   **{**kw, "pca_dim": kw["pca_dim"] + 1})
+    assert other["computed"] == len(photo_ds) and other["store_dir"].startswith(str(tmp_path / "default"))

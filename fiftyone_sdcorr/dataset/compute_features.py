@@ -9,7 +9,9 @@ For each image sample it writes
   maps in the feature store;
 - ``<features_field>_error``: ``None`` on success, else why the sample failed.
 
-**Store namespaces.** Features of one configuration (models and recipe: its
+**Store namespaces.** Without ``store_dir`` a rerun into fields that hold this same
+configuration uses the folder recorded for them (so it resumes, computing nothing
+twice); otherwise the default folder. Features of one configuration (models and recipe: its
 *fingerprint*, :meth:`FeatureConfig.fingerprint`) live in
 ``<store_dir>/<fingerprint>/``: ``<shard>/<sample id>.safetensors``, the fixed projection
 in ``_tensors/projection.safetensors``, claims in ``_locks/``, one log per worker run in
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -168,11 +171,23 @@ class FeatureJob:
 
     # ---- 2. store
     def open_store(self) -> None:
-        self.store = FeatureStore(Path(self.cfg.store_root(self.samples)) / self.fingerprint)
+        self.store_dir = self.cfg.store_dir or self.recorded_store_dir()
+        root = self.store_dir if self.store_dir is not None else self.cfg.store_root(self.samples)
+        self.store = FeatureStore(Path(root) / self.fingerprint)
         self.store.root.mkdir(parents=True, exist_ok=True)
         self.run_start = fs_now(self.store.root / LOCKS_DIR)
         self.summary["store_dir"] = str(self.store.root)
         self.projection = self.load_projection()
+
+    def recorded_store_dir(self) -> Optional[str]:
+        """Without ``store_dir``: the folder the fields' features of this same configuration
+        were stored in (a rerun resumes there instead of computing everything again into
+        the default folder); None for the default."""
+        run = (self.record.stored or {}).get("run") or {}
+        recorded = run.get("store_dir")
+        if self.record.resumable and recorded and os.path.isdir(recorded):
+            return str(recorded)
+        return None
 
     def load_projection(self) -> Optional[FixedProjection]:
         if not self.store.has_tensors(PROJECTION_NAME):
@@ -226,7 +241,7 @@ class FeatureJob:
         cfg = self.cfg
         self.record.write([cfg.embedding_field, cfg.features_field, cfg.error_field], run={
             "preset": cfg.preset, "device": cfg.device, "dtype": cfg.dtype, "batch_size": cfg.batch_size,
-            "store_dir": cfg.store_dir, "store_dtype": cfg.store_dtype, "features_field": cfg.features_field,
+            "store_dir": self.store_dir, "store_dtype": cfg.store_dtype, "features_field": cfg.features_field,
             "embedding_field": cfg.embedding_field})
         declare_outputs(self.samples, self.outputs)
         if self.summary["skipped"]:
