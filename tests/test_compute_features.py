@@ -236,7 +236,8 @@ def test_programmatic_call(photo_ds, models, tmp_path):
     svc.delete_operation(res.result["id"])  # leave no queued work for other tests' workers
 
 
-def test_bad_samples_recorded_rest_completes(photo_paths, models, tmp_path):
+@pytest.mark.parametrize("batch_size", [1, 3])  # 3: bad files inside pipelined batches with good ones
+def test_bad_samples_recorded_rest_completes(photo_paths, models, tmp_path, batch_size):
     bad = tmp_path / "bad"
     bad.mkdir()
     zero = bad / "zero.jpg"
@@ -252,7 +253,8 @@ def test_bad_samples_recorded_rest_completes(photo_paths, models, tmp_path):
     try:
         before = _snapshot(ds)
         store_dir = tmp_path / "store"
-        res = foo.execute_operator(URI, ctx={"dataset": ds, "params": _params(models, store_dir)})
+        res = foo.execute_operator(URI, ctx={"dataset": ds, "params": _params(models, store_dir,
+                                                                              batch_size=batch_size)})
         res.raise_exceptions()
         ds.reload()
         assert _snapshot(ds) == before
