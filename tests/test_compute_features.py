@@ -384,6 +384,19 @@ WORKER = textwrap.dedent(
 )
 
 
+def _two_workers_complete(svc, tmp_path, ds_name, op_ids):
+    """Two worker processes run the queued operations; both completed; their documents."""
+    ready = tmp_path / "ready"
+    ready.mkdir()
+    procs = [_spawn_worker(tmp_path, ready, f"w{i}", 2, ds_name) for i in range(2)]
+    for i, proc in enumerate(procs):
+        assert proc.wait(timeout=240) == 0, _worker_output(tmp_path, f"w{i}")
+    docs = [svc.get(i) for i in op_ids]
+    assert [d.run_state for d in docs] == [ExecutionRunState.COMPLETED] * len(op_ids), \
+        [(d.result.error, d.result.error_message) if d.result else None for d in docs]
+    return docs
+
+
 def _spawn_worker(tmp_path, ready, me, n, ds_name):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
@@ -424,14 +437,7 @@ def test_two_workers_one_queue_no_duplicates(photo_paths, models, tmp_path):
         # two overlapping targets: the whole dataset, and the last 12 samples
         op_ids = [_queue(ds, ds.view(), models, store_dir, recipe=recipe),
                   _queue(ds, ds.select(ids[4:]), models, store_dir, recipe=recipe)]
-        ready = tmp_path / "ready"
-        ready.mkdir()
-        procs = [_spawn_worker(tmp_path, ready, f"w{i}", 2, ds.name) for i in range(2)]
-        for i, p in enumerate(procs):
-            assert p.wait(timeout=240) == 0, _worker_output(tmp_path, f"w{i}")
-        docs = [svc.get(i) for i in op_ids]
-        assert [d.run_state for d in docs] == [ExecutionRunState.COMPLETED] * 2, \
-            [(d.result.error, d.result.error_message) if d.result else None for d in docs]
+        docs = _two_workers_complete(svc, tmp_path, ds.name, op_ids)
         summaries = [d.result.result for d in docs]
         # they ran at the same time, and both did part of the work
         assert docs[0].started_at < docs[1].completed_at and docs[1].started_at < docs[0].completed_at
@@ -461,13 +467,7 @@ def test_shards_are_delegated_operations_that_two_workers_run_at_once(photo_path
         results = op(ds, sd, dino, shards=2, delegate=True, **p)
         op_ids = [r.result["id"] for r in results]
         assert len(op_ids) == 2
-        ready = tmp_path / "ready"
-        ready.mkdir()
-        procs = [_spawn_worker(tmp_path, ready, f"w{i}", 2, ds.name) for i in range(2)]
-        for i, proc in enumerate(procs):
-            assert proc.wait(timeout=240) == 0, _worker_output(tmp_path, f"w{i}")
-        docs = [svc.get(i) for i in op_ids]
-        assert [d.run_state for d in docs] == [ExecutionRunState.COMPLETED] * 2, [d.result.error for d in docs]
+        docs = _two_workers_complete(svc, tmp_path, ds.name, op_ids)
         summaries = [d.result.result for d in docs]
         assert [s["computed"] for s in summaries] == [4, 4], summaries
         assert docs[0].started_at < docs[1].completed_at and docs[1].started_at < docs[0].completed_at
