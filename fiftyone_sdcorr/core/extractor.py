@@ -439,7 +439,7 @@ class FeatureExtractor:
         14 for DINOv2, 16 for DINOv3): the last block's output, before the final norm, CLS
         and registers dropped."""
         b = pixels.shape[0]
-        x = self._upload(self._dino_pixels(pixels.to(self.device, non_blocking=True)))
+        x = self._dino_pixels(pixels.to(self.device, non_blocking=True)).to(self.dtype)
         (x,) = self._padded(x, self.batch_size)
         out = self.dino(pixel_values=x, output_hidden_states=True)
         tokens = out.hidden_states[-1][:b, _models.dino_num_prefix_tokens(self.dino) :]
