@@ -98,10 +98,21 @@ def _plot_js(body):
     return "(arg) => { const gd = document.querySelector('%s'); %s }" % (PLOT, body)
 
 
+def _plot_value(page, body, arg=None, timeout=30000):
+    """What ``body`` returns about the panel's figure ``gd``, read once the figure is drawn:
+    while the App re-mounts the panel (a split, a re-render under load) there is briefly no
+    figure, or one without data, and a plain evaluate would read null; this polls until
+    ``body`` runs on a drawn figure."""
+    js = ("(arg) => { const gd = document.querySelector('%s');"
+          " if (!gd || !gd.data || !gd._fullLayout) return null;"
+          " try { return {v: (() => { %s })()}; } catch (e) { return null; } }" % (PLOT, body))
+    return page.wait_for_function(js, arg=arg, timeout=timeout).json_value()["v"]
+
+
 def _screenshot(page, path):
     """The modal's content down to the bottom of the figure (no empty band below)."""
     box = page.locator("#modal [data-cy=modal-content]").bounding_box()
-    bottom = page.evaluate(_plot_js("return gd.getBoundingClientRect().bottom;"))
+    bottom = _plot_value(page, "return gd.getBoundingClientRect().bottom;")
     height = min(box["height"], max(200, bottom - box["y"] + 16))
     page.screenshot(path=str(path), clip={"x": box["x"], "y": box["y"], "width": box["width"], "height": height})
 
@@ -153,16 +164,16 @@ def test_match_panel_in_the_app(app, playwright_api):
             _open_panel(page)
 
             # the figure is drawn: both images (data URIs) and a line per keypoint
-            names = page.evaluate(_plot_js("return gd.data.map(t => t.name);"))
+            names = _plot_value(page, "return gd.data.map(t => t.name);")
             assert {"current|photo", "reference|photo"} <= set(names)
             assert sum(n.startswith("line|") for n in names) == 4
             page.wait_for_function(
                 _plot_js("return gd.querySelectorAll('.imagelayer image').length >= 2;"), timeout=30000
             )
-            hrefs = page.evaluate(_plot_js(
+            hrefs = _plot_value(page, (
                 "return Array.from(gd.querySelectorAll('.imagelayer image')).map(i => i.getAttribute('href') || '');"))
             assert all(h.startswith("data:image/") for h in hrefs)
-            assert page.evaluate(_plot_js("return gd.querySelectorAll('.scatterlayer .trace').length;")) >= 6
+            assert _plot_value(page, "return gd.querySelectorAll('.scatterlayer .trace').length;") >= 6
 
             # click a pixel of the current image (screen position from plotly's own axes; the
             # panel shows images downsampled to at most panels.MAX_SIDE pixels)
@@ -170,7 +181,7 @@ def test_match_panel_in_the_app(app, playwright_api):
             page.wait_for_function(
                 _plot_js("return gd.data.some(t => t.name === 'reference|match');"), timeout=60000
             )
-            traces = page.evaluate(_plot_js(
+            traces = _plot_value(page, (
                 "return gd.data.filter(t => /\\|(match|click|photo|heatmap)$/.test(t.name))"
                 ".map(t => ({name: t.name, x: t.x, y: t.y, x0: t.x0, y0: t.y0, dx: t.dx}));"))
             by_name = {t["name"]: t for t in traces}
@@ -233,7 +244,7 @@ def test_match_panel_in_the_light_theme(app, playwright_api):
             page = context.new_page()
             _open_modal(page, url)
             _open_panel(page)
-            bg = page.evaluate(_plot_js(
+            bg = _plot_value(page, (
                 "return [getComputedStyle(document.body).backgroundColor,"
                 " gd.querySelector('.main-svg .bg') ? gd.querySelector('.main-svg .bg').style.fill : '',"
                 " gd._fullLayout.paper_bgcolor, gd._fullLayout.plot_bgcolor];"))
@@ -281,7 +292,7 @@ def _choose(page, label, option, tries=6):
 
 
 def _names(page):
-    return page.evaluate(_plot_js("return gd.data.map(t => t.name);"))
+    return _plot_value(page, "return gd.data.map(t => t.name);")
 
 
 def _wait_plot(page, condition, timeout=60000):
@@ -333,7 +344,7 @@ def _diagnose(page) -> str:
 
 
 def _reference_title(page):
-    return page.evaluate(_plot_js(
+    return _plot_value(page, (
         "return (gd.layout.annotations || []).map(a => a.text).find(t => t.startsWith('reference')) || '';"))
 
 
@@ -341,11 +352,11 @@ def _click_current(page, filepath, xy):
     """Clicks the normalised point ``xy`` of the current image (screen position from
     plotly's own axes); returns the image trace's ``x0, y0, dx, dy`` and the displayed
     ``w, h``."""
-    x0, y0, dx, dy = page.evaluate(_plot_js(
+    x0, y0, dx, dy = _plot_value(page, (
         "const t = gd.data.find(t => t.name === 'current|photo'); return [t.x0, t.y0, t.dx, t.dy];"))
     w, h = display_size(filepath)
     px, py = x0 - dx / 2 + xy[0] * w * dx, y0 - dy / 2 + xy[1] * h * dy
-    sx, sy = page.evaluate(_plot_js(
+    sx, sy = _plot_value(page, (
         "const fl = gd._fullLayout; const r = gd.getBoundingClientRect();"
         "return [r.left + fl.xaxis._offset + fl.xaxis.l2p(arg[0]),"
         "        r.top + fl.yaxis._offset + fl.yaxis.l2p(arg[1])];"), [px, py])
@@ -507,11 +518,16 @@ def test_demo_panel_in_a_narrow_split(demo, playwright_api):
                     timeout=30000)
             _wait_plot(page, "gd.data.filter(t => t.name.startsWith('line|')).length === 5")
             time.sleep(1.0)
-            geometry = page.evaluate(
+            # Measured once the split has settled: the panel (re-mounted by the split) holds
+            # its controls and a figure with the 5 match lines; until then the wait polls.
+            geometry = page.wait_for_function(
                 "(sel) => { const panel = document.querySelector(sel);"
+                " const gd = panel && panel.querySelector('.js-plotly-plot');"
+                " if (!gd || !gd.data || gd.data.filter(t => t.name.startsWith('line|')).length !== 5) return null;"
                 " const boxes = Array.from(panel.querySelectorAll('[role=combobox]'))"
                 "   .map(c => c.getBoundingClientRect());"
-                " const plot = panel.querySelector('.js-plotly-plot').getBoundingClientRect();"
+                " if (!boxes.length) return null;"
+                " const plot = gd.getBoundingClientRect();"
                 " const modal = document.querySelector('#modal [data-cy=modal-content]').getBoundingClientRect();"
                 " const p = panel.getBoundingClientRect();"
                 " return {rows: new Set(boxes.map(b => Math.round(b.top))).size,"
@@ -519,7 +535,7 @@ def test_demo_panel_in_a_narrow_split(demo, playwright_api):
                 "   right: Math.max(...boxes.map(b => b.right)), plotLeft: plot.left, plotRight: plot.right,"
                 "   panelLeft: p.left, panelRight: p.right, panelWidth: p.width, modalWidth: modal.width,"
                 "   scroll: panel.scrollWidth - panel.clientWidth}; }",
-                PANEL)
+                arg=PANEL, timeout=30000).json_value()
             assert geometry["panelWidth"] < 0.7 * geometry["modalWidth"], geometry  # a split
             assert geometry["rows"] >= 2, geometry  # the controls wrapped
             assert geometry["minWidth"] >= 120, geometry  # each control stays legible
