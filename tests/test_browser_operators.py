@@ -15,6 +15,9 @@ App server started against this test session's database (tests/app_server.py):
   ``FIFTYONE_ALLOW_LEGACY_ORCHESTRATORS=true`` the form's execution menu offers
   "Schedule"; scheduling queues a delegated operation, ``fiftyone delegated launch``
   runs it and the fields are written;
+- refusals and failures: a rerun into an existing output field is refused in the form
+  (the run's own message under the input, "Execute" disabled); a run that fails after
+  its checks says why (notification and output view) and writes nothing;
 - feature pictures: ``write_feature_pca`` through its form, then the new field is
   chosen as the App's media field (display options) and the grid shows colour pictures.
 
@@ -302,8 +305,17 @@ def test_without_the_setting_only_immediate_runs_are_offered(demo, server, page,
     open_grid(page, server, demo["dataset"])
     for name, label in RUN_OPERATORS.items():
         dialog = open_operator(page, label, label.split(" (")[0])
-        # the form as it opens is ready to run (its defaults are valid)
         execute = dialog.get_by_role("button", name="Execute", exact=True)
+        if name == "write_similarity_heatmap":
+            # from the grid no sample is open: the form says it needs a reference sample
+            # (under its input, in the run's own words) until one is given
+            dialog.get_by_text(re.compile("no reference sample")).first.wait_for(timeout=30000)
+            assert execute.is_disabled()
+            fill(dialog, "Reference sample id", demo["dataset"].first().id)
+            dialog.get_by_text(re.compile("no point given")).first.wait_for(timeout=30000)
+            fill(dialog, "x (normalised)", "0.5")
+            fill(dialog, "y (normalised)", "0.5")
+        # the form as it opens is ready to run (its defaults are valid)
         page.wait_for_function("([d, b]) => !b.disabled && !d.innerText.includes('Required property')",
                                arg=[dialog.element_handle(), execute.element_handle()], timeout=30000)
         page.screenshot(path=str(tmp_path / f"form_{name}.png"))
@@ -313,6 +325,51 @@ def test_without_the_setting_only_immediate_runs_are_offered(demo, server, page,
         assert footer_buttons(dialog) == ["Cancel", "Execute"], name
         dialog.get_by_role("button", name="Cancel", exact=True).click()
         dialog.wait_for(state="detached")
+
+
+def test_a_rerun_into_an_existing_field_is_refused_in_the_form_and_a_failed_run_says_why(
+        demo, server, page, tmp_path):
+    """A user reruns propagation: the form offers a free output name; typing the demo's
+    ``predicted`` shows the run's own refusal under "Output field" and "Execute" is
+    disabled until "Overwrite" is ticked or the name changes. A run that fails after its
+    checks (a model that cannot load) says why in a notification and the output view,
+    instead of the silence FiftyOne's streamed runs end in, and writes nothing."""
+    dataset = demo["dataset"]
+    open_grid(page, server, dataset)
+    dialog = open_operator(page, RUN_OPERATORS["propagate_keypoints"], "Propagate")
+    offered = input_value(dialog, "Output field")
+    assert offered.startswith("sdcorr_keypoints") and not dataset.has_field(offered), offered
+    execute = dialog.get_by_role("button", name="Execute", exact=True)
+
+    fill(dialog, "Output field", "predicted")
+    row = field(dialog, "Output field")
+    row.get_by_text(re.compile("field 'predicted' already exists")).wait_for(timeout=30000)
+    page.wait_for_function("(b) => b.disabled", arg=execute.element_handle(), timeout=30000)
+    page.screenshot(path=str(tmp_path / "refused_in_form.png"))
+    overwrite = dialog.get_by_role("checkbox", name="Overwrite an existing output field")
+    overwrite.check()
+    page.wait_for_function("(b) => !b.disabled", arg=execute.element_handle(), timeout=30000)
+    assert row.get_by_text(re.compile("already exists")).count() == 0
+    overwrite.uncheck()
+
+    # values the checks accept, but the run cannot load its model
+    fill(dialog, "Output field", "ui_unwritten")
+    fill(dialog, "Stored features field", "ui_missing_features")
+    fill(dialog, "Stable Diffusion model", str(tmp_path / "no_such_model"))
+    page.wait_for_function("(b) => !b.disabled", arg=execute.element_handle(), timeout=30000)
+    def predicted():  # as JSON (unannotated points are NaN, which never equals itself)
+        return json.dumps([kp.to_json() if kp else None
+                           for kp in field_values(dataset, dataset.values("id"), ["predicted"])["predicted"]])
+
+    before = predicted()
+    execute.click()
+    text = wait_notification(page, r"propagate_keypoints failed: ", timeout=120000)
+    assert "no_such_model" in text and "no usable reference" in text, text
+    assert_summary_visible(page, ["propagate_keypoints failed:", "no_such_model"], tmp_path / "failed_run.png")
+    dataset.reload()
+    assert not dataset.has_field("ui_unwritten") and not dataset.has_field("ui_missing_features")
+    assert predicted() == before
+    assert not page.errors, page.errors
 
 
 # --------------------------------------------------------------------------- 2. background runs

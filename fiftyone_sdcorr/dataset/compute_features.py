@@ -62,6 +62,7 @@ from fiftyone_sdcorr.dataset.engine import (
     Run,
     RunSummary,
     check_bool,
+    checks_done,
     declare_outputs,
     guard_outputs,
     image_collection,
@@ -134,6 +135,7 @@ def compute_fused_features(
     image_collection(samples)
     job = FeatureJob(samples, cfg, check_bool("overwrite", overwrite))
     job.check()
+    checks_done()
     # 2. the store namespace of this configuration and its projection, if fitted
     job.open_store()
     # 3. what is done, what is not an image, what is pending

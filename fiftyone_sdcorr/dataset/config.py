@@ -43,6 +43,15 @@ STORE_DTYPES = tuple(STORE_DTYPE_MAP)  # float16, bfloat16, float32, int8 (a sca
 DTYPES = ("float32", "float16", "bfloat16")
 COMBINE_RULES = ("best", "per_point")
 THRESHOLDS = ("bbox", "image")
+#: default field names, written once: the stored features and their global vectors
+#: (``compute_fused_features`` writes them, the other functions read them), and the
+#: first names offered for new output fields (forms offer the next free one:
+#: ``<name>_2``, ``<name>_3``, ...)
+FEATURES_FIELD = "sdcorr_features"
+EMBEDDING_FIELD = "sdcorr_embedding"
+KEYPOINTS_FIELD = "sdcorr_keypoints"
+PCA_FIELD = "sdcorr_pca"
+HEATMAP_FIELD = "sdcorr_heatmap"
 #: keys of an extractor's ``config()`` that do not change which features it computes
 #: beyond numerical precision (a GPU run in bf16 and a CPU run in fp32 share a store)
 _PRECISION_KEYS = ("dtype", "device", "batch_size")
@@ -112,8 +121,8 @@ class FeatureConfig:
     store_dir: Optional[str] = None  # None: default_store_root()/<dataset id>
     store_dtype: str = "float16"
     projection_samples: int = 16
-    embedding_field: str = "sdcorr_embedding"
-    features_field: str = "sdcorr_features"
+    embedding_field: str = EMBEDDING_FIELD
+    features_field: str = FEATURES_FIELD
     prompt_field: Optional[str] = None
     extractor: Any = field(default=None, compare=False, repr=False)
 
@@ -255,8 +264,8 @@ class PropagationConfig:
 
     source_field: str
     output_field: str
-    features_field: Optional[str] = "sdcorr_features"
-    embedding_field: Optional[str] = "sdcorr_embedding"
+    features_field: Optional[str] = FEATURES_FIELD
+    embedding_field: Optional[str] = EMBEDDING_FIELD
     visibility_threshold: float = 0.2
     batch_size: int = 8
     overwrite: bool = False
@@ -310,8 +319,8 @@ class ReviewConfig:
     min_confidence: float = 0.5
     bbox_field: Optional[str] = None
     threshold: str = "bbox"
-    features_field: Optional[str] = "sdcorr_features"
-    embedding_field: Optional[str] = "sdcorr_embedding"
+    features_field: Optional[str] = FEATURES_FIELD
+    embedding_field: Optional[str] = EMBEDDING_FIELD
     batch_size: int = 8
     overwrite: bool = False
     match: MatchConfig = MatchConfig(combine="per_point")
@@ -338,7 +347,7 @@ class ViewConfig:
     """``write_feature_pca`` / ``write_similarity_heatmaps``: output field and images."""
 
     output_field: str
-    features_field: str = "sdcorr_features"
+    features_field: str = FEATURES_FIELD
     output_dir: Optional[str] = None  # None: beside the feature store in use
     fit_samples: int = 32
     max_side: int = 512

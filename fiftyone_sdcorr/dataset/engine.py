@@ -16,10 +16,15 @@ What every run needs, written once:
 - **the run** (:class:`Run`): iterates ids in batches with progress (a FiftyOne progress
   bar or a ``callback(fraction, label)``), collects per-sample errors for the
   ``<field>_error`` field, writes values in bulk, and fills a :class:`RunSummary`.
+- **checks only** (:func:`preflight`): runs a dataset function up to the end of its
+  checks (its :func:`checks_done` call) and returns the :class:`ParameterError` it would
+  raise, without loading a model or writing anything. The operators' forms use it, so a
+  form refuses exactly what the run would refuse, with the same message.
 """
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import re
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence
@@ -305,6 +310,37 @@ class RunSummary(dict):
         return "\n".join(lines)
 
 
+# --------------------------------------------------------------------------- checks only
+_CHECKING = contextvars.ContextVar("sdcorr_checking", default=False)
+
+
+class _ChecksPassed(Exception):
+    """Raised by :func:`checks_done` under :func:`preflight` (never seen by callers)."""
+
+
+def checks_done() -> None:
+    """Marks the end of a dataset function's checks (its step 1): nothing has loaded or
+    been written yet. Under :func:`preflight` the function stops here."""
+    if _CHECKING.get():
+        raise _ChecksPassed()
+
+
+def preflight(fn: Callable[..., Any], *args, **kwargs) -> Optional[ParameterError]:
+    """The :class:`ParameterError` that ``fn(*args, **kwargs)`` would raise in its checks,
+    or None when they pass; ``fn`` stops at :func:`checks_done`, so no model loads and
+    nothing is written. Other exceptions propagate."""
+    token = _CHECKING.set(True)
+    try:
+        fn(*args, **kwargs)
+    except _ChecksPassed:
+        return None
+    except ParameterError as e:
+        return e
+    finally:
+        _CHECKING.reset(token)
+    raise RuntimeError(f"{getattr(fn, '__name__', fn)} returned without calling checks_done()")
+
+
 # --------------------------------------------------------------------------- the run
 class Run:
     """One pass of a dataset function over sample ids: progress, errors, bulk writes.
@@ -317,6 +353,8 @@ class Run:
 
     def __init__(self, samples, summary: RunSummary, total: int, progress: ProgressArg, label: str,
                  error_field: Optional[str] = None):
+        if _CHECKING.get():  # a function reached its run without declaring its checks done
+            raise RuntimeError("a Run started under preflight(): call checks_done() after the checks")
         self.dataset = samples._root_dataset
         self.summary, self.error_field = summary, error_field
         self.bar = Progress(progress, total, label)
@@ -375,6 +413,6 @@ def reason(e: BaseException) -> str:
 __all__ = [
     "ParameterError", "check_int", "check_float", "check_bool", "check_choice", "check_str",
     "check_floats", "check_field_name", "require_field", "guard_outputs", "declare_outputs",
-    "image_collection", "inputs_of", "Record", "find_record", "latest_record", "RunSummary", "Run", "values_or_none", "reason",
+    "image_collection", "inputs_of", "checks_done", "preflight", "Record", "find_record", "latest_record", "RunSummary", "Run", "values_or_none", "reason",
     "MAX_SUMMARY_ERRORS", "BUILTIN_FIELDS",
 ]

@@ -45,6 +45,7 @@ from fiftyone_sdcorr.dataset.engine import (
     ParameterError,
     Run,
     RunSummary,
+    checks_done,
     image_collection,
     require_field,
     values_or_none,
@@ -267,6 +268,7 @@ def evaluate_keypoints(
     # 1. check every parameter and field before anything is registered or written
     cfg = EvaluationConfig(pred_field, gt_field, eval_key, alphas, bbox_field, threshold, overwrite)
     check_evaluation(samples, cfg)
+    checks_done()
     # 2. compute every number (nothing written yet)
     tally = _Tally(cfg.alphas)
     ids = samples.values("id")

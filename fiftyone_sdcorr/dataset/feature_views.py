@@ -31,7 +31,7 @@ from PIL import Image
 import fiftyone as fo
 
 from fiftyone_sdcorr.core import visualize as vis
-from fiftyone_sdcorr.dataset.config import ViewConfig
+from fiftyone_sdcorr.dataset.config import HEATMAP_FIELD, PCA_FIELD, ViewConfig
 from fiftyone_sdcorr.dataset.engine import (
     ParameterError,
     Run,
@@ -39,6 +39,7 @@ from fiftyone_sdcorr.dataset.engine import (
     check_choice,
     check_float,
     check_int,
+    checks_done,
     declare_outputs,
     guard_outputs,
     image_collection,
@@ -53,7 +54,7 @@ FEATURE_VIEW_MODES = ("pca", "parts")
 
 def write_feature_pca(
     samples,
-    output_field: str = "sdcorr_pca",
+    output_field: str = PCA_FIELD,
     *,
     mode: str = "pca",
     n_parts: int = 6,
@@ -82,6 +83,7 @@ def write_feature_pca(
     check_choice("mode", mode, FEATURE_VIEW_MODES)
     check_int("n_parts", n_parts, lo=2, hi=64)
     items, source = _stored_features(samples, cfg, "string")
+    checks_done()
     # 2. one PCA (or one part clustering) for the whole view
     summary = RunSummary("write_feature_pca", ("written",), output_field=output_field, mode=mode)
     have = [(sid, p) for sid, p in items if p]
@@ -149,7 +151,7 @@ def write_similarity_heatmaps(
     *,
     keypoints_field: Optional[str] = None,
     keypoint: Union[int, str, None] = None,
-    output_field: str = "sdcorr_heatmap",
+    output_field: str = HEATMAP_FIELD,
     features_field: str = ViewConfig.features_field,
     output_dir: Optional[str] = ViewConfig.output_dir,
     max_side: int = ViewConfig.max_side,
@@ -173,6 +175,7 @@ def write_similarity_heatmaps(
     items, source = _stored_features(samples, cfg, "heatmap")
     ref = _reference(samples, reference_id, features_field)
     x, y = _reference_point(samples, ref, point, keypoints_field, keypoint)
+    checks_done()
     src = source.load_stored(ref[features_field])
     # 2. one heat map per sample
     summary = RunSummary("write_similarity_heatmaps", ("written",), output_field=output_field, point=[x, y])
@@ -236,7 +239,8 @@ def _reference_point(samples, ref, point, keypoints_field, keypoint):
     root = samples._root_dataset
     if point is None:
         if not keypoints_field or keypoint is None:
-            raise ParameterError("give point=(x, y), or keypoints_field and keypoint")
+            raise ParameterError("parameter 'keypoint': no point given; give a keypoint (index or skeleton "
+                                 "label) of keypoints_field, or point=(x, y)")
         require_field(samples, "keypoints_field", keypoints_field, "keypoints")
         kps = ref[keypoints_field]
         if kps is None or not kps.keypoints:

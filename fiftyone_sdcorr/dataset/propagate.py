@@ -25,6 +25,7 @@ from fiftyone_sdcorr.dataset.config import MatchConfig, PropagationConfig
 from fiftyone_sdcorr.dataset.engine import (
     Run,
     RunSummary,
+    checks_done,
     declare_outputs,
     guard_outputs,
     image_collection,
@@ -97,6 +98,7 @@ def propagate_keypoints(
     given = dict(extractor=extractor, sd_model=sd_model, dino_model=dino_model, preset=preset, recipe=recipe,
                  pca_dim=pca_dim, device=device, dtype=dtype, batch_size=batch_size, store_dir=store_dir)
     ref_view = check_propagation(targets, references, cfg)
+    checks_done()
     # 2. references and their features (the models load only if features must be computed)
     summary = RunSummary(FUNCTION, ("targets", "predicted"), output_field=cfg.output_field,
                          error_field=cfg.error_field, combine=cfg.match.combine)

@@ -37,6 +37,7 @@ from fiftyone_sdcorr.dataset.engine import (
     ParameterError,
     Run,
     RunSummary,
+    checks_done,
     declare_outputs,
     guard_outputs,
     image_collection,
@@ -108,6 +109,7 @@ def flag_keypoint_annotations(
     given = dict(extractor=extractor, sd_model=sd_model, dino_model=dino_model, preset=preset, recipe=recipe,
                  pca_dim=pca_dim, device=device, dtype=dtype, batch_size=batch_size, store_dir=store_dir)
     annotated, ref_view = check_review(samples, references, cfg)
+    checks_done()
     # 2. the evidence: references and their features
     summary = RunSummary(FUNCTION, ("checked", "points_checked", "flagged_points"), review_field=review_field,
                          error_field=cfg.error_field, tag=tag, alpha=cfg.alpha, min_confidence=cfg.min_confidence,

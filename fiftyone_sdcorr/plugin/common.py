@@ -24,8 +24,10 @@ Progress convention of the dataset-level functions: ``progress`` is ``True`` / `
 from __future__ import annotations
 
 import inspect
+import logging
 import os
 import queue
+import re
 import threading
 from typing import Any, Callable, Dict, Optional, Sequence
 
@@ -51,6 +53,7 @@ RECIPE_PARAMS = {
 }
 
 _DTYPES = ("auto",) + DTYPES
+logger = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- targets
@@ -154,7 +157,7 @@ def _blank(v) -> bool:
 
 #: params that steer the form or the target, never passed to a dataset function
 PLUMBING = frozenset((VIEW_TARGET, "delegate", "delegation_target", "count", "references", "reference_tag",
-                      "reference_ids", "x", "y", "background_runs",
+                      "reference_ids", "x", "y", "background_runs", "check",
                       "panel_id", "panel_state"))  # the App adds these to operators a panel starts
 
 
@@ -262,16 +265,71 @@ def background_notice(inputs) -> None:
 
 
 class RunOperator(foo.Operator):
-    """Base of the operators that run a dataset function: execution options per request
-    (:func:`execution_options`); ``delegate_large``: large views default to background."""
+    """Base of the operators that run a dataset function.
+
+    A subclass builds its form in ``resolve_input`` and ends it with :meth:`finish_form`;
+    :meth:`run_call` maps the params to ``(function, args, kwargs)``, used both to run
+    (:meth:`execute`) and to check the form (:func:`check_form`). Execution options per
+    request (:func:`execution_options`); ``delegate_large``: large views default to
+    background.
+    """
 
     delegate_large = True
+
+    def run_call(self, ctx):
+        """``(dataset function, positional args, keyword args)`` for the params of ``ctx``."""
+        raise NotImplementedError
+
+    def execute(self, ctx):
+        fn, args, kwargs = self.run_call(ctx)
+        return execute(ctx, fn, *args, **kwargs)
+
+    def finish_form(self, ctx, inputs) -> None:
+        """The end of every run form: the run's own checks on the current values
+        (:func:`check_form`), then the notice about background runs."""
+        check_form(ctx, inputs, lambda: self.run_call(ctx))
+        background_notice(inputs)
 
     def resolve_delegation(self, ctx):
         return resolve_delegation(ctx)
 
     def resolve_execution_options(self, ctx):
         return execution_options(ctx, self.delegate_large)
+
+
+#: the form row that shows a refusal no input of the form names
+CHECK_PARAM = "check"
+_PARAM_RE = re.compile(r"^parameters? '(\w+)")
+
+
+def check_form(ctx, inputs, call: Callable[[], tuple]) -> Optional[str]:
+    """Runs the dataset function's own checks on the form's current values
+    (:func:`~fiftyone_sdcorr.dataset.engine.preflight`: no model loads, nothing is written)
+    and, when it would refuse them, marks the input its message names as invalid with that
+    message (else adds an error row): the App shows it under the input and FiftyOne's
+    validation refuses to run the form as it is. Returns the message, if any."""
+    from fiftyone_sdcorr.dataset.engine import preflight
+
+    if ctx.dataset is None:
+        return None
+    try:
+        fn, args, kwargs = call()
+        error = preflight(fn, *args, progress=False, **kwargs)
+    except ParameterError as e:
+        error = e
+    except Exception as e:  # noqa: BLE001 -- anything else is the run's to report, with context
+        logger.debug("form check of %s skipped: %s", ctx.operator_uri, e)
+        return None
+    if error is None:
+        return None
+    message = str(error)
+    m = _PARAM_RE.match(message)
+    prop = inputs.properties.get(m.group(1)) if m else None
+    if prop is None:
+        prop = inputs.str(CHECK_PARAM, required=False, label="Cannot run with these values",
+                          view=types.Error(label="Cannot run with these values", description=message))
+    prop.invalid, prop.error_message = True, message
+    return message
 
 
 # --------------------------------------------------------------------------- progress
@@ -346,7 +404,13 @@ def execute(ctx, fn: Callable[..., Any], *args, reload: bool = True, **kwargs):
 
 
 def _execute_immediate(ctx, fn, args, kwargs, reload):
-    result = yield from run_with_progress(ctx, fn, *args, **kwargs)
+    try:
+        result = yield from run_with_progress(ctx, fn, *args, **kwargs)
+    except Exception as e:
+        # FiftyOne ends a generator's stream without a word when it raises: the App would
+        # stay silent, so the failure is said first (then raised, for the caller and logs)
+        yield from show_failure(ctx, e)
+        raise
     if reload:
         yield reload_dataset(ctx)
     yield from show_summary(ctx, result)
@@ -380,6 +444,17 @@ def show_summary(ctx, result):
     outputs = types.Object()
     outputs.str("summary", label="Summary", view=types.MarkdownView())
     yield ctx.ops.show_output(types.Property(outputs).to_json(), {"summary": as_markdown_text(summary_text(result))})
+
+
+def show_failure(ctx, error: BaseException):
+    """An error notification and the operator's output view with the reason a run
+    stopped (an immediate run; the same text FiftyOne records for the operation)."""
+    name = (getattr(ctx, "operator_uri", None) or "").rsplit("/", 1)[-1] or "the run"
+    text = f"{name} failed: {error}"
+    yield ctx.ops.notify(text, variant="error")
+    outputs = types.Object()
+    outputs.str("summary", label="Failed", view=types.MarkdownView())
+    yield ctx.ops.show_output(types.Property(outputs).to_json(), {"summary": as_markdown_text(text)})
 
 
 def as_markdown_text(text: str) -> str:

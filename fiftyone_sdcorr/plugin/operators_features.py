@@ -80,14 +80,14 @@ class ComputeFusedFeatures(common.RunOperator):
                     "hold other features")
         if target is not None:
             inputs.view("count", types.Notice(label=f"{len(target)} samples targeted"))
-        common.background_notice(inputs)
+        self.finish_form(ctx, inputs)
         return types.Property(inputs, view=types.View(label="Compute fused features"))
 
-    def execute(self, ctx):
+    def run_call(self, ctx):
         from fiftyone_sdcorr.dataset.compute_features import compute_fused_features
 
         kwargs = common.function_kwargs(ctx.params, compute_fused_features)
-        return common.execute(ctx, compute_fused_features, common.get_target_view(ctx), **kwargs)
+        return compute_fused_features, (common.get_target_view(ctx),), kwargs
 
     def resolve_output(self, ctx):
         outputs = types.Object()

@@ -16,6 +16,7 @@ import fiftyone.operators.types as types
 
 from fiftyone_sdcorr.dataset.config import (
     COMBINE_RULES,
+    KEYPOINTS_FIELD,
     THRESHOLDS,
     EvaluationConfig,
     MatchConfig,
@@ -170,17 +171,17 @@ class PropagateKeypoints(common.RunOperator):
         common.model_inputs(ctx, inputs, follow=False, advanced=False)
         if target is not None:
             inputs.view("count", types.Notice(label=f"{len(target)} target samples"))
-        common.background_notice(inputs)
+        self.finish_form(ctx, inputs)
         return types.Property(inputs, view=types.View(label="Propagate keypoints"))
 
-    def execute(self, ctx):
+    def run_call(self, ctx):
         from fiftyone_sdcorr.dataset.propagate import propagate_keypoints
 
         p = ctx.params
         kwargs = common.function_kwargs(p, propagate_keypoints, positional=("source_field", "output_field"))
         args = (common.get_target_view(ctx), _references(ctx, p.get("source_field")), p.get("source_field"),
-                p.get("output_field") or "sdcorr_keypoints")
-        return common.execute(ctx, propagate_keypoints, *args, **kwargs)
+                p.get("output_field") or KEYPOINTS_FIELD)
+        return propagate_keypoints, args, kwargs
 
     def resolve_output(self, ctx):
         outputs = types.Object()
@@ -238,10 +239,10 @@ class EvaluateKeypoints(common.RunOperator):
                       "Detections giving the target object's box", required=False)
         if target is not None:
             inputs.view("count", types.Notice(label=f"{len(target)} samples"))
-        common.background_notice(inputs)
+        self.finish_form(ctx, inputs)
         return types.Property(inputs, view=types.View(label="Evaluate keypoints"))
 
-    def execute(self, ctx):
+    def run_call(self, ctx):
         from fiftyone_sdcorr.dataset.evaluate import evaluate_keypoints
 
         p = dict(ctx.params)
@@ -249,7 +250,7 @@ class EvaluateKeypoints(common.RunOperator):
             p["alphas"] = _parse_alphas(p["alphas"])
         kwargs = common.function_kwargs(p, evaluate_keypoints, positional=("pred_field", "gt_field"))
         args = (common.get_target_view(ctx), p.get("pred_field"), p.get("gt_field"))
-        return common.execute(ctx, _evaluate_report, *args, **kwargs)
+        return _evaluate_report, args, kwargs
 
     def resolve_output(self, ctx):
         outputs = types.Object()
@@ -290,10 +291,11 @@ class FlagKeypointAnnotations(common.RunOperator):
         inputs = types.Object()
         target = common.target_view_input(ctx, inputs, action="Review")
         _field_choice(inputs, "gt_field", _label_fields(ctx, [fo.Keypoints]), "Annotations",
-                      "fo.Keypoints field to review (never written)", default=_roles(ctx).get("ref_field"))
+                      "fo.Keypoints field to review (never written)", default=_roles(ctx).get("gt_field"))
         _reference_inputs(ctx, inputs)
         inputs.str("tag", default=ReviewConfig.tag, required=False, label="Tag for flagged samples")
-        inputs.str("review_field", default=ReviewConfig.review_field, required=False, label="Review field",
+        inputs.str("review_field", default=free_field_name(ctx.dataset, ReviewConfig.review_field)
+                   if ctx.dataset is not None else ReviewConfig.review_field, required=False, label="Review field",
                    description="New fo.Keypoints field with per-point flags and evidence")
         inputs.float("alpha", default=ReviewConfig.alpha, min=0.0, label="Alpha",
                      description="Flag points farther than alpha x object size from the evidence")
@@ -310,10 +312,10 @@ class FlagKeypointAnnotations(common.RunOperator):
         common.model_inputs(ctx, inputs, follow=False, advanced=False)
         if target is not None:
             inputs.view("count", types.Notice(label=f"{len(target)} samples"))
-        common.background_notice(inputs)
+        self.finish_form(ctx, inputs)
         return types.Property(inputs, view=types.View(label="Flag keypoint annotations"))
 
-    def execute(self, ctx):
+    def run_call(self, ctx):
         from fiftyone_sdcorr.dataset.review import flag_keypoint_annotations
 
         p = ctx.params
@@ -321,7 +323,7 @@ class FlagKeypointAnnotations(common.RunOperator):
         kwargs = common.function_kwargs(p, flag_keypoint_annotations, positional=("gt_field",))
         if (p.get("references") or "annotated") != "annotated":
             kwargs["references"] = _references(ctx, gt_field)
-        return common.execute(ctx, flag_keypoint_annotations, common.get_target_view(ctx), gt_field, **kwargs)
+        return flag_keypoint_annotations, (common.get_target_view(ctx), gt_field), kwargs
 
     def resolve_output(self, ctx):
         outputs = types.Object()

@@ -14,9 +14,10 @@ import fiftyone as fo
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
-from fiftyone_sdcorr.dataset.config import ViewConfig
+from fiftyone_sdcorr.dataset.config import HEATMAP_FIELD, PCA_FIELD, ViewConfig
 from fiftyone_sdcorr.dataset.engine import ParameterError
 from fiftyone_sdcorr.plugin import common
+from fiftyone_sdcorr.plugin.panel_figure import free_field_name
 
 
 def _views_config():
@@ -59,7 +60,8 @@ class WriteFeaturePCA(common.RunOperator):
     def resolve_input(self, ctx):
         inputs = types.Object()
         target = common.target_view_input(ctx, inputs, action="Write PCA masks for")
-        inputs.str("output_field", default="sdcorr_pca", required=False, label="Output field",
+        inputs.str("output_field", default=free_field_name(ctx.dataset, PCA_FIELD) if ctx.dataset else PCA_FIELD,
+                   required=False, label="Output field",
                    description="A new field with a colour picture per sample; choose it as the media field "
                    "(grid settings) to see the pictures")
         choices = types.RadioGroup()
@@ -75,14 +77,14 @@ class WriteFeaturePCA(common.RunOperator):
         inputs.bool("overwrite", default=False, label="Overwrite an existing output field")
         if target is not None:
             inputs.view("count", types.Notice(label=f"{len(target)} samples"))
-        common.background_notice(inputs)
+        self.finish_form(ctx, inputs)
         return types.Property(inputs)
 
-    def execute(self, ctx):
+    def run_call(self, ctx):
         from fiftyone_sdcorr.dataset.feature_views import write_feature_pca
 
         kwargs = common.function_kwargs(ctx.params, write_feature_pca)
-        return common.execute(ctx, write_feature_pca, common.get_target_view(ctx), **kwargs)
+        return write_feature_pca, (common.get_target_view(ctx),), kwargs
 
 
 class WriteSimilarityHeatmap(common.RunOperator):
@@ -125,30 +127,32 @@ class WriteSimilarityHeatmap(common.RunOperator):
         inputs.float("x", required=False, min=0.0, max=1.0, label="x (normalised)",
                      description="Or give the point directly")
         inputs.float("y", required=False, min=0.0, max=1.0, label="y (normalised)")
-        inputs.str("output_field", default="sdcorr_heatmap", required=False, label="Output field")
+        inputs.str("output_field", default=free_field_name(ctx.dataset, HEATMAP_FIELD) if ctx.dataset else HEATMAP_FIELD,
+                   required=False, label="Output field")
         inputs.str("features_field", default=ViewConfig.features_field, required=False,
                    label="Stored features field")
         inputs.str("output_dir", required=False, label="Output directory")
         inputs.bool("overwrite", default=False, label="Overwrite an existing output field")
         if target is not None:
             inputs.view("count", types.Notice(label=f"{len(target)} samples"))
-        common.background_notice(inputs)
+        self.finish_form(ctx, inputs)
         return types.Property(inputs)
 
-    def execute(self, ctx):
+    def run_call(self, ctx):
         from fiftyone_sdcorr.dataset.feature_views import write_similarity_heatmaps
 
         p = dict(ctx.params)
         rid = _reference_id(ctx)
         if not rid:
-            raise ParameterError("no reference sample: give reference_id, open a sample or select one")
+            raise ParameterError("parameter 'reference_id': no reference sample; give its id, open a sample "
+                                 "or select one")
         p.pop("reference_id", None)
         point = None if p.get("x") is None and p.get("y") is None else (p.get("x"), p.get("y"))
         keypoint = p.get("keypoint")
         if isinstance(keypoint, str) and keypoint.strip().isdigit():
             p["keypoint"] = int(keypoint)
         kwargs = common.function_kwargs(p, write_similarity_heatmaps, positional=("reference_id", "point"))
-        return common.execute(ctx, write_similarity_heatmaps, common.get_target_view(ctx), rid, point, **kwargs)
+        return write_similarity_heatmaps, (common.get_target_view(ctx), rid, point), kwargs
 
 
 OPERATORS = [WriteFeaturePCA, WriteSimilarityHeatmap]

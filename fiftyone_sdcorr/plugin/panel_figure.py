@@ -18,10 +18,9 @@ import fiftyone as fo
 from bson import ObjectId
 
 from fiftyone_sdcorr.core import visualize as vis
+from fiftyone_sdcorr.dataset.config import EMBEDDING_FIELD, FEATURES_FIELD, KEYPOINTS_FIELD
 
 PLUGIN = "@sdcorr/sdcorr"
-FEATURES_FIELD = "sdcorr_features"
-EMBEDDING_FIELD = "sdcorr_embedding"
 REFERENCE_ATTR = "sdcorr_reference_id"
 INSTANCE_ATTR = "sdcorr_instance"
 REVIEW_ATTR = "sdcorr_verdict"
@@ -102,7 +101,7 @@ def _features(path: Optional[str]):
 
 # --------------------------------------------------------------------------- dataset helpers
 REFERENCE_TAG = "reference"  # a sample tag containing this word marks a reference
-OUTPUT_FIELD = "sdcorr_keypoints"  # the first name offered for new predictions
+OUTPUT_FIELD = KEYPOINTS_FIELD  # the first name offered for new predictions
 
 
 def keypoint_fields(dataset) -> List[str]:
