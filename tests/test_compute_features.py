@@ -633,3 +633,33 @@ def test_rerun_without_store_dir_resumes_where_the_fields_were_stored(photo_ds, 
     other = compute_fused_features(photo_ds, sd, dino, embedding_field="e3", features_field="f3",
                                    **{**kw, "pca_dim": kw["pca_dim"] + 1})
     assert other["computed"] == len(photo_ds) and other["store_dir"].startswith(str(tmp_path / "default"))
+
+
+def test_rerun_with_another_store_dtype_is_refused_then_overwrites_where_it_stored(photo_ds, models, tmp_path,
+                                                                                  monkeypatch):
+    """A user reruns with ``store_dtype="int8"`` to save disk, into the fields computed in
+    float16 and without store_dir: the run is refused with the difference instead of
+    skipping every sample (the fingerprint, which names the store folder, leaves the dtype
+    out); with overwrite=True every sample is recomputed into int8 files, in the folder
+    recorded for these fields."""
+    monkeypatch.setenv("SDCORR_STORE_DIR", str(tmp_path / "default"))
+    sd, dino, kw = _api_kwargs(models, tmp_path / "chosen")
+    first = compute_fused_features(photo_ds, sd, dino, **kw)
+    assert first["computed"] == len(photo_ds)
+    kw.pop("store_dir")
+    before = field_snapshot(photo_ds)
+    with pytest.raises(ValueError, match=r"store_dtype: stored 'float16' vs requested 'int8'"):
+        compute_fused_features(photo_ds, sd, dino, store_dtype="int8", **kw)
+    photo_ds.reload()
+    assert field_snapshot(photo_ds) == before
+    again = compute_fused_features(photo_ds, sd, dino, store_dtype="int8", overwrite=True, **kw)
+    assert again["computed"] == len(photo_ds) and not again["failed"]
+    assert again["store_dir"] == first["store_dir"] and not (tmp_path / "default").exists()
+    from safetensors.torch import load_file
+
+    for path in photo_ds.values("sdcorr_features"):
+        tensors = load_file(path)
+        assert any(t.dtype == torch.int8 for t in tensors.values()), {k: t.dtype for k, t in tensors.items()}
+    # and the int8 run resumes: same settings, same dtype
+    third = compute_fused_features(photo_ds, sd, dino, store_dtype="int8", **kw)
+    assert third["computed"] == 0 and third["skipped"] == len(photo_ds)

@@ -154,7 +154,8 @@ class FeatureJob:
     def __init__(self, samples, cfg: FeatureConfig, overwrite: bool):
         self.samples, self.dataset, self.cfg, self.overwrite = samples, samples._root_dataset, cfg, overwrite
         self.fingerprint = cfg.fingerprint()
-        self.record = Record(samples, FUNCTION, cfg.features_field, cfg.settings(), self.fingerprint)
+        self.record = Record(samples, FUNCTION, cfg.features_field, cfg.settings(), self.fingerprint,
+                             options={"store_dtype": cfg.store_dtype})
         self.outputs = {
             "embedding_field": (cfg.embedding_field, "vector"),
             "features_field": (cfg.features_field, "string"),
@@ -182,12 +183,13 @@ class FeatureJob:
         self.projection = self.load_projection()
 
     def recorded_store_dir(self) -> Optional[str]:
-        """Without ``store_dir``: the folder the fields' features of this same configuration
-        were stored in (a rerun resumes there instead of computing everything again into
-        the default folder); None for the default."""
+        """Without ``store_dir``: the folder the fields' features were stored in (a rerun
+        resumes there instead of computing everything again into the default folder; an
+        overwrite with other settings stays in the folder the user chose for these fields,
+        in its own configuration's subfolder); None for the default."""
         run = (self.record.stored or {}).get("run") or {}
         recorded = run.get("store_dir")
-        if self.record.resumable and recorded and os.path.isdir(recorded):
+        if recorded and os.path.isdir(recorded):
             return str(recorded)
         return None
 

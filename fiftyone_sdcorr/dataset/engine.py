@@ -194,32 +194,38 @@ class Record:
     """What a function wrote into a set of fields (a FiftyOne custom run).
 
     ``key`` is ``sdcorr_<function>_<first output field>``. ``settings`` are the settings that
-    decide the values (e.g. models and recipe); ``fingerprint`` their hash.
+    decide the values (e.g. models and recipe); ``fingerprint`` their hash. ``options``
+    decide how the values are kept without changing them (e.g. the store dtype): not in
+    the fingerprint, but a rerun resumes only when they are the same too (one that asked
+    for int8 must not skip every sample stored in float16).
     """
 
     def __init__(self, samples, function: str, field: str, settings: Optional[dict] = None,
-                 fingerprint: Optional[str] = None):
+                 fingerprint: Optional[str] = None, options: Optional[dict] = None):
         self.dataset = samples._root_dataset
         self.key = f"sdcorr_{function}_{field}"
         self.function, self.settings, self.fingerprint = function, settings or {}, fingerprint
+        self.options = options or {}
         self.stored = self.read()
 
     def read(self) -> Optional[dict]:
         if self.key not in self.dataset.list_runs():
             return None
         cfg = self.dataset.get_run_info(self.key).config
-        return {k: getattr(cfg, k, None) for k in ("function", "settings", "fingerprint", "fields", "run")}
+        return {k: getattr(cfg, k, None) for k in ("function", "settings", "options", "fingerprint", "fields", "run")}
 
     @property
     def resumable(self) -> bool:
         return self.stored is not None and self.fingerprint is not None \
-            and self.stored.get("fingerprint") == self.fingerprint
+            and self.stored.get("fingerprint") == self.fingerprint \
+            and (self.stored.get("options") or {}) == self.options
 
     @property
     def difference(self) -> str:
         if self.stored is None:
             return ""
-        have, want = self.stored.get("settings") or {}, self.settings
+        have = {**(self.stored.get("settings") or {}), **(self.stored.get("options") or {})}
+        want = {**self.settings, **self.options}
         keys = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
         diff = ", ".join(f"{k}: stored {have.get(k)!r} vs requested {want.get(k)!r}" for k in keys)
         return f"holds values of {self.function} with other settings ({diff or 'fingerprint differs'})"
@@ -228,8 +234,8 @@ class Record:
         """Records the settings on the fields, and ``run`` (how it ran: device, store, ...;
         what later forms offer as defaults). A no-op when the same record is there, so
         concurrent workers of one configuration do not race on it."""
-        want = {"function": self.function, "settings": self.settings, "fingerprint": self.fingerprint,
-                "fields": list(fields), "run": dict(run or {})}
+        want = {"function": self.function, "settings": self.settings, "options": self.options,
+                "fingerprint": self.fingerprint, "fields": list(fields), "run": dict(run or {})}
         if self.stored == want:
             return
         cfg = self.dataset.init_run(**want)
