@@ -285,9 +285,13 @@ class RunOperator(foo.Operator):
         return execute(ctx, fn, *args, **kwargs)
 
     def finish_form(self, ctx, inputs) -> None:
-        """The end of every run form: the run's own checks on the current values
-        (:func:`check_form`), then the notice about background runs."""
-        check_form(ctx, inputs, lambda: self.run_call(ctx))
+        """The end of every run form: the run's own checks on the values the form will
+        send (:func:`check_form`; the App resolves a form it opens before it fills in the
+        defaults), then the notice about background runs."""
+        defaults = {k: p.default for k, p in inputs.properties.items()
+                    if p.default is not None and ctx.params.get(k) is None}
+        values = _FormValues(ctx, {**ctx.params, **defaults}) if defaults else ctx
+        check_form(ctx, inputs, lambda: self.run_call(values))
         background_notice(inputs)
 
     def resolve_delegation(self, ctx):
@@ -295,6 +299,16 @@ class RunOperator(foo.Operator):
 
     def resolve_execution_options(self, ctx):
         return execution_options(ctx, self.delegate_large)
+
+
+class _FormValues:
+    """``ctx`` with other params (what :meth:`RunOperator.run_call` reads)."""
+
+    def __init__(self, ctx, params):
+        self._ctx, self.params = ctx, params
+
+    def __getattr__(self, name):
+        return getattr(self._ctx, name)
 
 
 #: the form row that shows a refusal no input of the form names
