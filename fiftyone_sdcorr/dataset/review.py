@@ -154,7 +154,8 @@ def check_review(samples, references, cfg: ReviewConfig):
         raise ParameterError(f"parameter 'gt_field': no sample of the collection has keypoints in {cfg.gt_field!r}")
     ref_view = annotated if references is None else resolve_references(samples, references)
     if references is None and len(ref_view) < 2:
-        raise ParameterError("leave-one-out review needs at least 2 annotated samples")
+        raise ParameterError(f"parameter 'gt_field': leave-one-out review needs at least 2 samples annotated in "
+                             f"{cfg.gt_field!r}")
     return annotated, ref_view
 
 

@@ -78,11 +78,11 @@ def _references(ctx, source_field):
     if mode == "tag":
         tag = p.get("reference_tag")
         if not tag:
-            raise ParameterError("references='tag' needs a reference_tag")
+            raise ParameterError("parameter 'reference_tag': references='tag' needs a tag")
         return tag
     if mode == "selected":
         if not ctx.selected:
-            raise ParameterError("references='selected' but no sample is selected")
+            raise ParameterError("parameter 'references': 'selected', but no sample is selected")
         return list(ctx.selected)
     if not isinstance(source_field, str) or not ctx.dataset.has_sample_field(source_field):
         raise ParameterError(f"parameter 'source_field': field {source_field!r} does not exist on dataset "
