@@ -169,6 +169,18 @@ def fill(dialog, label, value):
     box.press("Tab")
 
 
+def wait_execute(page, enabled=True, timeout=30000):
+    """Waits until the form's "Execute" button is enabled (a form ready to run: no
+    "Required property" either) or disabled. Both are looked up afresh on every poll:
+    the App replaces the form's elements each time it resolves the form again."""
+    page.wait_for_function(
+        "([sel, enabled]) => { const d = document.querySelector(sel); if (!d) return false;"
+        " const b = Array.from(d.querySelectorAll('button')).find(x => x.innerText.trim() === 'Execute');"
+        " if (!b) return false;"
+        " return enabled ? !b.disabled && !d.innerText.includes('Required property') : b.disabled; }",
+        arg=[DIALOG, enabled], timeout=timeout)
+
+
 def footer_buttons(dialog):
     """The texts of the form's buttons (our forms have no buttons among their inputs):
     ``["Cancel", "Execute"]``, plus an unlabelled arrow when FiftyOne offers an execution
@@ -305,19 +317,21 @@ def test_without_the_setting_only_immediate_runs_are_offered(demo, server, page,
     open_grid(page, server, demo["dataset"])
     for name, label in RUN_OPERATORS.items():
         dialog = open_operator(page, label, label.split(" (")[0])
-        execute = dialog.get_by_role("button", name="Execute", exact=True)
         if name == "write_similarity_heatmap":
             # from the grid no sample is open: the form says it needs a reference sample
             # (under its input, in the run's own words) until one is given
             dialog.get_by_text(re.compile("no reference sample")).first.wait_for(timeout=30000)
-            assert execute.is_disabled()
+            wait_execute(page, enabled=False)
             fill(dialog, "Reference sample id", demo["dataset"].first().id)
             dialog.get_by_text(re.compile("no point given")).first.wait_for(timeout=30000)
             fill(dialog, "x (normalised)", "0.5")
             fill(dialog, "y (normalised)", "0.5")
         # the form as it opens is ready to run (its defaults are valid)
-        page.wait_for_function("([d, b]) => !b.disabled && !d.innerText.includes('Required property')",
-                               arg=[dialog.element_handle(), execute.element_handle()], timeout=30000)
+        try:
+            wait_execute(page)
+        except Exception as e:
+            page.screenshot(path=str(tmp_path / f"form_{name}_not_ready.png"))
+            raise AssertionError(f"the {name} form is not ready to run: {dialog.inner_text()[-1500:]!r}") from e
         page.screenshot(path=str(tmp_path / f"form_{name}.png"))
         notice = dialog.get_by_text(re.compile("For background runs")).first.inner_text()
         assert "FIFTYONE_ALLOW_LEGACY_ORCHESTRATORS=true" in notice and "fiftyone delegated launch" in notice, \
@@ -344,11 +358,11 @@ def test_a_rerun_into_an_existing_field_is_refused_in_the_form_and_a_failed_run_
     fill(dialog, "Output field", "predicted")
     row = field(dialog, "Output field")
     row.get_by_text(re.compile("field 'predicted' already exists")).wait_for(timeout=30000)
-    page.wait_for_function("(b) => b.disabled", arg=execute.element_handle(), timeout=30000)
+    wait_execute(page, enabled=False)
     page.screenshot(path=str(tmp_path / "refused_in_form.png"))
     overwrite = dialog.get_by_role("checkbox", name="Overwrite an existing output field")
     overwrite.check()
-    page.wait_for_function("(b) => !b.disabled", arg=execute.element_handle(), timeout=30000)
+    wait_execute(page)
     assert row.get_by_text(re.compile("already exists")).count() == 0
     overwrite.uncheck()
 
@@ -356,7 +370,7 @@ def test_a_rerun_into_an_existing_field_is_refused_in_the_form_and_a_failed_run_
     fill(dialog, "Output field", "ui_unwritten")
     fill(dialog, "Stored features field", "ui_missing_features")
     fill(dialog, "Stable Diffusion model", str(tmp_path / "no_such_model"))
-    page.wait_for_function("(b) => !b.disabled", arg=execute.element_handle(), timeout=30000)
+    wait_execute(page)
     def predicted():  # as JSON (unannotated points are NaN, which never equals itself)
         return json.dumps([kp.to_json() if kp else None
                            for kp in field_values(dataset, dataset.values("id"), ["predicted"])["predicted"]])

@@ -51,17 +51,20 @@ class PanelDriver:
         self.requests = []
 
     def call(self, method, **params):
+        return self.send({"__method__": method, "panel_id": self.panel_id, "panel_state": self.state, **params})
+
+    def send(self, params):
+        """Sends an event with exactly these params (the App's request); keeps them in
+        ``last_params``; ``requests`` are the App messages of the answer."""
+        import copy
+
+        self.last_params = copy.deepcopy(params)
         ctx = {
             "dataset": self.dataset,
             **({"view": self.view} if self.view is not None else {}),
             "current_sample": self.current_sample,
             "selected": self.selected,
-            "params": {
-                "__method__": method,
-                "panel_id": self.panel_id,
-                "panel_state": self.state,
-                **params,
-            },
+            "params": params,
         }
         result = foo.execute_operator(PANEL_URI, ctx)
         result.raise_exceptions()
@@ -504,6 +507,51 @@ def test_field_selectors_change_the_figure_and_are_remembered_per_dataset(demo_c
     d2.dataset, d2.current_sample = dataset, ids["half_size"]
     d2.call("on_change_dataset")
     assert d2.state["ref_field"] == "ground_truth"
+
+
+def test_a_choice_draws_the_figure_once_duplicates_and_echoes_draw_nothing(demo_copy):
+    """What the App sends for one dropdown choice (measured in Chromium): the change event
+    twice, with the same state, then the change event of every control the panel set in
+    answer (an echo). FiftyOne renders the figure after every event; before this was
+    handled, choosing a reference field drew the figure 3 times, and under load the redraws
+    queued up. Now one choice, one drawing; and a real choice still draws."""
+    dataset, ids = demo_copy
+    d = PanelDriver(dataset, current_sample=ids["crop"]).call("on_load")
+
+    def drew():
+        return any(r["operator_uri"] == "show_panel_output" for r in d.requests)
+
+    # the user picks ground_truth as reference keypoints: the App sets the control, then sends
+    d.state.setdefault("controls", {})["ref_field"] = "ground_truth"
+    choice = {"__method__": "on_change_ref_field", "panel_id": d.panel_id, "panel_state": d.state,
+              "path": "controls.ref_field", "value": "ground_truth"}
+    d.send(choice)
+    assert drew() and d.state["ref_field"] == "ground_truth"
+    reference = d.state["reference_id"]
+    assert reference != ids["reference"]  # a copy: chelsea has no ground_truth
+    # ... the same event again, as the App sends it (the state before the answer)
+    before = dict(d.state)
+    d.send({**d.last_params})
+    assert not drew() and d.state == before
+    # ... the echo of the reference control the panel set
+    d.call("on_change_reference", path="controls.reference", value=reference)
+    assert not drew() and d.state["reference_id"] == reference
+    # ... a late copy of the first event, after the state took the choice: nothing to do
+    d.call("on_change_ref_field", path="controls.ref_field", value="ground_truth")
+    assert not drew()
+
+    # real choices still draw: another reference, another view, back to the first field
+    other = next(r["id"] for r in d.state["references"] if r["id"] != reference)
+    d.call("on_change_reference", path="controls.reference", value=other)
+    assert drew() and d.state["reference_id"] == other
+    d.call("on_change_reference", path="controls.reference", value=reference)  # and straight back
+    assert drew() and d.state["reference_id"] == reference
+    d.call("on_change_view_mode", path="controls.view_mode", value="parts")
+    assert drew() and d.traces("current|parts")
+    d.call("on_change_view_mode", path="controls.view_mode", value="parts")  # the same again
+    assert not drew()
+    d.call("on_change_ref_field", path="controls.ref_field", value="keypoints")
+    assert drew() and d.state["reference_id"] == ids["reference"]
 
 
 def test_propagate_from_the_panel_is_safe_and_its_result_becomes_the_default(demo_copy):

@@ -27,7 +27,12 @@ Trace names are ``"<side>|<kind>"`` (side ``current``/``reference``; kinds ``pho
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import threading
+import time
+from collections import OrderedDict
 from typing import Optional, Tuple
 
 import fiftyone.operators as foo
@@ -95,6 +100,89 @@ def view_target(ctx) -> str:
     if values:
         return values[-1]
     return "SELECTED_SAMPLES" if ctx.selected else "CURRENT_VIEW"
+
+
+#: an event identical to one handled this many seconds ago is a duplicate
+DUPLICATE_WINDOW_S = 5.0
+_recent: "OrderedDict[str, float]" = OrderedDict()
+_recent_lock = threading.Lock()
+
+
+def _seen_just_now(params: dict) -> bool:
+    """Whether an identical panel event (same handler, value and panel state) was handled
+    in the last :data:`DUPLICATE_WINDOW_S` seconds: the App sends each dropdown choice
+    twice, with the same state, and identical events have identical results."""
+    method = params.get("__method__") or ""
+    if not method.startswith("on_change_"):
+        return False
+    key = hashlib.sha1(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()
+    now = time.monotonic()
+    with _recent_lock:
+        while _recent and next(iter(_recent.values())) < now - DUPLICATE_WINDOW_S:
+            _recent.popitem(last=False)
+        if key in _recent:
+            return True
+        _recent[key] = now
+        return False
+
+
+#: control values this panel set, whose change event the App will send back:
+#: ``(panel id, "controls.<name>", value as JSON) -> when set``
+_echoes: "OrderedDict[tuple, float]" = OrderedDict()
+
+
+def _set(ctx, updates: dict) -> None:
+    """``ctx.panel.state.set(updates)``, noting each control whose shown value it changes:
+    the App answers such a change with that control's change event (an echo, not a
+    choice of the user's), which :meth:`MatchPanel.execute` then skips."""
+    state, pid, now = ctx.panel.state, ctx.params.get("panel_id"), time.monotonic()
+    with _recent_lock:
+        for key, value in updates.items():
+            # a control filled for the first time (on load) is not sent back
+            if key.startswith("controls.") and state.get(key) is not None and state.get(key) != value:
+                _echoes[(pid, key, json.dumps(value, default=str))] = now
+                _echoes.move_to_end((pid, key, json.dumps(value, default=str)))
+        while _echoes and next(iter(_echoes.values())) < now - DUPLICATE_WINDOW_S:
+            _echoes.popitem(last=False)
+    state.set(updates)
+
+
+def _is_echo(params: dict) -> bool:
+    """Whether a change event carries a value this panel itself set (see :func:`_set`)."""
+    key = (params.get("panel_id"), params.get("path"), json.dumps(params.get("value"), default=str))
+    with _recent_lock:
+        when = _echoes.pop(key, None)
+    return when is not None and when >= time.monotonic() - DUPLICATE_WINDOW_S
+
+
+def _forget_echoes(params: dict) -> None:
+    """Drops the echoes expected from the control a user event changed."""
+    pid, path = params.get("panel_id"), params.get("path")
+    if path is None:
+        return
+    with _recent_lock:
+        for key in [k for k in _echoes if k[0] == pid and k[1] == path]:
+            del _echoes[key]
+
+
+def _instance_value(value) -> Optional[int]:
+    """The instance dropdown's value -> an instance index, None for all."""
+    try:
+        return None if value in (None, "", ALL_INSTANCES) else int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _control_value(key: str, value):
+    """A display control's value as the figure takes it (blank: the default)."""
+    if key in ("error_lines", "heatmap"):
+        return bool(value)
+    if key == "n_parts":
+        try:
+            return max(2, min(int(value), 20))
+        except (TypeError, ValueError):
+            return CONTROL_DEFAULTS["n_parts"]
+    return value or CONTROL_DEFAULTS[key]
 
 
 class MatchPanel(foo.Panel):
@@ -230,12 +318,43 @@ class MatchPanel(foo.Panel):
         for key, default in CONTROL_DEFAULTS.items():
             if state.get(f"controls.{key}") is None:
                 updates[f"controls.{key}"] = default
-        state.set(updates)
+        _set(ctx, updates)
+
+    # ---- events that change nothing ------------------------------------------------
+    def execute(self, ctx):
+        """FiftyOne's panel event loop, minus the events that would change nothing.
+
+        Measured in Chromium: the App sends each dropdown choice twice and echoes every
+        control value this panel sets (choosing a reference field sent 3 events), and
+        FiftyOne renders the whole figure (images as data URIs) after every event. Under
+        load the redraws queued up (the panel's buttons kept being replaced for 30 s) and
+        a late echo could undo a newer choice. Such an event is answered without a render.
+        """
+        duplicate = _seen_just_now(ctx.params)  # noted first: a repeated echo is a duplicate too
+        if duplicate or _is_echo(ctx.params) or self._changes_nothing(ctx):
+            return None
+        _forget_echoes(ctx.params)  # the user took this control over
+        return super().execute(ctx)
+
+    def _changes_nothing(self, ctx) -> bool:
+        method = ctx.params.get("__method__") or ""
+        if not method.startswith("on_change_"):
+            return False
+        key, value, state = method[len("on_change_"):], ctx.params.get("value"), ctx.panel.state
+        if key in FIELD_SELECTORS:
+            return value not in (None, "") and (None if value == NONE else value) == state.get(key)
+        if key == "reference":
+            return value is not None and value == state.reference_id
+        if key == "instance":
+            return _instance_value(value) == state.instance
+        if key in CONTROL_DEFAULTS:
+            return state.get(f"applied.{key}") is not None and _control_value(key, value) == state.get(f"applied.{key}")
+        return False
 
     # ---- controls -------------------------------------------------------------------
     def on_change_reference(self, ctx):
         value = ctx.params.get("value")
-        ctx.panel.state.set({"reference_id": value, "controls.reference": value, "click": None,
+        _set(ctx, {"reference_id": value, "controls.reference": value, "click": None,
                              "selected_point": None, "message": None, "instance": None,
                              "controls.instance": ALL_INSTANCES})
 
@@ -245,9 +364,9 @@ class MatchPanel(foo.Panel):
         state = ctx.panel.state
         optional = FIELD_SELECTORS[key][1]
         if (value is None and not optional) or (value is not None and value not in keypoint_fields(ctx.dataset)):
-            state.set({f"controls.{key}": state.get(key) or NONE})  # not a Keypoints field: keep the choice
+            _set(ctx, {f"controls.{key}": state.get(key) or NONE})  # not a Keypoints field: keep the choice
             return
-        state.set({key: value, f"controls.{key}": value or NONE, "selected_point": None, "click": None})
+        _set(ctx, {key: value, f"controls.{key}": value or NONE, "selected_point": None, "click": None})
         self._remember(ctx, **{key: value}, pred_known=list(state.pred_known or []))
         if key == "ref_field":
             self._refresh(ctx, keep_reference=True)
@@ -262,36 +381,29 @@ class MatchPanel(foo.Panel):
         self._change_field(ctx, "pred_field")
 
     def on_change_instance(self, ctx):
-        value = ctx.params.get("value")
-        try:
-            instance = None if value in (None, "", ALL_INSTANCES) else int(value)
-        except (TypeError, ValueError):
-            instance = None
-        ctx.panel.state.set({"instance": instance,
+        instance = _instance_value(ctx.params.get("value"))
+        _set(ctx, {"instance": instance,
                              "controls.instance": ALL_INSTANCES if instance is None else str(instance),
                              "selected_point": None})
 
-    def _change_control(self, ctx, key, value):
-        ctx.panel.state.set({f"controls.{key}": value})
+    def _change_control(self, ctx, key):
+        value = _control_value(key, ctx.params.get("value"))
+        _set(ctx, {f"controls.{key}": value, f"applied.{key}": value})
 
     def on_change_view_mode(self, ctx):
-        self._change_control(ctx, "view_mode", ctx.params.get("value") or "photos")
+        self._change_control(ctx, "view_mode")
 
     def on_change_show(self, ctx):
-        self._change_control(ctx, "show", ctx.params.get("value") or "predicted")
+        self._change_control(ctx, "show")
 
     def on_change_error_lines(self, ctx):
-        self._change_control(ctx, "error_lines", bool(ctx.params.get("value")))
+        self._change_control(ctx, "error_lines")
 
     def on_change_heatmap(self, ctx):
-        self._change_control(ctx, "heatmap", bool(ctx.params.get("value")))
+        self._change_control(ctx, "heatmap")
 
     def on_change_n_parts(self, ctx):
-        try:
-            k = int(ctx.params.get("value"))
-        except (TypeError, ValueError):
-            k = CONTROL_DEFAULTS["n_parts"]
-        self._change_control(ctx, "n_parts", max(2, min(k, 20)))
+        self._change_control(ctx, "n_parts")
 
     def on_clear(self, ctx):
         ctx.panel.state.set({"click": None, "selected_point": None, "message": None})
