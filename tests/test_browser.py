@@ -343,6 +343,29 @@ def _diagnose(page) -> str:
     return json.dumps(info, default=str)
 
 
+def _settles(page, timeout=60000) -> bool:
+    """Waits until the match panel's content is mounted with its figure and 5 match lines;
+    on a timeout, fails with what the page shows (panels, figures, lines, text)."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    try:
+        page.wait_for_function(
+            "(sel) => { const panel = document.querySelector(sel);"
+            " const gd = panel && panel.querySelector('.js-plotly-plot');"
+            " return !!gd && !!gd.data && gd.data.filter(t => t.name.startsWith('line|')).length === 5"
+            "   && panel.querySelectorAll('[role=combobox]').length > 0; }", arg=PANEL, timeout=timeout)
+        return True
+    except PlaywrightTimeout as e:
+        seen = page.evaluate(
+            "(sel) => ({panels: document.querySelectorAll(sel).length,"
+            " containers: document.querySelectorAll('#modal [data-cy=panel-container]').length,"
+            " contents: Array.from(document.querySelectorAll('#modal [data-cy^=panel-content]')).map(e => e.dataset.cy),"
+            " plots: Array.from(document.querySelectorAll('#modal .js-plotly-plot')).map(g =>"
+            "   (g.data || []).filter(t => t.name.startsWith('line|')).length),"
+            " text: (document.querySelector(sel) || {innerText: ''}).innerText.slice(0, 600)})", PANEL)
+        raise AssertionError(f"the panel did not settle with its figure: {seen}; {_diagnose(page)}") from e
+
+
 def _reference_title(page):
     return _plot_value(page, (
         "return (gd.layout.annotations || []).map(a => a.text).find(t => t.startsWith('reference')) || '';"))
@@ -509,15 +532,23 @@ def test_demo_panel_in_a_narrow_split(demo, playwright_api):
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 900})
-            _open_demo(page, demo)
-            containers = page.locator("#modal [data-cy=panel-container]")
-            if containers.count() < 2:  # the panel is a tab beside the sample: split them
-                page.locator('#modal button[title="Split horizontally"]').first.click()
-                page.wait_for_function(
-                    "() => document.querySelectorAll('#modal [data-cy=panel-container]').length >= 2",
-                    timeout=30000)
-            _wait_plot(page, "gd.data.filter(t => t.name.startsWith('line|')).length === 5")
-            time.sleep(1.0)
+            for attempt in range(3):
+                # Seen twice in ~10 runs (CI and here): the App closed the sample modal on
+                # its own, right after it opened or after the split, back to the grid (no
+                # request of ours in between). A user opens the sample again; so does this.
+                _open_demo(page, demo, forget=attempt == 0)
+                containers = page.locator("#modal [data-cy=panel-container]")
+                if containers.count() < 2:  # the panel is a tab beside the sample: split them
+                    split = page.locator('#modal button[title="Split horizontally"]')
+                    if split.count():
+                        split.first.click()
+                        page.wait_for_function(
+                            "() => document.querySelectorAll('#modal [data-cy=panel-container]').length >= 2"
+                            " || !document.querySelector('#modal [data-cy=modal-content]')", timeout=30000)
+                time.sleep(1.0)
+                if page.locator("#modal [data-cy=modal-content]").count() and containers.count() >= 2:
+                    break
+                print(f"the App closed the sample modal (attempt {attempt + 1}); opening it again")
             # Measured once the split has settled: the panel (re-mounted by the split) holds
             # its controls and a figure with the 5 match lines; until then the wait polls.
             geometry = page.wait_for_function(
@@ -535,7 +566,7 @@ def test_demo_panel_in_a_narrow_split(demo, playwright_api):
                 "   right: Math.max(...boxes.map(b => b.right)), plotLeft: plot.left, plotRight: plot.right,"
                 "   panelLeft: p.left, panelRight: p.right, panelWidth: p.width, modalWidth: modal.width,"
                 "   scroll: panel.scrollWidth - panel.clientWidth}; }",
-                arg=PANEL, timeout=30000).json_value()
+                arg=PANEL, timeout=60000).json_value() if _settles(page) else None
             assert geometry["panelWidth"] < 0.7 * geometry["modalWidth"], geometry  # a split
             assert geometry["rows"] >= 2, geometry  # the controls wrapped
             assert geometry["minWidth"] >= 120, geometry  # each control stays legible

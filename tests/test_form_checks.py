@@ -83,6 +83,12 @@ CLASHES = [
      {"overwrite": True}),
     ("propagate_keypoints", {"source_field": "gt", "output_field": "gt"}, "output_field", "is the source_field",
      {"output_field": "pred_2"}),
+    # a typo in the features field (no model given): not "compute new features with the default
+    # models" (a 5 GB download), but a refusal that names the field holding the features
+    ("propagate_keypoints", {"source_field": "gt", "output_field": "p3", "features_field": "sdcorr_featurs"},
+     "features_field", "are in 'sdcorr_features'", {"features_field": "sdcorr_features"}),
+    ("flag_keypoint_annotations", {"gt_field": "gt", "review_field": "r3", "features_field": "sdcorr_featurs"},
+     "features_field", "does not exist", {"features_field": "sdcorr_features"}),
     ("evaluate_keypoints", {"pred_field": "note", "gt_field": "gt"}, "pred_field", "holds StringField",
      {"pred_field": "pred"}),
     ("flag_keypoint_annotations", {"gt_field": "gt", "review_field": "pred"}, "review_field", "already exists",

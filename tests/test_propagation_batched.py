@@ -22,7 +22,7 @@ from fiftyone_sdcorr.core.geometry import Letterbox
 from fiftyone_sdcorr.core.store import FeatureStore
 from fiftyone_sdcorr.dataset.config import MatchConfig, PropagationConfig
 from fiftyone_sdcorr.dataset.engine import RunSummary
-from fiftyone_sdcorr.dataset.matching import prepare_matching
+from fiftyone_sdcorr.dataset.matching import feature_source, prepare_matching
 from fiftyone_sdcorr.dataset.propagate import propagate_keypoints
 from local_descriptor import LocalDescriptor
 
@@ -68,8 +68,8 @@ def _engine(ds, match: MatchConfig, device="cpu", embedding_field="emb"):
     cfg = PropagationConfig("gt", "pred", None, embedding_field, 0.0, 8, False, match)
     summary = RunSummary("test", ("targets",))
     refs = ds.exists("gt")
-    engine, _, problems = prepare_matching(ds, refs, "gt", cfg, {"extractor": LocalDescriptor(448), "device": device},
-                                           summary, [])
+    source = feature_source(ds, cfg, {"extractor": LocalDescriptor(448), "device": device})
+    engine, _, problems = prepare_matching(ds, refs, "gt", cfg, source, summary, [])
     assert not problems and len(engine.references) == 2
     return engine
 

@@ -253,6 +253,12 @@ def find_record(samples, function: str, field: str) -> Optional[dict]:
     return Record(samples, function, field).stored
 
 
+def recorded_fields(dataset, function: str) -> List[str]:
+    """The fields ``function`` recorded values for on ``dataset`` (sorted)."""
+    prefix = f"sdcorr_{function}_"
+    return sorted(k[len(prefix):] for k in dataset.list_runs() if k.startswith(prefix))
+
+
 def latest_record(dataset, function: str) -> Optional[dict]:
     """The newest record of ``function`` on the dataset (any field), or None."""
     prefix = f"sdcorr_{function}_"
@@ -419,6 +425,7 @@ def reason(e: BaseException) -> str:
 __all__ = [
     "ParameterError", "check_int", "check_float", "check_bool", "check_choice", "check_str",
     "check_floats", "check_field_name", "require_field", "guard_outputs", "declare_outputs",
-    "image_collection", "inputs_of", "checks_done", "preflight", "Record", "find_record", "latest_record", "RunSummary", "Run", "values_or_none", "reason",
+    "image_collection", "inputs_of", "checks_done", "preflight", "Record", "find_record", "latest_record",
+    "recorded_fields", "RunSummary", "Run", "values_or_none", "reason",
     "MAX_SUMMARY_ERRORS", "BUILTIN_FIELDS",
 ]

@@ -33,7 +33,7 @@ from fiftyone_sdcorr.core.images import load_image
 from fiftyone_sdcorr.core.models import default_device
 from fiftyone_sdcorr.core.store import FeatureStore, FeatureStoreError, read_header
 from fiftyone_sdcorr.dataset.config import FeatureConfig
-from fiftyone_sdcorr.dataset.engine import ParameterError, find_record
+from fiftyone_sdcorr.dataset.engine import ParameterError, find_record, recorded_fields
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +46,21 @@ FEATURE_KEYWORDS = ("sd_model", "dino_model", "preset", "recipe", "pca_dim", "ex
 
 class OtherSettingsError(FeatureStoreError):
     """Stored features of another fingerprint than the run's."""
+
+
+def _check_not_a_typo(samples, features_field: Optional[str]) -> None:
+    """A features field that does not exist, with no model given, on a dataset whose
+    features are in other fields: most likely a typo, and computing would fetch the
+    default models (about 5 GB) instead of using the stored features."""
+    root = samples._root_dataset
+    if not features_field or root.has_sample_field(features_field):
+        return
+    stored = recorded_fields(root, "compute_fused_features")
+    if stored:
+        raise ParameterError(
+            f"parameter 'features_field': field {features_field!r} does not exist; this dataset's features "
+            f"are in {', '.join(repr(f) for f in stored)} (compute_fused_features). Name that field, or give "
+            f"sd_model / dino_model / preset to compute new features into {features_field!r}")
 
 
 class FeatureSource:
@@ -66,13 +81,14 @@ class FeatureSource:
             settings = record.get("settings") or {}
             if self.cfg is not None and self.cfg.fingerprint() != self.config_fp:
                 raise ParameterError(
-                    f"the features in {features_field!r} were computed with other settings "
+                    f"parameter 'features_field': the features in {features_field!r} were computed with other settings "
                     f"({_diff(settings, self.cfg.settings())}); give the same models and recipe, or none "
                     "to use the stored ones, or compute features with these settings into another "
                     "features_field")
             if self.cfg is None and settings.get("extractor") == "sd+dinov2":
                 self.cfg = FeatureConfig.from_settings(settings, **run_kw)
         elif self.cfg is None:
+            _check_not_a_typo(samples, features_field)
             self.cfg = FeatureConfig.build(**run_kw)
         self.file_fp: Optional[str] = None  # the one fingerprint this source hands out
         self._extractor = None

@@ -510,15 +510,22 @@ def load_references(ref_view, source_field: str, source, *, features_field=None,
     return usable, {k: v for k, v in problems.items() if v}
 
 
-def prepare_matching(samples, ref_view, source_field: str, cfg, given: dict, summary, stored_paths):
-    """The matcher of a propagation or review run: features source, references,
-    flip pairs; what changes the result goes into ``summary``'s warnings.
+def feature_source(samples, cfg, given: dict):
+    """The features source of a propagation or review run: it checks the feature keywords
+    against the configuration recorded on ``cfg.features_field`` (part of the run's checks:
+    no model loads here)."""
+    from fiftyone_sdcorr.dataset.feature_source import FeatureSource
+
+    return FeatureSource(samples, cfg.features_field, given, cfg.batch_size)
+
+
+def prepare_matching(samples, ref_view, source_field: str, cfg, source, summary, stored_paths):
+    """The matcher of a propagation or review run: references and flip pairs, with
+    features from ``source`` (:func:`feature_source`); what changes the result goes into
+    ``summary``'s warnings.
 
     Returns ``(propagator, source, problems by reference id)``.
     """
-    from fiftyone_sdcorr.dataset.feature_source import FeatureSource
-
-    source = FeatureSource(samples, cfg.features_field, given, cfg.batch_size)
     source.locate(list(stored_paths) + values_or_none(ref_view, cfg.features_field, len(ref_view)))
     pairs, origin = resolve_flip_pairs(samples, source_field, cfg.match.flip_pairs) if cfg.match.flip else ([], "off")
     if cfg.match.flip and not pairs:
@@ -549,5 +556,5 @@ __all__ = [
     "flip_pairs_from_labels", "resolve_flip_pairs", "skeleton_for", "RefInstance", "Reference",
     "parse_reference_keypoints", "unit_vector", "InstancePrediction", "Propagator", "predict_rows", "to_keypoints",
     "BATCH_BYTES_GPU", "BATCH_BYTES_CPU",
-    "resolve_references", "load_references", "prepare_matching",
+    "resolve_references", "load_references", "feature_source", "prepare_matching",
 ]

@@ -34,7 +34,13 @@ from fiftyone_sdcorr.dataset.engine import (
     require_field,
     values_or_none,
 )
-from fiftyone_sdcorr.dataset.matching import predict_rows, prepare_matching, resolve_references, to_keypoints
+from fiftyone_sdcorr.dataset.matching import (
+    feature_source,
+    predict_rows,
+    prepare_matching,
+    resolve_references,
+    to_keypoints,
+)
 from fiftyone_sdcorr.dataset.progress import ProgressArg
 
 FUNCTION = "propagate_keypoints"
@@ -98,6 +104,7 @@ def propagate_keypoints(
     given = dict(extractor=extractor, sd_model=sd_model, dino_model=dino_model, preset=preset, recipe=recipe,
                  pca_dim=pca_dim, device=device, dtype=dtype, batch_size=batch_size, store_dir=store_dir)
     ref_view = check_propagation(targets, references, cfg)
+    source = feature_source(targets, cfg, given)
     checks_done()
     # 2. references and their features (the models load only if features must be computed)
     summary = RunSummary(FUNCTION, ("targets", "predicted"), output_field=cfg.output_field,
@@ -105,7 +112,7 @@ def propagate_keypoints(
     ids, fps = targets.values("id"), targets.values("filepath")
     stored = values_or_none(targets, cfg.features_field, len(ids))
     embs = values_or_none(targets, cfg.embedding_field, len(ids))
-    engine, source, problems = prepare_matching(targets, ref_view, source_field, cfg, given, summary, stored)
+    engine, source, problems = prepare_matching(targets, ref_view, source_field, cfg, source, summary, stored)
     # 3. predict batch by batch, write in bulk, record problems per sample
     summary["targets"], summary["seconds_matching"] = len(ids), 0.0
     with Run(targets, summary, len(ids), progress, "propagating", cfg.error_field) as run:

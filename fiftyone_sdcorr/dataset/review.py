@@ -46,7 +46,7 @@ from fiftyone_sdcorr.dataset.engine import (
     require_field,
     values_or_none,
 )
-from fiftyone_sdcorr.dataset.matching import predict_rows, prepare_matching, resolve_references
+from fiftyone_sdcorr.dataset.matching import feature_source, predict_rows, prepare_matching, resolve_references
 from fiftyone_sdcorr.dataset.pck import pair_instances, points_of, threshold_size
 from fiftyone_sdcorr.dataset.progress import ProgressArg
 
@@ -109,13 +109,14 @@ def flag_keypoint_annotations(
     given = dict(extractor=extractor, sd_model=sd_model, dino_model=dino_model, preset=preset, recipe=recipe,
                  pca_dim=pca_dim, device=device, dtype=dtype, batch_size=batch_size, store_dir=store_dir)
     annotated, ref_view = check_review(samples, references, cfg)
+    source = feature_source(samples, cfg, given)
     checks_done()
     # 2. the evidence: references and their features
     summary = RunSummary(FUNCTION, ("checked", "points_checked", "flagged_points"), review_field=review_field,
                          error_field=cfg.error_field, tag=tag, alpha=cfg.alpha, min_confidence=cfg.min_confidence,
                          suspicious={})
     rows = _rows(annotated, cfg)
-    engine, source, problems = prepare_matching(samples, ref_view, gt_field, cfg, given, summary,
+    engine, source, problems = prepare_matching(samples, ref_view, gt_field, cfg, source, summary,
                                                 [r[3] for r in rows])
     refs = {r.id: r for r in engine.references}
     # 3. review batch by batch, write in bulk, tag the suspicious samples
