@@ -133,6 +133,23 @@ def _open_modal(page, url):
     raise AssertionError("the sample modal did not open")
 
 
+def _open_sample_panel(page, url, hide_sidebar=True, tries=3):
+    """Opens the sample's modal (``url``) and the match panel in it, and checks that the
+    modal stays open: the App has been seen to close it on its own right after it opened
+    (back to the grid, no request of ours in between); a user opens it again, so does this."""
+    for attempt in range(tries):
+        _open_modal(page, url)
+        toggle = page.locator("#modal [data-cy=action-toggle-sidebar]")
+        if hide_sidebar and toggle.count():
+            toggle.first.click()
+        _open_panel(page)
+        time.sleep(1.0)
+        if page.locator("#modal [data-cy=modal-content]").count():
+            return
+        print(f"the App closed the sample modal (attempt {attempt + 1}); opening it again")
+    raise AssertionError(f"the sample modal of {url} kept closing")
+
+
 def _open_panel(page):
     modal = page.locator("#modal")
     tab = modal.locator("[data-cy^=panel-tab-]", has_text="Match panel")
@@ -156,12 +173,7 @@ def test_match_panel_in_the_app(app, playwright_api):
             page = browser.new_page(viewport={"width": 1800, "height": 1000})
             errors = []
             page.on("pageerror", lambda e: errors.append(str(e)))
-            _open_modal(page, url)
-            # more room for the panel: hide the modal's sidebar
-            toggle = page.locator("#modal [data-cy=action-toggle-sidebar]")
-            if toggle.count():
-                toggle.first.click()
-            _open_panel(page)
+            _open_sample_panel(page, url)  # with the modal's sidebar hidden: more room for the panel
 
             # the figure is drawn: both images (data URIs) and a line per keypoint
             names = _plot_value(page, "return gd.data.map(t => t.name);")
@@ -242,8 +254,7 @@ def test_match_panel_in_the_light_theme(app, playwright_api):
             context = browser.new_context(viewport={"width": 1600, "height": 900})
             context.add_init_script("localStorage.setItem('mui-mode', 'light');")
             page = context.new_page()
-            _open_modal(page, url)
-            _open_panel(page)
+            _open_sample_panel(page, url, hide_sidebar=False)
             bg = _plot_value(page, (
                 "return [getComputedStyle(document.body).backgroundColor,"
                 " gd.querySelector('.main-svg .bg') ? gd.querySelector('.main-svg .bg').style.fill : '',"
@@ -406,11 +417,7 @@ def _open_demo(page, demo, sample="crop", forget=True, lines=True):
     has them)."""
     if forget:
         _forget_panel_choices(demo["dataset"])
-    _open_modal(page, f"{demo['url']}/datasets/{demo['dataset'].name}?id={demo['ids'][sample]}")
-    toggle = page.locator("#modal [data-cy=action-toggle-sidebar]")
-    if toggle.count():
-        toggle.first.click()
-    _open_panel(page)
+    _open_sample_panel(page, f"{demo['url']}/datasets/{demo['dataset'].name}?id={demo['ids'][sample]}")
     if lines:
         _wait_plot(page, "gd.data.filter(t => t.name.startsWith('line|')).length > 0")
 
