@@ -624,10 +624,15 @@ def test_instance_selector(demo_copy):
     assert len(d.traces(prefix="line|")) == 5 and len(d.traces("reference|gt")) == 1
     d.call("on_change_instance", value=panels.ALL_INSTANCES)
     assert d.state["instance"] is None and len(d.traces("reference|gt")) == 2
-    # another reference resets the choice
+    # another reference resets the choice (here through another reference field: chelsea is
+    # the only reference annotated in `keypoints`; choosing the reference already shown
+    # changes nothing)
     d.call("on_change_instance", value="1")
+    assert d.state["instance"] == 1
     d.call("on_change_reference", value=ids["reference"])
-    assert d.state["instance"] is None
+    assert d.state["instance"] == 1
+    d.call("on_change_ref_field", value="ground_truth")
+    assert d.state["reference_id"] != ids["reference"] and d.state["instance"] is None
 
 
 def test_tagged_references_come_first(world):

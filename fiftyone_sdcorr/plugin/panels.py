@@ -108,18 +108,24 @@ _recent: "OrderedDict[str, float]" = OrderedDict()
 _recent_lock = threading.Lock()
 
 
+def _expire(table: "OrderedDict", now: float) -> None:
+    """Drops the entries of ``table`` (oldest first) noted before the window."""
+    while table and next(iter(table.values())) < now - DUPLICATE_WINDOW_S:
+        table.popitem(last=False)
+
+
 def _seen_just_now(params: dict) -> bool:
-    """Whether an identical panel event (same handler, value and panel state) was handled
-    in the last :data:`DUPLICATE_WINDOW_S` seconds: the App sends each dropdown choice
-    twice, with the same state, and identical events have identical results."""
-    method = params.get("__method__") or ""
-    if not method.startswith("on_change_"):
+    """Whether an identical control event (same handler, control, value and panel state)
+    was handled in the last :data:`DUPLICATE_WINDOW_S` seconds: the App sends each
+    dropdown choice twice, with the same state, and identical events have identical
+    results. Lifecycle events (no control ``path``: a new sample, a reloaded dataset) are
+    never skipped: their result also depends on the database."""
+    if not params.get("path"):
         return False
     key = hashlib.sha1(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()
     now = time.monotonic()
     with _recent_lock:
-        while _recent and next(iter(_recent.values())) < now - DUPLICATE_WINDOW_S:
-            _recent.popitem(last=False)
+        _expire(_recent, now)
         if key in _recent:
             return True
         _recent[key] = now
@@ -140,10 +146,10 @@ def _set(ctx, updates: dict) -> None:
         for key, value in updates.items():
             # a control filled for the first time (on load) is not sent back
             if key.startswith("controls.") and state.get(key) is not None and state.get(key) != value:
-                _echoes[(pid, key, json.dumps(value, default=str))] = now
-                _echoes.move_to_end((pid, key, json.dumps(value, default=str)))
-        while _echoes and next(iter(_echoes.values())) < now - DUPLICATE_WINDOW_S:
-            _echoes.popitem(last=False)
+                echo = (pid, key, json.dumps(value, default=str))
+                _echoes[echo] = now
+                _echoes.move_to_end(echo)
+        _expire(_echoes, now)
     state.set(updates)
 
 
