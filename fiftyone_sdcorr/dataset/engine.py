@@ -203,7 +203,7 @@ class Record:
     def __init__(self, samples, function: str, field: str, settings: Optional[dict] = None,
                  fingerprint: Optional[str] = None, options: Optional[dict] = None):
         self.dataset = samples._root_dataset
-        self.key = f"sdcorr_{function}_{field}"
+        self.key = _record_key(function, field)
         self.function, self.settings, self.fingerprint = function, settings or {}, fingerprint
         self.options = options or {}
         self.stored = self.read()
@@ -253,20 +253,24 @@ def find_record(samples, function: str, field: str) -> Optional[dict]:
     return Record(samples, function, field).stored
 
 
+def _record_key(function: str, field: str = "") -> str:
+    """The custom run key of ``function``'s record on ``field`` (``""``: the keys' prefix)."""
+    return f"sdcorr_{function}_{field}"
+
+
 def recorded_fields(dataset, function: str) -> List[str]:
     """The fields ``function`` recorded values for on ``dataset`` (sorted)."""
-    prefix = f"sdcorr_{function}_"
+    prefix = _record_key(function)
     return sorted(k[len(prefix):] for k in dataset.list_runs() if k.startswith(prefix))
 
 
 def latest_record(dataset, function: str) -> Optional[dict]:
     """The newest record of ``function`` on the dataset (any field), or None."""
-    prefix = f"sdcorr_{function}_"
-    keys = [k for k in dataset.list_runs() if k.startswith(prefix)]
-    if not keys:
+    fields = recorded_fields(dataset, function)
+    if not fields:
         return None
-    key = max(keys, key=lambda k: dataset.get_run_info(k).timestamp)
-    return Record(dataset, function, key[len(prefix):]).stored
+    newest = max(fields, key=lambda f: dataset.get_run_info(_record_key(function, f)).timestamp)
+    return Record(dataset, function, newest).stored
 
 
 # --------------------------------------------------------------------------- summary
