@@ -9,9 +9,9 @@ For each image sample it writes
   maps in the feature store;
 - ``<features_field>_error``: ``None`` on success, else why the sample failed.
 
-**Store namespaces.** Without ``store_dir`` a rerun into fields that hold this same
-configuration uses the folder recorded for them (so it resumes, computing nothing
-twice); otherwise the default folder. Features of one configuration (models and recipe: its
+**Store namespaces.** Without ``store_dir`` a rerun into fields computed before uses the
+folder recorded for them (so it resumes there, computing nothing twice, or overwrites
+there); otherwise the default folder. Features of one configuration (models and recipe: its
 *fingerprint*, :meth:`FeatureConfig.fingerprint`) live in
 ``<store_dir>/<fingerprint>/``: ``<shard>/<sample id>.safetensors``, the fixed projection
 in ``_tensors/projection.safetensors``, claims in ``_locks/``, one log per worker run in

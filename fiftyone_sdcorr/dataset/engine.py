@@ -225,10 +225,8 @@ class Record:
         if self.stored is None:
             return ""
         have = {**(self.stored.get("settings") or {}), **(self.stored.get("options") or {})}
-        want = {**self.settings, **self.options}
-        keys = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
-        diff = ", ".join(f"{k}: stored {have.get(k)!r} vs requested {want.get(k)!r}" for k in keys)
-        return f"holds values of {self.function} with other settings ({diff or 'fingerprint differs'})"
+        diff = settings_difference(have, {**self.settings, **self.options}, "requested")
+        return f"holds values of {self.function} with other settings ({diff})"
 
     def write(self, fields: Sequence[str], run: Optional[dict] = None) -> None:
         """Records the settings on the fields, and ``run`` (how it ran: device, store, ...;
@@ -246,6 +244,13 @@ class Record:
             if self.stored != want:
                 self.dataset.update_run_config(self.key, cfg)
         self.stored = self.read()
+
+
+def settings_difference(have: dict, want: dict, wanted: str) -> str:
+    """``"key: stored <have> vs <wanted> <want>, ..."`` for each setting that differs
+    (``"fingerprint differs"`` when none does)."""
+    keys = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+    return ", ".join(f"{k}: stored {have.get(k)!r} vs {wanted} {want.get(k)!r}" for k in keys) or "fingerprint differs"
 
 
 def find_record(samples, function: str, field: str) -> Optional[dict]:
@@ -430,6 +435,6 @@ __all__ = [
     "ParameterError", "check_int", "check_float", "check_bool", "check_choice", "check_str",
     "check_floats", "check_field_name", "require_field", "guard_outputs", "declare_outputs",
     "image_collection", "inputs_of", "checks_done", "preflight", "Record", "find_record", "latest_record",
-    "recorded_fields", "RunSummary", "Run", "values_or_none", "reason",
+    "recorded_fields", "settings_difference", "RunSummary", "Run", "values_or_none", "reason",
     "MAX_SUMMARY_ERRORS", "BUILTIN_FIELDS",
 ]

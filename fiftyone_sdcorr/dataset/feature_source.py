@@ -33,7 +33,7 @@ from fiftyone_sdcorr.core.images import load_image
 from fiftyone_sdcorr.core.models import default_device
 from fiftyone_sdcorr.core.store import FeatureStore, FeatureStoreError, read_header
 from fiftyone_sdcorr.dataset.config import FeatureConfig
-from fiftyone_sdcorr.dataset.engine import ParameterError, find_record, recorded_fields
+from fiftyone_sdcorr.dataset.engine import ParameterError, find_record, recorded_fields, settings_difference
 
 logger = logging.getLogger(__name__)
 
@@ -81,8 +81,9 @@ class FeatureSource:
             settings = record.get("settings") or {}
             if self.cfg is not None and self.cfg.fingerprint() != self.config_fp:
                 raise ParameterError(
-                    f"parameter 'features_field': the features in {features_field!r} were computed with other settings "
-                    f"({_diff(settings, self.cfg.settings())}); give the same models and recipe, or none "
+                    f"parameter 'features_field': the features in {features_field!r} were computed with other "
+                    f"settings ({settings_difference(settings, self.cfg.settings(), 'given')}); give the same "
+                    "models and recipe, or none "
                     "to use the stored ones, or compute features with these settings into another "
                     "features_field")
             if self.cfg is None and settings.get("extractor") == "sd+dinov2":
@@ -248,11 +249,6 @@ class FeatureSource:
                     except Exception as e:  # noqa: BLE001
                         out[sid] = e
         return out
-
-
-def _diff(have: dict, want: dict) -> str:
-    keys = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
-    return ", ".join(f"{k}: stored {have.get(k)!r} vs given {want.get(k)!r}" for k in keys) or "fingerprint differs"
 
 
 __all__ = ["FeatureSource", "OtherSettingsError", "FEATURE_KEYWORDS", "READ_THREADS"]
