@@ -1,6 +1,7 @@
 """evaluate_keypoints (PCK as a FiftyOne evaluation run) and flag_keypoint_annotations,
 through real FiftyOne + MongoDB; their operators immediate and delegated."""
 
+import itertools
 import uuid
 
 import numpy as np
@@ -14,6 +15,7 @@ from fiftyone.operators.delegated import DelegatedOperationService
 from fiftyone.operators.executor import ExecutionRunState
 
 from fiftyone_sdcorr.dataset.evaluate import KeypointPCKResults, evaluate_keypoints
+from fiftyone_sdcorr.dataset.pck import match_instances, points_of
 from fiftyone_sdcorr.dataset.review import flag_keypoint_annotations
 from local_descriptor import LocalDescriptor
 from snapshots import field_snapshot
@@ -62,8 +64,8 @@ def hand_ds(tmp_path):
 
 # --------------------------------------------------------------------------- PCK
 def test_a_point_exactly_at_the_threshold_is_not_correct(tmp_path):
-    """RECIPE.md: correct when the distance is strictly below alpha x T (binary-exact
-    numbers, so no rounding decides it)."""
+    """Correct when the distance is strictly below alpha x T, as the paper's code
+    (binary-exact numbers, so no rounding decides it)."""
     Image.new("RGB", (80, 80)).save(tmp_path / "s.png")
     ds = fo.Dataset(_name())
     try:
@@ -120,6 +122,164 @@ def test_per_point_and_per_image_differ(tmp_path):
         r = evaluate_keypoints(ds, "pred", "gt", alphas=(0.1,), progress=False)
         assert r.pck(0.1, "per_point") == pytest.approx(4 / 6)
         assert r.pck(0.1, "per_image") == pytest.approx(0.5)
+    finally:
+        ds.delete()
+
+
+# --------------------------------------------------------------------------- instance matching
+# a big 9-point person over most of a 200 x 200 image, and a small 3-point decoy inside it
+BIG = [[0.2, 0.1], [0.5, 0.1], [0.8, 0.1], [0.2, 0.5], [0.5, 0.5], [0.8, 0.5], [0.2, 0.9], [0.5, 0.9], [0.8, 0.9]]
+DECOY = [[0.45, 0.45], [0.55, 0.45], [0.5, 0.55]]
+
+
+def _kp(label, pts, **attrs):
+    return fo.Keypoint(label=label, points=[list(p) for p in pts], **attrs)
+
+
+def test_instances_paired_by_geometry_in_any_order(tmp_path):
+    """The decoy listed first in the ground truth does not steal the big person's
+    prediction: 9 points counted (all correct), the decoy's 3 missed, for every order of
+    the ground-truth and prediction lists (a stray 'dog' prediction has no ground truth)."""
+    Image.new("RGB", (200, 200)).save(tmp_path / "p.png")
+    ds = fo.Dataset(_name())
+    try:
+        samples = []
+        for g in itertools.permutations([("person", DECOY), ("person", BIG)]):
+            for p in itertools.permutations([("person", BIG), ("dog", [[0.1, 0.1], [0.3, 0.3]])]):
+                samples.append(fo.Sample(filepath=str(tmp_path / "p.png"),
+                                         gt=fo.Keypoints(keypoints=[_kp(lab, q) for lab, q in g]),
+                                         pred=fo.Keypoints(keypoints=[_kp(lab, q) for lab, q in p])))
+        ds.add_samples(samples)
+        assert len(ds) == 4
+        for sample in ds:
+            r = evaluate_keypoints(ds.select(sample.id), "pred", "gt", eval_key=None, alphas=(0.1, 0.01),
+                                   progress=False)
+            assert r.counts == {"person": {"points": 9, "missed": 3, "instances": 2, "images": 1}}
+            assert r.pck(0.1) == 1.0 and r.pck(0.01) == 1.0 and r.pck(0.1, "per_image") == 1.0
+        r = evaluate_keypoints(ds, "pred", "gt", eval_key="geo", alphas=(0.1,), progress=False)
+        assert r.counts["person"] == {"points": 36, "missed": 12, "instances": 8, "images": 4}
+        assert r.pck(0.1) == 1.0
+        for sample in ds:
+            for kp in sample.pred.keypoints:
+                if kp.label == "person":
+                    assert kp.geo_correct == [True] * 9 and kp.geo_dist == [0.0] * 9
+                else:  # the stray prediction is not scored
+                    assert kp.geo_correct == [None, None]
+            assert sample.geo == 1.0
+        # the old pairing (first person with first person) would have scored the decoy
+        # listed first against the big person's prediction
+    finally:
+        ds.delete()
+
+
+def test_match_instances_optimal_and_order_independent():
+    """Three people, each prediction a perturbed copy of one of them (one with a wrong
+    point): the same pairs, by identity, for all 36 orders of the two lists."""
+    people = {"a": BIG, "b": [[x * 0.3, y * 0.3] for x, y in BIG], "c": [[x * 0.3 + 0.6, y * 0.3 + 0.6] for x, y in BIG]}
+    preds = {n: [[x + 0.004, y - 0.003] for x, y in q] for n, q in people.items()}
+    preds["a"][4] = [0.95, 0.95]  # one wrong point does not break the pairing
+    for go in itertools.permutations("abc"):
+        for po in itertools.permutations("abc"):
+            gt = [_kp("person", people[n]) for n in go]
+            pr = [_kp("person", preds[n]) for n in po]
+            pairs = match_instances(pr, gt, 200, 200)
+            assert sorted((po[i], go[j]) for i, j in pairs) == [("a", "a"), ("b", "b"), ("c", "c")]
+    # a label never matches another label; no point visible in both: no pair
+    assert match_instances([_kp("dog", BIG)], [_kp("cat", BIG)], 200, 200) == []
+    assert match_instances([_kp("cat", [[NAN, NAN]] * 9)], [_kp("cat", BIG)], 200, 200) == []
+    assert match_instances([_kp(None, BIG)], [_kp(None, BIG), _kp("cat", BIG)], 200, 200) == [(0, 0)]
+
+
+def test_instance_link_wins_over_geometry(tmp_path):
+    """Predictions linked (``instance``) to the other person are scored against it, though
+    their points lie on the first one; without links geometry pairs them."""
+    Image.new("RGB", (200, 200)).save(tmp_path / "p.png")
+    left = [[x * 0.4, y] for x, y in BIG]          # x in 0.08 .. 0.32
+    right = [[x * 0.4 + 0.6, y] for x, y in BIG]   # x in 0.68 .. 0.92
+    ia, ib = fo.Instance(), fo.Instance()
+    ds = fo.Dataset(_name())
+    try:
+        linked = fo.Sample(filepath=str(tmp_path / "p.png"),
+                           gt=fo.Keypoints(keypoints=[_kp("person", left, instance=ia),
+                                                      _kp("person", right, instance=ib)]),
+                           pred=fo.Keypoints(keypoints=[_kp("person", left, instance=ib),
+                                                        _kp("person", right[:3], instance=ia)]))
+        plain = fo.Sample(filepath=str(tmp_path / "p.png"),
+                          gt=fo.Keypoints(keypoints=[_kp("person", left), _kp("person", right)]),
+                          pred=fo.Keypoints(keypoints=[_kp("person", left), _kp("person", right[:3])]))
+        ds.add_samples([linked, plain])
+        linked, plain = list(ds)  # the links as read back from the database
+        assert linked.gt.keypoints[1].instance.id == linked.pred.keypoints[0].instance.id
+        g, p = linked.gt.keypoints, linked.pred.keypoints
+        assert match_instances(p, g, 200, 200) == [(0, 1), (1, 0)]
+        assert match_instances(plain.pred.keypoints, plain.gt.keypoints, 200, 200) == [(0, 0), (1, 1)]
+        r = evaluate_keypoints(ds.select(linked.id), "pred", "gt", eval_key=None, alphas=(0.1,), progress=False)
+        # 9 + 3 points counted, every one 0.6 x 200 = 120 px away (T = extent 160 px): none correct
+        assert r.counts["person"] == {"points": 12, "missed": 0, "instances": 2, "images": 1}
+        assert r.pck(0.1) == 0.0
+        r = evaluate_keypoints(ds.select(plain.id), "pred", "gt", eval_key=None, alphas=(0.1,), progress=False)
+        assert r.counts["person"] == {"points": 12, "missed": 0, "instances": 2, "images": 1}
+        assert r.pck(0.1) == 1.0
+    finally:
+        ds.delete()
+
+
+def test_visible_attribute(tmp_path):
+    """COCO ``visible`` ints: 0 does not count (even with finite coordinates), 1 and 2 do;
+    booleans likewise."""
+    Image.new("RGB", (100, 100)).save(tmp_path / "v.png")
+    gt_pts = [[0.1, 0.1], [0.9, 0.1], [0.5, 0.5], [0.1, 0.9], [0.9, 0.9]]
+    # point 2 predicted 40 px off (wrong if it counted), point 4 not predicted
+    pred_pts = [[0.1, 0.1], [0.9, 0.1], [0.9, 0.5], [0.1, 0.9], [NAN, NAN]]
+    ds = fo.Dataset(_name())
+    try:
+        coco = fo.Sample(filepath=str(tmp_path / "v.png"),
+                         gt=fo.Keypoints(keypoints=[_kp("x", gt_pts, visible=[2, 1, 0, 2, 1])]),
+                         pred=_kps("x", pred_pts))
+        flags = fo.Sample(filepath=str(tmp_path / "v.png"),
+                          gt=fo.Keypoints(keypoints=[_kp("y", gt_pts[:3], visible=[True, True, False])]),
+                          pred=_kps("y", pred_pts[:3]))
+        ds.add_samples([coco, flags])
+        assert np.isnan(points_of(ds.first().gt.keypoints[0])[2]).all()  # v=0: not visible
+        r = evaluate_keypoints(ds, "pred", "gt", eval_key="vis", alphas=(0.1,), progress=False)
+        # x: points 0, 1, 3 count (v=2, 1, 2), point 4 (v=1) missed; y: points 0, 1
+        assert r.counts["x"] == {"points": 3, "missed": 1, "instances": 1, "images": 1}
+        assert r.counts["y"] == {"points": 2, "missed": 0, "instances": 1, "images": 1}
+        assert r.pck(0.1, "per_point", "x") == 1.0 and r.pck(0.1, "per_point", "y") == 1.0
+        coco, flags = list(ds)
+        assert coco.pred.keypoints[0].vis_correct == [True, True, None, True, None]
+        assert flags.pred.keypoints[0].vis_correct == [True, True, None]
+    finally:
+        ds.delete()
+
+
+def test_threshold_from_the_linked_detection(tmp_path):
+    """``T`` is the box of the detection linked by ``instance`` (50 px), not the bigger box
+    holding more ground-truth points (100 px) that the geometry would choose."""
+    Image.new("RGB", (100, 100)).save(tmp_path / "t.png")
+    gt_pts = [[0.6, 0.6], [0.9, 0.6], [0.6, 0.9], [0.9, 0.9]]
+    pred_pts = [[0.6, 0.6], [0.8, 0.6], [0.6, 0.9], [0.9, 0.9]]  # point 1: 10 px off
+    ds = fo.Dataset(_name())
+    try:
+        samples = []
+        for link in (True, False):
+            inst = fo.Instance()
+            samples.append(fo.Sample(
+                filepath=str(tmp_path / "t.png"),
+                gt=fo.Keypoints(keypoints=[_kp("p", gt_pts, **({"instance": inst} if link else {}))]),
+                pred=_kps("p", pred_pts),
+                box=fo.Detections(detections=[
+                    fo.Detection(label="p", bounding_box=[0.0, 0.0, 1.0, 1.0]),
+                    fo.Detection(label="p", bounding_box=[0.5, 0.5, 0.5, 0.5], instance=fo.Instance()),
+                    fo.Detection(label="p", bounding_box=[0.0, 0.0, 0.5, 0.5],
+                                 **({"instance": inst} if link else {}))])))
+        ds.add_samples(samples)
+        r = evaluate_keypoints(ds, "pred", "gt", eval_key="tb", bbox_field="box", alphas=(0.15,), progress=False)
+        linked, plain = list(ds)
+        assert linked.pred.keypoints[0].tb_dist == pytest.approx([0.0, 0.2, 0.0, 0.0])  # 10 / 50
+        assert plain.pred.keypoints[0].tb_dist == pytest.approx([0.0, 0.1, 0.0, 0.0])   # 10 / 100
+        assert linked.tb == pytest.approx(0.75) and plain.tb == 1.0
+        assert r.pck(0.15) == pytest.approx(7 / 8)
     finally:
         ds.delete()
 

@@ -1,17 +1,26 @@
 """PCK evaluation of predicted keypoints against ground truth, as a FiftyOne evaluation run.
 
-Definitions (RECIPE.md, "Evaluation protocol")
-----------------------------------------------
-- Instances: predicted and ground-truth ``fo.Keypoint`` objects are paired by label and
-  order: the ``j``-th predicted instance labelled ``L`` with the ``j``-th ground-truth
-  instance labelled ``L``. Points are paired by index.
-- A point **counts** when it is visible in both: finite ground truth and a finite
-  (not ``[nan, nan]``) prediction. Ground-truth points whose prediction is missing or
+Definitions
+-----------
+- Instances: predicted and ground-truth ``fo.Keypoint`` objects of a sample are paired
+  by :func:`fiftyone_sdcorr.dataset.pck.match_instances`, never by list order: first
+  by their FiftyOne ``instance`` link (the same ``fo.Instance`` id), then by an optimal
+  assignment on an OKS-like cost (same label only; the points visible in both, scaled
+  by the size of the ground-truth object). The result does not depend on the order of
+  either list. Points are paired by index. A ground-truth instance left unmatched (on
+  a sample that has predictions) counts its visible points as ``missed`` and is counted
+  in ``instances``; samples without any prediction are not evaluated.
+- A ground-truth point is **visible** when it has finite coordinates and its
+  ``visible`` entry (when the keypoint has that list attribute) is not 0 / False (COCO
+  ``v=1``, labelled but occluded, is visible).
+- A point **counts** when it is visible in both: a visible ground-truth point and a
+  finite (not ``[nan, nan]``) prediction. Ground-truth points whose prediction is missing or
   NaN are reported as ``missed`` but do not count.
 - Threshold size ``T`` per target instance, in pixels of the target image:
-  ``threshold="bbox"`` (default): ``max(w, h)`` of the object's box from ``bbox_field``
-  (a ``fo.Detections``/``fo.Detection`` field: the detection with the same label, else
-  the one with the most ground-truth points inside it); without ``bbox_field``, the
+  ``threshold="bbox"`` (default): ``max(w, h)`` of the matched object's box from
+  ``bbox_field`` (a ``fo.Detections``/``fo.Detection`` field: the detection linked to
+  the ground truth by the same ``instance`` id, else the one with the same label, else
+  any, with the most ground-truth points inside it); without ``bbox_field``, the
   extent ``max(x_max - x_min, y_max - y_min)`` of the visible ground-truth points.
   ``threshold="image"``: ``max(image width, image height)`` (PF-Pascal).
 - A point is **correct at alpha** when ``||pred - gt|| < alpha * T`` (pixels; strictly below, as the paper's code).
@@ -50,8 +59,9 @@ from fiftyone_sdcorr.dataset.engine import (
     require_field,
     values_or_none,
 )
-from fiftyone_sdcorr.dataset.pck import image_size_of, pair_instances, points_of, threshold_size
+from fiftyone_sdcorr.dataset.pck import image_size_of, instance_id, match_instances, points_of, threshold_size
 from fiftyone_sdcorr.dataset.progress import ProgressArg
+from fiftyone_sdcorr.dataset.units import Units
 
 logger = logging.getLogger(__name__)
 
@@ -245,6 +255,7 @@ def evaluate_keypoints(
     bbox_field: Optional[str] = EvaluationConfig.bbox_field,
     threshold: str = EvaluationConfig.threshold,
     overwrite: bool = EvaluationConfig.overwrite,
+    patches_field: Optional[str] = None,
     progress: ProgressArg = True,
 ) -> KeypointPCKResults:
     """PCK of ``pred_field`` against ``gt_field`` (module docstring for the definitions).
@@ -260,12 +271,17 @@ def evaluate_keypoints(
             :class:`KeypointPCKResults`); ``None``: compute only, write nothing.
         alphas: PCK thresholds in (0, 1]; the first one is written per point / per sample.
         bbox_field: a ``fo.Detections`` field giving the object's box (``threshold="bbox"``).
+        patches_field: the objects (a ``fo.Detections`` field, or a ``to_patches()`` view):
+            their samples are evaluated, their boxes are the default ``bbox_field``.
         threshold: ``"bbox"`` (box, else the extent of the ground-truth points) or
             ``"image"`` (``max(width, height)``).
         overwrite: replace an existing evaluation with the same key.
         progress: True/False or ``callable(fraction, label)``.
     """
     # 1. check every parameter and field before anything is registered or written
+    if hasattr(samples, "_root_dataset"):  # objects: their samples, their boxes (else checked below)
+        units = Units(samples, patches_field)
+        samples, bbox_field = units.samples, bbox_field or units.patches_field
     cfg = EvaluationConfig(pred_field, gt_field, eval_key, alphas, bbox_field, threshold, overwrite)
     check_evaluation(samples, cfg)
     checks_done()
@@ -367,11 +383,19 @@ class _Tally:
         per_kp_correct = [[None] * len(kp.points or []) for kp in pk]
         per_kp_dist = [[None] * len(kp.points or []) for kp in pk]
         s_correct, s_count, s_lab = self.zero(), 0, {}
-        for i, j in pair_instances(pk, gk):
+        boxes = box if cfg.bbox_field else None
+        pairs = match_instances(pk, gk, w, h, boxes)
+        matched = {j for _, j in pairs}
+        for j in sorted(set(range(len(gk))) - matched):  # unmatched ground truth: all missed
+            lab = gk[j].label if gk[j].label is not None else NO_LABEL
+            self.lab_inst[lab] = self.lab_inst.get(lab, 0) + 1
+            n_vis = int(np.isfinite(points_of(gk[j])).all(axis=1).sum())
+            self.lab_missed[lab] = self.lab_missed.get(lab, 0) + n_vis
+        for i, j in pairs:
             p, g = points_of(pk[i]) * scale, points_of(gk[j]) * scale
             k = min(len(p), len(g))
             lab = gk[j].label if gk[j].label is not None else NO_LABEL
-            T = threshold_size(cfg.threshold, box if cfg.bbox_field else None, gk[j].label, g, w, h)
+            T = threshold_size(cfg.threshold, boxes, gk[j].label, g, w, h, instance_id(gk[j]))
             self.lab_inst[lab] = self.lab_inst.get(lab, 0) + 1
             gvis, pvis = np.isfinite(g[:k]).all(axis=1), np.isfinite(p[:k]).all(axis=1)
             both = gvis & pvis
@@ -379,7 +403,7 @@ class _Tally:
             if T is None or not both.any():
                 continue
             d = np.linalg.norm(p[:k] - g[:k], axis=1) / T
-            corr = np.stack([(d < a) & both for a in self.alphas])  # strictly below (RECIPE.md)
+            corr = np.stack([(d < a) & both for a in self.alphas])  # strictly below, as the paper's code
             n, c = int(both.sum()), corr.sum(axis=1).astype(np.float64)
             self.lab_correct[lab] = self.lab_correct.get(lab, self.zero()) + c
             self.lab_count[lab] = self.lab_count.get(lab, 0) + n
