@@ -36,6 +36,8 @@ _LAZY = {
     "write_similarity_heatmaps": "fiftyone_sdcorr.dataset.feature_views",
     "import_benchmark": "fiftyone_sdcorr.dataset.benchmarks",
     "benchmark_pairs": "fiftyone_sdcorr.dataset.benchmarks",
+    "keypoint_skeleton": "fiftyone_sdcorr.dataset.skeletons",
+    "write_skeletons": "fiftyone_sdcorr.dataset.skeletons",
     "evaluate_pairs": "fiftyone_sdcorr.pair_eval",
 }
 

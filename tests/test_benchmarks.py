@@ -410,7 +410,7 @@ def test_import_ap10k_and_pfpascal(bench_root, cleanup_datasets):
     with_points = pf.exists("keypoints")
     assert with_points.values("benchmark_key") == ["aeroplane/2008_000100"]  # from Annotations/aeroplane/*.mat
     kp = with_points.first().keypoints.keypoints[0]
-    assert kp.visible == [True, True, False, True]
+    assert kp.visible == [2, 2, 0, 2]  # COCO's visibility: 2 visible, 0 not labelled
     recs = sdc.benchmark_pairs(pf)
     assert [r.threshold for r in recs] == [300.0, 250.0]
     rc, out = run_cli("import-benchmark", "--format", "pfpascal", "--root", bench_root["pfpascal"], "--name", name2)

@@ -222,7 +222,7 @@ def _keypoints(img: ImageRecord, fmt: str) -> Optional[fo.Keypoints]:
     pts = img.points / np.array([img.width, img.height], dtype=np.float64)
     visible = np.isfinite(pts).all(axis=1)
     points = [[float(x), float(y)] if v else [float("nan"), float("nan")] for (x, y), v in zip(pts, visible)]
-    attrs = {"visible": [bool(v) for v in visible]}
+    attrs = {"visible": [2 if v else 0 for v in visible]}  # COCO's: 2 visible, 0 not labelled
     if "coco_visibility" in img.extra:
         attrs["coco_visibility"] = list(img.extra["coco_visibility"])
     return fo.Keypoints(keypoints=[fo.Keypoint(label=img.category, points=points, **attrs)])

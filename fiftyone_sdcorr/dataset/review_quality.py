@@ -226,7 +226,8 @@ def copy_keypoint(kp, pts, dropped) -> fo.Keypoint:
     new.points = [[float(x), float(y)] for x, y in pts]
     vis = getattr(kp, "visible", None) if "visible" in kp.field_names else None
     if isinstance(vis, list) and len(vis) == len(pts):
-        new.visible = [bool(v) and not d for v, d in zip(vis, dropped)]
+        # a dropped point is not visible; the rest keep their value (COCO's 0/1/2 or a bool)
+        new.visible = [(False if isinstance(v, bool) else 0) if d else v for v, d in zip(vis, dropped)]
     return new
 
 

@@ -19,6 +19,7 @@ from bson import ObjectId
 
 from fiftyone_sdcorr.core import visualize as vis
 from fiftyone_sdcorr.dataset.config import EMBEDDING_FIELD, FEATURES_FIELD, KEYPOINTS_FIELD
+from fiftyone_sdcorr.dataset.skeletons import keypoint_skeleton
 
 PLUGIN = "@sdcorr/sdcorr"
 REFERENCE_ATTR = "sdcorr_reference_id"
@@ -196,13 +197,16 @@ def free_field_name(dataset, base: str = OUTPUT_FIELD) -> str:
     return name
 
 
-def skeleton_of(dataset, field: Optional[str]):
-    sk = (dataset.skeletons or {}).get(field) if field else None
-    return sk if sk is not None else dataset.default_skeleton
+def skeleton_of(dataset, field: Optional[str], label: Optional[str] = None):
+    """The skeleton of ``field`` (:func:`keypoint_skeleton`: the field's, the default,
+    or COCO's categories in ``dataset.info``); that of ``label``'s category when there
+    is one, else the dataset's only one."""
+    sk = keypoint_skeleton(dataset, field, label) if label is not None else None
+    return sk if sk is not None else keypoint_skeleton(dataset, field)
 
 
-def point_labels(dataset, field: Optional[str], n: int) -> List[str]:
-    sk = skeleton_of(dataset, field)
+def point_labels(dataset, field: Optional[str], n: int, label: Optional[str] = None) -> List[str]:
+    sk = skeleton_of(dataset, field, label)
     labels = list(getattr(sk, "labels", None) or [])
     return [labels[i] if i < len(labels) else f"point {i}" for i in range(n)]
 
@@ -435,9 +439,10 @@ def build_figure(dataset, current, reference, state: dict) -> dict:
     cur_gt = instances_of(current, gt_field)
     cur_pred = instances_of(current, pred_field) if pred_field else []
     n_points = max([len(ref_insts[j].points) for j in shown] + [0])
-    labels = point_labels(dataset, ref_field, n_points)
+    ref_label = next((getattr(ref_insts[j], "label", None) for j in shown), None)
+    labels = point_labels(dataset, ref_field, n_points, ref_label)
     colors = [vis.palette_color(i) for i in range(n_points)]
-    sk = skeleton_of(dataset, ref_field)
+    sk = skeleton_of(dataset, ref_field, ref_label)
     edges = [list(e) for e in (getattr(sk, "edges", None) or [])]
     selected = state.get("selected_point") or {}
 
