@@ -19,7 +19,7 @@ from PIL import Image
 
 from fiftyone_sdcorr.core import models as _models
 from fiftyone_sdcorr.core.features import DEFAULT_TAPS, FixedProjection, FusedFeatures, RawFeatures, fuse_raw, fuse_pair
-from fiftyone_sdcorr.core.geometry import Letterbox
+from fiftyone_sdcorr.core.geometry import DEFAULT_CONTEXT_MARGIN, Letterbox
 from fiftyone_sdcorr.core.images import load_image
 from fiftyone_sdcorr.core.params import ParameterError, check_bool, check_choice, check_float, check_int, check_str
 
@@ -63,6 +63,9 @@ class Recipe:
     #: UNet as it is, for UNets fine-tuned on clean images (CleanDIFT); ``Recipe.build`` then
     #: sets ``timestep`` to 0 unless it is given.
     noise: bool = True
+    #: objects only (``patches_field``): context around each object's box on each side, as a
+    #: fraction of the box's side, before the crop is letterboxed like an image
+    context_margin: float = DEFAULT_CONTEXT_MARGIN
 
     def __post_init__(self):
         check_int("sd_size", self.sd_size, lo=64, hi=4096)
@@ -77,6 +80,7 @@ class Recipe:
         check_int("pca_dim", self.pca_dim, lo=1, hi=4096)
         check_float("alpha", self.alpha, lo=0.0, hi=1.0)
         check_bool("noise", self.noise)
+        check_float("context_margin", self.context_margin, lo=0.0, hi=2.0)
         if isinstance(self.taps, str) or not isinstance(self.taps, (list, tuple)):
             raise ParameterError(f"parameter 'taps' must be a list of tap names, got {self.taps!r}")
         bad = [t for t in self.taps if t not in _models.SD_TAPS]
@@ -108,6 +112,9 @@ class Recipe:
             # the paper's noising is left out so that settings, and the fingerprints of
             # features stored before the field existed, stay as they were
             del d["noise"]
+        # the margin decides the values of object features only: FeatureConfig.settings adds
+        # it back for them (image features keep the fingerprints they had)
+        del d["context_margin"]
         return d
 
     def tile_offsets(self) -> List[int]:

@@ -31,6 +31,8 @@ from typing import Tuple, Union
 import numpy as np
 from PIL import Image, ImageOps
 
+from fiftyone_sdcorr.core.geometry import Crop
+
 ImageLike = Union[str, "os.PathLike[str]", Image.Image, np.ndarray]
 
 #: EXIF tag 0x0112
@@ -81,6 +83,18 @@ def load_image(image: ImageLike) -> Image.Image:
         "load_image expects a file path, a PIL.Image.Image or a numpy array, "
         f"got {type(image).__name__}"
     )
+
+
+def load_crop(image: ImageLike, box, margin: float) -> Tuple[Image.Image, Crop]:
+    """An object's crop of ``image`` (``box``: normalised ``[x, y, w, h]`` grown by ``margin``,
+    :class:`~fiftyone_sdcorr.core.geometry.Crop`) and where it sits in the image. A box
+    without area or outside the image is an :class:`ImageLoadError` naming the file."""
+    img = load_image(image)
+    try:
+        crop = Crop.of_box(img.width, img.height, box, margin)
+    except ValueError as e:
+        raise ImageLoadError(image if isinstance(image, (str, os.PathLike)) else "<image>", str(e)) from None
+    return img.crop(crop.box()), crop
 
 
 def image_size(image_or_path: ImageLike) -> Tuple[int, int]:
@@ -351,4 +365,4 @@ def _array_to_uint8(a: np.ndarray, name: str) -> np.ndarray:
     raise ImageLoadError(name, f"unsupported dtype {dt}")
 
 
-__all__ = ["ImageLoadError", "load_image", "image_size"]
+__all__ = ["ImageLoadError", "load_image", "load_crop", "image_size"]

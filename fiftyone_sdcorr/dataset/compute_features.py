@@ -51,7 +51,6 @@ import fiftyone.core.media as fom
 
 from fiftyone_sdcorr.core.extractor import PREP_THREADS
 from fiftyone_sdcorr.core.features import FixedProjection, FusedFeatures, fuse_raw
-from fiftyone_sdcorr.core.images import load_image
 from fiftyone_sdcorr.core.store import STORE_DTYPES, FeatureStore, encode, stored_embedding
 from fiftyone_sdcorr.core.pipeline import pipelined
 from fiftyone_sdcorr.core.transfer import EncodedFeatures
@@ -61,16 +60,18 @@ from fiftyone_sdcorr.dataset.engine import (
     Record,
     Run,
     RunSummary,
+    ParameterError,
     check_bool,
+    check_field_name,
     checks_done,
     declare_outputs,
     guard_outputs,
     image_collection,
     reason,
     require_field,
-    values_or_none,
 )
 from fiftyone_sdcorr.dataset.progress import ProgressArg
+from fiftyone_sdcorr.dataset.units import Unit, Units, patches_field_of
 
 logger = logging.getLogger(__name__)
 
@@ -100,9 +101,12 @@ def compute_fused_features(
     dtype=None,
     overwrite: bool = False,
     prompt_field: Optional[str] = None,
+    patches_field: Optional[str] = None,
+    brain_key: Optional[str] = None,
     progress: ProgressArg = True,
 ) -> RunSummary:
-    """Computes fused SD + DINOv2 features for the image samples of ``samples``.
+    """Computes fused SD + DINOv2 features for the image samples of ``samples``, or for
+    their objects (``patches_field``, or a ``to_patches()`` view).
 
     Args (``None`` = the default of :class:`~fiftyone_sdcorr.dataset.config.FeatureConfig`):
         samples: a FiftyOne dataset or view of images
@@ -119,6 +123,14 @@ def compute_fused_features(
         overwrite: recompute samples that have features, and allow output fields that
             hold something else (another configuration's features, a user's field)
         prompt_field: a field naming each sample's object for a ``{label}`` prompt template
+            (objects: their own label fills ``{label}`` when no field is given)
+        patches_field: a ``fo.Detections`` field: features per object (its box grown by the
+            recipe's ``context_margin``), stored per label id, the embedding, path and error
+            as attributes of each detection (:mod:`fiftyone_sdcorr.dataset.units`)
+        brain_key: also register the embeddings as a FiftyOne similarity index (a brain
+            run, sklearn backend) under this key: the App's similarity search,
+            ``sort_by_similarity`` and the match panel's reference ranking use it; a
+            similarity run of this key over the same embeddings is rebuilt
         progress: ``True``/``False``/``None`` or a callable ``progress(fraction, label)``
 
     Returns:
@@ -131,30 +143,35 @@ def compute_fused_features(
         sd_model=sd_model, dino_model=dino_model, extractor=extractor, embedding_field=embedding_field,
         features_field=features_field, store_dir=store_dir, store_dtype=store_dtype, pca_dim=pca_dim,
         projection_samples=projection_samples, preset=preset, recipe=recipe, batch_size=batch_size,
-        device=device, dtype=dtype, prompt_field=prompt_field)
+        device=device, dtype=dtype, prompt_field=prompt_field,
+        objects=patches_field_of(samples, patches_field) is not None)
     image_collection(samples)
-    job = FeatureJob(samples, cfg, check_bool("overwrite", overwrite))
+    job = FeatureJob(samples, cfg, check_bool("overwrite", overwrite), Units(samples, patches_field))
     job.check()
+    check_brain_key(samples, brain_key, job.units, cfg.embedding_field)
     checks_done()
     # 2. the store namespace of this configuration and its projection, if fitted
     job.open_store()
     # 3. what is done, what is not an image, what is pending
     pending = job.plan()
     # 4. compute the pending samples in claimed batches (the models load only if needed)
-    with Run(samples, job.summary, len(job.ids), progress, "samples", cfg.error_field) as run:
+    with Run(samples, job.summary, len(job.ids), progress, job.units.what, cfg.error_field, job.units) as run:
         job.start(run)
         if pending:
             job.compute(pending, run)
+    if brain_key is not None:
+        job.summary["brain_key"] = similarity_index(samples, brain_key, job.units, cfg.embedding_field)
     return job.summary
 
 
 class FeatureJob:
     """The steps of one ``compute_fused_features`` run (see the module docstring)."""
 
-    def __init__(self, samples, cfg: FeatureConfig, overwrite: bool):
+    def __init__(self, samples, cfg: FeatureConfig, overwrite: bool, units: Units):
         self.samples, self.dataset, self.cfg, self.overwrite = samples, samples._root_dataset, cfg, overwrite
+        self.units = units
         self.fingerprint = cfg.fingerprint()
-        self.record = Record(samples, FUNCTION, cfg.features_field, cfg.settings(), self.fingerprint,
+        self.record = Record(samples, FUNCTION, units.record_name(cfg.features_field), cfg.settings(), self.fingerprint,
                              options={"store_dtype": cfg.store_dtype})
         self.outputs = {
             "embedding_field": (cfg.embedding_field, "vector"),
@@ -170,7 +187,8 @@ class FeatureJob:
     def check(self) -> None:
         if self.cfg.prompt_field is not None:
             require_field(self.samples, "prompt_field", self.cfg.prompt_field, "label")
-        guard_outputs(self.samples, self.outputs, {"prompt_field": self.cfg.prompt_field}, self.overwrite, self.record)
+        guard_outputs(self.samples, self.outputs, {"prompt_field": self.cfg.prompt_field}, self.overwrite, self.record,
+                      self.units)
 
     # ---- 2. store
     def open_store(self) -> None:
@@ -214,28 +232,33 @@ class FeatureJob:
         return emb is not None and fpath is not None and str(fpath) == str(self.store.path_for(sid))
 
     # ---- 3. plan
-    def plan(self) -> List[Tuple[str, str]]:
-        cfg, n = self.cfg, len(self.samples)
-        self.ids, paths = self.samples.values("id"), self.samples.values("filepath")
-        embs = values_or_none(self.samples, cfg.embedding_field, n)
-        feats = values_or_none(self.samples, cfg.features_field, n)
+    def plan(self) -> List[Tuple[str, Unit]]:
+        """``[(unit id, unit)]`` still to compute (:mod:`.units`: samples or objects)."""
+        cfg, units = self.cfg, self.units.units()
+        self.ids = [u.id for u in units]
+        embs = self.units.values(cfg.embedding_field)
+        feats = self.units.values(cfg.features_field)
         self.summary["total"] = len(self.ids)
         self.not_images: Dict[str, str] = {}
         pending = []
-        for sid, fp, emb, fpath in zip(self.ids, paths, embs, feats):
-            if not self.overwrite and self.is_done(sid, emb, fpath):
+        for u, emb, fpath in zip(units, embs, feats):
+            if not self.overwrite and self.is_done(u.id, emb, fpath):
                 self.summary.add("skipped")
-            elif (why := _not_an_image(fp)) is not None:
-                self.not_images[sid] = why
+            elif (why := _not_an_image(u.filepath)) is not None:
+                self.not_images[u.id] = why
             else:
-                pending.append((sid, fp))
-        self.prompt_labels = self._prompt_labels()
+                pending.append((u.id, u))
+        self.prompt_labels = self._prompt_labels(units)
         return pending
 
-    def _prompt_labels(self) -> Optional[Dict[str, Optional[str]]]:
-        if self.cfg.prompt_field is None:
-            return None
-        return {sid: label_of(v) for sid, v in zip(self.ids, self.samples.values(self.cfg.prompt_field))}
+    def _prompt_labels(self, units) -> Optional[Dict[str, Optional[str]]]:
+        if self.cfg.prompt_field is not None:
+            by_sample = dict(zip(self.units.samples.values("id"),
+                                 map(label_of, self.units.samples.values(self.cfg.prompt_field))))
+            return {u.id: by_sample.get(u.sample_id) for u in units}
+        if self.units.objects and "{label}" in self.cfg.recipe.prompt:
+            return {u.id: u.label for u in units}
+        return None
 
     # ---- 4. compute
     def start(self, run: Run) -> None:
@@ -247,7 +270,7 @@ class FeatureJob:
             "preset": cfg.preset, "device": cfg.device, "dtype": cfg.dtype, "batch_size": cfg.batch_size,
             "store_dir": self.store_dir, "store_dtype": cfg.store_dtype, "features_field": cfg.features_field,
             "embedding_field": cfg.embedding_field})
-        declare_outputs(self.samples, self.outputs)
+        declare_outputs(self.samples, self.outputs, self.units)
         if self.summary["skipped"]:
             run.step(self.summary["skipped"], f"{self.summary['skipped']} already done")
         for sid, why in self.not_images.items():
@@ -391,11 +414,13 @@ class FeatureJob:
     def load_images(self, claimed, run: Run):
         """Decodes the claimed images on the loader threads; one that cannot be read fails alone."""
         loaded = []
-        for (sid, fp, lock), got in zip(claimed, self.loader.map(_try_load, [fp for _, fp, _ in claimed])):
+        margin = self.cfg.recipe.context_margin
+        for (sid, u, lock), got in zip(claimed, self.loader.map(lambda c: _try_load(c[1], margin), claimed)):
             if isinstance(got, Exception):  # ImageLoadError names the file
-                self._failed(sid, lock, str(got) if fp in str(got) else f"cannot load image {fp}: {reason(got)}", run)
+                why = str(got) if u.filepath in str(got) else f"cannot load image {u.filepath}: {reason(got)}"
+                self._failed(sid, lock, why if not u.is_object else f"object {u.id} ({u.label}): {why}", run)
             else:
-                loaded.append((sid, fp, got))
+                loaded.append((sid, u, got))
         return loaded
 
     def extract(self, images, labels=None):
@@ -422,7 +447,7 @@ class FeatureJob:
         except Exception as e:  # noqa: BLE001
             if len(loaded) == 1:
                 sid, fp, _ = loaded[0]
-                run.fail(sid, f"feature computation failed for {fp}: {reason(e)}")
+                run.fail(sid, f"feature computation failed for {_where(fp)}: {reason(e)}")
                 run.step(1)
                 self._log(sid, "failed", reason=reason(e))
                 return {}
@@ -458,7 +483,7 @@ class FeatureJob:
                 embs[sid] = self._embedding(fused) if encoded is None else encoded.embedding.numpy()
                 paths[sid] = str(path)
             except Exception as e:  # noqa: BLE001
-                self._failed(sid, lock, f"could not store the features of {fp}: {reason(e)}", run)
+                self._failed(sid, lock, f"could not store the features of {_where(fp)}: {reason(e)}", run)
         run.write(self.cfg.embedding_field, embs)
         run.write(self.cfg.features_field, paths)
         for sid in embs:
@@ -478,9 +503,7 @@ class FeatureJob:
         self._log(sid, "failed", reason=why)
 
     def _db_state(self, sids: List[str]) -> Dict[str, Tuple[Any, Any]]:
-        ids, embs, feats = self.dataset.select(sids).values(
-            ["id", self.cfg.embedding_field, self.cfg.features_field])
-        return {i: (e, f) for i, e, f in zip(ids, embs, feats)}
+        return self.units.fresh(sids, [self.cfg.embedding_field, self.cfg.features_field])
 
     def _embedding(self, fused: FusedFeatures) -> np.ndarray:
         """The embedding of the stored (dtype-rounded) values, as the pipeline makes it."""
@@ -491,6 +514,35 @@ class FeatureJob:
         self.log.write(json.dumps({"id": sid, "event": event, "worker": self.summary["worker"],
                                    "t": time.time(), **kw}) + "\n")
         self.log.flush()
+
+
+def check_brain_key(samples, brain_key: Optional[str], units: Units, embedding_field: str) -> None:
+    """A brain key that is free, or a similarity run over the same embeddings (rebuilt)."""
+    if brain_key is None:
+        return
+    check_field_name("brain_key", brain_key)
+    root = samples._root_dataset
+    if brain_key in root.list_brain_runs():
+        cfg = root.get_brain_info(brain_key).config
+        same = getattr(cfg, "embeddings_field", None) == embedding_field and \
+            getattr(cfg, "patches_field", None) == units.patches_field
+        if not same:
+            raise ParameterError(f"parameter 'brain_key': {brain_key!r} is another brain run of this dataset; "
+                                 "choose another key")
+    elif brain_key in root.list_evaluations() + root.list_runs():
+        raise ParameterError(f"parameter 'brain_key': {brain_key!r} is the key of another run")
+
+
+def similarity_index(samples, brain_key: str, units: Units, embedding_field: str) -> str:
+    """The embeddings as a FiftyOne similarity index (``fiftyone.brain.compute_similarity``)."""
+    import fiftyone.brain as fob
+
+    root = samples._root_dataset
+    if brain_key in root.list_brain_runs():
+        root.delete_brain_run(brain_key)
+    fob.compute_similarity(units.samples, patches_field=units.patches_field, embeddings=embedding_field,
+                           brain_key=brain_key, backend="sklearn", progress=False)
+    return brain_key
 
 
 def label_of(value) -> Optional[str]:
@@ -507,11 +559,16 @@ def label_of(value) -> Optional[str]:
     return max(set(names), key=names.count) if names else None
 
 
-def _try_load(filepath: str):
+def _try_load(unit: Unit, margin: float):
     try:
-        return load_image(filepath)
+        return unit.load(margin)
     except Exception as e:  # noqa: BLE001 -- reported per sample by the caller
         return e
+
+
+def _where(unit: Unit) -> str:
+    """A unit in messages: its image, or which object of which image."""
+    return f"object {unit.id} ({unit.label}) of {unit.filepath}" if unit.is_object else unit.filepath
 
 
 def _not_an_image(filepath: str) -> Optional[str]:
@@ -522,4 +579,5 @@ def _not_an_image(filepath: str) -> Optional[str]:
     return None
 
 
-__all__ = ["compute_fused_features", "FeatureJob", "label_of", "FUNCTION", "PROJECTION_NAME"]
+__all__ = ["compute_fused_features", "FeatureJob", "label_of", "check_brain_key", "similarity_index", "FUNCTION",
+           "PROJECTION_NAME"]

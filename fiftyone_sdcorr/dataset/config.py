@@ -124,6 +124,8 @@ class FeatureConfig:
     embedding_field: str = EMBEDDING_FIELD
     features_field: str = FEATURES_FIELD
     prompt_field: Optional[str] = None
+    #: features of objects (``patches_field``): the recipe's context margin decides them too
+    objects: bool = False
     extractor: Any = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
@@ -146,6 +148,7 @@ class FeatureConfig:
         check_field_name("embedding_field", self.embedding_field)
         check_field_name("features_field", self.features_field)
         _field_or_none("prompt_field", self.prompt_field)
+        check_bool("objects", self.objects)
         if self.prompt_field is not None and "{label}" not in self.recipe.prompt:
             raise ParameterError(
                 f"parameter 'prompt_field' ({self.prompt_field!r}) needs a prompt template with '{{label}}', "
@@ -181,6 +184,8 @@ class FeatureConfig:
         else:
             cfg = {"extractor": "sd+dinov2", "sd_model": self.sd_model, "dino_model": self.dino_model,
                    **self.recipe.to_dict()}
+        if self.objects:
+            cfg.update(unit="object", context_margin=self.recipe.context_margin)
         return {k: v for k, v in cfg.items() if k not in _PRECISION_KEYS}
 
     def fingerprint(self) -> str:
@@ -212,7 +217,7 @@ class FeatureConfig:
         """The config that produced ``settings`` (a record's), for computing more of the same."""
         rec = {k: v for k, v in settings.items() if k in Recipe.__dataclass_fields__}
         return cls.build(sd_model=settings.get("sd_model"), dino_model=settings.get("dino_model"),
-                         recipe=rec, **kw)
+                         recipe=rec, objects=settings.get("unit") == "object", **kw)
 
 
 # --------------------------------------------------------------------------- matching
@@ -227,6 +232,8 @@ class MatchConfig:
     temperature: float = DEFAULT_TEMPERATURE
     flip: bool = False
     flip_pairs: Optional[Tuple[Tuple[Any, Any], ...]] = None
+    #: objects: a target object is matched only to reference objects of its label
+    same_label: bool = True
 
     def __post_init__(self):
         check_choice("combine", self.combine, COMBINE_RULES)
@@ -237,6 +244,7 @@ class MatchConfig:
             raise ParameterError(f"parameter 'soft_window' must be odd, got {self.soft_window}")
         check_float("temperature", self.temperature, lo=0.0, hi=100.0, lo_open=True)
         check_bool("flip", self.flip)
+        check_bool("same_label", self.same_label)
         if self.flip_pairs is not None:
             try:
                 pairs = tuple((a, b) for a, b in self.flip_pairs)
@@ -251,7 +259,8 @@ class MatchConfig:
 
 
 def _check_matching_run(cfg) -> None:
-    """What propagation and review share: stored features, batch, overwrite."""
+    """What propagation and review share: stored features, batch, overwrite, objects."""
+    _field_or_none("patches_field", cfg.patches_field)
     _field_or_none("features_field", cfg.features_field)
     _field_or_none("embedding_field", cfg.embedding_field)
     check_int("batch_size", cfg.batch_size, lo=1, hi=4096)
@@ -270,11 +279,16 @@ class PropagationConfig:
     batch_size: int = 8
     overwrite: bool = False
     match: MatchConfig = MatchConfig()
+    #: a fo.Detections field: per object (None: per image)
+    patches_field: Optional[str] = None
+    #: objects: add a new fo.Instance to target detections that have none
+    link_instances: bool = False
 
     def __post_init__(self):
         check_field_name("source_field", self.source_field)
         check_field_name("output_field", self.output_field)
         check_float("visibility_threshold", self.visibility_threshold, lo=0.0, hi=1.0)
+        check_bool("link_instances", self.link_instances)
         _check_matching_run(self)
 
     @property
@@ -324,6 +338,7 @@ class ReviewConfig:
     batch_size: int = 8
     overwrite: bool = False
     match: MatchConfig = MatchConfig(combine="per_point")
+    patches_field: Optional[str] = None
 
     def __post_init__(self):
         check_field_name("gt_field", self.gt_field)

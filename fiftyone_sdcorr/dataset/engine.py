@@ -125,13 +125,15 @@ def declare(kind: str, dataset, name: str) -> None:
 
 
 def guard_outputs(samples, outputs: Mapping[str, tuple], inputs: Mapping[str, Optional[str]], overwrite: bool,
-                  record: Optional["Record"] = None) -> None:
+                  record: Optional["Record"] = None, units=None) -> None:
     """Checks every output before anything is written.
 
     ``outputs``: ``{param: (field name, kind)}``. Each name is a valid field name, all are
     distinct and none is an input field (``inputs``: ``{param: field name}``). A field that exists must hold ``kind``, and is
     written only with ``overwrite=True`` or when ``record`` (this function's record of the
-    same fields) says it was written with the same settings (a resume).
+    same fields) says it was written with the same settings (a resume). ``units``
+    (:class:`~fiftyone_sdcorr.dataset.units.Units` of objects): the outputs are attributes
+    of its detections.
     """
     root = samples._root_dataset
     names = {}
@@ -149,6 +151,8 @@ def guard_outputs(samples, outputs: Mapping[str, tuple], inputs: Mapping[str, Op
     if record is not None:
         record.stored = record.read()  # fresh: a worker that started meanwhile records first
     for param, (name, kind) in outputs.items():
+        if units is not None:
+            name = units.path(name)
         if not root.has_sample_field(name):
             continue
         field = root.get_field(name)
@@ -172,9 +176,12 @@ def inputs_of(cfg, *params: str) -> Dict[str, Optional[str]]:
     return {p: getattr(cfg, p) for p in params}
 
 
-def declare_outputs(samples, outputs: Mapping[str, tuple]) -> None:
+def declare_outputs(samples, outputs: Mapping[str, tuple], units=None) -> None:
     for name, kind in outputs.values():
-        declare(kind, samples._root_dataset, name)
+        if units is not None and units.objects:
+            units.declare(kind, name)
+        else:
+            declare(kind, samples._root_dataset, name)
 
 
 def image_collection(samples, what: str = "samples") -> None:
@@ -368,16 +375,17 @@ class Run:
 
     ``with Run(samples, summary, total, progress, "propagating", error_field) as run:``
     then ``for batch in run.batches(items, size)``, ``run.fail(sid, reason)``,
-    ``run.ok(sid)``, ``run.note(sid, message)``, ``run.write(field, {id: value})``. The error
+    ``run.ok(sid)``, ``run.note(sid, message)``, ``run.write(field, {id: value})``. With
+    ``units`` of objects, ids are label ids and fields are attributes of the detections. The error
     field gets ``None`` for every sample marked ok and the message of every failure or note.
     """
 
     def __init__(self, samples, summary: RunSummary, total: int, progress: ProgressArg, label: str,
-                 error_field: Optional[str] = None):
+                 error_field: Optional[str] = None, units=None):
         if _CHECKING.get():  # a function reached its run without declaring its checks done
             raise RuntimeError("a Run started under preflight(): call checks_done() after the checks")
         self.dataset = samples._root_dataset
-        self.summary, self.error_field = summary, error_field
+        self.summary, self.error_field, self.units = summary, error_field, units
         self.bar = Progress(progress, total, label)
         self._errors: Dict[str, Optional[str]] = {}
 
@@ -411,7 +419,10 @@ class Run:
         self._errors[sid] = message
 
     def write(self, field: str, values: Mapping[str, Any]) -> None:
-        if values:
+        """``{id: value}`` into ``field``: sample ids, or the label ids of ``units``' objects."""
+        if self.units is not None:
+            self.units.write(field, values)
+        elif values:
             self.dataset.set_values(field, dict(values), key_field="id")
 
     def flush_errors(self) -> None:

@@ -29,11 +29,11 @@ import torch
 import fiftyone.core.media as fom
 
 from fiftyone_sdcorr.core.features import FixedProjection, FusedFeatures, fuse_raw
-from fiftyone_sdcorr.core.images import load_image
 from fiftyone_sdcorr.core.models import default_device
 from fiftyone_sdcorr.core.store import FeatureStore, FeatureStoreError, read_header
 from fiftyone_sdcorr.dataset.config import FeatureConfig
 from fiftyone_sdcorr.dataset.engine import ParameterError, find_record, recorded_fields, settings_difference
+from fiftyone_sdcorr.dataset.units import Unit, Units
 
 logger = logging.getLogger(__name__)
 
@@ -48,12 +48,12 @@ class OtherSettingsError(FeatureStoreError):
     """Stored features of another fingerprint than the run's."""
 
 
-def _check_not_a_typo(samples, features_field: Optional[str]) -> None:
+def _check_not_a_typo(samples, features_field: Optional[str], units: Units) -> None:
     """A features field that does not exist, with no model given, on a dataset whose
     features are in other fields: most likely a typo, and computing would fetch the
     default models (about 5 GB) instead of using the stored features."""
     root = samples._root_dataset
-    if not features_field or root.has_sample_field(features_field):
+    if not features_field or root.has_sample_field(units.path(features_field)):
         return
     stored = recorded_fields(root, "compute_fused_features")
     if stored:
@@ -66,15 +66,20 @@ def _check_not_a_typo(samples, features_field: Optional[str]) -> None:
 class FeatureSource:
     """Features by sample id; see the module docstring."""
 
-    def __init__(self, samples, features_field: Optional[str], given: Dict[str, Any], batch_size: int = 8):
+    def __init__(self, samples, features_field: Optional[str], given: Dict[str, Any], batch_size: int = 8,
+                 units: Optional[Units] = None):
         """``given``: the feature keywords of the call (``None`` = not given), plus
-        ``device``, ``dtype``, ``batch_size``, ``store_dir``."""
+        ``device``, ``dtype``, ``batch_size``, ``store_dir``; ``units``: images (default) or
+        the objects of a ``patches_field`` (:mod:`.units`)."""
         self.samples, self.batch_size = samples, max(1, int(batch_size))
+        units = units if units is not None else Units(samples)
         run_kw = {k: given.get(k) for k in ("device", "dtype", "batch_size", "store_dir")}
+        run_kw["objects"] = units.objects
         explicit = any(given.get(k) is not None for k in FEATURE_KEYWORDS)
         checked = FeatureConfig.build(**{k: given.get(k) for k in FEATURE_KEYWORDS}, **run_kw)  # every keyword
         self.cfg: Optional[FeatureConfig] = checked if explicit else None
-        record = find_record(samples, "compute_fused_features", features_field) if features_field else None
+        record = find_record(samples, "compute_fused_features", units.record_name(features_field)) \
+            if features_field else None
         self.config_fp: Optional[str] = None
         if record is not None:
             self.config_fp = record.get("fingerprint")
@@ -87,10 +92,13 @@ class FeatureSource:
                     "to use the stored ones, or compute features with these settings into another "
                     "features_field")
             if self.cfg is None and settings.get("extractor") == "sd+dinov2":
-                self.cfg = FeatureConfig.from_settings(settings, **run_kw)
+                self.cfg = FeatureConfig.from_settings(settings, **{k: v for k, v in run_kw.items() if k != "objects"})
+            self.margin = float(settings.get("context_margin", checked.recipe.context_margin))
         elif self.cfg is None:
-            _check_not_a_typo(samples, features_field)
+            _check_not_a_typo(samples, features_field, units)
             self.cfg = FeatureConfig.build(**run_kw)
+        if record is None:  # the context margin of object crops computed here
+            self.margin = float(self.cfg.recipe.context_margin)
         self.file_fp: Optional[str] = None  # the one fingerprint this source hands out
         self._extractor = None
         self._store: Optional[FeatureStore] = None
@@ -208,13 +216,13 @@ class FeatureSource:
     def _on_device(self, f: FusedFeatures) -> FusedFeatures:
         return FusedFeatures(f.descriptors.to(self.device), f.letterbox, f.stride, f.sd_channels, f.meta)
 
-    def describe_flipped(self, filepath: str) -> FusedFeatures:
+    def describe_flipped(self, unit: Unit) -> FusedFeatures:
         from PIL import ImageOps
 
-        return self.describe([ImageOps.mirror(load_image(filepath))])[0]
+        return self.describe([ImageOps.mirror(unit.load(self.margin))])[0]
 
-    def get(self, items: List[Tuple[str, str, Optional[str]]]) -> Dict[str, Union[FusedFeatures, Exception]]:
-        """``(id, filepath, stored path or None)`` -> id -> features, or the error. Stored
+    def get(self, items: List[Tuple[str, Unit, Optional[str]]]) -> Dict[str, Union[FusedFeatures, Exception]]:
+        """``(id, unit, stored path or None)`` -> id -> features, or the error. Stored
         files are read concurrently (:meth:`read_stored`); a file of another fingerprint
         is that sample's error; an unusable one (missing, truncated, corrupt) is
         recomputed, like a sample without stored features."""
@@ -231,11 +239,12 @@ class FeatureSource:
             else:
                 out[sid] = got
         images = []
-        for sid, fp in todo:
+        for sid, unit in todo:
             try:
+                fp = unit.filepath
                 if fom.get_media_type(fp) != fom.IMAGE:
                     raise ValueError(f"{fp} is not an image (media type {fom.get_media_type(fp)!r})")
-                images.append((sid, load_image(fp)))
+                images.append((sid, unit.load(self.margin)))
             except Exception as e:  # noqa: BLE001
                 out[sid] = e
         for start in range(0, len(images), self.batch_size):

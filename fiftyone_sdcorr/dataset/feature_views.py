@@ -22,6 +22,7 @@ Speaks FiftyOne (layer 4); the pictures come from :mod:`fiftyone_sdcorr.core.vis
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -46,7 +47,10 @@ from fiftyone_sdcorr.dataset.engine import (
     require_field,
 )
 from fiftyone_sdcorr.dataset.feature_source import FeatureSource
+from fiftyone_sdcorr.dataset.pck import image_size_of
 from fiftyone_sdcorr.dataset.progress import ProgressArg
+from fiftyone_sdcorr.dataset.skeletons import keypoint_skeleton
+from fiftyone_sdcorr.dataset.units import Units, by_sample, link_to_objects
 
 VIEWS_DIR = "_views"
 FEATURE_VIEW_MODES = ("pca", "parts")
@@ -63,6 +67,7 @@ def write_feature_pca(
     fit_samples: int = ViewConfig.fit_samples,
     max_side: int = ViewConfig.max_side,
     overwrite: bool = False,
+    patches_field: Optional[str] = None,
     progress: ProgressArg = True,
 ) -> RunSummary:
     """Writes a colour picture of each sample's fused features as an extra media field.
@@ -72,7 +77,9 @@ def write_feature_pca(
     fitted once on ``fit_samples`` samples of the view, so a part has the same colour on
     every sample. ``output_field`` (a string field) holds each PNG's path and is added to
     the dataset's ``app_config.media_fields``: in the App, choose it as the media field (the
-    grid's settings, or the modal's) to see the pictures in colour.
+    grid's settings, or the modal's) to see the pictures in colour. With ``patches_field``
+    (or a ``to_patches()`` view) the objects' features are fitted and drawn, each in its
+    crop's place on a black picture of the sample.
 
     Returns:
         a :class:`RunSummary`: ``written``, ``failed``, ``errors`` (sample id -> reason),
@@ -82,28 +89,18 @@ def write_feature_pca(
     cfg = ViewConfig(output_field, features_field, output_dir, fit_samples, max_side, overwrite)
     check_choice("mode", mode, FEATURE_VIEW_MODES)
     check_int("n_parts", n_parts, lo=2, hi=64)
-    items, source = _stored_features(samples, cfg, "string")
+    units = Units(samples, patches_field)
+    items, source = _stored_features(samples, cfg, "string", units)
     checks_done()
     # 2. one PCA (or one part clustering) for the whole view
     summary = RunSummary("write_feature_pca", ("written",), output_field=output_field, mode=mode)
-    have = [(sid, p) for sid, p in items if p]
+    have = [(u.id, p) for u, p in items if p]
     fitted = _fit_features(have, cfg, source, summary)
     colors = _pca_colors(fitted) if mode == "pca" else _part_colors(fitted, n_parts)
     # 3. one colour image per sample, shown as a media field
     out_dir = _output_dir(cfg, have[0][1], summary)
-    with Run(samples, summary, len(items), progress, mode) as run:
-        declare_outputs(samples, {"output_field": (output_field, "string")})
-        paths = {}
-        for sid, p in items:
-            try:
-                fused = _load(source, p)
-                w, h = vis.display_size(fused.letterbox.width, fused.letterbox.height, cfg.max_side)
-                paths[sid] = _save_png(out_dir, sid, colors(fused, w, h))
-                summary.add("written")
-            except Exception as e:  # noqa: BLE001
-                run.fail(sid, str(e))
-            run.step(1)
-        run.write(output_field, paths)
+    paths = _pictures(samples, items, source, colors, cfg, out_dir, summary, progress, mode,
+                      lambda path, sid: path)
     _add_media_field(samples._root_dataset, output_field)
     return summary
 
@@ -156,6 +153,7 @@ def write_similarity_heatmaps(
     output_dir: Optional[str] = ViewConfig.output_dir,
     max_side: int = ViewConfig.max_side,
     overwrite: bool = False,
+    patches_field: Optional[str] = None,
     progress: ProgressArg = True,
 ) -> RunSummary:
     """Writes, for each sample, the similarity of one reference point to every location.
@@ -164,7 +162,9 @@ def write_similarity_heatmaps(
     ``keypoint`` (an index, or a label of the dataset's skeleton for ``keypoints_field``) of
     the first ``fo.Keypoint`` in the reference's ``keypoints_field``. Each sample gets an
     ``fo.Heatmap`` (8-bit PNG, ``range=[0, 255]``: cosine similarity ``0..1``; negative
-    values are 0).
+    values are 0). With ``patches_field`` (or a ``to_patches()`` view), ``reference_id`` is
+    the id of the reference OBJECT (a detection) and the point is in its image; every
+    object is compared with it, drawn in its crop's place (0 elsewhere).
 
     Returns:
         a :class:`RunSummary`: ``written``, ``failed``, ``errors``, ``point``,
@@ -172,45 +172,85 @@ def write_similarity_heatmaps(
     """
     # 1. check every parameter and field before anything is written
     cfg = ViewConfig(output_field, features_field, output_dir, ViewConfig.fit_samples, max_side, overwrite)
-    items, source = _stored_features(samples, cfg, "heatmap")
-    ref = _reference(samples, reference_id, features_field)
-    x, y = _reference_point(samples, ref, point, keypoints_field, keypoint)
+    units = Units(samples, patches_field)
+    items, source = _stored_features(samples, cfg, "heatmap", units)
+    ref_unit, ref_path = _reference(units, reference_id, items, features_field)
+    x, y = _reference_point(units.samples, units.dataset[ref_unit.sample_id], point, keypoints_field, keypoint,
+                            ref_unit)
     checks_done()
-    src = source.load_stored(ref[features_field])
+    src = source.load_stored(ref_path)
+    if ref_unit.is_object:  # the point in the reference object's crop
+        x, y = (float(v) for v in ref_unit.crop(source.margin).to_crop([x, y]))
     # 2. one heat map per sample
     summary = RunSummary("write_similarity_heatmaps", ("written",), output_field=output_field, point=[x, y])
-    out_dir = _output_dir(cfg, ref[features_field], summary)
-    with Run(samples, summary, len(items), progress, "Heat maps") as run:
-        declare_outputs(samples, {"output_field": (output_field, "heatmap")})
-        labels = {}
-        for sid, p in items:
-            try:
-                tgt = _load(source, p)
-                heat = vis.similarity_map(src, tgt, (x, y))
-                w, h = vis.display_size(tgt.letterbox.width, tgt.letterbox.height, cfg.max_side)
-                up = vis.token_map_to_image(np.nan_to_num(heat, nan=0.0), tgt, w, h)
-                labels[sid] = fo.Heatmap(map_path=_save_png(out_dir, sid, np.clip(up, 0.0, 1.0) * 255),
-                                         range=[0, 255])
-                summary.add("written")
-            except Exception as e:  # noqa: BLE001
-                run.fail(sid, str(e))
-            run.step(1)
-        run.write(output_field, labels)
+    out_dir = _output_dir(cfg, ref_path, summary)
+
+    def heat(tgt, w, h):
+        up = vis.token_map_to_image(np.nan_to_num(vis.similarity_map(src, tgt, (x, y)), nan=0.0), tgt, w, h)
+        return np.clip(up, 0.0, 1.0) * 255
+
+    _pictures(samples, items, source, heat, cfg, out_dir, summary, progress, "Heat maps",
+              lambda path, sid: fo.Heatmap(map_path=path, range=[0, 255]))
     return summary
 
 
 # --------------------------------------------------------------------------- steps
-def _stored_features(samples, cfg: ViewConfig, kind: str):
-    """Checks the fields; ``[(id, stored path or None)]`` and a source that accepts one
+def _stored_features(samples, cfg: ViewConfig, kind: str, units: Units):
+    """Checks the fields; ``[(unit, stored path or None)]`` and a source that accepts one
     fingerprint."""
     image_collection(samples)
-    require_field(samples, "features_field", cfg.features_field, "string")
+    require_field(samples, "features_field", units.path(cfg.features_field), "string")
     guard_outputs(samples, {"output_field": (cfg.output_field, kind)}, {"features_field": cfg.features_field}, cfg.overwrite)
-    ids, paths = samples.values(["id", cfg.features_field])
+    paths = units.values(cfg.features_field)
     if not any(paths):
-        raise ParameterError(f"parameter 'features_field': no sample has stored features in {cfg.features_field!r}; "
-                             "run compute_fused_features first")
-    return list(zip(ids, paths)), FeatureSource(samples, cfg.features_field, {"device": "cpu"})  # pictures: CPU
+        raise ParameterError(f"parameter 'features_field': no {units.what[:-1]} has stored features in "
+                             f"{cfg.features_field!r}; run compute_fused_features first")
+    source = FeatureSource(samples, cfg.features_field, {"device": "cpu"}, units=units)  # pictures: CPU
+    return list(zip(units.units(), paths)), source
+
+
+def _pictures(samples, items, source, render, cfg: ViewConfig, out_dir: Path, summary, progress, label,
+              value) -> None:
+    """One PNG per sample into ``cfg.output_field`` (``value(path, sample id)``): its unit's
+    ``render(features, w, h)``, or each object's pasted at its crop's place."""
+    groups = by_sample(items)
+    with Run(samples, summary, len(groups), progress, label) as run:
+        declare_outputs(samples, {"output_field": (cfg.output_field, "string" if value(None, None) is None else
+                                                   "heatmap")})
+        out = {}
+        for sid, group in groups.items():
+            try:
+                out[sid] = value(_save_png(out_dir, sid, _picture(group, source, render, cfg.max_side, run)), sid)
+                summary.add("written")
+            except Exception as e:  # noqa: BLE001
+                run.fail(sid, str(e))
+            run.step(1)
+        run.write(cfg.output_field, out)
+
+
+def _picture(group, source, render, max_side: int, run) -> np.ndarray:
+    """The picture of one sample from its ``[(unit, stored path)]``."""
+    unit, path = group[0]
+    if not unit.is_object:
+        fused = _load(source, path)
+        return render(fused, *vis.display_size(fused.letterbox.width, fused.letterbox.height, max_side))
+    W, H = image_size_of(unit.filepath, None)
+    w, h = vis.display_size(W, H, max_side)
+    canvas, problems = None, []
+    for u, p in group:
+        try:
+            crop = u.crop(source.margin)
+            left, top = int(round(crop.left * w / W)), int(round(crop.top * h / H))
+            cw, ch = max(1, int(round(crop.right * w / W)) - left), max(1, int(round(crop.bottom * h / H)) - top)
+            pic = np.asarray(render(_load(source, p), cw, ch), dtype=np.float64)
+        except Exception as e:  # noqa: BLE001 -- this object only
+            problems.append(f"object {u.id}: {e}")
+            continue
+        canvas = np.zeros((h, w) + pic.shape[2:]) if canvas is None else canvas
+        canvas[top:top + ch, left:left + cw] = pic[:h - top, :w - left]
+    if canvas is None:
+        raise ValueError("; ".join(problems) or "no object")
+    return canvas
 
 
 def _load(source: FeatureSource, path):
@@ -219,23 +259,32 @@ def _load(source: FeatureSource, path):
     return source.load_stored(path)
 
 
-def _reference(samples, reference_id, features_field):
-    if not isinstance(reference_id, str) or not reference_id:
-        raise ParameterError(f"parameter 'reference_id' must be a sample id, got {reference_id!r}")
-    try:
-        ref = samples._root_dataset[reference_id]
-    except (KeyError, ValueError, Exception):  # noqa: BLE001 -- FiftyOne raises several kinds
-        raise ParameterError(f"parameter 'reference_id': no sample {reference_id!r} in the dataset") from None
-    if not ref[features_field]:
-        raise ParameterError(f"parameter 'reference_id': sample {reference_id} has no stored features in "
+def _reference(units: Units, reference_id, items, features_field: str):
+    """The reference unit (a sample, or an object of ``units``; in the view or not) and its
+    stored path."""
+    what = "object (detection)" if units.objects else "sample"
+    if not isinstance(reference_id, str) or not re.fullmatch(r"[0-9a-f]{24}", reference_id):
+        raise ParameterError(f"parameter 'reference_id' must be the id of a {what}, got {reference_id!r}")
+    found = [(u, p) for u, p in items if u.id == reference_id]
+    if not found:  # a reference outside the view
+        root = units.dataset
+        view = root.select_labels(ids=[reference_id], fields=units.patches_field) if units.objects else \
+            root.select([reference_id])
+        ref = Units(view, units.patches_field)
+        found = list(zip(ref.units(), ref.values(features_field)))
+    if not found:
+        raise ParameterError(f"parameter 'reference_id': no {what} {reference_id!r} in the dataset")
+    unit, path = found[0]
+    if not path:
+        raise ParameterError(f"parameter 'reference_id': {what} {reference_id} has no stored features in "
                              f"{features_field!r}")
-    if not os.path.isfile(str(ref[features_field])):
-        raise ParameterError(f"parameter 'features_field': field {features_field!r} holds {ref[features_field]!r} "
-                             "for the reference, not a stored feature file (run compute_fused_features)")
-    return ref
+    if not os.path.isfile(str(path)):
+        raise ParameterError(f"parameter 'features_field': field {features_field!r} holds {path!r} for the "
+                             "reference, not a stored feature file (run compute_fused_features)")
+    return unit, path
 
 
-def _reference_point(samples, ref, point, keypoints_field, keypoint):
+def _reference_point(samples, ref, point, keypoints_field, keypoint, unit=None):
     root = samples._root_dataset
     if point is None:
         if not keypoints_field or keypoint is None:
@@ -247,12 +296,16 @@ def _reference_point(samples, ref, point, keypoints_field, keypoint):
             raise ParameterError(f"parameter 'keypoints_field': the reference has no keypoints in {keypoints_field!r}")
         index = keypoint
         if isinstance(keypoint, str):
-            sk = (root.skeletons or {}).get(keypoints_field) or root.default_skeleton
+            sk = keypoint_skeleton(root, keypoints_field, kps.keypoints[0].label)
             labels = list(getattr(sk, "labels", None) or [])
             if keypoint not in labels:
                 raise ParameterError(f"parameter 'keypoint': {keypoint!r} is not a skeleton label ({labels})")
             index = labels.index(keypoint)
-        pts = kps.keypoints[0].points
+        linked = dict((o.id, k) for k, o in link_to_objects(kps.keypoints, [unit])) if unit.is_object else {}
+        if unit.is_object and unit.id not in linked:
+            raise ParameterError(f"parameter 'keypoints_field': no keypoint instance of the reference lies in "
+                                 f"object {unit.id}")
+        pts = kps.keypoints[linked.get(unit.id, 0)].points
         if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(pts):
             raise ParameterError(f"parameter 'keypoint': index {index!r} outside 0..{len(pts) - 1}")
         point = pts[index]

@@ -34,6 +34,8 @@ from fiftyone_sdcorr.core.correspondence import Prepared, PreparedBatch, match_p
 from fiftyone_sdcorr.core.features import FusedFeatures
 from fiftyone_sdcorr.dataset.config import MatchConfig
 from fiftyone_sdcorr.dataset.engine import ParameterError, reason, values_or_none
+from fiftyone_sdcorr.dataset.pck import points_of
+from fiftyone_sdcorr.dataset.units import Unit, Units, by_sample, link_to_objects
 
 
 # --------------------------------------------------------------------------- flip pairs
@@ -84,16 +86,22 @@ def flip_pairs_from_labels(labels: Sequence[str]) -> List[Tuple[int, int]]:
     return sorted(pairs)
 
 
-def skeleton_for(samples, field_name: str):
-    root = samples._root_dataset
-    sk = (root.skeletons or {}).get(field_name)
-    return sk if sk is not None else root.default_skeleton
+def skeleton_for(samples, field_name: str, label: Optional[str] = None):
+    """The ``fo.KeypointSkeleton`` of ``field_name`` (and ``label``), or None:
+    :func:`fiftyone_sdcorr.dataset.skeletons.keypoint_skeleton` (the field's skeleton,
+    the default one, or the COCO categories in ``dataset.info``)."""
+    from fiftyone_sdcorr.dataset.skeletons import keypoint_skeleton
+
+    return keypoint_skeleton(samples, field_name, label)
 
 
-def resolve_flip_pairs(samples, field_name: str, flip_pairs=None) -> Tuple[List[Tuple[int, int]], str]:
+def resolve_flip_pairs(samples, field_name: str, flip_pairs=None,
+                       label: Optional[str] = None) -> Tuple[List[Tuple[int, int]], str]:
     """``(pairs, origin)``: ``flip_pairs`` as given (index pairs, or name pairs looked up in
-    the skeleton), else derived from the skeleton's point labels, else none."""
-    sk = skeleton_for(samples, field_name)
+    the skeleton), else derived from the skeleton's point labels, else none. The skeleton
+    is :func:`skeleton_for` ``(samples, field_name, label)``, so COCO's ``left_eye`` /
+    ``right_eye`` ... names in ``dataset.info["categories"]`` give pairs too."""
+    sk = skeleton_for(samples, field_name, label)
     labels = list(getattr(sk, "labels", None) or [])
     if flip_pairs is not None:
         out = []
@@ -124,6 +132,9 @@ class RefInstance:
 
 @dataclass
 class Reference:
+    """A reference unit (an image, or an object: :mod:`.units`) and its keypoint instances,
+    in the unit's normalised frame (an object's crop)."""
+
     id: str
     filepath: str
     instances: List[RefInstance]
@@ -132,6 +143,13 @@ class Reference:
     embedding: Optional[torch.Tensor] = None  # from embedding_field
     gvec: Optional[torch.Tensor] = None  # from the dense features
     problems: List[str] = field(default_factory=list)
+    sample_id: Optional[str] = None  # its sample (the id itself for an image)
+    label: Optional[str] = None  # an object's label (None for an image)
+    unit: Optional[Unit] = None
+
+    def __post_init__(self):
+        if self.sample_id is None:
+            self.sample_id = self.id
 
 
 def parse_reference_keypoints(kps) -> Tuple[List[RefInstance], List[str]]:
@@ -225,6 +243,7 @@ class Propagator:
         self.temperature = match.temperature
         self.flip = match.flip
         self.flip_pairs = list(flip_pairs)
+        self.same_label = match.same_label
         self._prep: Dict[Tuple[str, bool], Prepared] = {}
         self._tokens: Dict[Tuple[str, int], Tuple[torch.Tensor, torch.Tensor]] = {}
         self._gvec: Dict[str, torch.Tensor] = {}  # on the host: ranking needs no device round trip
@@ -239,11 +258,14 @@ class Propagator:
             for inst in r.instances:
                 self._tokens[(r.id, inst.index)] = corr.keypoints_to_tokens(torch.as_tensor(inst.points), r.features)
 
-    def rank(self, gvec: torch.Tensor, tgt_emb: Optional[torch.Tensor], exclude: Optional[str] = None):
+    def rank(self, gvec: torch.Tensor, tgt_emb: Optional[torch.Tensor], exclude: Optional[str] = None,
+             label: Optional[str] = None):
         """``[(cosine, reference)]``, most similar first; ``gvec``: the target's global
         vector (:meth:`PreparedBatch.global_vectors`), used unless every reference has an
-        embedding of ``tgt_emb``'s size."""
-        refs = [r for r in self.references if r.id != exclude]
+        embedding of ``tgt_emb``'s size. ``exclude``: a sample whose references are left
+        out; ``label``: only references of this label (with ``same_label``; objects)."""
+        refs = [r for r in self.references if r.sample_id != exclude
+                and (label is None or not self.same_label or r.label == label)]
         if not refs:
             return []
         use_emb = tgt_emb is not None and all(
@@ -296,22 +318,22 @@ class Propagator:
         return self._plans[key]
 
     def predict(self, tgt_features: FusedFeatures, tgt_emb: Optional[torch.Tensor] = None,
-                exclude: Optional[str] = None) -> List[InstancePrediction]:
+                exclude: Optional[str] = None, label: Optional[str] = None) -> List[InstancePrediction]:
         """The instances predicted in one target (:meth:`predict_many` of one)."""
-        out = self.predict_many([(tgt_features, tgt_emb, exclude)])[0]
+        out = self.predict_many([(tgt_features, tgt_emb, exclude, label)])[0]
         if isinstance(out, Exception):
             raise out
         return out
 
     def predict_many(self, items) -> List[Union[List[InstancePrediction], Exception]]:
-        """``items``: ``[(FusedFeatures, embedding or None, excluded reference id or None)]``
-        -> per target, its ``[InstancePrediction]`` or the exception it raised (a target
+        """``items``: ``[(FusedFeatures, embedding or None, excluded sample id or None[, label])]``
+        (see :meth:`rank`) -> per target, its ``[InstancePrediction]`` or the exception it raised (a target
         fails alone). Targets of one descriptor shape (and device) are matched together,
         up to :data:`BATCH_BYTES_GPU` of float32 descriptors at once on a GPU (on a CPU
         :data:`BATCH_BYTES_CPU`: there a batch only adds memory traffic)."""
         out: List = [None] * len(items)
         groups: Dict[tuple, List[int]] = {}
-        for i, (f, _, _) in enumerate(items):
+        for i, (f, *_) in enumerate(items):
             try:
                 d = corr.descriptors_of(f)
                 if d.dim() != 3:
@@ -347,9 +369,11 @@ class Propagator:
         n = 1 if self.combine == "best" else self.top_k
         by_choice: Dict[Tuple[str, ...], list] = {}
         for j, i in enumerate(idx):
-            ranked = self.rank(gvecs[j], items[i][1], exclude=items[i][2])
+            label = items[i][3] if len(items[i]) > 3 else None
+            ranked = self.rank(gvecs[j], items[i][1], exclude=items[i][2], label=label)
             if not ranked:
-                out[i] = ValueError("no usable reference (other than the target itself)")
+                out[i] = ValueError("no usable reference (other than the target itself)" if label is None else
+                                    f"no usable reference object labelled {label!r} (other than the target's sample)")
             elif empty[j]:
                 out[i] = ValueError("tgt_mask allows no target token")
             else:
@@ -405,16 +429,19 @@ class Propagator:
 
 
 def predict_rows(engine: Propagator, rows, *, leave_out_self: bool = False) -> dict:
-    """``[(sample id, features (or the error loading them, or None), embedding)]`` -> id
-    -> its ``[InstancePrediction]`` or the exception it raised, for the samples whose
+    """``[(unit, features (or the error loading them, or None), embedding)]`` -> unit id
+    -> its ``[InstancePrediction]`` or the exception it raised, for the units whose
     features loaded, in one :meth:`Propagator.predict_many` call. ``leave_out_self``: a
-    sample is never its own reference (review)."""
+    sample is never its own reference (review); an object is matched to reference
+    objects of its label (``same_label``)."""
     ids, items, out = [], [], {}
-    for sid, f, emb in rows:
+    for unit, f, emb in rows:
+        sid = unit.id
         if f is None or isinstance(f, Exception):
             continue
         try:
-            items.append((f, unit_vector(emb), sid if leave_out_self else None))
+            items.append((f, unit_vector(emb), unit.sample_id if leave_out_self else None,
+                          unit.label if unit.is_object else None))
             ids.append(sid)
         except Exception as e:  # noqa: BLE001
             out[sid] = e
@@ -422,18 +449,34 @@ def predict_rows(engine: Propagator, rows, *, leave_out_self: bool = False) -> d
     return out
 
 
+def in_image(unit: Unit, preds: List[InstancePrediction], margin: float) -> List[InstancePrediction]:
+    """An object's predictions moved from its crop into its image (in place; an image
+    unit's are returned as they are)."""
+    if unit.is_object and preds:
+        crop = unit.crop(margin)
+        for p in preds:
+            p.points = crop.to_image(p.points)
+    return preds
+
+
 def to_keypoints(preds: List[InstancePrediction], visibility_threshold: float) -> fo.Keypoints:
+    """One ``fo.Keypoint`` per prediction; points under ``visibility_threshold`` are NaN.
+    ``visible`` is COCO's per point: 2 (visible) or 0 (NaN), as FiftyOne's COCO
+    importer writes it and its exporter reads it."""
     kps = []
     for p in preds:
-        points = []
+        points, visible = [], []
         for (x, y), c in zip(p.points, p.confidence):
             if not (np.isfinite(x) and np.isfinite(y)) or c < visibility_threshold:
                 points.append([float("nan"), float("nan")])
+                visible.append(0)
             else:
                 points.append([float(x), float(y)])
+                visible.append(2)
         kps.append(fo.Keypoint(
             label=p.label,
             points=points,
+            visible=visible,
             confidence=[float(c) for c in p.confidence],
             sdcorr_reference_id=p.reference_id,
             sdcorr_reference_ids=list(p.reference_ids),
@@ -480,34 +523,78 @@ def resolve_references(samples, references):
 
 
 def load_references(ref_view, source_field: str, source, *, features_field=None, embedding_field=None,
-                    flip=False) -> Tuple[List[Reference], Dict[str, List[str]]]:
-    """Reads, validates and describes the references; usable ones + problems by sample id."""
-    ids, fps = ref_view.values("id"), ref_view.values("filepath")
-    labels = ref_view.values(source_field)
-    stored = dict(zip(ids, values_or_none(ref_view, features_field, len(ids))))
-    embs = values_or_none(ref_view, embedding_field, len(ids))
-    problems: Dict[str, List[str]] = {}
+                    flip=False, patches_field=None) -> Tuple[List[Reference], Dict[str, List[str]]]:
+    """Reads, validates and describes the references: one per reference image, or (with
+    ``patches_field``) one per reference object that a keypoint instance belongs to
+    (:func:`~fiftyone_sdcorr.dataset.units.link_to_objects`), its points in the object's
+    crop. Returns the usable ones + problems by sample id."""
+    units = Units(ref_view, patches_field)
+    samples = units.samples
+    kps_of = dict(zip(samples.values("id"), samples.values(source_field)))
+    stored = dict(zip((u.id for u in units.units()), units.values(features_field)))
+    embs = dict(zip((u.id for u in units.units()), units.values(embedding_field)))
+    problems: Dict[str, List[str]] = {sid: [] for sid in kps_of}
     refs: List[Reference] = []
-    for sid, fp, kps, emb in zip(ids, fps, labels, embs):
-        insts, probs = parse_reference_keypoints(kps)
-        problems.setdefault(sid, []).extend(f"reference: {p}" for p in probs)
-        if insts:
-            refs.append(Reference(id=sid, filepath=fp, instances=insts, embedding=unit_vector(emb)))
-    feats = source.get([(r.id, r.filepath, stored[r.id]) for r in refs])
+    if not units.objects:
+        for u in units.units():
+            insts, probs = parse_reference_keypoints(kps_of[u.id])
+            problems[u.id].extend(f"reference: {p}" for p in probs)
+            if insts:
+                refs.append(Reference(id=u.id, filepath=u.filepath, instances=insts, embedding=unit_vector(embs[u.id]),
+                                      unit=u))
+    else:
+        metadata = dict(zip(samples.values("id"), samples.values("metadata")))
+        objects_of = by_sample(units.units())
+        for sid, kps in kps_of.items():
+            refs += _object_references(sid, kps, objects_of.get(sid, []), metadata.get(sid), source.margin, embs,
+                                       problems[sid], patches_field)
+    feats = source.get([(r.id, r.unit, stored[r.id]) for r in refs])
     usable = []
     for r in refs:
         f = feats.get(r.id)
+        what = "reference left out" if not units.objects else f"reference object {r.id} ({r.label}) left out"
         if isinstance(f, Exception) or f is None:
-            problems[r.id].append(f"reference left out: {reason(f) if f is not None else 'no features'}")
+            problems[r.sample_id].append(f"{what}: {reason(f) if f is not None else 'no features'}")
             continue
         r.features, r.gvec = f, f.global_vector()
         if flip:
             try:
-                r.flipped = source.describe_flipped(r.filepath)
+                r.flipped = source.describe_flipped(r.unit)
             except Exception as e:  # noqa: BLE001
-                problems[r.id].append(f"reference: no flip alignment, the mirrored features failed ({reason(e)})")
+                problems[r.sample_id].append(f"reference: no flip alignment, the mirrored features failed ({reason(e)})")
         usable.append(r)
     return usable, {k: v for k, v in problems.items() if v}
+
+
+def _object_references(sid, kps, objects, metadata, margin, embs, problems, patches_field) -> List[Reference]:
+    """The reference objects of one sample: each keypoint instance linked to its object,
+    its points moved into the object's crop."""
+    items = list(getattr(kps, "keypoints", None) or [])
+    if not items:
+        problems.append("reference has no keypoints")
+        return []
+    linked = dict(link_to_objects(items, objects))
+    out = []
+    for k, kp in enumerate(items):
+        obj = linked.get(k)
+        if obj is None:
+            problems.append(f"reference: instance {k} ({kp.label}) lies in no object of {patches_field!r}, left out")
+            continue
+        try:
+            crop = obj.crop(margin, metadata)
+        except Exception as e:  # noqa: BLE001 -- an unreadable image or a box without area
+            problems.append(f"reference object {obj.id}: {reason(e)}")
+            continue
+        pts = crop.to_crop(points_of(kp))
+        pts[~((pts >= 0) & (pts <= 1)).all(axis=1)] = np.nan  # outside the crop: not matchable
+        insts, probs = parse_reference_keypoints(fo.Keypoints(keypoints=[fo.Keypoint(
+            label=kp.label, points=[[float(x), float(y)] for x, y in pts])]))
+        problems.extend(f"reference object {obj.id}: {p}" for p in probs)
+        if insts:
+            insts[0].index = k
+            out.append(Reference(id=obj.id, filepath=obj.filepath, instances=insts, embedding=unit_vector(embs[obj.id]),
+                                 sample_id=sid, label=obj.label, unit=obj))
+    return out
 
 
 def feature_source(samples, cfg, given: dict):
@@ -516,7 +603,7 @@ def feature_source(samples, cfg, given: dict):
     no model loads here)."""
     from fiftyone_sdcorr.dataset.feature_source import FeatureSource
 
-    return FeatureSource(samples, cfg.features_field, given, cfg.batch_size)
+    return FeatureSource(samples, cfg.features_field, given, cfg.batch_size, Units(samples, cfg.patches_field))
 
 
 def prepare_matching(samples, ref_view, source_field: str, cfg, source, summary, stored_paths):
@@ -526,35 +613,39 @@ def prepare_matching(samples, ref_view, source_field: str, cfg, source, summary,
 
     Returns ``(propagator, source, problems by reference id)``.
     """
-    source.locate(list(stored_paths) + values_or_none(ref_view, cfg.features_field, len(ref_view)))
+    ref_units = Units(ref_view, cfg.patches_field)
+    source.locate(list(stored_paths) + ref_units.values(cfg.features_field))
     pairs, origin = resolve_flip_pairs(samples, source_field, cfg.match.flip_pairs) if cfg.match.flip else ([], "off")
     if cfg.match.flip and not pairs:
         summary.warn("flip alignment without left/right pairs (no skeleton labels like left_*/right_*, no "
                      "flip_pairs): every point keeps its label when mirrored")
     refs, problems = load_references(ref_view, source_field, source, features_field=cfg.features_field,
-                                     embedding_field=cfg.embedding_field, flip=cfg.match.flip)
+                                     embedding_field=cfg.embedding_field, flip=cfg.match.flip,
+                                     patches_field=cfg.patches_field)
     if not refs:
         detail = "; ".join(f"{k}: {', '.join(v)}" for k, v in list(problems.items())[:5])
-        raise ParameterError(f"no usable reference among {len(ref_view)} reference sample(s): {detail}")
+        raise ParameterError(f"no usable reference among {len(ref_units.samples)} reference sample(s): {detail}")
     if cfg.match.flip and any(r.flipped is None for r in refs):
         summary.warn(f"flip alignment unavailable for {sum(r.flipped is None for r in refs)} of {len(refs)} "
                      "reference(s): " + next(m for v in problems.values() for m in v if "flip" in m))
-    left_out = len(ref_view) - len(refs)
+    ref_ids = ref_units.samples.values("id")
+    used = {r.sample_id for r in refs}
+    left_out = len(set(ref_ids) - used)
     if left_out:
-        summary.warn(f"{left_out} of {len(ref_view)} reference(s) left out (no usable points or features); "
+        summary.warn(f"{left_out} of {len(ref_ids)} reference(s) left out (no usable points or features); "
                      f"see {cfg.error_field!r}")
     for note in source.notes:
         summary.warn(note)
-    used = {r.id for r in refs}
     summary.update(references_used=sorted(used), flip_pairs=[list(p) for p in pairs],
-                   flip_pairs_origin=origin,
-                   references_left_out=sorted(set(ref_view.values("id")) - used))
+                   flip_pairs_origin=origin, references_left_out=sorted(set(ref_ids) - used))
+    if ref_units.objects:
+        summary["reference_objects"] = len(refs)
     return Propagator(refs, cfg.match, pairs), source, problems
 
 
 __all__ = [
     "flip_pairs_from_labels", "resolve_flip_pairs", "skeleton_for", "RefInstance", "Reference",
-    "parse_reference_keypoints", "unit_vector", "InstancePrediction", "Propagator", "predict_rows", "to_keypoints",
+    "parse_reference_keypoints", "unit_vector", "InstancePrediction", "Propagator", "predict_rows", "in_image", "to_keypoints",
     "BATCH_BYTES_GPU", "BATCH_BYTES_CPU",
     "resolve_references", "load_references", "feature_source", "prepare_matching",
 ]

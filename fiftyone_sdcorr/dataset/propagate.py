@@ -9,6 +9,15 @@
   ``visibility_threshold`` are ``[nan, nan]``. Attributes ``sdcorr_reference_id``,
   ``sdcorr_reference_ids`` (per point), ``sdcorr_similarity``, ``sdcorr_instance``,
   ``sdcorr_flipped``.
+- **Objects** (``patches_field``, a ``fo.Detections`` field, or a ``to_patches()`` view):
+  each target object gets its own ``fo.Keypoint`` from the most similar reference object
+  (the references' keypoint instances linked to their objects by ``instance`` or
+  geometry), in image coordinates, with the object's label, ``sdcorr_detection_id`` (its
+  detection's id) and the detection's ``instance`` when it has one. ``same_label``: only
+  reference objects of the target's label. ``link_instances=True`` gives each target
+  detection without an ``instance`` a new ``fo.Instance`` first (the only change ever
+  made to the detections); off by default because FiftyOne's COCO exporter (1.22) fails
+  on labels with an ``instance`` unless called with ``extra_attrs=False``.
 - **References and matching rules**: :mod:`fiftyone_sdcorr.dataset.matching`.
 - **Features**: :mod:`fiftyone_sdcorr.dataset.feature_source` (stored ones of one
   fingerprint; missing ones computed with the same configuration).
@@ -32,16 +41,17 @@ from fiftyone_sdcorr.dataset.engine import (
     inputs_of as _inputs,
     reason,
     require_field,
-    values_or_none,
 )
 from fiftyone_sdcorr.dataset.matching import (
     feature_source,
+    in_image,
     predict_rows,
     prepare_matching,
     resolve_references,
     to_keypoints,
 )
 from fiftyone_sdcorr.dataset.progress import ProgressArg
+from fiftyone_sdcorr.dataset.units import Units, by_sample, patches_field_of, sample_batches
 
 FUNCTION = "propagate_keypoints"
 DEFAULT_VISIBILITY_THRESHOLD = PropagationConfig.visibility_threshold
@@ -67,10 +77,14 @@ def propagate_keypoints(
     flip_pairs=None,
     combine: str = MatchConfig.combine,
     top_k: int = MatchConfig.top_k,
+    patches_field: Optional[str] = None,
+    same_label: bool = MatchConfig.same_label,
+    link_instances: bool = PropagationConfig.link_instances,
     overwrite: bool = False,
     progress: ProgressArg = True,
 ) -> RunSummary:
-    """Propagates keypoints from annotated references to every target sample.
+    """Propagates keypoints from annotated references to every target sample, or to every
+    target object (``patches_field``, or a ``to_patches()`` view).
 
     Args:
         targets: a dataset or view of the samples to label.
@@ -88,6 +102,7 @@ def propagate_keypoints(
         flip, flip_pairs: flip alignment (pairs by index or skeleton label; default: from
             the skeleton's ``left_*``/``right_*`` labels).
         combine, top_k: ``"best"`` or ``"per_point"`` over the ``top_k`` most similar.
+        patches_field, same_label, link_instances: per object (module docstring).
         overwrite: allow writing to an existing ``output_field``.
         progress: True/False (progress bar) or ``callable(fraction, label)``.
 
@@ -100,7 +115,9 @@ def propagate_keypoints(
     cfg = PropagationConfig(
         source_field, output_field, features_field, embedding_field, visibility_threshold,
         PropagationConfig.batch_size if batch_size is None else batch_size, overwrite,
-        MatchConfig(combine, top_k, soft_argmax, soft_window, temperature, flip, flip_pairs))
+        MatchConfig(combine, top_k, soft_argmax, soft_window, temperature, flip, flip_pairs, same_label),
+        patches_field_of(targets, patches_field) if hasattr(targets, "_root_dataset") else patches_field,
+        link_instances)
     given = dict(extractor=extractor, sd_model=sd_model, dino_model=dino_model, preset=preset, recipe=recipe,
                  pca_dim=pca_dim, device=device, dtype=dtype, batch_size=batch_size, store_dir=store_dir)
     ref_view = check_propagation(targets, references, cfg)
@@ -109,24 +126,30 @@ def propagate_keypoints(
     # 2. references and their features (the models load only if features must be computed)
     summary = RunSummary(FUNCTION, ("targets", "predicted"), output_field=cfg.output_field,
                          error_field=cfg.error_field, combine=cfg.match.combine)
-    ids, fps = targets.values("id"), targets.values("filepath")
-    stored = values_or_none(targets, cfg.features_field, len(ids))
-    embs = values_or_none(targets, cfg.embedding_field, len(ids))
+    units = Units(targets, cfg.patches_field)
+    stored, embs = units.values(cfg.features_field), units.values(cfg.embedding_field)
     engine, source, problems = prepare_matching(targets, ref_view, source_field, cfg, source, summary, stored)
-    # 3. predict batch by batch, write in bulk, record problems per sample
-    summary["targets"], summary["seconds_matching"] = len(ids), 0.0
-    with Run(targets, summary, len(ids), progress, "propagating", cfg.error_field) as run:
+    # 3. predict batch by batch (a sample's objects in one batch), write in bulk, record problems per sample
+    rows = list(zip(units.link_instances() if cfg.link_instances else units.units(), stored, embs))
+    summary["targets"], summary["seconds_matching"] = len(rows), 0.0
+    with Run(targets, summary, len(rows), progress, "propagating", cfg.error_field) as run:
         declare_outputs(targets, _outputs(cfg))
-        for batch in run.batches(list(zip(ids, fps, stored, embs)), cfg.batch_size):
-            feats = source.get([(sid, fp, st) for sid, fp, st, _ in batch])
-            preds = _predict_batch(engine, [(sid, feats.get(sid), emb) for sid, _, _, emb in batch], run)
-            run.write(cfg.output_field, {sid: _record(cfg, sid, feats.get(sid), preds.get(sid), problems, run)
-                                         for sid, _, _, _ in batch})
-            run.flush_errors()
-            run.step(len(batch))
-        for sid in set(problems) - set(ids):  # problems of references that are not targets
+        for batch in sample_batches(rows, cfg.batch_size):
+            _propagate_batch(cfg, engine, source, batch, problems, run)
+        for sid in set(problems) - {u.sample_id for u, _, _ in rows}:  # references that are not targets
             run.note(sid, "; ".join(problems[sid]))
     return summary
+
+
+def _propagate_batch(cfg, engine, source, batch, problems, run: Run) -> None:
+    """One batch of ``(unit, stored path, embedding)``: features, matches, one write."""
+    feats = source.get([(u.id, u, st) for u, st, _ in batch])
+    preds = _predict_batch(engine, [(u, feats.get(u.id), emb) for u, _, emb in batch], run)
+    results = [(u, feats.get(u.id), preds.get(u.id)) for u, _, _ in batch]
+    run.write(cfg.output_field, {sid: _record(cfg, sid, got, problems, run, source.margin)
+                                 for sid, got in by_sample(results).items()})
+    run.flush_errors()
+    run.step(len(batch))
 
 
 def check_propagation(targets, references, cfg: PropagationConfig):
@@ -156,21 +179,35 @@ def _predict_batch(engine, rows, run: Run) -> dict:
     return out
 
 
-def _record(cfg, sid, features, preds, problems, run: Run) -> Optional[fo.Keypoints]:
-    """One target's keypoints, or None with the failure recorded."""
-    msgs = list(problems.get(sid, []))
-    if features is None or isinstance(features, Exception):
-        run.fail(sid, "; ".join(msgs + [f"target: {reason(features) if features is not None else 'no features'}"]))
+def _record(cfg, sid, results, problems, run: Run, margin: float) -> Optional[fo.Keypoints]:
+    """One target sample's keypoints from its units' ``(unit, features, predictions)``, or
+    None with the failure recorded. Objects: one ``fo.Keypoint`` each, moved from the
+    object's crop into the image, with the object's label and ``instance``."""
+    msgs, out = list(problems.get(sid, [])), []
+    for unit, features, preds in results:
+        what = "target" if not unit.is_object else f"target object {unit.id} ({unit.label})"
+        if features is None or isinstance(features, Exception):
+            msgs.append(f"{what}: {reason(features) if features is not None else 'no features'}")
+            continue
+        if isinstance(preds, Exception):
+            msgs.append(f"{what}: {reason(preds)}")
+            continue
+        kps = to_keypoints(in_image(unit, preds, margin), cfg.visibility_threshold).keypoints
+        if unit.is_object:
+            for kp in kps:
+                kp.label, kp["sdcorr_detection_id"] = unit.label, unit.id
+                if unit.instance is not None:
+                    kp.instance = fo.Instance(id=unit.instance)
+        out += kps
+        run.summary.add("predicted")
+    if not out and any(f is None or isinstance(f, Exception) or isinstance(p, Exception) for _, f, p in results):
+        run.fail(sid, "; ".join(msgs))
         return None
-    if isinstance(preds, Exception):
-        run.fail(sid, "; ".join(msgs + [f"target: {reason(preds)}"]))
-        return None
-    run.summary.add("predicted")
     if msgs:
         run.note(sid, "; ".join(msgs))
     else:
         run.ok(sid)
-    return to_keypoints(preds, cfg.visibility_threshold)
+    return fo.Keypoints(keypoints=out)
 
 
 __all__ = ["propagate_keypoints", "check_propagation", "DEFAULT_VISIBILITY_THRESHOLD", "FUNCTION"]

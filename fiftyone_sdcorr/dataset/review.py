@@ -11,7 +11,10 @@ annotated references (leave-one-out, with the propagation engine of
   ``bbox_field``, else the extent of the annotated points; or the image size with
   ``threshold="image"``).
 
-Ground-truth and predicted instances are paired by label and order (as in evaluation).
+Ground-truth and evidence instances are paired as in evaluation, never by list order:
+:func:`fiftyone_sdcorr.dataset.pck.match_instances` (FiftyOne ``instance`` links, then
+an optimal assignment on an OKS-like cost among instances of the same label). Only the
+annotation's visible points are checked (finite, and not ``visible`` 0 / False).
 
 Written (the ground-truth field itself is never modified):
 - ``review_field`` (new ``fo.Keypoints``, default ``"sdcorr_review"``): a copy of each
@@ -46,9 +49,16 @@ from fiftyone_sdcorr.dataset.engine import (
     require_field,
     values_or_none,
 )
-from fiftyone_sdcorr.dataset.matching import feature_source, predict_rows, prepare_matching, resolve_references
-from fiftyone_sdcorr.dataset.pck import pair_instances, points_of, threshold_size
+from fiftyone_sdcorr.dataset.matching import (
+    feature_source,
+    in_image,
+    predict_rows,
+    prepare_matching,
+    resolve_references,
+)
+from fiftyone_sdcorr.dataset.pck import image_size_of, instance_id, match_instances, points_of, threshold_size
 from fiftyone_sdcorr.dataset.progress import ProgressArg
+from fiftyone_sdcorr.dataset.units import Units, by_sample, patches_field_of, sample_batches
 
 FUNCTION = "flag_keypoint_annotations"
 DEFAULT_TAG = ReviewConfig.tag
@@ -76,6 +86,7 @@ def flag_keypoint_annotations(
     soft_argmax: bool = MatchConfig.soft_argmax,
     flip: bool = MatchConfig.flip,
     flip_pairs=None,
+    patches_field: Optional[str] = None,
     overwrite: bool = False,
     progress: ProgressArg = True,
 ) -> RunSummary:
@@ -93,6 +104,10 @@ def flag_keypoint_annotations(
         combine, top_k, soft_argmax, flip, flip_pairs, extractor, sd_model, ...: the
             matching and the features, as in :func:`propagate_keypoints` (``"per_point"``
             by default).
+        patches_field: a ``fo.Detections`` field (or a ``to_patches()`` view): the evidence
+            is predicted per object, from reference objects of other samples, and paired
+            with the annotations by geometry; the objects' boxes are the default
+            ``bbox_field``.
         overwrite: allow an existing ``review_field`` (the tag is first removed).
         progress: True/False or ``callable(fraction, label)``.
 
@@ -105,46 +120,55 @@ def flag_keypoint_annotations(
     cfg = ReviewConfig(gt_field, review_field, tag, alpha, min_confidence, bbox_field, threshold, features_field,
                        embedding_field, ReviewConfig.batch_size if batch_size is None else batch_size, overwrite,
                        MatchConfig(combine, top_k, soft_argmax, MatchConfig.soft_window, MatchConfig.temperature,
-                                   flip, flip_pairs))
+                                   flip, flip_pairs),
+                       patches_field_of(samples, patches_field) if hasattr(samples, "_root_dataset") else patches_field)
     given = dict(extractor=extractor, sd_model=sd_model, dino_model=dino_model, preset=preset, recipe=recipe,
                  pca_dim=pca_dim, device=device, dtype=dtype, batch_size=batch_size, store_dir=store_dir)
     annotated, ref_view = check_review(samples, references, cfg)
-    source = feature_source(samples, cfg, given)
+    source = feature_source(annotated, cfg, given)
     checks_done()
     # 2. the evidence: references and their features
     summary = RunSummary(FUNCTION, ("checked", "points_checked", "flagged_points"), review_field=review_field,
                          error_field=cfg.error_field, tag=tag, alpha=cfg.alpha, min_confidence=cfg.min_confidence,
                          suspicious={})
-    rows = _rows(annotated, cfg)
-    engine, source, problems = prepare_matching(samples, ref_view, gt_field, cfg, source, summary,
-                                                [r[3] for r in rows])
+    units = Units(annotated, cfg.patches_field)
+    rows = list(zip(units.units(), units.values(cfg.features_field), units.values(cfg.embedding_field)))
+    engine, source, problems = prepare_matching(annotated, ref_view, gt_field, cfg, source, summary,
+                                                [st for _, st, _ in rows])
     refs = {r.id: r for r in engine.references}
-    # 3. review batch by batch, write in bulk, tag the suspicious samples
+    labels = _labels(annotated, cfg)
+    # 3. review batch by batch (a sample's objects together), write in bulk, tag the suspicious samples
     with Run(samples, summary, len(rows), progress, "reviewing", cfg.error_field) as run:
         declare_outputs(samples, _outputs(cfg))
         if cfg.overwrite and cfg.tag:
             annotated.untag_samples(cfg.tag)
-        for batch in run.batches(rows, cfg.batch_size):
-            need = [(sid, fp, st) for sid, fp, _, st, _, _ in batch if sid not in refs]
-            got = source.get(need) if need else {}
-            feats = {sid: refs[sid].features if sid in refs else got.get(sid) for sid, *_ in batch}
-            preds = predict_rows(engine, [(sid, feats[sid], emb) for sid, _, _, _, emb, _ in batch],
-                                 leave_out_self=True)
-            run.write(cfg.review_field, {
-                sid: _review_sample(cfg, sid, gt, feats[sid], preds.get(sid), box, problems, run)
-                for sid, _, gt, _, _, box in batch})
-            run.flush_errors()
-            run.step(len(batch))
+        for batch in sample_batches(rows, cfg.batch_size):
+            _review_batch(cfg, engine, source, refs, labels, batch, problems, run)
         if summary["suspicious"] and cfg.tag:
             samples._root_dataset.select(list(summary["suspicious"])).tag_samples(cfg.tag)
     summary["flagged_samples"] = sorted(summary["suspicious"])
     return summary
 
 
+def _review_batch(cfg, engine, source, refs, labels, batch, problems, run: Run) -> None:
+    """One batch of ``(unit, stored path, embedding)``: leave-one-out evidence, one write."""
+    need = [(u.id, u, st) for u, st, _ in batch if u.id not in refs]
+    got = source.get(need) if need else {}
+    feats = {u.id: refs[u.id].features if u.id in refs else got.get(u.id) for u, _, _ in batch}
+    preds = predict_rows(engine, [(u, feats[u.id], emb) for u, _, emb in batch], leave_out_self=True)
+    run.write(cfg.review_field, {
+        sid: _review_sample(cfg, sid, *labels[sid], [(u, feats[u.id], preds.get(u.id)) for u, _, _ in group],
+                            problems, run, source.margin)
+        for sid, group in by_sample(batch).items()})
+    run.flush_errors()
+    run.step(len(batch))
+
+
 def check_review(samples, references, cfg: ReviewConfig):
     """Fields and views of a review, checked before anything is written; the annotated
     samples and the evidence view."""
     image_collection(samples)
+    samples = Units(samples, cfg.patches_field).samples  # a patches view: its source samples
     require_field(samples, "gt_field", cfg.gt_field, "keypoints")
     if cfg.bbox_field is not None:
         require_field(samples, "bbox_field", cfg.bbox_field, "detections")
@@ -160,11 +184,13 @@ def check_review(samples, references, cfg: ReviewConfig):
     return annotated, ref_view
 
 
-def _rows(annotated, cfg: ReviewConfig) -> list:
+def _labels(annotated, cfg: ReviewConfig) -> dict:
+    """``{sample id: (annotations, boxes, metadata)}``; the boxes of ``bbox_field``, else of
+    the objects reviewed."""
     n = len(annotated)
-    return list(zip(annotated.values("id"), annotated.values("filepath"), annotated.values(cfg.gt_field),
-                    values_or_none(annotated, cfg.features_field, n), values_or_none(annotated, cfg.embedding_field, n),
-                    values_or_none(annotated, cfg.bbox_field, n)))
+    boxes = cfg.bbox_field or cfg.patches_field
+    return {sid: rest for sid, *rest in zip(annotated.values("id"), annotated.values(cfg.gt_field),
+                                            values_or_none(annotated, boxes, n), annotated.values("metadata"))}
 
 
 def _outputs(cfg) -> dict:
@@ -172,26 +198,35 @@ def _outputs(cfg) -> dict:
             "review_field (its error field)": (cfg.error_field, "string")}
 
 
-def _review_sample(cfg, sid, gt, feat, preds, box, problems, run: Run) -> Optional[fo.Keypoints]:
-    """The review of one annotated sample from its evidence (``preds``, or the exception
-    predicting it raised), or None with the failure recorded."""
-    msgs = list(problems.get(sid, []))
-    if feat is None or isinstance(feat, Exception):
-        run.fail(sid, "; ".join(msgs + [f"target: {reason(feat) if feat is not None else 'no features'}"]))
-        return None
-    if isinstance(preds, Exception):
-        run.fail(sid, "; ".join(msgs + [f"target: {reason(preds)}"]))
+def _review_sample(cfg, sid, gt, box, metadata, results, problems, run: Run, margin: float) -> Optional[fo.Keypoints]:
+    """The review of one annotated sample from its units' ``(unit, features, evidence or
+    the exception predicting it raised)``, or None with the failure recorded. Objects'
+    evidence is moved from their crops into the image, then paired with the annotations."""
+    msgs, preds, failed = list(problems.get(sid, [])), [], False
+    for unit, feat, got in results:
+        what = "target" if not unit.is_object else f"target object {unit.id} ({unit.label})"
+        bad = feat if feat is None or isinstance(feat, Exception) else got if isinstance(got, Exception) else False
+        if bad is not False:
+            msgs.append(f"{what}: {reason(bad) if bad is not None else 'no features'}")
+            failed = True
+            continue
+        preds += in_image(unit, got, margin)
+    if failed and not preds:
+        run.fail(sid, "; ".join(msgs))
         return None
     run.summary.add("checked")
-    w, h = feat.letterbox.width, feat.letterbox.height
+    w, h = (results[0][1].letterbox.width, results[0][1].letterbox.height) if not results[0][0].is_object else \
+        image_size_of(results[0][0].filepath, metadata)
     scale = np.array([w, h], dtype=np.float64)
     gk = list(gt.keypoints or [])
-    paired = {j: i for i, j in pair_instances([fo.Keypoint(label=p.label) for p in preds], gk)}
+    paired = {j: i for i, j in match_instances(preds, gk, w, h, box)}
     out = []
     for j, g_kp in enumerate(gk):
         i = paired.get(j)
         if i is None:
-            msgs.append(f"instance {j} ({g_kp.label}): no evidence instance with this label")
+            why = ("no evidence instance matches it" if any(p.label == g_kp.label for p in preds)
+                   else "no evidence instance with this label")
+            msgs.append(f"instance {j} ({g_kp.label}): {why}")
         out.append(_review_instance(cfg, sid, j, g_kp, preds[i] if i is not None else None, scale, box, run))
     if msgs:
         run.note(sid, "; ".join(msgs))
@@ -208,8 +243,8 @@ def _review_instance(cfg, sid, j, g_kp, pred, scale, box, run: Run) -> fo.Keypoi
     confs: List[Optional[float]] = [None] * k
     dists: List[Optional[float]] = [None] * k
     rids: List[Optional[str]] = [None] * k
-    T = threshold_size(cfg.threshold, box if cfg.bbox_field else None, g_kp.label, g_n * scale,
-                       int(scale[0]), int(scale[1]))
+    T = threshold_size(cfg.threshold, box, g_kp.label, g_n * scale,
+                       int(scale[0]), int(scale[1]), instance_id(g_kp))
     if pred is not None and T:
         for q in range(min(k, len(pred.points))):
             if not np.isfinite(g_n[q]).all() or not np.isfinite(pred.points[q]).all():

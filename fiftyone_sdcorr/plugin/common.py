@@ -18,7 +18,9 @@
 
 Progress convention of the dataset-level functions: ``progress`` is ``True`` / ``False``
 (a FiftyOne progress bar or none) or a callable ``progress(fraction, label)`` with
-``fraction`` in ``[0, 1]`` and a short text label.
+``fraction`` in ``[0, 1]`` and a short text label (what the operators pass). FiftyOne's
+one-argument progress callables (``fo.report_progress(fn, n=...)``) are accepted too:
+:mod:`fiftyone_sdcorr.dataset.progress` tells the two apart by signature.
 """
 
 from __future__ import annotations
@@ -66,6 +68,22 @@ def target_view_input(ctx, inputs, name: str = VIEW_TARGET, action: str = "Proce
         allow_selected_samples=allow_selected, **kwargs,
     )
     return get_target_view(ctx, name)
+
+
+def patches_input(ctx, inputs, target) -> None:
+    """The optional ``patches_field`` choice: whole images (blank), or the objects of a
+    ``fo.Detections`` field; a patches view's own field is preselected."""
+    fields = sorted(ctx.dataset.get_field_schema(embedded_doc_type=fo.Detections)) if ctx.dataset is not None else []
+    default = target.patches_field if target is not None and getattr(target, "_is_patches", False) else None
+    label, desc = "Objects (patches field)", "Blank: whole images. A fo.Detections field: one unit per object (its box)"
+    if fields:
+        choices = types.DropdownView()
+        for f in fields:
+            choices.add_choice(f, label=f)
+        inputs.enum("patches_field", choices.values(), required=False, default=default, label=label,
+                    description=desc, view=choices)
+    else:
+        inputs.str("patches_field", required=False, default=default, label=label, description=desc)
 
 
 def get_target_view(ctx, name: str = VIEW_TARGET):

@@ -49,6 +49,7 @@ class ComputeFusedFeatures(common.RunOperator):
     def resolve_input(self, ctx):
         inputs = types.Object()
         target = common.target_view_input(ctx, inputs, action="Compute features for")
+        common.patches_input(ctx, inputs, target)
         common.model_inputs(ctx, inputs)
         last = common.last_features(ctx.dataset)  # the defaults follow the last run
         inputs.int("pca_dim", default=last.get("pca_dim", FeatureConfig.recipe.pca_dim), required=False, min=1,
@@ -72,6 +73,9 @@ class ComputeFusedFeatures(common.RunOperator):
         inputs.str("features_field", default=last.get("features_field", FeatureConfig.features_field),
                    required=False,
                    label="Features field", description="String field for the store file's path")
+        inputs.str("brain_key", required=False, label="Similarity index (brain key)",
+                   description="Also register the embeddings as a FiftyOne similarity index under this key "
+                   "(the App's similarity search, sort_by_similarity, the match panel's ranking)")
         inputs.str("prompt_field", required=False, label="Prompt label field",
                    description="Field naming each sample's object (string, Classification, "
                    "Detections, Keypoints...) for a prompt with '{label}', e.g. 'a photo of a {label}'")

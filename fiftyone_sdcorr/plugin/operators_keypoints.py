@@ -167,6 +167,9 @@ class PropagateKeypoints(common.RunOperator):
                    label="Stored features field")
         inputs.str("embedding_field", default=PropagationConfig.embedding_field, required=False,
                    label="Embedding field")
+        common.patches_input(ctx, inputs, target)
+        inputs.bool("same_label", default=MatchConfig.same_label, required=False, label="Same label only",
+                    description="Objects: match each target object to reference objects of its label")
         inputs.bool("overwrite", default=False, label="Overwrite an existing output field")
         common.model_inputs(ctx, inputs, follow=False, advanced=False)
         if target is not None:
@@ -237,6 +240,7 @@ class EvaluateKeypoints(common.RunOperator):
         box_fields = _label_fields(ctx, [fo.Detections, fo.Detection])
         _field_choice(inputs, "bbox_field", box_fields, "Box field (optional)",
                       "Detections giving the target object's box", required=False)
+        common.patches_input(ctx, inputs, target)
         if target is not None:
             inputs.view("count", types.Notice(label=f"{len(target)} samples"))
         self.finish_form(ctx, inputs)
@@ -308,6 +312,7 @@ class FlagKeypointAnnotations(common.RunOperator):
         inputs.str("features_field", default=ReviewConfig.features_field, required=False,
                    label="Stored features field")
         inputs.str("embedding_field", default=ReviewConfig.embedding_field, required=False, label="Embedding field")
+        common.patches_input(ctx, inputs, target)
         inputs.bool("overwrite", default=False, label="Overwrite an existing review field")
         common.model_inputs(ctx, inputs, follow=False, advanced=False)
         if target is not None:
