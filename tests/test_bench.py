@@ -264,7 +264,7 @@ def test_bundled_configs_are_the_published_architectures():
 
 def test_flop_count_full_size_paper_recipe():
     """Real SD 1.5 / DINOv2-B shapes on meta tensors: parameter counts and FLOPs match
-    the published architectures and RECIPE.md's cost estimate (no compute, no weights)."""
+    the published architectures and the recipe's cost estimate (no compute, no weights)."""
     from diffusers import UNet2DConditionModel
     from transformers import Dinov2Config, Dinov2Model
 

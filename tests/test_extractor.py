@@ -1,4 +1,4 @@
-"""The feature engine against RECIPE.md, with tiny random checkpoints loaded from disk."""
+"""The feature engine against the paper's recipe, with tiny random checkpoints loaded from disk."""
 
 import io
 import os
@@ -73,7 +73,7 @@ def test_grid_sizes_for_sizes_and_aspects(small, tiny_dirs, w, h, mode):
 
 # ----------------------------------------------------------------------------- exactness
 def _plain_tile_taps(fx, pixels, taps, prompt_emb):
-    """An independent plain implementation of RECIPE.md for one batch of tiles:
+    """An independent plain implementation of the paper's recipe for one batch of tiles:
     full UNet forward with hooks (no truncation)."""
     vae, unet, sched = fx.vae, fx.unet, fx.scheduler
     with torch.no_grad():
@@ -327,7 +327,7 @@ def test_compile_policy(tiny_dirs):
     assert off.plan_run(10 ** 6) is False
     with pytest.raises(ValueError, match="'compile'"):
         FeatureExtractor(tiny_dirs[0], tiny_dirs[1], device="cpu", compile="yes", **SMALL)
-    # channels-last is off unless asked for (measured slower on an H100, GPU-PROFILE.md)
+    # channels-last is off unless asked for (measured slower on an H100, profile of 2026-11-27)
     assert auto.channels_last is False
 
 

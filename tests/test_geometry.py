@@ -1,4 +1,4 @@
-"""Letterbox geometry: round trips and the RECIPE.md token formulas."""
+"""Letterbox geometry: round trips and the recipe's token formulas."""
 
 import math
 
@@ -41,7 +41,7 @@ def test_point_to_token_and_back_within_half_a_token(w, h, stride, size):
     n = torch.rand(200, 2, generator=g, dtype=torch.float64)
     tok = lb.normalized_to_token(n, stride)
     back = lb.token_to_normalized(tok, stride)
-    # RECIPE.md's centre 14 p + 6.5 is the centre of pixel indices 14p..14p+13: a point at
+    # The recipe's centre 14 p + 6.5 is the centre of pixel indices 14p..14p+13: a point at
     # an integer frame pixel lands within half a token (<= 6.5 px); an arbitrary real point
     # within half a token plus the half pixel of that convention (< 7.5 px).
     err_frame = (lb.pixel_to_frame(lb.normalized_to_pixel(back)) - lb.pixel_to_frame(lb.normalized_to_pixel(n))).abs()

@@ -1,4 +1,4 @@
-"""FeatureExtractor: images -> raw SD tap maps + DINO patch tokens (RECIPE.md).
+"""FeatureExtractor: images -> raw SD tap maps + DINO patch tokens.
 
 Every number of the recipe is a field of :class:`Recipe` with the paper's value as the
 default. No FiftyOne import.
@@ -25,7 +25,7 @@ from fiftyone_sdcorr.core.params import ParameterError, check_bool, check_choice
 
 logger = logging.getLogger(__name__)
 
-#: GPU memory measured on an H100 (GPU-PROFILE.md): base and per image of a batch, bf16 paper recipe
+#: GPU memory measured on an H100 (profile of 2026-11-27): base and per image of a batch, bf16 paper recipe
 MEASURED_BASE_BYTES = 2.1e9
 MEASURED_BYTES_PER_IMAGE = 1.35e9
 #: the default batch stays within this much GPU memory
@@ -33,7 +33,7 @@ MEMORY_TARGET_BYTES = 8e9
 #: threads that decode and letterbox images (PIL releases the GIL while resizing)
 PREP_THREADS = min(8, os.cpu_count() or 1)
 #: ``torch.compile`` of the VAE encoder, the UNet blocks and DINOv2, measured on an H100
-#: (GPU-PROFILE.md, paper recipe, batch 4): a 131 s first compilation, then 70.5 -> 31.6 ms
+#: (the H100 profile of 2026-11-27, paper recipe, batch 4): a 131 s first compilation, then 70.5 -> 31.6 ms
 #: per image. ``compile=None`` (auto) compiles on CUDA for runs long enough to earn it back.
 MEASURED_COMPILE_SECONDS = 131.0
 MEASURED_COMPILE_SAVING_S_PER_IMAGE = 0.0705 - 0.0316
@@ -127,7 +127,7 @@ class Recipe:
         return sorted(set(offs))
 
 
-#: Named presets. "paper" is the recipe of RECIPE.md; "cpu" trades accuracy for speed.
+#: Named presets. "paper" is the paper's recipe; "cpu" trades accuracy for speed.
 PRESETS = {
     "paper": Recipe(),
     "whole": Recipe(sd_mode="whole"),
@@ -165,7 +165,7 @@ def to_host(raw: RawFeatures) -> RawFeatures:
 
 
 class FeatureExtractor:
-    """Fused SD + DINOv2 features, exactly as RECIPE.md describes.
+    """Fused SD + DINOv2 features, exactly as the paper's code computes them (README, "The recipe").
 
     Args:
         sd_model: Hub id or local directory of an SD 1.x/2.x checkpoint (diffusers layout)
@@ -269,7 +269,7 @@ class FeatureExtractor:
         return cfg
 
     def _auto_batch_size(self) -> int:
-        """Images per pass from measured memory (GPU-PROFILE.md, one H100, SD 1.5 +
+        """Images per pass from measured memory (profile of 2026-11-27, one H100, SD 1.5 +
         DINOv2-B, paper recipe, bf16: peak = 2.1 GB + 1.35 GB per image of the batch),
         scaled by the recipe's SD pixels per image and the dtype, within
         :data:`MEMORY_TARGET_BYTES` and 80 % of the free memory. CUDA out-of-memory halves

@@ -1,6 +1,6 @@
 """Letterbox geometry: original pixels <-> square model frame <-> token grid.
 
-Conventions (RECIPE.md, as in the reference code ``preprocess_kps_pad``):
+Conventions (the paper's code, ``preprocess_kps_pad``):
 
 - An image of ``width x height`` is resized so that its long side becomes ``size``
   (``scale = size / max(width, height)``); the short side becomes

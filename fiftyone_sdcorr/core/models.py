@@ -22,7 +22,7 @@ DEFAULT_DINO_MODEL = "facebook/dinov2-base"
 DINO_MODEL_TYPES = ("dinov2", "dinov2_with_registers", "dinov3_vit")
 
 #: Feature taps: paper layer name -> (up block index, sub-module kind, index).
-#: ODISE records the hidden state entering decoder block k (RECIPE.md): for SD 1.x/2.x in
+#: ODISE records the hidden state entering decoder block k: for SD 1.x/2.x in
 #: diffusers that is the output of these modules, before any upsampler.
 SD_TAPS = {
     "s5": (0, "resnets", 1),  # paper layer 2, stride 64

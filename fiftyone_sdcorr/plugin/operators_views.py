@@ -74,6 +74,7 @@ class WriteFeaturePCA(common.RunOperator):
         inputs.int("fit_samples", default=ViewConfig.fit_samples, min=1, label="Samples to fit the PCA on")
         inputs.str("output_dir", required=False, label="Output directory",
                    description="Where the PNG masks go (default: next to the feature store)")
+        common.patches_input(ctx, inputs, target)
         inputs.bool("overwrite", default=False, label="Overwrite an existing output field")
         if target is not None:
             inputs.view("count", types.Notice(label=f"{len(target)} samples"))
@@ -114,7 +115,8 @@ class WriteSimilarityHeatmap(common.RunOperator):
         inputs = types.Object()
         target = common.target_view_input(ctx, inputs, action="Write heat maps for")
         inputs.str("reference_id", default=_reference_id(ctx), required=False, label="Reference sample id",
-                   description="The sample the point belongs to (default: the open or first selected sample)")
+                   description="The sample the point belongs to (default: the open or first selected sample); "
+                   "with objects, the reference detection's id")
         fields = sorted(ctx.dataset.get_field_schema(embedded_doc_type=fo.Keypoints)) if ctx.dataset else []
         if fields:
             choices = types.DropdownView()
@@ -132,6 +134,7 @@ class WriteSimilarityHeatmap(common.RunOperator):
         inputs.str("features_field", default=ViewConfig.features_field, required=False,
                    label="Stored features field")
         inputs.str("output_dir", required=False, label="Output directory")
+        common.patches_input(ctx, inputs, target)
         inputs.bool("overwrite", default=False, label="Overwrite an existing output field")
         if target is not None:
             inputs.view("count", types.Notice(label=f"{len(target)} samples"))
