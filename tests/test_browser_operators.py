@@ -521,3 +521,63 @@ def test_feature_pictures_as_the_media_field(demo, server, page, tmp_path):
     assert np.abs(photo - pca).mean() > 15, "the grid tile did not change after choosing the media field"
     bins, saturated, std = _colourfulness(tmp_path / "tile_pca.png")
     assert saturated > 0.3 and bins >= 3 and std > 25, (bins, saturated, std)
+
+
+# --------------------------------------------------------------------------- objects (issue 15)
+def test_objects_of_a_patches_view_through_the_forms(server, page, tmp_path):
+    """A COCO keypoints file imported with FiftyOne's importer, several objects per image; a
+    saved patches view; compute and propagate through their forms, as a user would: the
+    forms preselect the view's patches field, and every object gets its features and its
+    own predicted keypoints."""
+    from fiftyone_sdcorr.core.tiny import tiny_models
+    from test_objects import write_coco
+
+    import fiftyone as fo
+
+    write_coco(tmp_path)
+    dataset = fo.Dataset.from_dir(data_path=str(tmp_path / "data"), labels_path=str(tmp_path / "labels.json"),
+                                  dataset_type=fo.types.COCODetectionDataset,
+                                  label_types=["detections", "keypoints"], name=f"sdcorr-ui-coco-{uuid.uuid4().hex[:8]}")
+    try:
+        dataset.match(fo.ViewField("filepath").ends_with("canvas0.png")).tag_samples("ref")
+        dataset.save_view("people", dataset.to_patches("detections"))
+        sd, dino = tiny_models(tmp_path / "tiny")
+        open_grid(page, server, dataset, view="people")
+
+        dialog = open_operator(page, RUN_OPERATORS["compute_fused_features"], "Compute fused")
+        assert field(dialog, "Objects (patches field)").get_by_role("combobox").inner_text().strip() == "detections"
+        assert dialog.get_by_text("9 samples targeted").count() == 1  # the 9 patches
+        fill(dialog, "Stable Diffusion model", str(sd))
+        fill(dialog, "DINOv2 model", str(dino))
+        fill(dialog, "Feature store directory", str(tmp_path / "store"))
+        wait_execute(page)
+        dialog.get_by_role("button", name="Execute", exact=True).click()
+        text = wait_notification(page, r"compute_fused_features: ")
+        page.screenshot(path=str(tmp_path / "objects_compute.png"))
+        assert "computed 9" in text and "failed 0" in text, text
+        dataset.reload()
+        paths = dataset.values("detections.detections.sdcorr_features", unwind=True)
+        assert len(paths) == 9 and all(p and os.path.exists(p) for p in paths)
+        page.locator(OUTPUT).wait_for()  # the run's summary: closed as a user closes it
+        page.keyboard.press("Escape")
+        page.locator(OUTPUT).wait_for(state="hidden")
+
+        dialog = open_operator(page, RUN_OPERATORS["propagate_keypoints"], "Propagate")
+        choose(page, dialog, "Source keypoints field", "keypoints")
+        dialog.locator("input[type=radio][value=tag]").check()
+        choose(page, dialog, "Reference tag", "ref")
+        assert field(dialog, "Objects (patches field)").get_by_role("combobox").inner_text().strip() == "detections"
+        wait_execute(page)
+        dialog.get_by_role("button", name="Execute", exact=True).click()
+        text = wait_notification(page, r"propagate_keypoints: ")
+        page.screenshot(path=str(tmp_path / "objects_propagate.png"))
+        assert "targets 9" in text and "predicted 9" in text and "failed 0" in text, text
+        dataset.reload()
+        out = [s.detections.detections for s in dataset.iter_samples()]
+        kps = dataset.values("sdcorr_keypoints")
+        assert [len(k.keypoints) for k in kps] == [len(d) for d in out]
+        assert all({k.sdcorr_detection_id for k in kp.keypoints} == {d.id for d in dets}
+                   for kp, dets in zip(kps, out))
+        assert not page.errors, page.errors
+    finally:
+        dataset.delete()
