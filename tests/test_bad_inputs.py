@@ -192,6 +192,11 @@ BAD_NAMES = [("dotdot", "../x"), ("slash", "a/b"), ("dot", "a.b"), ("private", "
              ("empty", ""), ("id", "id"), ("filepath", "filepath"), ("long200", "x" * 200)]
 
 CASES = [
+    # ---- objects: patches_field must name a fo.Detections field of the dataset (every function)
+    *[Case(f"{fn}-patches_field-{why}", fn, K(patches_field=value), r"'patches_field'.*" + re.escape(repr(value)))
+      for fn in ("cf", "prop", "ev", "flag", "pca", "heat")
+      for why, value in (("missing", "nope"), ("keypoints", "gt"), ("dotdot", "../x"))],
+    Case("cf-brain_key-dotdot", "cf", K(brain_key="../x"), r"'brain_key'", path=True),
     # ---- an existing user field named as an output (no overwrite): refused, naming it
     Case("cf-features_field-existing", "cf", K(features_field="note"), r"'features_field'.*'note'"),
     Case("cf-embedding_field-existing", "cf", K(embedding_field="score"), r"'embedding_field'.*'score'"),
