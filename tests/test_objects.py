@@ -178,7 +178,10 @@ def test_objects_from_coco_propagate_evaluate_review_export(coco, tmp_path):
             theirs = sorted((np.array(k.points) * [W, H]).tolist() for k in b.kp.keypoints)
             assert len(mine) == len(theirs)
             np.testing.assert_allclose(np.array(mine), np.array(theirs), atol=1.0)
-            assert all(set(k.visible) <= {0, 2} for k in b.kp.keypoints)
+            assert sorted(k.visible for k in b.kp.keypoints) == sorted(k.visible for k in s.pred.keypoints)
+            # our attributes come back as they were (the link to the detection among them)
+            assert {(k.label, k.sdcorr_detection_id, k.sdcorr_reference_id) for k in b.kp.keypoints} == \
+                {(k.label, k.sdcorr_detection_id, k.sdcorr_reference_id) for k in s.pred.keypoints}
     finally:
         back.delete()
 
