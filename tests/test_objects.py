@@ -256,3 +256,19 @@ def test_feature_views_per_object(coco, tmp_path):
         region = m[y:y + OBJ_H, x:x + OBJ_W]
         r, c = np.unravel_index(region.argmax(), region.shape)
         assert abs(c - REL[0][0] * OBJ_W) <= STRIDE and abs(r - REL[0][1] * OBJ_H) <= STRIDE
+
+
+def test_a_bad_box_fails_alone(coco, tmp_path):
+    """A detection without area, or outside its image, gets its own error record; the other
+    objects are computed and nothing else changes."""
+    ds, _, _ = coco
+    s = ds.match(fo.ViewField("filepath").ends_with("canvas1.png")).first()
+    s.detections.detections[1].bounding_box = [0.5, 0.5, 0.0, 0.2]
+    s.detections.detections[2].bounding_box = [1.5, 1.5, 0.1, 0.1]
+    s.save()
+    got = sc.compute_fused_features(ds, extractor=desc(), patches_field="detections", store_dir=str(tmp_path / "s"),
+                                    progress=False)
+    assert got["computed"] == 7 and got["failed"] == 2, got.text()
+    s.reload()
+    errors = [d.sdcorr_features_error for d in s.detections.detections]
+    assert errors[0] is None and "no area" in errors[1] and "outside" in errors[2] and "canvas1.png" in errors[1]

@@ -191,6 +191,8 @@ class Crop:
 
     @classmethod
     def of_box(cls, width: int, height: int, box, margin: float = DEFAULT_CONTEXT_MARGIN) -> "Crop":
+        if box is None or len(box) != 4:
+            raise ValueError(f"object box {box!r} is not [x, y, width, height]")
         x, y, w, h = (float(v) for v in box)
         if not all(math.isfinite(v) for v in (x, y, w, h)) or w <= 0 or h <= 0:
             raise ValueError(f"object box {list(box)} has no area")

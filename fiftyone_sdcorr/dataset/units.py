@@ -54,11 +54,11 @@ class Unit:
 
     def load(self, margin: float = DEFAULT_CONTEXT_MARGIN):
         """The unit's pixels: the image, or the object's crop."""
-        return load_image(self.filepath) if self.box is None else load_crop(self.filepath, self.box, margin)[0]
+        return load_crop(self.filepath, self.box, margin)[0] if self.is_object else load_image(self.filepath)
 
     def crop(self, margin: float, metadata=None) -> Optional[Crop]:
         """Where an object's crop sits in its image (None for an image unit)."""
-        if self.box is None:
+        if not self.is_object:
             return None
         w, h = image_size_of(self.filepath, metadata)
         return Crop.of_box(w, h, self.box, margin)
