@@ -89,6 +89,7 @@ def write_feature_pca(
     cfg = ViewConfig(output_field, features_field, output_dir, fit_samples, max_side, overwrite)
     check_choice("mode", mode, FEATURE_VIEW_MODES)
     check_int("n_parts", n_parts, lo=2, hi=64)
+    image_collection(samples)
     units = Units(samples, patches_field)
     items, source = _stored_features(samples, cfg, "string", units)
     checks_done()
@@ -172,6 +173,7 @@ def write_similarity_heatmaps(
     """
     # 1. check every parameter and field before anything is written
     cfg = ViewConfig(output_field, features_field, output_dir, ViewConfig.fit_samples, max_side, overwrite)
+    image_collection(samples)
     units = Units(samples, patches_field)
     items, source = _stored_features(samples, cfg, "heatmap", units)
     ref_unit, ref_path = _reference(units, reference_id, items, features_field)
