@@ -1,5 +1,6 @@
-"""The match panel's figure and the data behind it (no panel class here): reference
-ranking, keypoint pairing, image placement, plotly traces, feature views.
+"""The match panel's figure and the data behind it (no panel class here): what each side
+shows (a whole image or an object's crop), keypoint pairing, image placement, plotly
+traces, feature views. Reference ranking: :mod:`fiftyone_sdcorr.plugin.panel_ranking`.
 
 See :mod:`fiftyone_sdcorr.plugin.panels` for what the panel shows.
 """
@@ -10,25 +11,39 @@ import math
 import os
 import threading
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
 import fiftyone as fo
-from bson import ObjectId
 
 from fiftyone_sdcorr.core import visualize as vis
-from fiftyone_sdcorr.dataset.config import EMBEDDING_FIELD, FEATURES_FIELD, KEYPOINTS_FIELD
+from fiftyone_sdcorr.core.geometry import DEFAULT_CONTEXT_MARGIN, Crop
+from fiftyone_sdcorr.dataset.config import FEATURES_FIELD, KEYPOINTS_FIELD
 from fiftyone_sdcorr.dataset.skeletons import keypoint_skeleton
+from fiftyone_sdcorr.plugin.panel_ranking import (  # noqa: F401 -- rank_references etc. are part of this API
+    REFERENCE_TAG,
+    ObjectFeatures,
+    linked_instances,
+    object_features,
+    rank_reference_objects,
+    rank_references,
+    reference_key,
+    reference_tags,
+    sample_objects,
+)
 
 PLUGIN = "@sdcorr/sdcorr"
 REFERENCE_ATTR = "sdcorr_reference_id"
 INSTANCE_ATTR = "sdcorr_instance"
+DETECTION_ATTR = "sdcorr_detection_id"  # the target object of a keypoint predicted per object
 REVIEW_ATTR = "sdcorr_verdict"
 POINT_REVIEW_ATTR = "sdcorr_point_verdicts"
 REVIEW_TAGS = {"accepted": "sdcorr:accepted", "rejected": "sdcorr:rejected"}
 
 MAX_SIDE = 512  # longest side of the images sent to the browser
+MIN_CROP_SIDE = 256  # an object's crop smaller than this is enlarged for display
 PLOT_HEIGHT = 400.0  # common height of both images, in plot units
 GAP = 24.0  # plot units between the two images
 FIGURE_HEIGHT = 420  # pixels
@@ -85,10 +100,34 @@ def _display_image(filepath: str):
     )
 
 
-def _photo_uri(filepath: str) -> str:
-    return _CACHE.get(
-        ("uri", filepath, _mtime(filepath)), lambda: vis.to_data_uri(_display_image(filepath))
-    )
+def _load_display_crop(filepath: str, box, margin: float):
+    from PIL import Image
+
+    from fiftyone_sdcorr.core.images import load_crop
+
+    img, crop = load_crop(filepath, box, margin)
+    img = vis.downsample(img, MAX_SIDE)
+    if max(img.size) < MIN_CROP_SIDE:
+        f = MIN_CROP_SIDE / max(img.size)
+        img = img.resize((max(1, round(img.width * f)), max(1, round(img.height * f))), Image.LANCZOS)
+    return img, crop
+
+
+def _display_crop(filepath: str, box, margin: float):
+    """``(display image, Crop)`` of an object: its box grown by ``margin``, the pixels its
+    features describe (cached by path, mtime, box and margin)."""
+    box = tuple(float(v) for v in box)
+    return _CACHE.get(("crop", filepath, _mtime(filepath), box, float(margin)),
+                      lambda: _load_display_crop(filepath, box, margin))
+
+
+def _photo_uri(filepath: str, box=None, margin: float = DEFAULT_CONTEXT_MARGIN) -> str:
+    if box is None:
+        return _CACHE.get(
+            ("uri", filepath, _mtime(filepath)), lambda: vis.to_data_uri(_display_image(filepath))
+        )
+    return _CACHE.get(("crop-uri", filepath, _mtime(filepath), tuple(box), float(margin)),
+                      lambda: vis.to_data_uri(_display_crop(filepath, box, margin)[0]))
 
 
 def _features(path: Optional[str]):
@@ -101,7 +140,6 @@ def _features(path: Optional[str]):
 
 
 # --------------------------------------------------------------------------- dataset helpers
-REFERENCE_TAG = "reference"  # a sample tag containing this word marks a reference
 OUTPUT_FIELD = KEYPOINTS_FIELD  # the first name offered for new predictions
 
 
@@ -110,12 +148,6 @@ def keypoint_fields(dataset) -> List[str]:
     if dataset is None:
         return []
     return list(dataset.get_field_schema(embedded_doc_type=fo.Keypoints))
-
-
-def reference_tags(dataset) -> List[str]:
-    """The sample tags that mark references: ``reference`` and any tag containing it
-    (``reference_cat``, ``sdcorr:reference``; case-insensitive)."""
-    return [t for t in dataset.distinct("tags") if REFERENCE_TAG in str(t).lower()]
 
 
 def _is_predicted_field(dataset, name: str) -> bool:
@@ -211,47 +243,6 @@ def point_labels(dataset, field: Optional[str], n: int, label: Optional[str] = N
     return [labels[i] if i < len(labels) else f"point {i}" for i in range(n)]
 
 
-def _cosine(a, b) -> float:
-    a = np.asarray(a, dtype=np.float64).ravel()
-    b = np.asarray(b, dtype=np.float64).ravel()
-    if a.shape != b.shape or not a.size:
-        return float("nan")
-    na, nb = np.linalg.norm(a), np.linalg.norm(b)
-    if na == 0 or nb == 0:
-        return float("nan")
-    return float(a @ b / (na * nb))
-
-
-def rank_references(dataset, current_id: str, ref_field: Optional[str], limit: int = 200) -> List[dict]:
-    """Annotated references (samples with keypoints in ``ref_field``): tagged references
-    (:func:`reference_tags`) first, then the others; within each, most similar first by
-    the cosine of the global embeddings (``sdcorr_embedding``), without embeddings in
-    dataset order. Returns ``[{"id", "label", "similarity", "tagged"}]`` (the current
-    sample is left out)."""
-    if not ref_field or not dataset.has_sample_field(ref_field):
-        return []
-    refs = dataset.exists(f"{ref_field}.keypoints").match({"_id": {"$ne": ObjectId(current_id)}})
-    ids, paths, tags = refs.values("id"), refs.values("filepath"), refs.values("tags")
-    ref_tags = set(reference_tags(dataset))
-    tagged = [bool(ref_tags.intersection(t or [])) for t in tags]
-    sims = [float("nan")] * len(ids)
-    if dataset.has_sample_field(EMBEDDING_FIELD) and ids:
-        cur = dataset.select(current_id).values(EMBEDDING_FIELD)
-        if cur and cur[0] is not None:
-            embs = refs.values(EMBEDDING_FIELD)
-            sims = [_cosine(cur[0], e) if e is not None else float("nan") for e in embs]
-    order = sorted(range(len(ids)), key=lambda i: (not tagged[i], math.isnan(sims[i]),
-                                                   -np.nan_to_num(sims[i], nan=-9)))
-    out = []
-    for i in order[:limit]:
-        label = os.path.basename(paths[i]) + (" · reference" if tagged[i] else "")
-        if not math.isnan(sims[i]):
-            label += f" · {sims[i]:.2f}"
-        out.append({"id": ids[i], "label": label, "similarity": None if math.isnan(sims[i]) else sims[i],
-                    "tagged": tagged[i]})
-    return out
-
-
 def instances_of(sample, field: Optional[str]) -> list:
     if not field or not sample.has_field(field):
         return []
@@ -279,8 +270,125 @@ def predicted_for(pred_instances: list, reference_id: str, index: int):
     return None
 
 
+def predicted_for_object(pred_instances: list, detection_id: str, reference_object_id: Optional[str]):
+    """The keypoint predicted for the object ``detection_id`` (attribute
+    ``sdcorr_detection_id``) from the reference object ``reference_object_id``
+    (``sdcorr_reference_id``); when none of that object's predictions names a reference,
+    its first one; else None."""
+    def attr(kp, name):
+        return kp.get_attribute_value(name, None)
+
+    mine = [kp for kp in pred_instances if attr(kp, DETECTION_ATTR) == detection_id]
+    for kp in mine:
+        if attr(kp, REFERENCE_ATTR) == reference_object_id:
+            return kp
+    if mine and not any(attr(kp, REFERENCE_ATTR) for kp in mine):
+        return mine[0]
+    return None
+
+
+def predicted_from(dataset, sample_id: str, pred_field: Optional[str], detection_id: str) -> Optional[str]:
+    """The reference object the prediction of the object ``detection_id`` in
+    ``pred_field`` came from (its ``sdcorr_reference_id``), or None."""
+    if not pred_field or not dataset.has_sample_field(pred_field):
+        return None
+    kps = dataset.select(sample_id).values(f"{pred_field}.keypoints", unwind=True)
+    for kp in kps:
+        if kp is not None and kp.get_attribute_value(DETECTION_ATTR, None) == detection_id:
+            return kp.get_attribute_value(REFERENCE_ATTR, None)
+    return None
+
+
 def _finite_point(p) -> bool:
     return p is not None and len(p) == 2 and all(isinstance(v, (int, float)) and math.isfinite(v) for v in p)
+
+
+# --------------------------------------------------------------------------- what each side shows
+@dataclass
+class Frame:
+    """One side of the figure: a sample's whole image, or one of its objects' crop (the
+    box grown by the features' context margin: exactly the pixels the object's features
+    describe). Points in a frame are normalised to it (to the crop for an object);
+    keypoints are stored in image coordinates and converted with
+    :class:`~fiftyone_sdcorr.core.geometry.Crop`."""
+
+    sample: Any
+    features_path: Optional[str] = None
+    box: Optional[Tuple[float, float, float, float]] = None  # an object's normalised [x, y, w, h]
+    margin: float = DEFAULT_CONTEXT_MARGIN
+    object_id: Optional[str] = None
+    object_label: Optional[str] = None  # "<index>: <label>"
+    features_name: str = FEATURES_FIELD  # where the features live, for messages
+
+    @property
+    def filepath(self) -> str:
+        return self.sample.filepath
+
+    @property
+    def is_object(self) -> bool:
+        return self.box is not None
+
+    def display(self):
+        return _display_image(self.filepath) if self.box is None else \
+            _display_crop(self.filepath, self.box, self.margin)[0]
+
+    @property
+    def crop(self) -> Optional[Crop]:
+        return None if self.box is None else _display_crop(self.filepath, self.box, self.margin)[1]
+
+    def uri(self) -> str:
+        return _photo_uri(self.filepath, self.box, self.margin)
+
+    def features(self):
+        return _features(self.features_path)
+
+    def local(self, p):
+        """An image-normalised point -> this frame's (as is for a whole image); None for a
+        point that is not finite or lies outside the crop."""
+        if self.box is None:
+            return p
+        if not _finite_point(p):
+            return None
+        x, y = (float(v) for v in self.crop.to_crop(np.asarray(p, dtype=np.float64)))
+        return (x, y) if 0.0 <= x <= 1.0 and 0.0 <= y <= 1.0 else None
+
+    def local_points(self, points) -> list:
+        return [self.local(p) for p in (points or [])]
+
+    def to_image(self, xy) -> Tuple[float, float]:
+        """A point of this frame -> image-normalised."""
+        if self.box is None:
+            return float(xy[0]), float(xy[1])
+        x, y = self.crop.to_image(np.asarray(xy, dtype=np.float64))
+        return float(x), float(y)
+
+
+def image_frame(sample) -> Frame:
+    return Frame(sample, sample[FEATURES_FIELD] if sample.has_field(FEATURES_FIELD) else None)
+
+
+def object_frame(sample, objects: ObjectFeatures, detection_id: str) -> Optional[Frame]:
+    """The frame of one detection of ``sample`` (None when it has no such detection)."""
+    dets = sample[objects.patches_field] if sample.has_field(objects.patches_field) else None
+    for i, det in enumerate(getattr(dets, "detections", None) or []):
+        if det.id == detection_id and det.bounding_box is not None:
+            label = f"{i}: {det.label}" if det.label else str(i)
+            return Frame(sample, det.get_attribute_value(objects.features, None), tuple(det.bounding_box),
+                         objects.margin, det.id, label, f"{objects.patches_field}.detections.{objects.features}")
+    return None
+
+
+def pair_frames(current, reference, state: dict) -> Dict[str, Frame]:
+    """What each side shows: the chosen objects' crops when the state names a current
+    object and a reference object of the object features (``object_features``,
+    ``object_id``, ``reference_object``), else both whole images."""
+    objects = ObjectFeatures.from_dict(state.get("object_features"))
+    if objects is not None and state.get("object_id") and state.get("reference_object"):
+        cur = object_frame(current, objects, state["object_id"])
+        ref = object_frame(reference, objects, state["reference_object"])
+        if cur is not None and ref is not None:
+            return {"current": cur, "reference": ref}
+    return {"current": image_frame(current), "reference": image_frame(reference)}
 
 
 # --------------------------------------------------------------------------- layout geometry
@@ -314,9 +422,14 @@ class Placement:
         }
 
 
-def placements(current_path: str, reference_path: str) -> Dict[str, Placement]:
-    a = _display_image(current_path)
-    b = _display_image(reference_path)
+def _shown(side) -> Any:
+    return side.display() if isinstance(side, Frame) else _display_image(side)
+
+
+def placements(current, reference) -> Dict[str, Placement]:
+    """Where each side sits in the figure; ``current`` / ``reference``: a :class:`Frame`
+    or an image path."""
+    a, b = _shown(current), _shown(reference)
     pa = Placement(a.width, a.height, 0.0)
     pb = Placement(b.width, b.height, pa.plot_width + GAP)
     return {"current": pa, "reference": pb}
@@ -332,7 +445,8 @@ def figure_options(state) -> dict:
             opts[k] = v
     opts["error_lines"], opts["heatmap"] = bool(opts["error_lines"]), bool(opts["heatmap"])
     opts["n_parts"] = int(opts["n_parts"])
-    for k in ("ref_field", "gt_field", "pred_field", "click", "selected_point"):
+    for k in ("ref_field", "gt_field", "pred_field", "click", "selected_point", "object_features", "object_id",
+              "reference_object"):
         opts[k] = state.get(k)
     opts["ref_field"] = opts["ref_field"] or opts["gt_field"]
     instance = state.get("instance")
@@ -340,10 +454,39 @@ def figure_options(state) -> dict:
     return opts
 
 
-def _pair_features(current, reference):
-    fa = _features(current[FEATURES_FIELD]) if current.has_field(FEATURES_FIELD) else None
-    fb = _features(reference[FEATURES_FIELD]) if reference.has_field(FEATURES_FIELD) else None
-    return fa, fb
+def _linked_index(dataset, sample, field: Optional[str], objects: ObjectFeatures, detection_id: str):
+    """The index of the keypoint instance of ``sample[field]`` linked to the detection."""
+    if not field or not sample.has_field(field) or sample[field] is None:
+        return None
+    units = objects.units(dataset.select(sample.id)).units()
+    return linked_instances(units, sample[field]).get(detection_id)
+
+
+def shown_pairs(dataset, current, reference, state: dict, frames: Optional[Dict[str, Frame]] = None):
+    """``(reference instances, [(j, reference instance, predicted, ground truth)])``: the
+    reference instances shown with the current sample's instances paired with them. Whole
+    images: every instance (or the chosen ``instance``), the prediction from this
+    reference (:func:`predicted_for`), the ground truth of the same index. Objects: the
+    instance linked to the reference object, the prediction of the current object from
+    it (:func:`predicted_for_object`), the ground truth linked to the current object."""
+    frames = frames or pair_frames(current, reference, state)
+    ref_field, gt_field, pred_field = state.get("ref_field") or state.get("gt_field"), state.get("gt_field"), \
+        state.get("pred_field")
+    ref_insts = instances_of(reference, ref_field)
+    cur_gt = instances_of(current, gt_field)
+    cur_pred = instances_of(current, pred_field) if pred_field else []
+    cur, ref = frames["current"], frames["reference"]
+    if cur.is_object:
+        objects = ObjectFeatures.from_dict(state.get("object_features"))
+        j = _linked_index(dataset, reference, ref_field, objects, ref.object_id)
+        g = _linked_index(dataset, current, gt_field, objects, cur.object_id)
+        pred = predicted_for_object(cur_pred, cur.object_id, ref.object_id)
+        gt = cur_gt[g] if g is not None and g < len(cur_gt) else None
+        return ref_insts, [] if j is None or j >= len(ref_insts) else [(j, ref_insts[j], pred, gt)]
+    instance = state.get("instance")
+    shown = [j for j in range(len(ref_insts)) if instance is None or j == instance]
+    return ref_insts, [(j, ref_insts[j], predicted_for(cur_pred, reference.id, j) if cur_pred else None,
+                        cur_gt[j] if j < len(cur_gt) else None) for j in shown]
 
 
 def _feature_view_uris(mode: str, k: int, fa, fb, places) -> Dict[str, str]:
@@ -365,6 +508,26 @@ def _feature_view_uris(mode: str, k: int, fa, fb, places) -> Dict[str, str]:
                                         mode="nearest")
             out[side] = vis.to_data_uri(vis.labels_to_rgb(up.round().astype(int)))
     return out
+
+
+def _image_traces(frames, places, feats, state: dict, status: List[str]) -> List[dict]:
+    """The photos (or crops) and, in a feature view, the pair's PCA colours or parts."""
+    mode = state.get("view_mode") or "photos"
+    data = [places[side].image_trace(f"{side}|photo", frames[side].uri()) for side in SIDES]
+    if mode not in ("pca", "parts"):
+        return data
+    fa, fb = feats["current"], feats["reference"]
+    if fa is None or fb is None:
+        what = "objects" if frames["current"].is_object else "samples"
+        status.append(f"Feature views need stored features (`{frames['current'].features_name}`) for both {what}.")
+        return data
+    k = int(state.get("n_parts") or 6)
+    pair_key = tuple(v for side in SIDES for v in (frames[side].features_path, _mtime(frames[side].features_path)))
+    uris = _CACHE.get((mode, k if mode == "parts" else None) + pair_key,
+                      lambda: _feature_view_uris(mode, k, fa, fb, places))
+    for side in SIDES:
+        data.append(places[side].image_trace(f"{side}|{mode}", uris[side], opacity=0.9 if mode == "pca" else 0.6))
+    return data
 
 
 def _scatter(name, xs, ys, color, size=9, symbol="circle", text=None, ids=None, line_color="#ffffff",
@@ -402,180 +565,195 @@ def _line(name, p, q, color, width=2.0, dash="solid"):
     }
 
 
-def build_figure(dataset, current, reference, state: dict) -> dict:
-    """The plotly figure of a pair: ``{"data": traces, "layout": layout, "status": md,
-    "match": PointMatch or None, "placements": {...}, "missing_features": bool}``."""
-    places = placements(current.filepath, reference.filepath)
-    samples = {"current": current, "reference": reference}
-    gt_field, pred_field = state.get("gt_field"), state.get("pred_field")
-    ref_field = state.get("ref_field") or gt_field
-    instance = state.get("instance")
-    show = state.get("show") or "predicted"
-    mode = state.get("view_mode") or "photos"
-    data: List[dict] = []
-    status: List[str] = []
-    fa, fb = _pair_features(current, reference)
-    feats = {"current": fa, "reference": fb}
-    missing = fa is None or fb is None
+@dataclass
+class _Style:
+    """How the keypoints shown are drawn: names, colours and skeleton edges per point."""
 
-    # images (and feature views)
-    for side in SIDES:
-        data.append(places[side].image_trace(f"{side}|photo", _photo_uri(samples[side].filepath)))
-    if mode in ("pca", "parts") and missing:
-        status.append("Feature views need stored features (`sdcorr_features`) for both samples.")
-    elif mode in ("pca", "parts"):
-        k = int(state.get("n_parts") or 6)
-        pair_key = (current[FEATURES_FIELD], _mtime(current[FEATURES_FIELD]),
-                    reference[FEATURES_FIELD], _mtime(reference[FEATURES_FIELD]))
-        uris = _CACHE.get((mode, k if mode == "parts" else None) + pair_key,
-                          lambda: _feature_view_uris(mode, k, fa, fb, places))
-        for side in SIDES:
-            data.append(places[side].image_trace(f"{side}|{mode}", uris[side],
-                                                 opacity=0.9 if mode == "pca" else 0.6))
+    n_points: int
+    labels: List[str]
+    colors: List[str]
+    edges: List[list]
 
-    # keypoints
-    ref_insts = instances_of(reference, ref_field)
-    shown = [j for j in range(len(ref_insts)) if instance is None or j == instance]
-    cur_gt = instances_of(current, gt_field)
-    cur_pred = instances_of(current, pred_field) if pred_field else []
-    n_points = max([len(ref_insts[j].points) for j in shown] + [0])
-    ref_label = next((getattr(ref_insts[j], "label", None) for j in shown), None)
-    labels = point_labels(dataset, ref_field, n_points, ref_label)
-    colors = [vis.palette_color(i) for i in range(n_points)]
+
+def _keypoint_style(dataset, ref_field: Optional[str], pairs) -> _Style:
+    n_points = max([len(r.points) for _, r, _, _ in pairs] + [0])
+    ref_label = next((getattr(r, "label", None) for _, r, _, _ in pairs), None)
     sk = skeleton_of(dataset, ref_field, ref_label)
-    edges = [list(e) for e in (getattr(sk, "edges", None) or [])]
+    return _Style(n_points, point_labels(dataset, ref_field, n_points, ref_label),
+                  [vis.palette_color(i) for i in range(n_points)],
+                  [list(e) for e in (getattr(sk, "edges", None) or [])])
+
+
+def _skeleton_trace(place: Placement, points, edges, name):
+    """The skeleton's edges between the (frame) points that are drawn, or None."""
+    xs, ys = [], []
+    for edge in edges:
+        pts = [points[i] for i in edge if i < len(points) and _finite_point(points[i])]
+        if len(pts) < 2:
+            continue
+        for p in pts:
+            x, y = place.to_plot(*p)
+            xs.append(x)
+            ys.append(y)
+        xs.append(None)
+        ys.append(None)
+    if not xs:
+        return None
+    return {"type": "scatter", "mode": "lines", "name": name, "x": xs, "y": ys,
+            "line": {"color": "rgba(235,235,235,0.75)", "width": 1.5}, "hoverinfo": "skip",
+            "showlegend": False}
+
+
+def _reference_markers(place: Placement, ref_pts, style: _Style) -> dict:
+    xs, ys, cs, txt = [], [], [], []
+    for i, p in enumerate(ref_pts):
+        if _finite_point(p):
+            x, y = place.to_plot(*p)
+            xs.append(x), ys.append(y), cs.append(style.colors[i]), txt.append(f"{style.labels[i]} (reference)")
+    return _scatter("reference|gt", xs, ys, cs, text=txt)
+
+
+def _target_traces(j: int, kind: str, kp, frame: Frame, places, ref_pts, style: _Style, selected: dict):
+    """``(lines, markers, number of match lines)`` of one predicted or ground-truth instance
+    of the current sample: its markers and a line from each point to its reference point."""
+    pts = frame.local_points(kp.points)
+    conf = list(kp.confidence or []) if kind == "predicted" else []
+    lines = [t for t in [_skeleton_trace(places["current"], pts, style.edges, "current|skeleton")] if t]
+    xs, ys, cs, txt, ids, sizes, n = [], [], [], [], [], [], 0
+    for i, p in enumerate(pts[: style.n_points]):
+        if not _finite_point(p):
+            continue
+        c = conf[i] if i < len(conf) and conf[i] is not None and math.isfinite(conf[i]) else None
+        alpha = 0.9 if c is None else 0.2 + 0.8 * max(0.0, min(1.0, c))
+        cx, cy = places["current"].to_plot(*p)
+        xs.append(cx), ys.append(cy)
+        cs.append(vis.rgba(style.colors[i], max(alpha, 0.55)))
+        ids.append(f"{j}:{i}")
+        sel = kind == "predicted" and selected.get("instance") == j and selected.get("point") == i
+        sizes.append(15 if sel else 10)
+        txt.append(f"{style.labels[i]} ({'predicted' if kind == 'predicted' else 'ground truth'}"
+                   + (f", confidence {c:.2f}" if c is not None else "") + ")")
+        if i < len(ref_pts) and _finite_point(ref_pts[i]):
+            rp = places["reference"].to_plot(*ref_pts[i])
+            dash = "solid" if kind == "predicted" else "dot"
+            lines.append(_line(f"line|{style.labels[i]}", (cx, cy), rp, vis.rgba(style.colors[i], alpha), 2.0, dash))
+            n += 1
+    name = "current|keypoints" if kind == "predicted" else "current|gt"
+    marker = _scatter(name, xs, ys, cs, size=sizes, text=txt, ids=ids,
+                      symbol="circle" if kind == "predicted" else "diamond")
+    return lines, [marker], n
+
+
+def _error_lines(pred_kp, gt_kp, frame: Frame, place: Placement, style: _Style) -> List[dict]:
+    """Predicted -> ground truth on the current image."""
+    out = []
+    for i, (p, g) in enumerate(zip(frame.local_points(pred_kp.points), frame.local_points(gt_kp.points))):
+        if i < style.n_points and _finite_point(p) and _finite_point(g):
+            out.append(_line(f"error|{style.labels[i]}", place.to_plot(*p), place.to_plot(*g), ERROR_COLOR, 1.5,
+                             "dash"))
+    return out
+
+
+def _keypoint_traces(pairs, frames, places, style: _Style, state: dict):
+    """``(lines, markers, number of match lines)`` of the instances shown."""
+    show = state.get("show") or "predicted"
     selected = state.get("selected_point") or {}
-
-    def skeleton_trace(side, points, name):
-        xs, ys = [], []
-        pl = places[side]
-        for edge in edges:
-            pts = [points[i] for i in edge if i < len(points) and _finite_point(points[i])]
-            if len(pts) < 2:
-                continue
-            for p in pts:
-                x, y = pl.to_plot(*p)
-                xs.append(x)
-                ys.append(y)
-            xs.append(None)
-            ys.append(None)
-        if not xs:
-            return None
-        return {"type": "scatter", "mode": "lines", "name": name, "x": xs, "y": ys,
-                "line": {"color": "rgba(235,235,235,0.75)", "width": 1.5}, "hoverinfo": "skip",
-                "showlegend": False}
-
     lines, markers, n_lines = [], [], 0
-    for j in shown:
-        ref_kp = ref_insts[j]
-        ref_pts = list(ref_kp.points)
-        pred_kp = predicted_for(cur_pred, reference.id, j) if cur_pred else None
-        gt_kp = cur_gt[j] if j < len(cur_gt) else None
-        tr = skeleton_trace("reference", ref_pts, "reference|skeleton")
+    for j, ref_kp, pred_kp, gt_kp in pairs:
+        ref_pts = frames["reference"].local_points(ref_kp.points)
+        tr = _skeleton_trace(places["reference"], ref_pts, style.edges, "reference|skeleton")
         if tr:
             lines.append(tr)
-        # reference points (the annotation)
-        xs, ys, cs, txt = [], [], [], []
-        for i, p in enumerate(ref_pts):
-            if _finite_point(p):
-                x, y = places["reference"].to_plot(*p)
-                xs.append(x), ys.append(y), cs.append(colors[i]), txt.append(f"{labels[i]} (reference)")
-        markers.append(_scatter("reference|gt", xs, ys, cs, text=txt))
-
+        markers.append(_reference_markers(places["reference"], ref_pts, style))
         targets = []
         if show in ("predicted", "both") and pred_kp is not None:
             targets.append(("predicted", pred_kp))
         if show in ("ground_truth", "both") and gt_kp is not None:
             targets.append(("ground_truth", gt_kp))
         for kind, kp in targets:
-            pts = list(kp.points)
-            conf = list(kp.confidence or []) if kind == "predicted" else []
-            tr = skeleton_trace("current", pts, "current|skeleton")
-            if tr:
-                lines.append(tr)
-            xs, ys, cs, txt, ids, sizes = [], [], [], [], [], []
-            for i, p in enumerate(pts[: n_points]):
-                if not _finite_point(p):
-                    continue
-                c = conf[i] if i < len(conf) and conf[i] is not None and math.isfinite(conf[i]) else None
-                alpha = 0.9 if c is None else 0.2 + 0.8 * max(0.0, min(1.0, c))
-                cx, cy = places["current"].to_plot(*p)
-                xs.append(cx), ys.append(cy)
-                cs.append(vis.rgba(colors[i], max(alpha, 0.55)))
-                ids.append(f"{j}:{i}")
-                sel = kind == "predicted" and selected.get("instance") == j and selected.get("point") == i
-                sizes.append(15 if sel else 10)
-                txt.append(f"{labels[i]} ({'predicted' if kind == 'predicted' else 'ground truth'}"
-                           + (f", confidence {c:.2f}" if c is not None else "") + ")")
-                if i < len(ref_pts) and _finite_point(ref_pts[i]):
-                    rp = places["reference"].to_plot(*ref_pts[i])
-                    dash = "solid" if kind == "predicted" else "dot"
-                    lines.append(_line(f"line|{labels[i]}", (cx, cy), rp, vis.rgba(colors[i], alpha), 2.0, dash))
-                    n_lines += 1
-            name = "current|keypoints" if kind == "predicted" else "current|gt"
-            t = _scatter(name, xs, ys, cs, size=sizes, text=txt, ids=ids,
-                         symbol="circle" if kind == "predicted" else "diamond")
-            markers.append(t)
-        # error lines: predicted -> ground truth on the current image
+            ls, ms, n = _target_traces(j, kind, kp, frames["current"], places, ref_pts, style, selected)
+            lines += ls
+            markers += ms
+            n_lines += n
         if state.get("error_lines") and pred_kp is not None and gt_kp is not None:
-            for i, (p, g) in enumerate(zip(pred_kp.points, gt_kp.points)):
-                if i < n_points and _finite_point(p) and _finite_point(g):
-                    lines.append(_line(f"error|{labels[i]}", places["current"].to_plot(*p),
-                                       places["current"].to_plot(*g), ERROR_COLOR, 1.5, "dash"))
+            lines += _error_lines(pred_kp, gt_kp, frames["current"], places["current"], style)
+    return lines, markers, n_lines
 
+
+def _keypoint_status(ref_insts, pairs, frames, current, state: dict) -> List[str]:
+    ref_field = state.get("ref_field") or state.get("gt_field")
+    pred_field, show = state.get("pred_field"), state.get("show") or "predicted"
+    objects = frames["current"].is_object
     if not ref_insts:
-        status.append(f"The reference has no keypoints in `{ref_field}`.")
-    elif not shown:
-        status.append(f"The reference has no instance {instance} in `{ref_field}`.")
-    elif pred_field and show != "ground_truth" and not any(
-        predicted_for(cur_pred, reference.id, j) for j in shown
-    ):
-        status.append(f"No predictions from this reference in `{pred_field}` yet: use *Propagate*.")
+        return [f"The reference has no keypoints in `{ref_field}`."]
+    if not pairs and objects:
+        return [f"No keypoints of `{ref_field}` lie on this reference object."]
+    if not pairs:
+        return [f"The reference has no instance {state.get('instance')} in `{ref_field}`."]
+    if not pred_field or show == "ground_truth" or any(pred is not None for _, _, pred, _ in pairs):
+        return []
+    if not objects:
+        return [f"No predictions from this reference in `{pred_field}` yet: use *Propagate*."]
+    others = [kp for kp in instances_of(current, pred_field)
+              if kp.get_attribute_value(DETECTION_ATTR, None) == frames["current"].object_id]
+    if others:
+        return [f"This object's prediction in `{pred_field}` came from another reference object: choose it "
+                "in *Reference*, or use *Propagate*."]
+    return [f"No prediction for this object in `{pred_field}` yet: use *Propagate*."]
 
-    # click-to-match
-    match = None
+
+def _click_traces(frames, places, feats, state: dict, status: List[str]):
+    """``(heat map traces, click traces, PointMatch or None)`` of the clicked point."""
     click = state.get("click")
-    click_traces = []
-    if click:
-        side = click["side"]
-        other = "reference" if side == "current" else "current"
-        if missing:
-            status.append("Click-to-match needs stored features (`sdcorr_features`) for both samples.")
-        else:
-            match = vis.match_point(feats[side], feats[other], (click["x"], click["y"]))
-            if state.get("heatmap", True):
-                pl = places[other]
-                heat = vis.heatmap_image(match.heatmap, feats[other], pl.width, pl.height)
-                data.append(pl.image_trace(f"{other}|heatmap", vis.to_data_uri(heat, fmt="png")))
-            sx, sy = places[side].to_plot(*match.source_xy)
-            tx, ty = places[other].to_plot(*match.target_xy)
-            click_traces.append(_line("click|line", (sx, sy), (tx, ty), "rgba(255,255,255,0.9)", 2.0, "dash"))
-            click_traces.append(_scatter(f"{side}|click", [sx], [sy], CLICK_COLOR, size=13, symbol="circle-open",
-                                         line_color=CLICK_COLOR, hover=False))
-            click_traces[-1]["marker"]["line"]["width"] = 3
-            click_traces.append(_scatter(f"{other}|match", [tx], [ty], MATCH_COLOR, size=16, symbol="star",
-                                         line_color="#000000", hover=False,
-                                         text=[f"match, cosine {match.similarity:.3f}"]))
-            status.append(
-                f"**Match**: ({match.source_xy[0]:.3f}, {match.source_xy[1]:.3f}) in the {side} sample → "
-                f"({match.target_xy[0]:.3f}, {match.target_xy[1]:.3f}) in the {other}, cosine "
-                f"{match.similarity:.3f}."
-            )
-    if missing:
-        status.append("Stored features are missing for this pair: *Compute features* (or run "
-                      "`compute_fused_features`) to enable click-to-match and feature views.")
-    if selected:
-        i = int(selected.get("point", 0))
-        status.append(f"Selected: **{labels[i] if i < len(labels) else i}** of instance {selected.get('instance')}.")
-    if not status:
-        status.append("Click a pixel in either image to see its best match in the other.")
+    if not click:
+        return [], [], None
+    side = click["side"]
+    other = "reference" if side == "current" else "current"
+    if feats["current"] is None or feats["reference"] is None:
+        what = "objects" if frames["current"].is_object else "samples"
+        status.append(f"Click-to-match needs stored features (`{frames['current'].features_name}`) for both {what}.")
+        return [], [], None
+    match = vis.match_point(feats[side], feats[other], (click["x"], click["y"]))
+    heat = []
+    if state.get("heatmap", True):
+        pl = places[other]
+        img = vis.heatmap_image(match.heatmap, feats[other], pl.width, pl.height)
+        heat.append(pl.image_trace(f"{other}|heatmap", vis.to_data_uri(img, fmt="png")))
+    sx, sy = places[side].to_plot(*match.source_xy)
+    tx, ty = places[other].to_plot(*match.target_xy)
+    traces = [_line("click|line", (sx, sy), (tx, ty), "rgba(255,255,255,0.9)", 2.0, "dash"),
+              _scatter(f"{side}|click", [sx], [sy], CLICK_COLOR, size=13, symbol="circle-open",
+                       line_color=CLICK_COLOR, hover=False)]
+    traces[-1]["marker"]["line"]["width"] = 3
+    traces.append(_scatter(f"{other}|match", [tx], [ty], MATCH_COLOR, size=16, symbol="star", line_color="#000000",
+                           hover=False, text=[f"match, cosine {match.similarity:.3f}"]))
+    status.append(_match_status(match, frames, side, other))
+    return heat, traces, match
 
-    data += lines + markers + click_traces
+
+def _match_status(match, frames, side: str, other: str) -> str:
+    if not frames["current"].is_object:
+        return (f"**Match**: ({match.source_xy[0]:.3f}, {match.source_xy[1]:.3f}) in the {side} sample → "
+                f"({match.target_xy[0]:.3f}, {match.target_xy[1]:.3f}) in the {other}, cosine "
+                f"{match.similarity:.3f}.")
+    s, t = frames[side].to_image(match.source_xy), frames[other].to_image(match.target_xy)
+    return (f"**Match**: ({s[0]:.3f}, {s[1]:.3f}) in the {side} object → ({t[0]:.3f}, {t[1]:.3f}) in the {other} "
+            f"object (image coordinates), cosine {match.similarity:.3f}.")
+
+
+def _layout(frames, places) -> dict:
     total_w = places["reference"].offset + places["reference"].plot_width
     pad = 6.0
-    title_c = os.path.basename(current.filepath)
-    title_r = os.path.basename(reference.filepath)
-    layout = {
+    cur, ref = frames["current"], frames["reference"]
+    revision = f"{cur.sample.id}|{ref.sample.id}" + (f"|{cur.object_id}|{ref.object_id}" if cur.is_object else "")
+
+    def title(side):
+        f = frames[side]
+        text = f"{side} · {os.path.basename(f.filepath)}" + (f" · {f.object_label}" if f.is_object else "")
+        return {"text": text, "x": places[side].offset + places[side].plot_width / 2, "y": -pad, "xref": "x",
+                "yref": "y", "yanchor": "bottom", "showarrow": False, "font": {"color": NEUTRAL, "size": 12}}
+
+    return {
         "height": FIGURE_HEIGHT,
         "margin": {"l": 4, "r": 4, "t": 30, "b": 4, "pad": 0},
         "paper_bgcolor": "rgba(0,0,0,0)",
@@ -584,30 +762,50 @@ def build_figure(dataset, current, reference, state: dict) -> dict:
         "showlegend": False,
         "hovermode": "closest",
         "dragmode": "pan",
-        "uirevision": f"{current.id}|{reference.id}",
+        "uirevision": revision,
         "xaxis": {"visible": False, "showgrid": False, "zeroline": False,
                   "range": [-pad, total_w + pad], "constrain": "domain"},
         # in a narrow panel the images shrink to its width and sit at the top of the figure
         "yaxis": {"visible": False, "showgrid": False, "zeroline": False,
                   "range": [PLOT_HEIGHT + pad, -pad], "scaleanchor": "x", "scaleratio": 1,
                   "constrain": "domain", "constraintoward": "top"},
-        "annotations": [
-            {"text": f"current · {title_c}", "x": places["current"].offset + places["current"].plot_width / 2,
-             "y": -pad, "xref": "x", "yref": "y", "yanchor": "bottom", "showarrow": False,
-             "font": {"color": NEUTRAL, "size": 12}},
-            {"text": f"reference · {title_r}", "x": places["reference"].offset + places["reference"].plot_width / 2,
-             "y": -pad, "xref": "x", "yref": "y", "yanchor": "bottom", "showarrow": False,
-             "font": {"color": NEUTRAL, "size": 12}},
-        ],
+        "annotations": [title("current"), title("reference")],
     }
+
+
+def build_figure(dataset, current, reference, state: dict) -> dict:
+    """The plotly figure of a pair: ``{"data": traces, "layout": layout, "status": md,
+    "match": PointMatch or None, "placements": {...}, "frames": {...},
+    "missing_features": bool, "n_lines": int}``. Each side is a whole image, or with
+    objects chosen (:func:`pair_frames`) the object's crop."""
+    frames = pair_frames(current, reference, state)
+    places = placements(frames["current"], frames["reference"])
+    feats = {side: frames[side].features() for side in SIDES}
+    missing = feats["current"] is None or feats["reference"] is None
+    status: List[str] = []
+    data = _image_traces(frames, places, feats, state, status)
+    ref_insts, pairs = shown_pairs(dataset, current, reference, state, frames)
+    style = _keypoint_style(dataset, state.get("ref_field") or state.get("gt_field"), pairs)
+    lines, markers, n_lines = _keypoint_traces(pairs, frames, places, style, state)
+    status += _keypoint_status(ref_insts, pairs, frames, current, state)
+    heat, click_traces, match = _click_traces(frames, places, feats, state, status)
+    if missing:
+        status.append("Stored features are missing for this pair: *Compute features* (or run "
+                      "`compute_fused_features`) to enable click-to-match and feature views.")
+    selected = state.get("selected_point") or {}
+    if selected:
+        i = int(selected.get("point", 0))
+        status.append(f"Selected: **{style.labels[i] if i < len(style.labels) else i}** of instance "
+                      f"{selected.get('instance')}.")
+    if not status:
+        status.append("Click a pixel in either image to see its best match in the other.")
     return {
-        "data": data,
-        "layout": layout,
+        "data": data + heat + lines + markers + click_traces,
+        "layout": _layout(frames, places),
         "status": "  \n".join(status),
         "match": match,
         "placements": places,
+        "frames": frames,
         "missing_features": missing,
         "n_lines": n_lines,
     }
-
-

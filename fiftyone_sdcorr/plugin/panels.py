@@ -60,9 +60,15 @@ from fiftyone_sdcorr.plugin.panel_figure import (  # noqa: F401 -- MAX_SIDE etc.
     free_field_name,
     instances_of,
     keypoint_fields,
+    object_features,
+    pair_frames,
     placements,
-    predicted_for,
+    predicted_from,
+    rank_reference_objects,
     rank_references,
+    reference_key,
+    sample_objects,
+    shown_pairs,
 )
 
 #: the panel's field selectors: state key -> (label, whether "none" is a choice)
@@ -287,7 +293,7 @@ class MatchPanel(foo.Panel):
         fields["roles"] = roles
         return fields
 
-    def _refresh(self, ctx, keep_reference: bool = True):
+    def _refresh(self, ctx, keep_reference: bool = True, object_id: Optional[str] = None):
         state = ctx.panel.state
         dataset = ctx.dataset
         current, forced = self._pair_ids(ctx)
@@ -304,27 +310,48 @@ class MatchPanel(foo.Panel):
         }
         for key in FIELD_SELECTORS:
             updates[f"controls.{key}"] = fields[key] or NONE
-        refs = rank_references(dataset, current, fields["ref_field"]) if current else []
-        if forced:
-            sample = dataset[forced]
-            refs = [{"id": forced, "label": os.path.basename(sample.filepath), "similarity": None,
-                     "tagged": None}] + [r for r in refs if r["id"] != forced]
-        reference = state.reference_id if keep_reference and same else None
-        ids = [r["id"] for r in refs]
-        if forced:
-            reference = forced
-        elif reference not in ids:
-            reference = ids[0] if ids else None
-        if reference != state.reference_id or not same:
+        keep = keep_reference and same and current == state.current_id
+        updates.update(self._objects_and_references(ctx, current, forced, fields, keep, object_id))
+        if updates["reference_id"] != state.reference_id or not same:
             updates["instance"] = None
             updates["controls.instance"] = ALL_INSTANCES
-        updates["references"] = refs
-        updates["reference_id"] = reference
-        updates["controls.reference"] = reference
         for key, default in CONTROL_DEFAULTS.items():
             if state.get(f"controls.{key}") is None:
                 updates[f"controls.{key}"] = default
         _set(ctx, updates)
+
+    def _objects_and_references(self, ctx, current, forced, fields: dict, keep: bool, object_id=None) -> dict:
+        """The state of the current object and the reference: with object features
+        (:func:`object_features`) and reference objects to match, the current sample's
+        objects (``object_id``, else the chosen one kept, else the largest) and the
+        reference objects ranked for it, the one its prediction came from shown first;
+        else whole images and the ranked references. A forced reference (two samples
+        selected in the grid) comes first."""
+        state, dataset, ref_field = ctx.panel.state, ctx.dataset, fields["ref_field"]
+        objects = object_features(dataset) if current else None
+        choices = sample_objects(dataset, current, objects) if objects is not None else []
+        ids = [o["id"] for o in choices]
+        chosen = object_id if object_id in ids else state.object_id if keep and state.object_id in ids else \
+            max(choices, key=lambda o: o["area"])["id"] if choices else None
+        refs = rank_reference_objects(dataset, current, chosen, ref_field, objects) if chosen else []
+        if forced:
+            refs = [r for r in refs if r["id"] == forced] + [r for r in refs if r["id"] != forced]
+        if not refs or (forced and refs[0]["id"] != forced):  # nothing to match per object: whole images
+            objects, choices, chosen = None, [], None
+            refs = rank_references(dataset, current, ref_field) if current else []
+            if forced:
+                sample = dataset[forced]
+                refs = [{"id": forced, "label": os.path.basename(sample.filepath), "similarity": None,
+                         "tagged": None}] + [r for r in refs if r["id"] != forced]
+        keys = [reference_key(r) for r in refs]
+        key = state.get("controls.reference") if keep else None
+        if key not in keys and chosen and not forced:
+            key = predicted_from(dataset, current, fields.get("pred_field"), chosen)
+        key = key if key in keys else keys[0] if keys else None
+        ref = refs[keys.index(key)] if key is not None else {}
+        return {"object_features": objects.to_dict() if objects is not None else None, "objects": choices,
+                "object_id": chosen, "controls.object": chosen, "references": refs,
+                "reference_id": ref.get("id"), "reference_object": ref.get("object"), "controls.reference": key}
 
     # ---- events that change nothing ------------------------------------------------
     def execute(self, ctx):
@@ -350,7 +377,9 @@ class MatchPanel(foo.Panel):
         if key in FIELD_SELECTORS:
             return value not in (None, "") and (None if value == NONE else value) == state.get(key)
         if key == "reference":
-            return value is not None and value == state.reference_id
+            return value is not None and value == state.get("controls.reference")
+        if key == "object":
+            return value is not None and value == state.object_id
         if key == "instance":
             return _instance_value(value) == state.instance
         if key in CONTROL_DEFAULTS:
@@ -360,9 +389,19 @@ class MatchPanel(foo.Panel):
     # ---- controls -------------------------------------------------------------------
     def on_change_reference(self, ctx):
         value = ctx.params.get("value")
-        _set(ctx, {"reference_id": value, "controls.reference": value, "click": None,
-                             "selected_point": None, "message": None, "instance": None,
-                             "controls.instance": ALL_INSTANCES})
+        ref = next((r for r in ctx.panel.state.references or [] if reference_key(r) == value), None)
+        if ref is None:
+            return
+        _set(ctx, {"reference_id": ref["id"], "reference_object": ref.get("object"), "controls.reference": value,
+                   "click": None, "selected_point": None, "message": None, "instance": None,
+                   "controls.instance": ALL_INSTANCES})
+
+    def on_change_object(self, ctx):
+        """Another object of the current sample: the reference objects are ranked for it
+        and the most similar one is shown."""
+        value = ctx.params.get("value")
+        if value in [o["id"] for o in ctx.panel.state.objects or []]:
+            self._refresh(ctx, keep_reference=False, object_id=value)
 
     def _change_field(self, ctx, key):
         value = ctx.params.get("value")
@@ -433,7 +472,8 @@ class MatchPanel(foo.Panel):
             return
         if side not in SIDES:
             return
-        place = placements(current.filepath, reference.filepath)[side]
+        frames = pair_frames(current, reference, figure_options(state))
+        place = placements(frames["current"], frames["reference"])[side]
         idx = ctx.params.get("idx")
         if isinstance(idx, (list, tuple)) and len(idx) == 2:
             row, col = float(idx[0]), float(idx[1])
@@ -455,7 +495,7 @@ class MatchPanel(foo.Panel):
         state = ctx.panel.state
         if not state.reference_id or not state.ref_field or ctx.dataset is None:
             return None
-        return {
+        params = {
             "view_target": view_target(ctx),
             "references": "ids",
             "reference_ids": [state.reference_id],
@@ -463,6 +503,10 @@ class MatchPanel(foo.Panel):
             "output_field": free_field_name(ctx.dataset, OUTPUT_FIELD),
             "overwrite": False,
         }
+        objects = state.object_features or {}
+        if state.object_id and objects.get("patches_field"):
+            params["patches_field"] = objects["patches_field"]
+        return params
 
     def on_propagate(self, ctx):
         params = self.propagate_params(ctx)
@@ -494,17 +538,9 @@ class MatchPanel(foo.Panel):
             return
         current, reference = pair
         sel = state.selected_point or {}
-        ref_insts = instances_of(reference, state.ref_field or state.gt_field)
-        pred_insts = instances_of(current, state.pred_field)
-        instance = figure_options(state)["instance"]
-        if sel:
-            indices = [int(sel["instance"])]
-        elif instance is not None:
-            indices = [instance]
-        else:
-            indices = list(range(len(ref_insts)))
-        targets = [(i, predicted_for(pred_insts, reference.id, i)) for i in indices]
-        targets = [(i, kp) for i, kp in targets if kp is not None]
+        _, shown = shown_pairs(ctx.dataset, current, reference, figure_options(state))
+        targets = [(j, pred) for j, _, pred, _ in shown
+                   if pred is not None and (not sel or j == int(sel["instance"]))]
         if not targets:
             state.set({"message": "No predicted instance from this reference to review."})
             return
@@ -608,14 +644,22 @@ class MatchPanel(foo.Panel):
                      on_change=getattr(self, f"on_change_{key}"))
         if reference is None:
             return
+        objects = state.objects or []
+        if state.object_id and objects:
+            obj_choices = types.DropdownView(label="Object", componentsProps=ITEM)
+            for o in objects:
+                obj_choices.add_choice(o["id"], label=o["label"])
+            row.enum("object", [o["id"] for o in objects], default=state.object_id, view=obj_choices,
+                     on_change=self.on_change_object)
         refs = state.references or []
-        ref_choices = types.DropdownView(label="Reference", componentsProps=ITEM)
+        ref_choices = types.DropdownView(label="Reference object" if state.object_id else "Reference",
+                                         componentsProps=ITEM)
         for r in refs:
-            ref_choices.add_choice(r["id"], label=r["label"])
-        row.enum("reference", [r["id"] for r in refs], default=state.reference_id,
+            ref_choices.add_choice(reference_key(r), label=r["label"])
+        row.enum("reference", [reference_key(r) for r in refs], default=state.get("controls.reference"),
                  view=ref_choices, on_change=self.on_change_reference)
         instances = instances_of(reference, state.ref_field or state.gt_field)
-        if len(instances) > 1:
+        if len(instances) > 1 and not state.object_id:
             inst = types.DropdownView(label="Instance", componentsProps=ITEM)
             inst.add_choice(ALL_INSTANCES, label="All instances")
             for j, kp in enumerate(instances):

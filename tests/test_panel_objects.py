@@ -1,0 +1,174 @@
+"""The match panel on samples with several objects (issue 15), headless.
+
+The COCO canvases of tests/test_objects.py (1, 2 and 3 pasted copies of one object, each
+canvas with a half-size decoy listed first), imported with FiftyOne's own importer,
+features per object and predictions per object from the real runs, then the panel driven
+as the App drives it (tests/panel_driver.py). Every full-size crop equals the
+reference's full-size crop, so where each point must land is known by construction.
+"""
+
+import uuid
+
+import numpy as np
+import pytest
+
+import fiftyone as fo
+
+import fiftyone_sdcorr as sc
+from fiftyone_sdcorr.plugin import panel_ranking
+from panel_driver import PanelDriver, image_size, place_of
+from test_objects import NAMES, desc, write_coco
+
+STRIDE_FRACTION = 1.0 / 16  # one token of the test describer's 224 / 14 grid, as a crop fraction
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("panel-objects")
+    write_coco(folder)
+    ds = fo.Dataset.from_dir(data_path=str(folder / "data"), labels_path=str(folder / "labels.json"),
+                             dataset_type=fo.types.COCODetectionDataset, label_types=["detections", "keypoints"],
+                             name=f"sdcorr-panel-objects-{uuid.uuid4().hex[:8]}")
+    ds.match(fo.ViewField("filepath").ends_with("canvas0.png")).tag_samples("reference")
+    store = str(folder / "store")
+    sc.compute_fused_features(ds, extractor=desc(), patches_field="detections", store_dir=store,
+                              brain_key="sdcorr_objects", progress=False)
+    got = sc.propagate_keypoints(ds, "reference", "keypoints", "pred", patches_field="detections",
+                                 extractor=desc(), progress=False)
+    assert got["predicted"] == 9, got.text()
+    yield ds
+    ds.delete()
+
+
+def _sample(ds, name):
+    return ds.match(fo.ViewField("filepath").ends_with(name)).first()
+
+
+def _marker_points(driver, name):
+    """Normalised (to its side's crop) points of the marker trace ``name``."""
+    (trace,) = driver.traces(name)
+    side = name.split("|")[0]
+    (img,) = driver.traces(f"{side}|photo")
+    x0, s = place_of(img)
+    w, h = image_size(img)
+    y0 = img["y0"] - s / 2.0
+    return [((x - x0) / (w * s), (y - y0) / (h * s)) for x, y in zip(trace["x"], trace["y"])]
+
+
+def _open(ds, name):
+    d = PanelDriver(ds, current_sample=_sample(ds, name).id)
+    d.call("on_load")
+    d.call("render")
+    return d
+
+
+def test_the_panel_shows_objects_side_by_side_with_their_match_lines(world):
+    ds = world
+    target = _sample(ds, "canvas2.png")
+    d = _open(ds, "canvas2.png")
+    dets = target.detections.detections
+    # the current sample's objects, the largest (a full-size copy, not the decoy listed first) shown
+    assert [o["id"] for o in d.state["objects"]] == [det.id for det in dets]
+    assert d.state["object_id"] == dets[1].id
+    assert d.state["object_features"]["patches_field"] == "detections"
+    props = d.properties()
+    assert [c["value"] for c in props["object"]["view"]["choices"]] == [det.id for det in dets]
+    # the reference: the reference object this object's prediction came from
+    ref = _sample(ds, "canvas0.png")
+    pred = [kp for kp in target.pred.keypoints if kp.sdcorr_detection_id == dets[1].id]
+    assert d.state["reference_id"] == ref.id
+    assert d.state["reference_object"] == pred[0].sdcorr_reference_id == ref.detections.detections[1].id
+    # each side is its object's crop (box + context margin: 100 x 150 px, shown at 256 high)
+    for side in ("current", "reference"):
+        (img,) = d.traces(f"{side}|photo")
+        w, h = image_size(img)
+        assert h == 256 and abs(w / h - 100 / 150) < 0.01
+    # one line per keypoint; identical crops: each predicted point sits where its
+    # reference point sits, within a token
+    assert len(d.traces(prefix="line|")) == len(NAMES)
+    cur, refp = _marker_points(d, "current|keypoints"), _marker_points(d, "reference|gt")
+    assert len(cur) == len(refp) == len(NAMES)
+    assert np.abs(np.array(cur) - np.array(refp)).max() < STRIDE_FRACTION
+    titles = [a["text"] for a in d.figure["layout"]["annotations"]]
+    assert titles == ["current · canvas2.png · 1: person", "reference · canvas0.png · 1: person"]
+
+
+def test_choosing_another_object_reranks_the_references(world):
+    ds = world
+    target = _sample(ds, "canvas2.png")
+    dets = target.detections.detections
+    d = _open(ds, "canvas2.png")
+    d.call("on_change_object", value=dets[3].id, path="controls.object")
+    d.call("render")
+    assert d.state["object_id"] == dets[3].id
+    assert len(d.traces(prefix="line|")) == len(NAMES)
+    assert d.figure["layout"]["annotations"][0]["text"] == "current · canvas2.png · 3: person"
+    # the decoy: its most similar reference object is the reference's decoy
+    d.call("on_change_object", value=dets[0].id, path="controls.object")
+    d.call("render")
+    decoy_ref = _sample(ds, "canvas0.png").detections.detections[0]
+    assert d.state["references"][0]["object"] == decoy_ref.id
+    assert d.state["reference_object"] == decoy_ref.id
+    cur, refp = _marker_points(d, "current|keypoints"), _marker_points(d, "reference|gt")
+    assert np.abs(np.array(cur) - np.array(refp)).max() < 2 * STRIDE_FRACTION
+    # an object id of another sample is not a choice
+    other = _sample(ds, "canvas1.png").detections.detections[1].id
+    d.call("on_change_object", value=other, path="controls.object")
+    assert d.state["object_id"] == dets[0].id
+
+
+def test_another_reference_object_and_click_to_match(world):
+    ds = world
+    d = _open(ds, "canvas2.png")
+    refs = d.state["references"]
+    # reference objects of every annotated sample; the full-size copies first
+    assert {r["id"] for r in refs} == {_sample(ds, n).id for n in ("canvas0.png", "canvas1.png")}
+    assert len(refs) == 2 + 3 and all(r["similarity"] is not None for r in refs)
+    assert refs[-1]["similarity"] < refs[0]["similarity"]
+    other = next(r for r in refs if r["id"] == _sample(ds, "canvas1.png").id and r["similarity"] > 0.99)
+    d.call("on_change_reference", value=other["object"], path="controls.reference")
+    d.call("render")
+    assert d.state["reference_id"] == other["id"] and d.state["reference_object"] == other["object"]
+    assert "came from another reference object" in d.status()
+    # click a pixel of the current crop: identical crops, the match is the same place
+    (img,) = d.traces("current|photo")
+    w, h = image_size(img)
+    d.call("on_click_figure", trace="current|photo", idx=[int(0.3 * h), int(0.4 * w)])
+    d.call("render")
+    (star,) = d.traces("reference|match")
+    (rimg,) = d.traces("reference|photo")
+    x0, s = place_of(rimg)
+    rw, rh = image_size(rimg)
+    tx, ty = (star["x"][0] - x0) / (rw * s), (star["y"][0] - (rimg["y0"] - s / 2)) / (rh * s)
+    assert abs(tx - 0.4) < STRIDE_FRACTION and abs(ty - 0.3) < STRIDE_FRACTION
+    assert "object (image coordinates)" in d.status()
+
+
+def test_review_and_propagate_act_on_the_chosen_object(world):
+    ds = world
+    target = _sample(ds, "canvas2.png")
+    dets = target.detections.detections
+    d = _open(ds, "canvas2.png")
+    d.call("on_accept_instance")
+    target.reload()
+    verdicts = {kp.sdcorr_detection_id: kp.get_attribute_value("sdcorr_verdict", None)
+                for kp in target.pred.keypoints}
+    assert verdicts == {dets[0].id: None, dets[1].id: "accepted", dets[2].id: None, dets[3].id: None}
+    d.call("on_propagate")
+    (prompt,) = [r for r in d.requests if r["operator_uri"] == "prompt_user_for_operation"]
+    params = prompt["params"]["params"]
+    assert params["patches_field"] == "detections" and params["reference_ids"] == [d.state["reference_id"]]
+
+
+def test_references_are_ranked_through_the_similarity_index(world):
+    ds = world
+    target = _sample(ds, "canvas2.png")
+    obj = target.detections.detections[1].id
+    key = panel_ranking.similarity_key(ds, "sdcorr_embedding", "detections")
+    assert key == "sdcorr_objects"
+    refs = ds.match_tags("reference")
+    order = panel_ranking.index_order(ds, key, obj, refs, "detections")
+    full = [det.id for det in refs.first().detections.detections if det.bounding_box[2] > 0.1]
+    assert order is not None and order[0] == full[0] and len(order) == 2
+    # whole-image features absent, a similarity index over the samples absent: no index
+    assert panel_ranking.similarity_key(ds) is None
