@@ -11,7 +11,9 @@ session's database and plugins dir and drives the App through its UI:
   ground truth ``ground_truth``) and draws the reference's match lines; its field selectors
   change the figure; "Propagate from this reference" opens the operator's form pre-filled
   with the reference shown, a new output field and overwrite off, and running it changes
-  no existing field; in a narrow window the controls wrap and the figure fits.
+  no existing field; in a narrow window the controls wrap and the figure fits;
+- a COCO file with several objects per image, imported with FiftyOne's importer: the
+  panel shows object crops and its Object dropdown switches objects.
 
 Screenshots go to the test's tmp dir; with ``SDCORR_UPDATE_SCREENSHOTS=1`` the demo's
 pictures also go to ``docs/match_panel.png`` and ``docs/match_panel_parts.png`` (README).
@@ -582,5 +584,71 @@ def test_demo_panel_in_a_narrow_split(demo, playwright_api):
             assert geometry["plotRight"] <= geometry["panelRight"] + 1, geometry
             assert geometry["scroll"] <= 1, geometry
             _screenshot(page, demo["tmp"] / "match_panel_split.png")
+        finally:
+            browser.close()
+
+
+# --------------------------------------------------------------------------- several objects per image
+OBJECTS_SCREENSHOT = REPO_ROOT / "docs" / "match_panel_objects.png"
+
+
+@pytest.fixture(scope="module")
+def coco_objects(tmp_path_factory, server):
+    """The COCO canvases of tests/test_objects.py imported with FiftyOne's importer,
+    features and predictions per object, seen by the App server."""
+    import fiftyone as fo
+
+    import fiftyone_sdcorr as sc
+    from test_objects import desc, write_coco
+
+    folder = tmp_path_factory.mktemp("coco-objects")
+    write_coco(folder)
+    ds = fo.Dataset.from_dir(data_path=str(folder / "data"), labels_path=str(folder / "labels.json"),
+                             dataset_type=fo.types.COCODetectionDataset, label_types=["detections", "keypoints"],
+                             name=f"sdcorr-browser-objects-{uuid.uuid4().hex[:8]}")
+    ds.persistent = True
+    ds.match(fo.ViewField("filepath").ends_with("canvas0.png")).tag_samples("reference")
+    sc.compute_fused_features(ds, extractor=desc(), patches_field="detections", store_dir=str(folder / "store"),
+                              progress=False)
+    sc.propagate_keypoints(ds, "reference", "keypoints", "pred", patches_field="detections", extractor=desc(),
+                           progress=False)
+    try:
+        yield {"url": server, "dataset": ds, "tmp": folder}
+    finally:
+        ds.delete()
+
+
+def _titles(page):
+    return _plot_value(page, "return (gd.layout.annotations || []).map(a => a.text);")
+
+
+def test_panel_on_a_sample_with_several_objects(coco_objects, playwright_api):
+    """A COCO image with a decoy and three copies: the panel shows the largest object and
+    the reference object its prediction came from, crops side by side with one line per
+    keypoint; the Object dropdown switches to another object."""
+    import fiftyone as fo
+
+    ds = coco_objects["dataset"]
+    sample = ds.match(fo.ViewField("filepath").ends_with("canvas2.png")).first()
+    url = f"{coco_objects['url']}/datasets/{ds.name}?id={sample.id}"
+    with playwright_api() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1500, "height": 1000})
+            _open_sample_panel(page, url)
+            _wait_plot(page, "gd.data.filter(t => t.name.startsWith('line|')).length === 5")
+            assert _titles(page) == ["current · canvas2.png · 1: person", "reference · canvas0.png · 1: person"]
+            assert _control(page, "Object").inner_text().strip() == "1: person"
+            shot = coco_objects["tmp"] / "objects.png"
+            _screenshot(page, shot)
+            if UPDATE_DOCS:
+                shutil.copyfile(shot, OBJECTS_SCREENSHOT)
+            _choose_until(page, "Object", "3: person", "2: person",
+                          "(gd.layout.annotations || []).some(a => a.text === 'current · canvas2.png · 3: person')"
+                          " && gd.data.filter(t => t.name.startsWith('line|')).length === 5")
+            # the decoy: matched with the reference's decoy
+            _choose_until(page, "Object", "0: person", "2: person",
+                          "(gd.layout.annotations || []).some(a => a.text === 'reference · canvas0.png · 0: person')"
+                          " && gd.data.filter(t => t.name.startsWith('line|')).length === 5")
         finally:
             browser.close()

@@ -2,7 +2,11 @@
 correspondences, click-to-match, feature views and review actions.
 
 Surfaces: the sample modal (the current sample against a reference) and the grid (two
-selected samples). Everything is one plotly figure in one coordinate system:
+selected samples). With object features (a ``fo.Detections`` field whose detections carry
+``sdcorr_features``) each side is an object's crop: the current sample's object (an
+*Object* dropdown, the largest first) against a reference object (ranked by
+:mod:`fiftyone_sdcorr.plugin.panel_ranking`, the one its prediction came from first).
+Everything is one plotly figure in one coordinate system:
 
 - both images, downsampled to at most :data:`MAX_SIDE` pixels and drawn at a common
   height :data:`PLOT_HEIGHT` (plot units), the current sample on the left;
