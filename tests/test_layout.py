@@ -1,4 +1,4 @@
-"""The architecture, read from the code's imports (the layers of README "Layout").
+"""The architecture, read from the code's imports (the layers of docs/architecture.md, "Layout").
 
 - ``core/`` imports no FiftyOne, and no higher layer; ``dataset/`` no ``plugin/``;
 - the runtime (package, dataset functions, plugin) never imports ``bench/``;

@@ -1409,7 +1409,7 @@ def _run_label(r: dict) -> str:
 
 
 def report_markdown(results: List[dict]) -> str:
-    """The README's benchmark tables, from result files."""
+    """The benchmark tables of docs/performance.md (and results/BENCHMARKS.md), from result files."""
     lines = []
     full = [r for r in results if r["mode"] == "full"]
     if full:  # issue 10's headline: the public API end to end, and the targets met

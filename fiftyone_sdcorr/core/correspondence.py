@@ -1,6 +1,6 @@
 """Matching fused dense descriptors: nearest neighbour, soft-argmax, confidence, flip.
 
-Pure tensors in, tensors out; no FiftyOne import (README, "Layout").
+Pure tensors in, tensors out; no FiftyOne import (docs/architecture.md, "Layout").
 
 Conventions
 -----------

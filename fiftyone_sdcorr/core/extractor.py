@@ -165,7 +165,7 @@ def to_host(raw: RawFeatures) -> RawFeatures:
 
 
 class FeatureExtractor:
-    """Fused SD + DINOv2 features, exactly as the paper's code computes them (README, "The recipe").
+    """Fused SD + DINOv2 features, exactly as the paper's code computes them (docs/recipe.md, "The recipe").
 
     Args:
         sd_model: Hub id or local directory of an SD 1.x/2.x checkpoint (diffusers layout)

@@ -1,6 +1,6 @@
 """The paper's PCK protocol for benchmark pairs: scoring, averaging, predictions files.
 
-As in sd-dino's ``pck_spair_pascal.py`` (README, "The protocol"):
+As in sd-dino's ``pck_spair_pascal.py`` (docs/evaluation.md, "The protocol"):
 
 - A point **counts** when it is annotated (visible) in both images. A counted point with
   no prediction (``null`` / NaN) counts as wrong.

@@ -1,7 +1,7 @@
 """Config objects: one frozen dataclass per concern, built once at a public function's
 edge from its flat keywords, checked there (before any model loads or anything is
 written), and passed down whole. Every default is written here once; the operators'
-forms and the README read them from here.
+forms and the documents in docs/ read them from here.
 
 - :class:`FeatureConfig`: models, device, dtype, the :class:`~fiftyone_sdcorr.Recipe`
   (``pca_dim`` is the one name of the channels kept per SD tap, by co-PCA or by the
