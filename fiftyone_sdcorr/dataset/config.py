@@ -43,6 +43,8 @@ STORE_DTYPES = tuple(STORE_DTYPE_MAP)  # float16, bfloat16, float32, int8 (a sca
 DTYPES = ("float32", "float16", "bfloat16")
 COMBINE_RULES = ("best", "per_point")
 THRESHOLDS = ("bbox", "image")
+N_PARTS = 6  # part clusters of the feature views (pictures, the panel)
+N_PARTS_RANGE = (2, 64)
 #: default field names, written once: the stored features and their global vectors
 #: (``compute_fused_features`` writes them, the other functions read them), and the
 #: first names offered for new output fields (forms offer the next free one:

@@ -32,7 +32,7 @@ from PIL import Image
 import fiftyone as fo
 
 from fiftyone_sdcorr.core import visualize as vis
-from fiftyone_sdcorr.dataset.config import HEATMAP_FIELD, PCA_FIELD, ViewConfig
+from fiftyone_sdcorr.dataset.config import HEATMAP_FIELD, N_PARTS, N_PARTS_RANGE, PCA_FIELD, ViewConfig
 from fiftyone_sdcorr.dataset.engine import (
     ParameterError,
     Run,
@@ -61,7 +61,7 @@ def write_feature_pca(
     output_field: str = PCA_FIELD,
     *,
     mode: str = "pca",
-    n_parts: int = 6,
+    n_parts: int = N_PARTS,
     features_field: str = ViewConfig.features_field,
     output_dir: Optional[str] = ViewConfig.output_dir,
     fit_samples: int = ViewConfig.fit_samples,
@@ -88,7 +88,7 @@ def write_feature_pca(
     # 1. check every parameter and field before anything is written
     cfg = ViewConfig(output_field, features_field, output_dir, fit_samples, max_side, overwrite)
     check_choice("mode", mode, FEATURE_VIEW_MODES)
-    check_int("n_parts", n_parts, lo=2, hi=64)
+    check_int("n_parts", n_parts, lo=N_PARTS_RANGE[0], hi=N_PARTS_RANGE[1])
     image_collection(samples)
     units = Units(samples, patches_field)
     items, source = _stored_features(samples, cfg, "string", units)

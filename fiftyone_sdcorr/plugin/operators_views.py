@@ -14,7 +14,7 @@ import fiftyone as fo
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
-from fiftyone_sdcorr.dataset.config import HEATMAP_FIELD, PCA_FIELD, ViewConfig
+from fiftyone_sdcorr.dataset.config import HEATMAP_FIELD, N_PARTS, N_PARTS_RANGE, PCA_FIELD, ViewConfig
 from fiftyone_sdcorr.dataset.engine import ParameterError
 from fiftyone_sdcorr.plugin import common
 from fiftyone_sdcorr.plugin.panel_figure import free_field_name
@@ -68,7 +68,8 @@ class WriteFeaturePCA(common.RunOperator):
         choices.add_choice("pca", label="PCA colours")
         choices.add_choice("parts", label="Part clusters")
         inputs.enum("mode", choices.values(), default="pca", required=False, label="Picture", view=choices)
-        inputs.int("n_parts", default=6, min=2, max=64, required=False, label="Parts (part clusters)")
+        inputs.int("n_parts", default=N_PARTS, min=N_PARTS_RANGE[0], max=N_PARTS_RANGE[1], required=False,
+                   label="Parts (part clusters)")
         inputs.str("features_field", default=ViewConfig.features_field, required=False,
                    label="Stored features field")
         inputs.int("fit_samples", default=ViewConfig.fit_samples, min=1, label="Samples to fit the PCA on")

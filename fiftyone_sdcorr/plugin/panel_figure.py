@@ -20,7 +20,7 @@ import fiftyone as fo
 
 from fiftyone_sdcorr.core import visualize as vis
 from fiftyone_sdcorr.core.geometry import DEFAULT_CONTEXT_MARGIN, Crop
-from fiftyone_sdcorr.dataset.config import FEATURES_FIELD, KEYPOINTS_FIELD
+from fiftyone_sdcorr.dataset.config import FEATURES_FIELD, KEYPOINTS_FIELD, N_PARTS
 from fiftyone_sdcorr.dataset.skeletons import keypoint_skeleton
 from fiftyone_sdcorr.plugin.panel_ranking import (  # noqa: F401 -- rank_references etc. are part of this API
     REFERENCE_TAG,
@@ -51,7 +51,7 @@ SIDES = ("current", "reference")
 VIEW_MODES = {"photos": "Photos", "pca": "PCA of features", "parts": "Part clusters"}
 SHOW_MODES = {"predicted": "Predicted", "ground_truth": "Ground truth", "both": "Both"}
 CONTROL_DEFAULTS = {"view_mode": "photos", "show": "predicted", "error_lines": True,
-                    "heatmap": True, "n_parts": 6}
+                    "heatmap": True, "n_parts": N_PARTS}
 NEUTRAL = "#9e9e9e"
 CLICK_COLOR = "#ffffff"
 MATCH_COLOR = "#00e5ff"
@@ -521,7 +521,7 @@ def _image_traces(frames, places, feats, state: dict, status: List[str]) -> List
         what = "objects" if frames["current"].is_object else "samples"
         status.append(f"Feature views need stored features (`{frames['current'].features_name}`) for both {what}.")
         return data
-    k = int(state.get("n_parts") or 6)
+    k = int(state.get("n_parts") or N_PARTS)
     pair_key = tuple(v for side in SIDES for v in (frames[side].features_path, _mtime(frames[side].features_path)))
     uris = _CACHE.get((mode, k if mode == "parts" else None) + pair_key,
                       lambda: _feature_view_uris(mode, k, fa, fb, places))

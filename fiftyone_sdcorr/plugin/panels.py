@@ -83,6 +83,8 @@ FIELD_SELECTORS = {
 }
 NONE = "__none__"  # the "(none)" choice of the predicted / ground-truth selectors
 ALL_INSTANCES = "all"
+#: the part counts the panel offers (within the feature views' N_PARTS_RANGE)
+PART_CHOICES = (2, 3, 4, 5, 6, 8, 10, 12, 16)
 #: the execution store (scoped to the dataset) that remembers the panel's choices
 STORE_NAME = "sdcorr_match_panel"
 STORE_KEY = "choices"
@@ -195,7 +197,7 @@ def _control_value(key: str, value):
         return bool(value)
     if key == "n_parts":
         try:
-            return max(2, min(int(value), 20))
+            return max(PART_CHOICES[0], min(int(value), PART_CHOICES[-1]))
         except (TypeError, ValueError):
             return CONTROL_DEFAULTS["n_parts"]
     return value or CONTROL_DEFAULTS[key]
@@ -625,10 +627,17 @@ class MatchPanel(foo.Panel):
 
     def _controls(self, ctx, panel, reference):
         """One bar of controls that wraps in a narrow split: the three field selectors,
-        the reference (tagged references first) and its instance, then the display
-        options."""
-        state = ctx.panel.state
+        the object and the reference (tagged references first) or its instance, then the
+        display options."""
         row = panel.grid("controls", gap=1, align_x="left", align_y="center")
+        self._field_selectors(ctx, row)
+        if reference is None:
+            return
+        self._pair_selectors(ctx, row, reference)
+        self._display_controls(ctx, row)
+
+    def _field_selectors(self, ctx, row):
+        state = ctx.panel.state
         roles = state.roles or {}
         fields = roles.get("keypoints") or keypoint_fields(ctx.dataset)
         predicted = roles.get("predicted") or []
@@ -646,8 +655,11 @@ class MatchPanel(foo.Panel):
                 continue
             row.enum(key, values, default=state.get(key) or NONE, view=choices,
                      on_change=getattr(self, f"on_change_{key}"))
-        if reference is None:
-            return
+
+    def _pair_selectors(self, ctx, row, reference):
+        """The current object (with object features), the reference (object) and, for
+        whole images with several reference instances, the instance."""
+        state = ctx.panel.state
         objects = state.objects or []
         if state.object_id and objects:
             obj_choices = types.DropdownView(label="Object", componentsProps=ITEM)
@@ -672,10 +684,12 @@ class MatchPanel(foo.Panel):
             row.enum("instance", [ALL_INSTANCES] + [str(j) for j in range(len(instances))],
                      default=ALL_INSTANCES if current is None else str(current), view=inst,
                      on_change=self.on_change_instance)
+
+    def _display_controls(self, ctx, row):
+        opts = figure_options(ctx.panel.state)
         view_choices = types.DropdownView(label="View", componentsProps=ITEM)
         for k, v in VIEW_MODES.items():
             view_choices.add_choice(k, label=v)
-        opts = figure_options(state)
         row.enum("view_mode", list(VIEW_MODES), default=opts["view_mode"],
                  view=view_choices, on_change=self.on_change_view_mode)
         show_choices = types.DropdownView(label="Keypoints", componentsProps=ITEM)
@@ -685,9 +699,9 @@ class MatchPanel(foo.Panel):
                  view=show_choices, on_change=self.on_change_show)
         if opts["view_mode"] == "parts":
             parts = types.DropdownView(label="Parts", componentsProps=ITEM)
-            for k in (2, 3, 4, 5, 6, 8, 10, 12, 16):
+            for k in PART_CHOICES:
                 parts.add_choice(k, label=str(k))
-            row.enum("n_parts", [2, 3, 4, 5, 6, 8, 10, 12, 16], default=opts["n_parts"],
+            row.enum("n_parts", list(PART_CHOICES), default=opts["n_parts"],
                      view=parts, on_change=self.on_change_n_parts)
         row.bool("error_lines", default=opts["error_lines"], label="Error lines",
                  view=types.SwitchView(componentsProps=SMALL_ITEM), on_change=self.on_change_error_lines)
