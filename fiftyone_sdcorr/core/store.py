@@ -25,7 +25,6 @@ import hashlib
 import json
 import os
 import re
-import uuid
 from dataclasses import replace
 from pathlib import Path
 from typing import Dict, Iterator, Optional, Tuple, Union
@@ -35,6 +34,7 @@ from safetensors import safe_open
 from safetensors.torch import save as _st_save
 
 from fiftyone_sdcorr.core.features import FusedFeatures, RawFeatures
+from fiftyone_sdcorr.core.files import TMP_PREFIX, write_atomic
 from fiftyone_sdcorr.core.geometry import Letterbox
 
 FORMAT = "fiftyone-sdcorr/dense"
@@ -43,7 +43,7 @@ RAW_FORMAT = "fiftyone-sdcorr/raw"
 FORMAT_VERSION = 1
 SUFFIX = ".safetensors"
 TENSORS_DIR = "_tensors"
-_TMP_PREFIX = ".tmp-"
+_TMP_PREFIX = TMP_PREFIX
 
 _KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,199}$")
 
@@ -80,23 +80,7 @@ def _check_name(name: str, what: str = "key") -> str:
 
 def _write_atomic(path: Path, data: bytes, fsync: bool) -> None:
     """Write ``data`` to a temporary file next to ``path``, then ``os.replace`` it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f"{_TMP_PREFIX}{path.name}.{uuid.uuid4().hex}"
-    # os.open with 0o666 honours the umask (mkstemp would force 0o600)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            if fsync:
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    write_atomic(path, data, fsync)
 
 
 def _read(path: Path, device) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
@@ -346,12 +330,16 @@ class FeatureStore:
             return None
         if not size_ok or md.get("format") != RAW_FORMAT or (fingerprint is not None and md.get("fingerprint") != fingerprint):
             return None
-        tensors, md = _read(path, "cpu")
-        return RawFeatures(
-            sd={k[3:]: v.float() for k, v in tensors.items() if k.startswith("sd_")}, dino=tensors["dino"].float(),
-            sd_letterbox=Letterbox.from_dict(json.loads(md["sd_letterbox"])),
-            dino_letterbox=Letterbox.from_dict(json.loads(md["dino_letterbox"])),
-            dino_stride=int(md["dino_stride"]), source=md.get("source") or None)
+        try:  # a damaged file is a cache miss: recomputed and replaced, never a crash
+            tensors, md = _read(path, "cpu")
+            return RawFeatures(
+                sd={k[3:]: v.float() for k, v in tensors.items() if k.startswith("sd_")},
+                dino=tensors["dino"].float(),
+                sd_letterbox=Letterbox.from_dict(json.loads(md["sd_letterbox"])),
+                dino_letterbox=Letterbox.from_dict(json.loads(md["dino_letterbox"])),
+                dino_stride=int(md["dino_stride"]), source=md.get("source") or None)
+        except (FeatureStoreError, KeyError, TypeError, ValueError):
+            return None
 
     def exists(self, key: str) -> bool:
         return self.path_for(key).is_file()
