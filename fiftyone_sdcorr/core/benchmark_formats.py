@@ -80,6 +80,7 @@ import numpy as np
 
 from fiftyone_sdcorr.core.geometry import points_array
 from fiftyone_sdcorr.core.images import image_size
+from fiftyone_sdcorr.core.params import ParameterError, check_int
 
 FORMATS = ("spair", "pfpascal", "ap10k")
 
@@ -150,7 +151,10 @@ SPAIR_NUM_KEYPOINTS = {
 
 
 class BenchmarkFormatError(ValueError):
-    """A benchmark file is missing or not in the expected format; the message names it."""
+    """A benchmark or predictions file is missing or not in the expected format; the
+    message names the file, the pair (when known) and the field, with what it must be
+    and what it holds. (:class:`~fiftyone_sdcorr.core.pck_protocol.PredictionsError` is
+    one for predictions files.)"""
 
 
 # --------------------------------------------------------------------------- records
@@ -269,21 +273,129 @@ def skeleton_edges(fmt: str) -> List[Tuple[int, int]]:
     return list(AP10K_EDGES) if fmt == "ap10k" else []
 
 
-# --------------------------------------------------------------------------- helpers
-def _load_json(path: Path) -> dict:
+# --------------------------------------------------------------------------- field checks
+# One set of checks for every reader (and for predictions files): each returns the
+# value in the form the records hold, or raises BenchmarkFormatError naming ``where``
+# (the file, and the pair or row), the field (with its index) and the value found.
+def _show(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _bad(where: str, field: str, want: str, got) -> BenchmarkFormatError:
+    return BenchmarkFormatError(f"{where}: field {field!r} must be {want}, got {_show(got)}")
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _number(v, where: str, field: str) -> float:
+    if not _is_num(v):
+        raise _bad(where, field, "a finite number", v)
+    return float(v)
+
+
+def _dim(v, where: str, field: str) -> int:
+    """A positive whole number of pixels."""
+    if not _is_num(v) or float(v) != int(v) or v <= 0:
+        raise _bad(where, field, "a positive integer (pixels)", v)
+    return int(v)
+
+
+def _text(v, where: str, field: str) -> str:
+    if not isinstance(v, str) or not v.strip():
+        raise _bad(where, field, "a non-empty string", v)
+    return v
+
+
+def _size(v, where: str, field: str) -> Tuple[int, int]:
+    """``[W, H]`` or ``[W, H, C]``, positive integers."""
+    if not isinstance(v, (list, tuple)) or len(v) not in (2, 3):
+        raise _bad(where, field, "[width, height] or [width, height, channels]", v)
+    return _dim(v[0], where, f"{field}[0]"), _dim(v[1], where, f"{field}[1]")
+
+
+def _box(v, where: str, field: str, xywh: bool = False) -> Tuple[float, float, float, float]:
+    """``[x1, y1, x2, y2]`` (``xywh``: ``[left, top, w, h]``) of positive area -> x1 y1 x2 y2."""
+    want = "[left, top, width, height]" if xywh else "[x1, y1, x2, y2]"
+    if not isinstance(v, (list, tuple)) or len(v) != 4:
+        raise _bad(where, field, f"4 numbers {want}", v)
+    a, b, c, d = (_number(x, where, f"{field}[{i}]") for i, x in enumerate(v))
+    x2, y2 = (a + c, b + d) if xywh else (c, d)
+    if not (x2 > a and y2 > b):
+        raise _bad(where, field, f"a box {want} of positive width and height", v)
+    return a, b, x2, y2
+
+
+def _points(v, where: str, field: str) -> np.ndarray:
+    """``[[x, y] | null, ...]`` -> ``(K, 2)`` float64 (NaN for null); every entry checked,
+    so a bad entry is an error, never a dropped point."""
+    if not isinstance(v, (list, tuple)):
+        raise _bad(where, field, "a list of [x, y] or null", v)
+    out = np.full((len(v), 2), np.nan)
+    for i, xy in enumerate(v):
+        if xy is None:
+            continue
+        if not (isinstance(xy, (list, tuple)) and len(xy) == 2 and all(_is_num(c) for c in xy)):
+            raise _bad(where, f"{field}[{i}]", "[x, y] (two finite numbers) or null", xy)
+        out[i] = (float(xy[0]), float(xy[1]))
+    return out
+
+
+def _keypoint_id(v, where: str, field: str, n: Optional[int]) -> int:
+    """A keypoint id (an integer or its decimal string: SPair writes ``"3"``) in ``0 .. n-1``."""
+    ok = (isinstance(v, str) and v.strip().isdigit()) or (_is_num(v) and float(v) == int(v) and v >= 0)
+    i = int(v) if ok else -1
+    if not ok or (n is not None and i >= n):
+        raise _bad(where, field, "a keypoint id " + (f"in 0..{n - 1}" if n else ">= 0"), v)
+    return i
+
+
+def _keypoint_ids(v, where: str, field: str, n: Optional[int]) -> Tuple[int, ...]:
+    if not isinstance(v, (list, tuple)):
+        raise _bad(where, field, "a list of keypoint ids", v)
+    ids = tuple(_keypoint_id(x, where, f"{field}[{i}]", n) for i, x in enumerate(v))
+    if len(set(ids)) != len(ids):
+        raise _bad(where, field, "distinct keypoint ids", v)
+    return ids
+
+
+def _box_warning(where: str, field: str, box, size) -> Optional[str]:
+    """Suspicious geometry: a box reaching well outside its image (T, hence PCK, is then
+    not what the benchmark means). Tolerance: 2% of the image's longer side, at least 2 px."""
+    w, h = size
+    tol = max(2.0, 0.02 * max(w, h))
+    x1, y1, x2, y2 = box
+    if x1 < -tol or y1 < -tol or x2 > w + tol or y2 > h + tol:
+        return (f"{where}: field {field!r} {[round(float(c), 2) for c in box]} reaches outside the "
+                f"{w} x {h} image; T comes from this box")
+    return None
+
+
+def _load_json(path: Path, kind: str = "an object") -> dict:
     try:
-        with open(path) as f:
-            return json.load(f)
+        with open(path, "rb") as f:
+            data = f.read()
     except FileNotFoundError:
         raise BenchmarkFormatError(f"missing file {path}") from None
-    except (OSError, ValueError) as e:
+    except OSError as e:
+        raise BenchmarkFormatError(f"{path}: not readable ({e.strerror or e})") from None
+    if data[:2] == b"\x1f\x8b":
+        raise BenchmarkFormatError(f"{path}: gzip-compressed; decompress it first")
+    try:
+        d = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
         raise BenchmarkFormatError(f"{path}: not readable JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise BenchmarkFormatError(f"{path}: must hold a JSON object, got {type(d).__name__}")
+    return d
 
 
-def _require(d: dict, keys: Iterable[str], path) -> None:
+def _require(d: dict, keys: Iterable[str], where) -> None:
     missing = [k for k in keys if k not in d]
     if missing:
-        raise BenchmarkFormatError(f"{path}: missing field(s) {missing}")
+        raise BenchmarkFormatError(f"{where}: missing field(s) {missing}")
 
 
 def _check_root(fmt: str, root) -> Path:
@@ -322,11 +434,22 @@ def _pair_files(root: Path, split: str, categories, sample, seed) -> List[Path]:
                                    + (f" (splits here: {have})" if have else ""))
     by_cat: Dict[str, List[Path]] = {}
     for p in folder.glob("*.json"):
-        cat = _pair_category(p.stem)
-        if categories is None or cat in categories:
-            by_cat.setdefault(cat, []).append(p)
+        by_cat.setdefault(_pair_category(p.stem), []).append(p)
+    by_cat = _only_categories(by_cat, categories, f"split {split!r} ({folder})")
     by_cat = _sample_per_category(by_cat, sample, seed)
     return [p for cat in sorted(by_cat) for p in by_cat[cat]]
+
+
+def _only_categories(by_cat: Dict[str, list], categories, where: str) -> Dict[str, list]:
+    """The requested categories; a name with no pairs in the split is an error (a typo
+    must not silently evaluate nothing, or less than asked)."""
+    if categories is None:
+        return by_cat
+    unknown = sorted(set(categories) - set(by_cat))
+    if unknown:
+        raise ParameterError(f"parameter 'categories': {unknown} not in {where}; categories there: "
+                             f"{sorted(by_cat)}")
+    return {c: v for c, v in by_cat.items() if c in categories}
 
 
 def _box_size(box) -> float:
@@ -337,24 +460,32 @@ def _box_size(box) -> float:
 # --------------------------------------------------------------------------- SPair-71k
 def _spair_pair(path: Path, root: Path) -> PairRecord:
     d = _load_json(path)
+    where = f"{path} (pair {path.stem!r})"
     _require(d, ("src_imname", "trg_imname", "category", "src_kps", "trg_kps", "kps_ids", "src_bndbox",
-                 "trg_bndbox", "src_imsize", "trg_imsize"), path)
-    cat = d["category"]
-    src_kps, trg_kps = points_array(d["src_kps"]), points_array(d["trg_kps"])
-    ids = tuple(int(i) for i in d["kps_ids"])
+                 "trg_bndbox", "src_imsize", "trg_imsize"), where)
+    cat = _text(d["category"], where, "category")
+    if _pair_category(path.stem) not in ("", cat):
+        raise _bad(where, "category", f"the file name's category {_pair_category(path.stem)!r}", cat)
+    src_kps, trg_kps = _points(d["src_kps"], where, "src_kps"), _points(d["trg_kps"], where, "trg_kps")
+    ids = _keypoint_ids(d["kps_ids"], where, "kps_ids", SPAIR_NUM_KEYPOINTS.get(cat))
     if not (len(src_kps) == len(trg_kps) == len(ids)):
-        raise BenchmarkFormatError(f"{path}: src_kps ({len(src_kps)}), trg_kps ({len(trg_kps)}) and "
-                                   f"kps_ids ({len(ids)}) differ in length")
-    n = max(SPAIR_NUM_KEYPOINTS.get(cat, 0), max(ids, default=-1) + 1)
+        raise BenchmarkFormatError(f"{where}: fields 'src_kps' ({len(src_kps)}), 'trg_kps' ({len(trg_kps)}) and "
+                                   f"'kps_ids' ({len(ids)}) differ in length")
+    src_size, trg_size = _size(d["src_imsize"], where, "src_imsize"), _size(d["trg_imsize"], where, "trg_imsize")
+    src_box, trg_box = _box(d["src_bndbox"], where, "src_bndbox"), _box(d["trg_bndbox"], where, "trg_bndbox")
+    src_name, trg_name = _text(d["src_imname"], where, "src_imname"), _text(d["trg_imname"], where, "trg_imname")
+    mirror = d.get("mirror", 0) or 0
+    if mirror not in (0, 1) or isinstance(mirror, float):
+        raise _bad(where, "mirror", "0 or 1", mirror)
+    warning = _box_warning(where, "trg_bndbox", trg_box, trg_size)
     return PairRecord(
         pair=path.stem, category=cat,
-        src=str(root / "JPEGImages" / cat / d["src_imname"]), trg=str(root / "JPEGImages" / cat / d["trg_imname"]),
-        src_size=(int(d["src_imsize"][0]), int(d["src_imsize"][1])),
-        trg_size=(int(d["trg_imsize"][0]), int(d["trg_imsize"][1])),
-        src_kps=src_kps, trg_kps=trg_kps, kp_ids=ids, threshold=_box_size(d["trg_bndbox"]), num_keypoints=n,
-        src_key=f"{cat}/{Path(d['src_imname']).stem}", trg_key=f"{cat}/{Path(d['trg_imname']).stem}",
-        extra={"mirror": int(d.get("mirror", 0) or 0), "src_bndbox": [float(v) for v in d["src_bndbox"]],
-               "trg_bndbox": [float(v) for v in d["trg_bndbox"]],
+        src=str(root / "JPEGImages" / cat / src_name), trg=str(root / "JPEGImages" / cat / trg_name),
+        src_size=src_size, trg_size=trg_size, src_kps=src_kps, trg_kps=trg_kps, kp_ids=ids,
+        threshold=_box_size(trg_box), num_keypoints=SPAIR_NUM_KEYPOINTS.get(cat) or max(ids, default=-1) + 1,
+        src_key=f"{cat}/{Path(src_name).stem}", trg_key=f"{cat}/{Path(trg_name).stem}",
+        extra={"mirror": int(mirror), "src_bndbox": list(src_box), "trg_bndbox": list(trg_box),
+               **({"warnings": [warning]} if warning else {}),
                **{k: d[k] for k in ("viewpoint_variation", "scale_variation", "truncation", "occlusion") if k in d}},
     )
 
@@ -364,21 +495,26 @@ def _spair_image(root: Path, key: str, pairs: List[PairRecord]) -> ImageRecord:
     cat, stem = key.split("/", 1)
     path = pairs[0].src if pairs[0].src_key == key else pairs[0].trg
     ann = root / "ImageAnnotation" / cat / f"{stem}.json"
-    if ann.is_file():
-        d = _load_json(ann)
-        _require(d, ("image_width", "image_height", "kps"), ann)
-        kps = {int(k): xy for k, xy in (d["kps"] or {}).items()}
-        # the category's ids (files may list more, null, ids: SPair pads every list to 30)
-        n = max([SPAIR_NUM_KEYPOINTS.get(cat) or len(kps)] + [k + 1 for k, xy in kps.items() if xy is not None])
-        pts = np.full((n, 2), np.nan)
-        for k, xy in kps.items():
-            if k < n:
-                pts[k] = points_array([xy])[0]
-        extra = {k: d[k] for k in ("pose", "truncated", "occluded", "difficult", "azimuth_id") if k in d}
-        box = d.get("bndbox")
-        return ImageRecord(key, str(path), cat, int(d["image_width"]), int(d["image_height"]), pts,
-                           tuple(float(v) for v in box) if box else None, extra)
-    return _image_from_pairs(key, str(path), cat, pairs)
+    if not ann.is_file():
+        return _image_from_pairs(key, str(path), cat, pairs)
+    d = _load_json(ann)
+    where = f"{ann} (image {key!r})"
+    _require(d, ("image_width", "image_height", "kps"), where)
+    w, h = _dim(d["image_width"], where, "image_width"), _dim(d["image_height"], where, "image_height")
+    kps = d["kps"] or {}
+    if not isinstance(kps, dict):
+        raise _bad(where, "kps", '{"<id>": [x, y] or null}', kps)
+    # the category's ids (files may list more, null, ids: SPair pads every list to 30)
+    ids = {_keypoint_id(k, where, f"kps[{k}]", None): k for k in kps}
+    given = {i: _points([kps[k]], where, f"kps[{k}]")[0] for i, k in ids.items()}
+    n = max([SPAIR_NUM_KEYPOINTS.get(cat) or len(kps)] + [i + 1 for i, xy in given.items() if np.isfinite(xy).all()])
+    pts = np.full((n, 2), np.nan)
+    for i, xy in given.items():
+        if i < n:
+            pts[i] = xy
+    extra = {k: d[k] for k in ("pose", "truncated", "occluded", "difficult", "azimuth_id") if k in d}
+    box = _box(d["bndbox"], where, "bndbox") if d.get("bndbox") is not None else None
+    return ImageRecord(key, str(path), cat, w, h, pts, box, extra)
 
 
 def _image_from_pairs(key: str, path: str, category: str, pairs: List[PairRecord]) -> ImageRecord:
@@ -420,12 +556,27 @@ def _pfpascal_image(root: Path, name: str, csv_path: Path) -> Path:
                                f"{root / 'JPEGImages'})")
 
 
-def _coords(text: str, where: str) -> np.ndarray:
+def _coords(text: str, where: str, field: str) -> np.ndarray:
+    vals = [v.strip() for v in str(text).replace(",", ";").split(";") if v.strip()]
     try:
-        vals = [float(v) for v in str(text).replace(",", ";").split(";") if v.strip()]
+        out = np.asarray([float(v) for v in vals], dtype=np.float64)
     except ValueError:
-        raise BenchmarkFormatError(f"{where}: coordinates must be ';'-separated numbers, got {text!r}") from None
-    return np.asarray(vals, dtype=np.float64)
+        out = None
+    if out is None or not np.isfinite(out).all():
+        raise _bad(where, field, "';'-separated finite numbers", text)
+    return out
+
+
+def _pf_class(row: List[str], where: str) -> str:
+    """The category of a row's 1-based ``class`` (1..20; 0 or 21 never wrap around)."""
+    text = row[2].strip() if len(row) > 2 else ""
+    try:
+        v = float(text)
+    except ValueError:
+        v = float("nan")
+    if not (math.isfinite(v) and v == int(v) and 1 <= v <= len(PASCAL_CLASSES)):
+        raise _bad(where, "class", f"an integer in 1..{len(PASCAL_CLASSES)} (PASCAL VOC classes)", text)
+    return PASCAL_CLASSES[int(v) - 1]
 
 
 def _pfpascal_row(row: List[str], i: int, root: Path, csv_path: Path) -> PairRecord:
@@ -433,13 +584,11 @@ def _pfpascal_row(row: List[str], i: int, root: Path, csv_path: Path) -> PairRec
     if len(row) < 7:
         raise BenchmarkFormatError(f"{where}: expected 7 columns (source_image, target_image, class, XA, YA, XB, "
                                    f"YB), got {len(row)}; PF-Pascal's training list has no keypoints")
-    try:
-        cat = PASCAL_CLASSES[int(float(row[2])) - 1]
-    except (ValueError, IndexError):
-        raise BenchmarkFormatError(f"{where}: class must be 1..20, got {row[2]!r}") from None
-    xa, ya, xb, yb = (_coords(v, where) for v in row[3:7])
+    cat = _pf_class(row, where)
+    xa, ya, xb, yb = (_coords(v, where, f) for v, f in zip(row[3:7], ("XA", "YA", "XB", "YB")))
     if not (len(xa) == len(ya) == len(xb) == len(yb)):
-        raise BenchmarkFormatError(f"{where}: XA, YA, XB, YB hold {len(xa)}, {len(ya)}, {len(xb)}, {len(yb)} values")
+        raise BenchmarkFormatError(f"{where}: fields 'XA', 'YA', 'XB', 'YB' hold {len(xa)}, {len(ya)}, {len(xb)}, "
+                                   f"{len(yb)} values")
     src, trg = _pfpascal_image(root, row[0], csv_path), _pfpascal_image(root, row[1], csv_path)
     src_size, trg_size = image_size(str(src)), image_size(str(trg))
     return PairRecord(
@@ -454,19 +603,18 @@ def _pfpascal_row(row: List[str], i: int, root: Path, csv_path: Path) -> PairRec
 def read_pfpascal(root, split: str = "test", categories=None, sample=None, seed: int = 0) -> List[PairRecord]:
     root = _check_root("pfpascal", root)
     csv_path = pfpascal_csv(root, split)
-    with open(csv_path, newline="") as f:
-        rows = [r for r in csv.reader(f) if r and any(c.strip() for c in r)]
+    try:
+        with open(csv_path, newline="", encoding="utf-8") as f:
+            rows = [r for r in csv.reader(f) if r and any(c.strip() for c in r)]
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise BenchmarkFormatError(f"{csv_path}: not a readable CSV pair list ({e})") from None
     if not rows:
         raise BenchmarkFormatError(f"{csv_path} is empty")
     body = rows[1:] if not _is_number(rows[0][2] if len(rows[0]) > 2 else "") else rows
     by_cat: Dict[str, List[int]] = {}
     for i, row in enumerate(body):
-        try:
-            cat = PASCAL_CLASSES[int(float(row[2])) - 1]
-        except (ValueError, IndexError):
-            cat = "?"
-        if categories is None or cat in categories:
-            by_cat.setdefault(cat, []).append(i)
+        by_cat.setdefault(_pf_class(row, f"{csv_path}, data row {i}"), []).append(i)
+    by_cat = _only_categories(by_cat, categories, f"split {split!r} ({csv_path})")
     by_cat = _sample_per_category(by_cat, sample, seed)
     return [_pfpascal_row(body[i], i, root, csv_path) for cat in sorted(by_cat) for i in by_cat[cat]]
 
@@ -495,30 +643,58 @@ def _pfpascal_image_record(root: Path, key: str, pairs: List[PairRecord]) -> Ima
             m = loadmat(str(mat))
         except Exception as e:  # noqa: BLE001 -- any unreadable .mat is a format error
             raise BenchmarkFormatError(f"{mat}: not a readable .mat file ({e})") from None
-        if "kps" in m:
-            pts = np.asarray(m["kps"], dtype=np.float64).reshape(-1, 2)
-        if "bbox" in m:
-            box = tuple(float(v) for v in np.asarray(m["bbox"], dtype=np.float64).reshape(-1)[:4])
+        pts, box = _mat_fields(m, f"{mat} (image {key!r})")
     return ImageRecord(key, path, cat, int(size[0]), int(size[1]), pts, box, {})
 
 
+def _mat_fields(m: dict, where: str):
+    """``kps`` (N x 2, NaN = absent) and ``bbox`` (x1 y1 x2 y2) of a PF-Pascal ``.mat``."""
+    pts, box = np.zeros((0, 2)), None
+    try:
+        if "kps" in m:
+            pts = np.asarray(m["kps"], dtype=np.float64)
+        if "bbox" in m:
+            box = np.asarray(m["bbox"], dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError):
+        raise BenchmarkFormatError(f"{where}: fields 'kps' and 'bbox' must be numeric arrays") from None
+    if "kps" in m and (pts.ndim != 2 or pts.shape[1] != 2 or np.isinf(pts).any()):
+        raise _bad(where, "kps", "an N x 2 array of pixel coordinates", f"shape {pts.shape}")
+    if box is not None:
+        box = _box([float(v) for v in box], where, "bbox")
+    return pts, box
+
+
 # --------------------------------------------------------------------------- AP-10K
-def _ap10k_path(root: Path, written: str, pair_file: Path) -> Path:
+def _ap10k_path(root: Path, written, where: str, field: str) -> Path:
     """A path as GeoAware-SC wrote it (``data/ap-10k/ImageAnnotation/...``) -> under ``root``."""
-    text = str(written).replace("\\", "/")
+    text = _text(written, where, field).replace("\\", "/")
     p = Path(text)
     if p.is_absolute() and p.is_file():
         return p
     idx = text.find("ImageAnnotation/")
-    if idx < 0:
-        raise BenchmarkFormatError(f"{pair_file}: {written!r} is not a path into ImageAnnotation/")
+    if idx < 0 or ".." in Path(text[idx:]).parts:
+        raise _bad(where, field, "a path into ImageAnnotation/", written)
     return root / text[idx:]
 
 
-def _ap10k_image(path: Path) -> Tuple[dict, np.ndarray, np.ndarray]:
+def _ap10k_image(path: Path, pair: str = "") -> Tuple[dict, np.ndarray, np.ndarray]:
+    """An image's JSON: ``(dict, (17, 2) points with NaN where v == 0, (17,) v)``; its
+    ``keypoints``, ``bbox``, ``width`` and ``height`` checked."""
     d = _load_json(path)
-    _require(d, ("keypoints", "bbox", "width", "height"), path)
-    kv = np.asarray(d["keypoints"], dtype=np.float64).reshape(-1, 3)
+    where = f"{path} (image of pair {pair!r})" if pair else str(path)
+    _require(d, ("keypoints", "bbox", "width", "height"), where)
+    n = 3 * len(AP10K_KEYPOINTS)
+    kv = d["keypoints"]
+    if not isinstance(kv, list) or len(kv) != n:
+        raise _bad(where, "keypoints", f"{n} numbers ({len(AP10K_KEYPOINTS)} x [x, y, v])",
+                   f"{len(kv)} values" if isinstance(kv, list) else kv)
+    kv = np.asarray([_number(v, where, f"keypoints[{i}]") for i, v in enumerate(kv)]).reshape(-1, 3)
+    if not np.isin(kv[:, 2], (0, 1, 2)).all():
+        j = int(np.flatnonzero(~np.isin(kv[:, 2], (0, 1, 2)))[0])
+        raise _bad(where, f"keypoints[{3 * j + 2}]", "a visibility flag 0, 1 or 2", kv[j, 2])
+    size = (_dim(d["width"], where, "width"), _dim(d["height"], where, "height"))
+    d["_box"] = _box(d["bbox"], where, "bbox", xywh=True)
+    d["_size"], d["_where"] = size, where
     pts = np.where((kv[:, 2] > 0)[:, None], kv[:, :2], np.nan)
     return d, pts, kv[:, 2]
 
@@ -526,7 +702,7 @@ def _ap10k_image(path: Path) -> Tuple[dict, np.ndarray, np.ndarray]:
 def _ap10k_jpeg(json_path: Path, d: dict) -> Path:
     rel = str(json_path).replace("ImageAnnotation", "JPEGImages")
     jpg = Path(rel).with_suffix(".jpg")
-    if not jpg.is_file() and d.get("file_name"):
+    if not jpg.is_file() and isinstance(d.get("file_name"), str) and d["file_name"]:
         alt = jpg.parent / d["file_name"]
         return alt if alt.is_file() else jpg
     return jpg
@@ -538,18 +714,19 @@ def _ap10k_key(json_path: Path) -> str:
 
 def _ap10k_pair(path: Path, root: Path) -> PairRecord:
     d = _load_json(path)
-    _require(d, ("src_json_path", "trg_json_path"), path)
-    sj, tj = _ap10k_path(root, d["src_json_path"], path), _ap10k_path(root, d["trg_json_path"], path)
-    (sd, sp, _), (td, tp, _) = _ap10k_image(sj), _ap10k_image(tj)
-    if len(sp) != len(tp):
-        raise BenchmarkFormatError(f"{path}: source has {len(sp)} keypoints, target {len(tp)}")
+    where = f"{path} (pair {path.stem!r})"
+    _require(d, ("src_json_path", "trg_json_path"), where)
+    sj = _ap10k_path(root, d["src_json_path"], where, "src_json_path")
+    tj = _ap10k_path(root, d["trg_json_path"], where, "trg_json_path")
+    (sd, sp, _), (td, tp, _) = _ap10k_image(sj, path.stem), _ap10k_image(tj, path.stem)
+    l, t, r, b = td["_box"]
+    warning = _box_warning(td["_where"], "bbox", td["_box"], td["_size"])
     return PairRecord(
         pair=path.stem, category=_pair_category(path.stem), src=str(_ap10k_jpeg(sj, sd)),
-        trg=str(_ap10k_jpeg(tj, td)), src_size=(int(sd["width"]), int(sd["height"])),
-        trg_size=(int(td["width"]), int(td["height"])), src_kps=sp, trg_kps=tp,
-        kp_ids=tuple(range(len(sp))), threshold=float(max(td["bbox"][2], td["bbox"][3])),
+        trg=str(_ap10k_jpeg(tj, td)), src_size=sd["_size"], trg_size=td["_size"], src_kps=sp, trg_kps=tp,
+        kp_ids=tuple(range(len(sp))), threshold=float(max(r - l, b - t)),
         num_keypoints=len(sp), src_key=_ap10k_key(sj), trg_key=_ap10k_key(tj),
-        extra={"src_json": str(sj), "trg_json": str(tj)},
+        extra={"src_json": str(sj), "trg_json": str(tj), **({"warnings": [warning]} if warning else {})},
     )
 
 
@@ -562,11 +739,10 @@ def _ap10k_image_record(key: str, pairs: List[PairRecord]) -> ImageRecord:
     p0 = pairs[0]
     jp = Path(p0.extra["src_json"] if p0.src_key == key else p0.extra["trg_json"])
     d, pts, vis = _ap10k_image(jp)
-    l, t, w, h = (float(v) for v in d["bbox"])
     extra = {"family": d.get("supercategory"), "species": d.get("name"), "coco_visibility": [int(v) for v in vis],
              "image_id": d.get("image_id", d.get("id"))}
-    return ImageRecord(key, str(_ap10k_jpeg(jp, d)), str(d.get("name") or jp.parent.name), int(d["width"]),
-                       int(d["height"]), pts, (l, t, l + w, t + h), extra)
+    return ImageRecord(key, str(_ap10k_jpeg(jp, d)), str(d.get("name") or jp.parent.name), d["_size"][0],
+                       d["_size"][1], pts, d["_box"], extra)
 
 
 # --------------------------------------------------------------------------- public API
@@ -587,6 +763,11 @@ def read_pairs(fmt: str, root, split: str = "test", *, categories: Optional[Sequ
         seed: the sampling seed.
     """
     _check_root(fmt, root)
+    if isinstance(categories, str) or (categories is not None and not all(isinstance(c, str) for c in categories)):
+        raise ParameterError(f"parameter 'categories' must be a list of names, got {categories!r}")
+    if sample is not None:
+        check_int("sample", sample, lo=1)
+    check_int("seed", seed)
     cats = None if categories is None else set(categories)
     records = _READERS[fmt](root, split, cats, sample, seed)
     return sorted(records, key=lambda r: (r.category, r.pair))

@@ -45,7 +45,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from fiftyone_sdcorr.core.benchmark_formats import PairRecord
+from fiftyone_sdcorr.core.benchmark_formats import BenchmarkFormatError, PairRecord, _points
 from fiftyone_sdcorr.core.geometry import points_array
 
 
@@ -54,8 +54,9 @@ def alpha_key(alpha: float) -> str:
     return f"{float(alpha):.2f}"
 
 
-class PredictionsError(ValueError):
-    """A predictions file is malformed or does not fit the pairs; the message says where."""
+class PredictionsError(BenchmarkFormatError):
+    """A predictions file is malformed or does not fit the pairs; the message names the
+    file, the line, the pair and the field."""
 
 
 # --------------------------------------------------------------------------- scoring
@@ -183,33 +184,53 @@ def markdown_table(result: dict, title: Optional[str] = None) -> str:
 
 
 # --------------------------------------------------------------------------- predictions files
+def _open_predictions(path: Path):
+    """The file as text lines; a folder, a compressed or a non-UTF-8 file is refused."""
+    if path.is_dir():
+        raise PredictionsError(f"predictions file {path} is a folder")
+    if not path.is_file():
+        raise PredictionsError(f"predictions file {path} does not exist")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic[:2] == b"\x1f\x8b" or magic[:3] == b"BZh" or magic[:4] == b"PK\x03\x04" or magic[:1] == b"\x80":
+        raise PredictionsError(f"{path}: a compressed or binary file; predictions are JSON Lines text "
+                               "(decompress it first)")
+    return open(path, "rb")
+
+
+def parse_predictions_line(line: str, where: str) -> Tuple[str, np.ndarray]:
+    """One line -> ``(pair, (K, 2))``; :class:`PredictionsError` naming ``where``, the pair
+    and the field otherwise."""
+    try:
+        obj = json.loads(line)
+    except ValueError as e:
+        raise PredictionsError(f"{where}: not JSON ({e})") from None
+    if not isinstance(obj, dict) or not isinstance(obj.get("pair"), str) or "trg_kps" not in obj:
+        raise PredictionsError(f'{where}: expected {{"pair": "<id>", "trg_kps": [[x, y], ...]}}')
+    try:
+        return obj["pair"], _points(obj["trg_kps"], f"{where} (pair {obj['pair']!r})", "trg_kps")
+    except BenchmarkFormatError as e:
+        raise PredictionsError(str(e)) from None
+
+
 def read_predictions(path) -> Dict[str, np.ndarray]:
     """A predictions file (JSON Lines, module docstring) -> ``{pair: (K, 2) float64}``
     (``null`` -> NaN). Blank lines are skipped; a malformed line or a pair given twice
-    raises :class:`PredictionsError` naming the line."""
+    raises :class:`PredictionsError` naming the file, the line, the pair and the field."""
     path = Path(path)
-    if not path.is_file():
-        raise PredictionsError(f"predictions file {path} does not exist")
     out: Dict[str, np.ndarray] = {}
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
+    with _open_predictions(path) as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise PredictionsError(f"{path}, line {n}: not UTF-8 text; predictions are JSON Lines") from None
             if not line.strip():
                 continue
-            where = f"{path}, line {n}"
-            try:
-                obj = json.loads(line)
-            except ValueError as e:
-                raise PredictionsError(f"{where}: not JSON ({e})") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get("pair"), str) or \
-                    not isinstance(obj.get("trg_kps"), list):
-                raise PredictionsError(f'{where}: expected {{"pair": "<id>", "trg_kps": [[x, y], ...]}}')
-            for j, xy in enumerate(obj["trg_kps"]):
-                if xy is not None and not (isinstance(xy, (list, tuple)) and len(xy) == 2 and all(
-                        isinstance(v, (int, float)) and not isinstance(v, bool) or v is None for v in xy)):
-                    raise PredictionsError(f"{where}: trg_kps[{j}] must be [x, y] or null, got {xy!r}")
-            if obj["pair"] in out:
-                raise PredictionsError(f"{where}: pair {obj['pair']!r} appears twice")
-            out[obj["pair"]] = points_array([None if xy is None or None in xy else xy for xy in obj["trg_kps"]])
+            pair, pts = parse_predictions_line(line, f"{path}, line {n}")
+            if pair in out:
+                raise PredictionsError(f"{path}, line {n}: pair {pair!r} appears twice")
+            out[pair] = pts
     return out
 
 
@@ -221,25 +242,28 @@ def predictions_line(pair: str, trg_kps) -> str:
 
 
 def score_predictions(records: Sequence[PairRecord], predictions: Dict[str, np.ndarray],
-                      alphas: Sequence[float]) -> List[PairScore]:
+                      alphas: Sequence[float], source: Optional[str] = None) -> List[PairScore]:
     """Scores each record with its predictions; every record must have predictions of
-    the right length (extra predictions, e.g. of pairs not sampled, are ignored)."""
+    the right length (extra predictions, e.g. of pairs not sampled, are ignored).
+    ``source``: the predictions file, for the messages."""
+    where = f"{source}: " if source else ""
     missing = [r.pair for r in records if r.pair not in predictions]
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-        raise PredictionsError(f"no predictions for {len(missing)} of {len(records)} pairs: "
+        raise PredictionsError(f"{where}no predictions for {len(missing)} of {len(records)} pairs: "
                                f"{', '.join(missing[:5])}{more}")
     scores = []
     for r in records:
         pred = predictions[r.pair]
         if len(pred) != len(r.src_kps):
-            raise PredictionsError(f"pair {r.pair!r}: {len(pred)} predicted points, but the pair has "
-                                   f"{len(r.src_kps)} source keypoints (one [x, y] or null each, in order)")
+            raise PredictionsError(f"{source or 'predictions'} (pair {r.pair!r}): field 'trg_kps' holds {len(pred)} "
+                                   f"predicted points, but the pair has {len(r.src_kps)} source keypoints (one "
+                                   "[x, y] or null each, in order)")
         scores.append(score_record(r, pred, alphas))
     return scores
 
 
 __all__ = [
     "alpha_key", "PredictionsError", "PairScore", "score_pair", "score_record", "aggregate",
-    "markdown_table", "read_predictions", "predictions_line", "score_predictions",
+    "markdown_table", "read_predictions", "parse_predictions_line", "predictions_line", "score_predictions",
 ]
