@@ -11,7 +11,14 @@ Two ways to get predictions:
   or a fixed projection, nearest neighbour, optional soft-argmax and flip alignment
   (:mod:`fiftyone_sdcorr.core.pair_matching`). ``--save-predictions FILE`` writes what the
   model predicts in the same JSON Lines format, one line per pair as it is done; rerun
-  with the same file and settings to resume where it stopped.
+  with the same file and settings to resume where it stopped (a half-written last line
+  is dropped, a pair whose point count changed is recomputed and kept once; the file is
+  cleaned by replacing it whole, so a full disk or a kill never loses saved lines).
+
+Every expected failure (a bad file, parameter or path, models not found) is one
+:class:`ValueError` subclass naming the file, pair and field; ``--out``, ``--markdown``,
+``--save-predictions``, ``--feature-cache`` and ``--projection`` are checked before any
+model loads.
 
 Writes the results as JSON (``--out``) and a markdown table (``--markdown``, default:
 ``--out`` with ``.md``), and prints the table. Protocol: :mod:`fiftyone_sdcorr.core.pck_protocol`.
@@ -39,15 +46,15 @@ from fiftyone_sdcorr.core.benchmark_formats import (
     flip_pairs,
     read_pairs,
 )
-from fiftyone_sdcorr.core.geometry import points_array
-from fiftyone_sdcorr.core.images import ImageLoadError
-from fiftyone_sdcorr.core.models import DEFAULT_DINO_MODEL, DEFAULT_SD_MODEL, ModelLoadError
+from fiftyone_sdcorr.core.files import check_output_file, check_output_folder, with_filename, write_text_atomic
+from fiftyone_sdcorr.core.models import DEFAULT_DINO_MODEL, DEFAULT_SD_MODEL
 from fiftyone_sdcorr.core.pair_matching import FEATURES, PCA_MODES, PairMatcher, PairMatchOptions
 from fiftyone_sdcorr.core.params import ParameterError, check_choice, check_int, check_str
 from fiftyone_sdcorr.core.pck_protocol import (
     PredictionsError,
     aggregate,
     markdown_table,
+    parse_predictions_line,
     predictions_line,
     read_predictions,
     score_predictions,
@@ -114,9 +121,11 @@ def evaluate_pairs(
         cache_images: raw features of this many images are kept in memory (a category's
             test images recur in many pairs).
         feature_cache: a folder where each image's raw maps are kept (float16 safetensors,
-            keyed by image, mirror, prompt label and the extractor's settings): reruns and
-            ablations (``features``, ``pca``, ``soft_argmax``, ``flip``) reuse them.
-        save_predictions: write (and resume from) the model's predictions here.
+            keyed by the image file's content (sha256), mirror, prompt label and the
+            extractor's settings): reruns and ablations (``features``, ``pca``,
+            ``soft_argmax``, ``flip``) reuse them; a damaged file is recomputed.
+        save_predictions: write (and resume from) the model's predictions here (module
+            docstring); the file only ever grows by whole lines or is replaced whole.
         extractor: an already loaded extractor (its settings win over the model options).
 
     Returns:
@@ -128,16 +137,23 @@ def evaluate_pairs(
     if sample is not None:
         check_int("sample", sample, lo=1)
     alphas = ALPHAS[format]
+    if predictions is None:  # where the model's work goes, checked before any model loads
+        save_predictions = None if save_predictions is None else check_output_file("save_predictions",
+                                                                                    save_predictions)
+        feature_cache = None if feature_cache is None else check_output_folder("feature_cache", feature_cache)
+        if projection is not None and pca != "fixed":
+            raise ParameterError(f"parameter 'projection': a fixed projection is used with pca='fixed', not {pca!r}")
     if records is None:
         records = read_pairs(format, root, split, categories=categories, sample=sample, seed=seed)
     records = list(records)
     if not records:
         raise BenchmarkFormatError(f"no {format} pairs for split {split!r} under {root}"
                                    + (f" in categories {list(categories)}" if categories else ""))
-    warnings: List[str] = []
+    warnings: List[str] = _geometry_warnings(records)
     if predictions is not None:
         preds = predictions if isinstance(predictions, dict) else read_predictions(predictions)
-        scores = score_predictions(records, preds, alphas)
+        scores = score_predictions(records, preds, alphas,
+                                   source=None if isinstance(predictions, dict) else str(predictions))
         method = {"source": "predictions", "file": None if isinstance(predictions, dict) else str(predictions)}
     else:
         opts = PairMatchOptions(features=features, pca=pca, soft_argmax=soft_argmax, flip=flip,
@@ -165,18 +181,40 @@ def _benchmark_info(fmt, root, split, categories, sample, seed, records, result)
             "weights_equal_paper": (weights == paper) if paper and split == "test" else None}
 
 
+def _geometry_warnings(records: Sequence[PairRecord], show: int = 5) -> List[str]:
+    """Suspicious geometry the readers found (a box outside its image: T is then not the
+    object's size), one line per pair, at most ``show`` and a count of the rest."""
+    found = [w for r in records for w in (r.extra or {}).get("warnings", [])]
+    out = found[:show]
+    if len(found) > show:
+        out.append(f"... and {len(found) - show} more pairs with suspicious geometry")
+    return out
+
+
+def _load_projection(path):
+    """A saved :class:`~fiftyone_sdcorr.FixedProjection` (safetensors only: never unpickled)."""
+    from fiftyone_sdcorr.core.features import FixedProjection
+
+    p = Path(os.path.expanduser(os.fspath(path)))
+    if not p.is_file():
+        raise ParameterError(f"parameter 'projection': {p} is not a file")
+    try:
+        return FixedProjection.load(p)
+    except Exception as e:  # noqa: BLE001 -- safetensors / key errors: not a saved projection
+        raise ParameterError(f"parameter 'projection': {p} is not a saved FixedProjection (.safetensors): "
+                             f"{type(e).__name__}: {e}") from None
+
+
 def _matcher(extractor, opts, projection, records, fit_images, **model) -> PairMatcher:
+    proj = _load_projection(projection) if opts.pca == "fixed" and projection is not None else None
+    if opts.pca == "fixed" and proj is None:
+        check_int("fit_images", fit_images, lo=1)
     if extractor is None:
         from fiftyone_sdcorr.core.extractor import FeatureExtractor
 
         extractor = FeatureExtractor(model["sd_model"], model["dino_model"], device=model["device"],
                                      dtype=model["dtype"], batch_size=model["batch_size"], preset=model["preset"],
                                      unet_model=model.get("unet_model"), **(model["recipe"] or {}))
-    proj = None
-    if opts.pca == "fixed" and projection is not None:
-        from fiftyone_sdcorr.core.features import FixedProjection
-
-        proj = FixedProjection.load(projection)
     store = None
     if model.get("feature_cache") is not None:
         from fiftyone_sdcorr.core.store import FeatureStore
@@ -184,7 +222,6 @@ def _matcher(extractor, opts, projection, records, fit_images, **model) -> PairM
         store = FeatureStore(model["feature_cache"], fsync=False)
     matcher = PairMatcher(extractor, opts, proj, raw_store=store)
     if opts.pca == "fixed" and proj is None:
-        check_int("fit_images", fit_images, lo=1)
         paths = list(dict.fromkeys(p for r in records for p in (r.src, r.trg)))[:fit_images]
         label = {p: r.category for r in records for p in (r.src, r.trg)}
         matcher.fit_projection(paths, [label[p] for p in paths])
@@ -199,17 +236,16 @@ def _method_config(matcher: PairMatcher, opts: PairMatchOptions, projection) -> 
 
 
 def _run_model(matcher, records, fmt, alphas, save_predictions, method, progress) -> list:
-    done = _resume(save_predictions, method) if save_predictions else {}
-    out = open(save_predictions, "a") if save_predictions else None
+    done = _resume(save_predictions, method, records) if save_predictions else {}
+    out = open(save_predictions, "ab", buffering=0) if save_predictions else None
     scores, bar = [], _progress(len(records), progress)
     try:
         for r in records:
             pred = done.get(r.pair)
-            if pred is None or len(pred) != len(r.src_kps):
+            if pred is None:
                 pred = matcher.predict(r, flip_pairs(fmt, r.category)).trg_kps
                 if out is not None:
-                    out.write(predictions_line(r.pair, pred) + "\n")
-                    out.flush()
+                    _append_line(out, predictions_line(r.pair, pred))
             scores.append(score_record(r, pred, alphas))
             bar.update(1)
     finally:
@@ -219,34 +255,80 @@ def _run_model(matcher, records, fmt, alphas, save_predictions, method, progress
     return scores
 
 
-def _resume(path, method) -> Dict[str, np.ndarray]:
+def _append_line(f, line: str) -> None:
+    """One whole line at the end of the file, or nothing: on a failed write (a full disk)
+    the file is cut back to where it was, so it never ends in half a line."""
+    data, pos = (line + "\n").encode("utf-8"), f.tell()
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[f.write(view):]
+    except BaseException as e:
+        os.ftruncate(f.fileno(), pos)
+        raise with_filename(e, f.name)
+
+
+def _resume(path, method, records) -> Dict[str, np.ndarray]:
     """Predictions already saved with the same settings (a sidecar ``<file>.config.json``
-    records them). Lines that do not parse (a half-written last line of an interrupted
-    run) are dropped; a pair saved twice keeps its last line."""
+    records them), for the pairs they still fit. Dropped from the file: lines that do not
+    parse (the half-written last line of a killed run), earlier lines of a pair saved
+    twice, and lines whose point count no longer fits the pair (recomputed, so the file
+    never holds a pair twice). Lines of other pairs are kept. The file and the sidecar are
+    only ever replaced whole (temporary file + rename): a full disk leaves them as they were."""
     path = Path(path)
     side = path.with_name(path.name + ".config.json")
     if path.exists() and path.stat().st_size:
-        stored = json.loads(side.read_text()) if side.exists() else None
+        stored = _stored_settings(side)
         if stored != method:
             diff = sorted(k for k in set(stored or {}) | set(method) if (stored or {}).get(k) != method.get(k))
             why = f"predictions of other settings ({', '.join(diff)})" if stored else "predictions of unknown settings"
             raise ParameterError(f"parameter 'save_predictions': {path} holds {why}; choose another file or "
                                  "delete it")
-    side.write_text(json.dumps(method, indent=2, sort_keys=True))
-    done: Dict[str, np.ndarray] = {}
+    text = json.dumps(method, indent=2, sort_keys=True)
+    if not side.exists() or side.read_text(errors="replace") != text:
+        write_text_atomic(side, text)
     if not path.exists():
-        return done
-    good = []
-    for line in path.read_text().splitlines():
-        try:
-            obj = json.loads(line)
-            pts = points_array(obj["trg_kps"])
-            done[str(obj["pair"])] = pts
-            good.append(line)
-        except (ValueError, KeyError, TypeError):
-            continue
-    path.write_text("".join(ln + "\n" for ln in good))
+        return {}
+    done, kept, clean = _saved_lines(path, {r.pair: len(r.src_kps) for r in records})
+    if not clean:
+        write_text_atomic(path, "".join(ln + "\n" for ln in kept.values()))
     return done
+
+
+def _stored_settings(side: Path) -> Optional[dict]:
+    if not side.exists():
+        return None
+    try:
+        return json.loads(side.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise PredictionsError(f"{side}: not readable JSON settings ({e}); delete it with its predictions "
+                               "file, or choose another file") from None
+
+
+def _saved_lines(path: Path, sizes: Dict[str, int]):
+    """``(predictions that fit, {pair: line} to keep, whether the file is already exactly that)``."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise PredictionsError(f"{path}: not a predictions file (not UTF-8 text); choose another file") from None
+    lines = text.splitlines()
+    done: Dict[str, np.ndarray] = {}
+    kept: Dict[str, str] = {}
+    for n, line in enumerate(lines, 1):
+        try:
+            pair, pts = parse_predictions_line(line, f"{path}, line {n}")
+        except PredictionsError:
+            continue
+        kept.pop(pair, None)  # a pair saved twice keeps its last line
+        done.pop(pair, None)
+        if pair in sizes and len(pts) != sizes[pair]:
+            continue  # of another point count: recomputed
+        kept[pair] = line
+        if pair in sizes:
+            done[pair] = pts
+    clean = list(kept.values()) == lines and (not text or text.endswith("\n"))
+    return done, kept, clean
 
 
 class _NoBar:
@@ -297,7 +379,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--pca-device", help="where the per-pair co-PCA runs (default: the models' device)")
     m.add_argument("--cache-images", type=int, default=64, help="images whose raw features stay in memory (64)")
     m.add_argument("--feature-cache", default=None,
-                   help="folder for each image's raw maps (float16): reruns and ablations reuse them")
+                   help="folder for each image's raw maps (float16), keyed by the image's content: reruns "
+                   "and ablations reuse them")
     m.add_argument("--save-predictions", help="write (and resume from) the model's predictions, JSON Lines")
     r = p.add_argument_group("recipe overrides (default: the preset's)")
     r.add_argument("--alpha", type=float, help="SD share of the fused descriptor (paper: 0.5)")
@@ -336,28 +419,28 @@ def _recipe_of(args) -> dict:
 
 
 def main(args: argparse.Namespace) -> int:
-    """Runs ``evaluate-pairs``; 0 on success, 2 on a usage / data error (message on stderr)."""
-    try:
-        result = evaluate_pairs(
-            args.format, args.root, args.split, categories=args.categories, sample=args.sample, seed=args.seed,
-            predictions=args.predictions, sd_model=args.sd_model, dino_model=args.dino_model,
-            unet_model=args.unet_model, device=args.device,
-            dtype=args.dtype, batch_size=args.batch_size, preset=args.preset, recipe=_recipe_of(args),
-            features=args.features, pca=args.pca, soft_argmax=args.soft_argmax, flip=args.flip,
-            pca_device=args.pca_device, projection=args.projection, fit_images=args.fit_images,
-            cache_images=args.cache_images, feature_cache=args.feature_cache, save_predictions=args.save_predictions, progress=not args.no_progress,
-        )
-    except (ParameterError, BenchmarkFormatError, PredictionsError, ModelLoadError, ImageLoadError,
-            FileNotFoundError) as e:
-        print(f"evaluate-pairs: error: {e}", file=sys.stderr)
-        return 2
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    """Runs ``evaluate-pairs``; 0 on success. Expected failures (bad parameters, files,
+    models) raise; ``python -m fiftyone_sdcorr`` prints them as one line and exits 2.
+    ``--out`` and ``--markdown`` are checked before anything is read or loaded, and
+    written whole (temporary file + rename)."""
+    out = check_output_file("out", args.out)
+    md = check_output_file("markdown", args.markdown if args.markdown else out.with_suffix(".md"))
+    if md.absolute() == out.absolute():
+        raise ParameterError(f"parameters 'out' and 'markdown' name the same file {out}")
+    result = evaluate_pairs(
+        args.format, args.root, args.split, categories=args.categories, sample=args.sample, seed=args.seed,
+        predictions=args.predictions, sd_model=args.sd_model, dino_model=args.dino_model,
+        unet_model=args.unet_model, device=args.device,
+        dtype=args.dtype, batch_size=args.batch_size, preset=args.preset, recipe=_recipe_of(args),
+        features=args.features, pca=args.pca, soft_argmax=args.soft_argmax, flip=args.flip,
+        pca_device=args.pca_device, projection=args.projection, fit_images=args.fit_images,
+        cache_images=args.cache_images, feature_cache=args.feature_cache, save_predictions=args.save_predictions,
+        progress=not args.no_progress,
+    )
+    write_text_atomic(out, json.dumps(result, indent=2) + "\n")
     b = result["benchmark"]
     table = markdown_table(result, title=f"{b['format']} {b['split']}: {result['method']['source']}")
-    md = Path(args.markdown) if args.markdown else out.with_suffix(".md")
-    md.write_text(table + "\n")
+    write_text_atomic(md, table + "\n")
     print(table)
     for w in result["warnings"]:
         print(f"warning: {w}", file=sys.stderr)

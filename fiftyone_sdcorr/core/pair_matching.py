@@ -56,7 +56,7 @@ from fiftyone_sdcorr.core.features import (
     fuse_raw,
     sd_descriptor,
 )
-from fiftyone_sdcorr.core.images import load_image
+from fiftyone_sdcorr.core.images import ImageLoadError, load_image
 from fiftyone_sdcorr.core.params import ParameterError, check_bool, check_choice, check_float, check_int
 
 FEATURES = ("fused", "sd", "dino")
@@ -127,6 +127,7 @@ class PairMatcher:
         self.pca_dim = int(recipe.pca_dim)
         self.alpha = {"fused": float(recipe.alpha), "sd": 1.0, "dino": 0.0}[options.features]
         self._cache: "OrderedDict[Tuple[str, bool], RawFeatures]" = OrderedDict()
+        self._content_ids: Dict[tuple, str] = {}
 
     # ------------------------------------------------------------------ features
     def raw(self, paths: Sequence[str], labels: Sequence[Optional[str]], flipped: bool = False) -> List[RawFeatures]:
@@ -158,9 +159,26 @@ class PairMatcher:
         return out
 
     def _disk_key(self, key, label) -> str:
+        """The on-disk key: the image's content (not its path: a file replaced under the
+        same name is another image), mirror, label and the extractor's settings."""
         path, flipped = key
-        blob = json.dumps([os.path.abspath(path), bool(flipped), label, self.raw_fingerprint])
+        blob = json.dumps([self._content_id(path), bool(flipped), label, self.raw_fingerprint])
         return hashlib.sha1(blob.encode()).hexdigest()
+
+    def _content_id(self, path: str) -> str:
+        """sha256 of the file's bytes, memoised by (path, size, mtime) for this matcher."""
+        try:
+            st = os.stat(path)
+        except OSError as e:
+            raise ImageLoadError(path, f"cannot read it ({e.strerror or e})") from None
+        memo = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+        if memo not in self._content_ids:
+            digest = hashlib.sha256()
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+            self._content_ids[memo] = digest.hexdigest()
+        return self._content_ids[memo]
 
     def _remember(self, key, raw: RawFeatures) -> None:
         if self.options.cache_images <= 0:
