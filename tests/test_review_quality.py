@@ -239,7 +239,7 @@ def test_command_line_with_stored_features(cat_ds, tmp_path, capsys):
     assert report["kinds"]["clean"]["flag_rate"] <= FLAG_RATE_CLEAN
     assert field_snapshot(ds) == before and not _leftovers(ds)
     rc = main(["review-quality", "--dataset", "no-such-dataset-xyz", "--gt-field", "gt"])
-    assert rc == 2 and "no dataset" in capsys.readouterr().out
+    assert rc == 2 and "no dataset" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- on a benchmark

@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import math
 import os
+import sys
+import uuid
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -150,6 +152,7 @@ def import_benchmark(
         ids = _add_images(dataset, images, cfg, bar)
         _add_pairs(dataset, pairs, ids, cfg, bar)
         _describe(dataset, cfg, images, pairs)
+        _take_name(dataset, cfg)
     except BaseException:
         dataset.delete()
         raise
@@ -188,15 +191,25 @@ def benchmark_flip_pairs(dataset, category: str) -> List[Tuple[int, int]]:
 
 # --------------------------------------------------------------------------- steps
 def _new_dataset(cfg: BenchmarkImportConfig) -> fo.Dataset:
+    """The import goes into a new, non-persistent dataset of a temporary name; only when
+    it is complete does it replace an existing dataset (:func:`_take_name`), so a failed
+    import (a bad file, a full disk, Ctrl-C) leaves the old one as it was."""
+    name = cfg.dataset_name()
+    if fo.dataset_exists(name) and not cfg.overwrite:
+        raise ParameterError(f"parameter 'name': dataset {name!r} exists; choose another name or pass "
+                             "overwrite=True")
+    return fo.Dataset(f"{name}.importing-{uuid.uuid4().hex[:12]}")
+
+
+def _take_name(dataset: fo.Dataset, cfg: BenchmarkImportConfig) -> None:
     name = cfg.dataset_name()
     if fo.dataset_exists(name):
-        if not cfg.overwrite:
+        if not cfg.overwrite:  # created by someone else meanwhile
             raise ParameterError(f"parameter 'name': dataset {name!r} exists; choose another name or pass "
                                  "overwrite=True")
         fo.delete_dataset(name)
-    dataset = fo.Dataset(name)
+    dataset.name = name
     dataset.persistent = cfg.persistent
-    return dataset
 
 
 def _add_images(dataset, images: List[ImageRecord], cfg: BenchmarkImportConfig, bar: Progress) -> Dict[str, str]:
@@ -269,6 +282,7 @@ def _describe(dataset, cfg: BenchmarkImportConfig, images: List[ImageRecord], pa
         "categories": sorted({p.category for p in pairs}), "sample": cfg.sample, "seed": cfg.seed,
         "images": len(images), "pairs": len(pairs), "keypoints_field": cfg.keypoints_field,
         "boxes_field": cfg.boxes_field, "pairs_field": cfg.pairs_field, "skeletons": skeletons,
+        "warnings": [w for p in pairs for w in (p.extra or {}).get("warnings", [])],
     }
     dataset.save()
 
@@ -299,17 +313,16 @@ def _jsonable(v):
 
 # --------------------------------------------------------------------------- command line
 def main_import(args) -> int:
-    """``python -m fiftyone_sdcorr import-benchmark``: 0 on success, 2 on a usage error."""
-    try:
-        ds = import_benchmark(args.format, args.root, args.split, name=args.name, categories=args.categories,
-                              sample=args.sample, seed=args.seed, overwrite=args.overwrite,
-                              persistent=not args.temporary, progress=not args.no_progress)
-    except (ParameterError, ValueError) as e:
-        print(f"import-benchmark: error: {e}")
-        return 2
+    """``python -m fiftyone_sdcorr import-benchmark``: 0 on success; expected failures
+    raise (the command line prints them as one line on stderr and exits 2)."""
+    ds = import_benchmark(args.format, args.root, args.split, name=args.name, categories=args.categories,
+                          sample=args.sample, seed=args.seed, overwrite=args.overwrite,
+                          persistent=not args.temporary, progress=not args.no_progress)
     info = ds.info[INFO_KEY]
     print(f"dataset {ds.name!r}: {info['images']} images, {info['pairs']} pairs in "
           f"{len(info['categories'])} categories ({info['format']} {info['split']})")
+    for w in info.get("warnings", []):
+        print(f"warning: {w}", file=sys.stderr)
     return 0
 
 

@@ -47,6 +47,7 @@ import numpy as np
 
 import fiftyone as fo
 
+from fiftyone_sdcorr.core.files import check_output_file, write_text_atomic
 from fiftyone_sdcorr.dataset.benchmarks import INFO_KEY, import_benchmark
 from fiftyone_sdcorr.dataset.config import ReviewConfig
 from fiftyone_sdcorr.dataset.engine import (
@@ -315,7 +316,10 @@ def quality_table(report: dict) -> str:
 
 
 def main_review_quality(args) -> int:
-    """``python -m fiftyone_sdcorr review-quality``: 0 on success, 2 on a usage error."""
+    """``python -m fiftyone_sdcorr review-quality``: 0 on success; expected failures raise
+    (the command line prints them as one line on stderr and exits 2). ``--out`` is
+    checked before anything is imported or computed and written whole."""
+    out = check_output_file("out", args.out) if args.out else None
     made = None
     try:
         if args.root:
@@ -332,17 +336,13 @@ def main_review_quality(args) -> int:
         report = measure_review_quality(ds, gt, corruptions=args.corruptions, rate=args.rate, shift=args.shift,
                                         seed=args.seed, bbox_field=box, flip=args.flip, progress=not args.no_progress,
                                         **kw)
-    except (ParameterError, ValueError) as e:
-        print(f"review-quality: error: {e}")
-        return 2
     finally:
         if made is not None:
             made.delete()
     print(quality_table(report))
-    if args.out:
-        with open(args.out, "w") as fh:
-            json.dump(report, fh, indent=2)
-        print(f"wrote {args.out}")
+    if out is not None:
+        write_text_atomic(out, json.dumps(report, indent=2))
+        print(f"wrote {out}")
     return 0
 
 
