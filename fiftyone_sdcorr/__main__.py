@@ -12,6 +12,13 @@ Commands:
 
 Adding a command: add a sub-parser in :func:`build_parser` and dispatch in :func:`main`.
 
+Failures: a command raises; :func:`main` turns an expected failure (a bad parameter,
+benchmark, predictions or image file, a model that cannot be found, a file-system error
+such as a full disk: :func:`expected_errors`) into one line on stderr,
+``<command>: error: <message>``, and exit status 2; ``--verbose`` (anywhere on the
+line) prints the traceback too. Ctrl-C exits 130. Anything else is a bug and keeps its
+traceback.
+
 ``demo`` is dispatched to ``fiftyone_sdcorr.demo:main(args)``. If that module defines
 ``add_arguments(parser)``, its arguments are registered on the ``demo`` sub-parser and
 ``main`` receives the parsed :class:`argparse.Namespace`; otherwise ``main`` receives
@@ -26,7 +33,8 @@ import argparse
 import importlib
 import importlib.util
 import sys
-from typing import List, Optional
+import traceback
+from typing import List, Optional, Tuple
 
 
 def _demo_module():
@@ -41,7 +49,10 @@ def build_parser(with_demo_module=None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m fiftyone_sdcorr",
         description="fiftyone-sdcorr: fused Stable Diffusion + DINOv2 features for FiftyOne",
+        epilog="An expected failure prints one line on stderr and exits 2; add --verbose (anywhere) for "
+               "its traceback.",
     )
+    parser.add_argument("--verbose", action="store_true", help="on a failure, print the traceback too")
     sub = parser.add_subparsers(dest="command", metavar="command")
     sub.required = True
 
@@ -99,8 +110,42 @@ def build_parser(with_demo_module=None) -> argparse.ArgumentParser:
     return parser
 
 
+def expected_errors() -> Tuple[type, ...]:
+    """What a command may fail with that is the user's to fix, not a bug: every
+    ``ValueError`` the package raises for a bad input (``ParameterError``,
+    ``BenchmarkFormatError`` and ``PredictionsError``, ``ImageLoadError``), models not
+    found (``ModelLoadError``), unusable feature files (``FeatureStoreError``) and
+    file-system errors (``OSError``: a full disk, a permission)."""
+    from fiftyone_sdcorr.core.models import ModelLoadError
+    from fiftyone_sdcorr.core.store import FeatureStoreError
+
+    return (ValueError, ModelLoadError, FeatureStoreError, OSError)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = "--verbose" in argv
+    argv = [a for a in argv if a != "--verbose"]
+    command = argv[0] if argv and not argv[0].startswith("-") else "fiftyone_sdcorr"
+    try:
+        return _run(argv)
+    except KeyboardInterrupt:
+        print(f"{command}: interrupted", file=sys.stderr)
+        return 130
+    except expected_errors() as e:
+        if verbose:
+            traceback.print_exc()
+        print(f"{command}: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if not isinstance(e, OSError) or e.filename is None or str(e.filename) in text \
+        else f"{text}: {e.filename}"
+
+
+def _run(argv: List[str]) -> int:
     demo = None
     if argv and argv[0] == "demo":
         demo = _demo_module()
