@@ -7,7 +7,7 @@ import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
 from fiftyone_sdcorr.dataset.config import STORE_DTYPES, FeatureConfig
-from fiftyone_sdcorr.dataset.engine import ParameterError
+from fiftyone_sdcorr.dataset.engine import ParameterError, check_bool, check_int
 from fiftyone_sdcorr.plugin import common
 
 
@@ -36,6 +36,8 @@ class ComputeFusedFeatures(common.RunOperator):
         N-th of the view: N workers (``fiftyone delegated launch`` on any machines that
         share the database and the store) run them at once. Returns the list of results.
         """
+        shards = check_int("shards", shards, lo=1, hi=10_000)  # True is not 1 shard: refused
+        check_bool("delegate", delegate)
         if shards != 1:
             if not delegate:
                 raise ParameterError("parameter 'shards' splits a view into delegated operations: "
