@@ -55,7 +55,7 @@ from fiftyone_sdcorr.core.store import STORE_DTYPES, FeatureStore, encode, store
 from fiftyone_sdcorr.core.pipeline import pipelined
 from fiftyone_sdcorr.core.transfer import EncodedFeatures
 from fiftyone_sdcorr.dataset.claims import SampleLock, exclusive, fs_now, worker_id
-from fiftyone_sdcorr.dataset.config import FeatureConfig
+from fiftyone_sdcorr.dataset.config import FeatureConfig, merge_features
 from fiftyone_sdcorr.dataset.engine import (
     Record,
     Run,
@@ -87,6 +87,7 @@ def compute_fused_features(
     sd_model: Optional[str] = None,
     dino_model: Optional[str] = None,
     *,
+    features=None,
     extractor=None,
     embedding_field: Optional[str] = None,
     features_field: Optional[str] = None,
@@ -99,17 +100,21 @@ def compute_fused_features(
     batch_size: Optional[int] = None,
     device=None,
     dtype=None,
-    overwrite: bool = False,
+    overwrite: Optional[bool] = None,
     prompt_field: Optional[str] = None,
     patches_field: Optional[str] = None,
     brain_key: Optional[str] = None,
-    progress: ProgressArg = True,
+    progress: ProgressArg = None,
 ) -> RunSummary:
     """Computes fused SD + DINOv2 features for the image samples of ``samples``, or for
     their objects (``patches_field``, or a ``to_patches()`` view).
 
     Args (``None`` = the default of :class:`~fiftyone_sdcorr.dataset.config.FeatureConfig`):
         samples: a FiftyOne dataset or view of images
+        features: the settings below as one :class:`FeatureConfig` or a dict of its
+            build keywords (``sd_model``, ``preset``, ``recipe``, ``pca_dim``, ...); each
+            may also be given as its own keyword (the same setting given both ways with
+            different values is a ParameterError naming it)
         sd_model, dino_model: Hub ids or local directories (ignored with ``extractor``)
         extractor: any Describer (``.describe(images)``, ``.config()``); a
             ``FeatureExtractor`` (anything with ``.extract``) gets the store's fixed projection
@@ -131,7 +136,8 @@ def compute_fused_features(
             run, sklearn backend) under this key: the App's similarity search,
             ``sort_by_similarity`` and the match panel's reference ranking use it; a
             similarity run of this key over the same embeddings is rebuilt
-        progress: ``True``/``False``/``None`` or a callable ``progress(fraction, label)``
+        progress: ``True``/``False``/``None`` (None: FiftyOne's setting) or a callable
+            ``progress(fraction, label)``
 
     Returns:
         a :class:`RunSummary`: ``total``, ``computed``, ``recovered``, ``skipped``,
@@ -139,17 +145,24 @@ def compute_fused_features(
         ``fingerprint``, ``projection``, ``worker``
     """
     # 1. check every parameter and field before anything loads or is written
-    cfg = FeatureConfig.build(
-        sd_model=sd_model, dino_model=dino_model, extractor=extractor, embedding_field=embedding_field,
-        features_field=features_field, store_dir=store_dir, store_dtype=store_dtype, pca_dim=pca_dim,
-        projection_samples=projection_samples, preset=preset, recipe=recipe, batch_size=batch_size,
-        device=device, dtype=dtype, prompt_field=prompt_field,
-        objects=patches_field_of(samples, patches_field) is not None)
+    flat = dict(sd_model=sd_model, dino_model=dino_model, extractor=extractor, embedding_field=embedding_field,
+                features_field=features_field, store_dir=store_dir, store_dtype=store_dtype, pca_dim=pca_dim,
+                projection_samples=projection_samples, preset=preset, recipe=recipe, batch_size=batch_size,
+                device=device, dtype=dtype, prompt_field=prompt_field)
+    cfg = FeatureConfig.build(**merge_features(features, flat, tuple(flat)),
+                              objects=patches_field_of(samples, patches_field) is not None)
     image_collection(samples)
-    job = FeatureJob(samples, cfg, check_bool("overwrite", overwrite), Units(samples, patches_field))
+    job = FeatureJob(samples, cfg, check_bool("overwrite", False if overwrite is None else overwrite),
+                     Units(samples, patches_field))
     job.check()
     check_brain_key(samples, brain_key, job.units, cfg.embedding_field)
     checks_done()
+    return _compute(job, brain_key, progress)
+
+
+def _compute(job: "FeatureJob", brain_key: Optional[str], progress) -> RunSummary:
+    """The run after its checks: store, plan, claimed batches, the similarity index."""
+    samples, cfg = job.samples, job.cfg
     # 2. the store namespace of this configuration and its projection, if fitted
     job.open_store()
     # 3. what is done, what is not an image, what is pending

@@ -19,7 +19,7 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Optional, Tuple
+from typing import Any, ClassVar, Dict, Optional, Tuple
 
 import torch
 
@@ -43,8 +43,17 @@ STORE_DTYPES = tuple(STORE_DTYPE_MAP)  # float16, bfloat16, float32, int8 (a sca
 DTYPES = ("float32", "float16", "bfloat16")
 COMBINE_RULES = ("best", "per_point")
 THRESHOLDS = ("bbox", "image")
+VIEW_MODES = ("pca", "parts")  # write_feature_pca: PCA colours or part clusters
 N_PARTS = 6  # part clusters of the feature views (pictures, the panel)
 N_PARTS_RANGE = (2, 64)
+#: the allowed range of every numeric setting, written once: the configs check with it,
+#: the forms read their min / max from it (``RANGES[name]``)
+RANGES: Dict[str, tuple] = {
+    "batch_size": (1, 4096), "projection_samples": (1, 100_000), "pca_dim": (1, 4096),
+    "top_k": (1, 1000), "soft_window": (1, 99), "temperature": (0.0, 100.0),
+    "visibility_threshold": (0.0, 1.0), "alpha": (0.0, 1.0), "min_confidence": (0.0, 1.0),
+    "alphas": (0.0, 1.0), "fit_samples": (1, 100_000), "max_side": (16, 8192), "n_parts": N_PARTS_RANGE,
+}
 #: default field names, written once: the stored features and their global vectors
 #: (``compute_fused_features`` writes them, the other functions read them), and the
 #: first names offered for new output fields (forms offer the next free one:
@@ -59,13 +68,47 @@ HEATMAP_FIELD = "sdcorr_heatmap"
 _PRECISION_KEYS = ("dtype", "device", "batch_size")
 
 
-def _defaults(cls) -> dict:
-    return {f.name: f.default for f in fields(cls)}
+def _in_range(name: str, value: Any, **kw):
+    """``value`` checked against ``RANGES[name]`` (an int range for int bounds)."""
+    lo, hi = RANGES[name]
+    check = check_int if isinstance(lo, int) else check_float
+    return check(name, value, lo=lo, hi=hi, **kw)
 
 
-def _build(cls, given: dict):
-    """``cls`` from keywords where ``None`` means "the default"."""
-    return cls(**{k: v for k, v in given.items() if v is not None})
+def _build(cls, given: Dict[str, Any]):
+    """``cls`` from flat keywords: ``None`` means "the default" (except the fields of
+    ``cls.NONE_IS_A_VALUE``), a nested config (``cls.NESTED``: ``match``) is built from the
+    same flat keywords (or given whole), and an unknown keyword is a ParameterError."""
+    own = {f.name for f in fields(cls) if f.init}
+    kw, rest = {}, dict(given)
+    for name, sub in cls.NESTED.items():
+        whole = rest.pop(name, None)
+        flat = {k: rest.pop(k) for k in [f.name for f in fields(sub)] if k in rest}
+        if whole is not None and not isinstance(whole, sub):
+            raise ParameterError(f"parameter {name!r} must be a {sub.__name__}, got {type(whole).__name__}")
+        base = whole if whole is not None else getattr(cls, name)
+        kw[name] = replace(base, **{k: v for k, v in flat.items() if v is not None or k in sub.NONE_IS_A_VALUE})
+    unknown = sorted(set(rest) - own)
+    if unknown:
+        raise ParameterError(f"unknown parameter(s) {unknown} for {cls.__name__}")
+    kw.update({k: v for k, v in rest.items() if v is not None or k in cls.NONE_IS_A_VALUE})
+    return cls(**kw)
+
+
+class Buildable:
+    """One way to make a config: :meth:`build` from flat keywords at a public function's
+    edge (``None`` = the default written in the class)."""
+
+    #: fields where ``None`` is a value of its own, not "the default" (review's ``tag=None``:
+    #: no tag; evaluation's ``eval_key=None``: compute only, as FiftyOne's evaluate_* functions)
+    NONE_IS_A_VALUE: ClassVar[Tuple[str, ...]] = ()
+    #: nested configs built from the same flat keywords: field name -> config class
+    NESTED: ClassVar[Dict[str, type]] = {}
+
+    @classmethod
+    def build(cls, **kwargs):
+        """The config from flat keywords; ``None`` = the class default; checked."""
+        return _build(cls, kwargs)
 
 
 def _field_or_none(param: str, name: Any) -> Optional[str]:
@@ -110,7 +153,7 @@ def _device(value: Any) -> Optional[str]:
 
 # --------------------------------------------------------------------------- features
 @dataclass(frozen=True)
-class FeatureConfig:
+class FeatureConfig(Buildable):
     """What ``compute_fused_features`` computes, with which models, and where it goes."""
 
     sd_model: str = DEFAULT_SD_MODEL
@@ -143,10 +186,10 @@ class FeatureConfig:
             if self.dtype == "auto":
                 object.__setattr__(self, "dtype", None)
         if self.batch_size is not None:
-            check_int("batch_size", self.batch_size, lo=1, hi=4096)
+            _in_range("batch_size", self.batch_size)
         object.__setattr__(self, "store_dir", _folder("store_dir", self.store_dir))
         check_choice("store_dtype", self.store_dtype, STORE_DTYPES)
-        check_int("projection_samples", self.projection_samples, lo=1, hi=100_000)
+        _in_range("projection_samples", self.projection_samples)
         check_field_name("embedding_field", self.embedding_field)
         check_field_name("features_field", self.features_field)
         _field_or_none("prompt_field", self.prompt_field)
@@ -174,7 +217,7 @@ class FeatureConfig:
         else:
             raise ParameterError(f"parameter 'recipe' must be a dict of recipe fields, got {recipe!r}")
         if pca_dim is not None:
-            rec = replace(rec, pca_dim=check_int("pca_dim", pca_dim, lo=1, hi=4096))
+            rec = replace(rec, pca_dim=_in_range("pca_dim", pca_dim))
         return _build(cls, dict(preset=preset, recipe=rec, **kw))
 
     # ---- identity
@@ -222,9 +265,54 @@ class FeatureConfig:
                          recipe=rec, objects=settings.get("unit") == "object", **kw)
 
 
+#: the feature settings of the functions that may compute features (propagation, review:
+#: only where stored features are missing); given flat or as one ``features=``
+FEATURE_PARAMS = ("extractor", "sd_model", "dino_model", "preset", "recipe", "pca_dim", "device", "dtype",
+                  "batch_size", "store_dir")
+
+
+def _features_dict(features, allowed: Tuple[str, ...]) -> Dict[str, Any]:
+    """``features=`` (None, a :class:`FeatureConfig` or a dict of its build keywords) as a dict."""
+    if features is None:
+        return {}
+    if isinstance(features, FeatureConfig):
+        return {k: getattr(features, k) for k in allowed if k in FeatureConfig.__dataclass_fields__}
+    if not isinstance(features, dict):
+        raise ParameterError("parameter 'features' must be a FeatureConfig or a dict of its settings, got "
+                             f"{type(features).__name__}")
+    unknown = sorted(set(features) - set(allowed))
+    if unknown:
+        raise ParameterError(f"parameter 'features': unknown setting(s) {unknown}; allowed: {list(allowed)}")
+    return dict(features)
+
+
+def _same(a, b) -> bool:
+    if a is b:
+        return True
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 -- values that do not compare (tensors, ...) differ
+        return False
+
+
+def merge_features(features, flat: Dict[str, Any], allowed: Tuple[str, ...] = FEATURE_PARAMS) -> Dict[str, Any]:
+    """The feature settings of a call: ``features=`` merged with the flat keywords ``flat``
+    (``None`` = not given). A setting given both ways with different values is a
+    ParameterError naming it."""
+    out = dict(flat)
+    for key, value in _features_dict(features, allowed).items():
+        if value is None:
+            continue
+        if out.get(key) is not None and not _same(out[key], value):
+            raise ParameterError(f"parameter {key!r} is given twice with different values: {out[key]!r} and "
+                                 f"{value!r} in 'features'; give it once")
+        out[key] = value
+    return out
+
+
 # --------------------------------------------------------------------------- matching
 @dataclass(frozen=True)
-class MatchConfig:
+class MatchConfig(Buildable):
     """How references are matched to a target (propagation and review)."""
 
     combine: str = "best"
@@ -239,12 +327,12 @@ class MatchConfig:
 
     def __post_init__(self):
         check_choice("combine", self.combine, COMBINE_RULES)
-        check_int("top_k", self.top_k, lo=1, hi=1000)
+        _in_range("top_k", self.top_k)
         check_bool("soft_argmax", self.soft_argmax)
-        check_int("soft_window", self.soft_window, lo=1, hi=99)
+        _in_range("soft_window", self.soft_window)
         if self.soft_window % 2 == 0:
             raise ParameterError(f"parameter 'soft_window' must be odd, got {self.soft_window}")
-        check_float("temperature", self.temperature, lo=0.0, hi=100.0, lo_open=True)
+        _in_range("temperature", self.temperature, lo_open=True)
         check_bool("flip", self.flip)
         check_bool("same_label", self.same_label)
         if self.flip_pairs is not None:
@@ -265,13 +353,15 @@ def _check_matching_run(cfg) -> None:
     _field_or_none("patches_field", cfg.patches_field)
     _field_or_none("features_field", cfg.features_field)
     _field_or_none("embedding_field", cfg.embedding_field)
-    check_int("batch_size", cfg.batch_size, lo=1, hi=4096)
+    _in_range("batch_size", cfg.batch_size)
     check_bool("overwrite", cfg.overwrite)
 
 
 @dataclass(frozen=True)
-class PropagationConfig:
+class PropagationConfig(Buildable):
     """``propagate_keypoints``: where from, where to, and the output rule."""
+
+    NESTED: ClassVar[Dict[str, type]] = {"match": MatchConfig}
 
     source_field: str
     output_field: str
@@ -289,7 +379,7 @@ class PropagationConfig:
     def __post_init__(self):
         check_field_name("source_field", self.source_field)
         check_field_name("output_field", self.output_field)
-        check_float("visibility_threshold", self.visibility_threshold, lo=0.0, hi=1.0)
+        _in_range("visibility_threshold", self.visibility_threshold)
         check_bool("link_instances", self.link_instances)
         _check_matching_run(self)
 
@@ -300,8 +390,10 @@ class PropagationConfig:
 
 # --------------------------------------------------------------------------- evaluation
 @dataclass(frozen=True)
-class EvaluationConfig:
+class EvaluationConfig(Buildable):
     """``evaluate_keypoints``: PCK of a predicted field against ground truth."""
+
+    NONE_IS_A_VALUE: ClassVar[Tuple[str, ...]] = ("eval_key",)  # None: compute only, write nothing
 
     pred_field: str
     gt_field: str
@@ -317,7 +409,8 @@ class EvaluationConfig:
         if self.pred_field == self.gt_field:
             raise ParameterError(f"parameters 'pred_field' and 'gt_field' must differ, both are {self.pred_field!r}")
         _field_or_none("eval_key", self.eval_key)
-        object.__setattr__(self, "alphas", check_floats("alphas", self.alphas, lo=0.0, hi=1.0))
+        lo, hi = RANGES["alphas"]
+        object.__setattr__(self, "alphas", check_floats("alphas", self.alphas, lo=lo, hi=hi))
         _field_or_none("bbox_field", self.bbox_field)
         check_choice("threshold", self.threshold, THRESHOLDS)
         check_bool("overwrite", self.overwrite)
@@ -325,8 +418,11 @@ class EvaluationConfig:
 
 # --------------------------------------------------------------------------- review
 @dataclass(frozen=True)
-class ReviewConfig:
+class ReviewConfig(Buildable):
     """``flag_keypoint_annotations``: the flagging rule and where the review goes."""
+
+    NONE_IS_A_VALUE: ClassVar[Tuple[str, ...]] = ("tag",)  # None: no tag
+    NESTED: ClassVar[Dict[str, type]] = {"match": MatchConfig}
 
     gt_field: str
     review_field: str = "sdcorr_review"
@@ -347,8 +443,8 @@ class ReviewConfig:
         check_field_name("review_field", self.review_field)
         if self.tag is not None:
             check_str("tag", self.tag)
-        check_float("alpha", self.alpha, lo=0.0, hi=1.0, lo_open=True)
-        check_float("min_confidence", self.min_confidence, lo=0.0, hi=1.0)
+        _in_range("alpha", self.alpha, lo_open=True)
+        _in_range("min_confidence", self.min_confidence)
         _field_or_none("bbox_field", self.bbox_field)
         check_choice("threshold", self.threshold, THRESHOLDS)
         _check_matching_run(self)
@@ -360,8 +456,8 @@ class ReviewConfig:
 
 # --------------------------------------------------------------------------- feature views
 @dataclass(frozen=True)
-class ViewConfig:
-    """``write_feature_pca`` / ``write_similarity_heatmaps``: output field and images."""
+class ViewConfig(Buildable):
+    """What ``write_feature_pca`` / ``write_similarity_heatmaps`` share: output field and images."""
 
     output_field: str
     features_field: str = FEATURES_FIELD
@@ -374,17 +470,34 @@ class ViewConfig:
         check_field_name("output_field", self.output_field)
         check_field_name("features_field", self.features_field)
         object.__setattr__(self, "output_dir", _folder("output_dir", self.output_dir))
-        check_int("fit_samples", self.fit_samples, lo=1, hi=100_000)
-        check_int("max_side", self.max_side, lo=16, hi=8192)
+        _in_range("fit_samples", self.fit_samples)
+        _in_range("max_side", self.max_side)
         check_bool("overwrite", self.overwrite)
 
 
-def defaults(cls) -> dict:
-    """The defaults of a config class (for forms and docs)."""
-    return _defaults(cls)
+@dataclass(frozen=True)
+class FeaturePCAConfig(ViewConfig):
+    """``write_feature_pca``: PCA colours or part clusters into ``output_field``."""
+
+    output_field: str = PCA_FIELD
+    mode: str = "pca"
+    n_parts: int = N_PARTS
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_choice("mode", self.mode, VIEW_MODES)
+        _in_range("n_parts", self.n_parts)
+
+
+@dataclass(frozen=True)
+class HeatmapConfig(ViewConfig):
+    """``write_similarity_heatmaps``: heat maps into ``output_field``."""
+
+    output_field: str = HEATMAP_FIELD
 
 
 __all__ = [
-    "FeatureConfig", "MatchConfig", "PropagationConfig", "EvaluationConfig", "ReviewConfig", "ViewConfig",
-    "defaults", "STORE_DTYPES", "DTYPES", "COMBINE_RULES", "THRESHOLDS",
+    "Buildable", "FeatureConfig", "MatchConfig", "PropagationConfig", "EvaluationConfig", "ReviewConfig",
+    "ViewConfig", "FeaturePCAConfig", "HeatmapConfig", "RANGES", "FEATURE_PARAMS", "merge_features",
+    "STORE_DTYPES", "DTYPES", "COMBINE_RULES", "THRESHOLDS", "VIEW_MODES",
 ]

@@ -74,7 +74,8 @@ NO_LABEL = "(no label)"
 class KeypointPCKEvaluationConfig(foe.EvaluationMethodConfig):
     """Configuration of a keypoint PCK evaluation run."""
 
-    def __init__(self, pred_field, gt_field, alphas=DEFAULT_ALPHAS, bbox_field=None, threshold="bbox", **kwargs):
+    def __init__(self, pred_field, gt_field, alphas=DEFAULT_ALPHAS, bbox_field=None,
+                 threshold=EvaluationConfig.threshold, **kwargs):
         super().__init__(**kwargs)
         self.pred_field = pred_field
         self.gt_field = gt_field
@@ -250,18 +251,22 @@ def evaluate_keypoints(
     pred_field: str,
     gt_field: str,
     *,
-    eval_key: Optional[str] = EvaluationConfig.eval_key,
-    alphas: Sequence[float] = EvaluationConfig.alphas,
-    bbox_field: Optional[str] = EvaluationConfig.bbox_field,
-    threshold: str = EvaluationConfig.threshold,
-    overwrite: bool = EvaluationConfig.overwrite,
+    eval_key: Optional[str] = EvaluationConfig.eval_key,  # None is a value here: compute only
+    alphas: Optional[Sequence[float]] = None,
+    bbox_field: Optional[str] = None,
+    threshold: Optional[str] = None,
+    overwrite: Optional[bool] = None,
     patches_field: Optional[str] = None,
-    progress: ProgressArg = True,
+    progress: ProgressArg = None,
 ) -> KeypointPCKResults:
     """PCK of ``pred_field`` against ``gt_field`` (module docstring for the definitions).
 
     Atomic: everything is checked and computed before the run is registered; a failure
     while writing removes the run and what it wrote.
+
+    Keywords default to ``None``: the default of
+    :class:`~fiftyone_sdcorr.dataset.config.EvaluationConfig`, except ``eval_key``, where
+    ``None`` means "compute only" (as in FiftyOne's own ``evaluate_*`` functions).
 
     Args:
         samples: a dataset or view.
@@ -276,32 +281,33 @@ def evaluate_keypoints(
         threshold: ``"bbox"`` (box, else the extent of the ground-truth points) or
             ``"image"`` (``max(width, height)``).
         overwrite: replace an existing evaluation with the same key.
-        progress: True/False or ``callable(fraction, label)``.
+        progress: True/False/None or ``callable(fraction, label)``.
     """
     # 1. check every parameter and field before anything is registered or written
     if hasattr(samples, "_root_dataset"):  # objects: their samples, their boxes (else checked below)
         units = Units(samples, patches_field)
         samples, bbox_field = units.samples, bbox_field or units.patches_field
-    cfg = EvaluationConfig(pred_field, gt_field, eval_key, alphas, bbox_field, threshold, overwrite)
+    cfg = EvaluationConfig.build(pred_field=pred_field, gt_field=gt_field, eval_key=eval_key, alphas=alphas,
+                                 bbox_field=bbox_field, threshold=threshold, overwrite=overwrite)
     check_evaluation(samples, cfg)
     checks_done()
     # 2. compute every number (nothing written yet)
     tally = _Tally(cfg.alphas)
     ids = samples.values("id")
-    rows = zip(ids, samples.values("filepath"), samples.values("metadata"), samples.values(pred_field),
-               samples.values(gt_field), values_or_none(samples, bbox_field, len(ids)))
-    summary = RunSummary(FUNCTION, ("samples", "evaluated"), eval_key=eval_key)
+    rows = zip(ids, samples.values("filepath"), samples.values("metadata"), samples.values(cfg.pred_field),
+               samples.values(cfg.gt_field), values_or_none(samples, cfg.bbox_field, len(ids)))
+    summary = RunSummary(FUNCTION, ("samples", "evaluated"), eval_key=cfg.eval_key)
     with Run(samples, summary, len(ids), progress, "evaluating") as run:
         for row in rows:
             tally.add_sample(*row, cfg, summary)
             run.step(1)
-    config = KeypointPCKEvaluationConfig(pred_field, gt_field, alphas=cfg.alphas, bbox_field=bbox_field,
-                                         threshold=threshold)
+    config = KeypointPCKEvaluationConfig(cfg.pred_field, cfg.gt_field, alphas=cfg.alphas, bbox_field=cfg.bbox_field,
+                                         threshold=cfg.threshold)
     method = config.build()
-    results = tally.results(samples, config, eval_key, method, len(ids))
+    results = tally.results(samples, config, cfg.eval_key, method, len(ids))
     results.summary = summary
     # 3. register the run and write its fields; a failure leaves nothing behind
-    if eval_key is not None:
+    if cfg.eval_key is not None:
         _save_run(samples, cfg, method, results, tally)
     return results
 

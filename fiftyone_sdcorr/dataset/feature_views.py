@@ -32,14 +32,12 @@ from PIL import Image
 import fiftyone as fo
 
 from fiftyone_sdcorr.core import visualize as vis
-from fiftyone_sdcorr.dataset.config import HEATMAP_FIELD, N_PARTS, N_PARTS_RANGE, PCA_FIELD, ViewConfig
+from fiftyone_sdcorr.dataset.config import VIEW_MODES, FeaturePCAConfig, HeatmapConfig, ViewConfig
 from fiftyone_sdcorr.dataset.engine import (
     ParameterError,
     Run,
     RunSummary,
-    check_choice,
     check_float,
-    check_int,
     checks_done,
     declare_outputs,
     guard_outputs,
@@ -53,22 +51,22 @@ from fiftyone_sdcorr.dataset.skeletons import keypoint_skeleton
 from fiftyone_sdcorr.dataset.units import Units, by_sample, link_to_objects
 
 VIEWS_DIR = "_views"
-FEATURE_VIEW_MODES = ("pca", "parts")
+FEATURE_VIEW_MODES = VIEW_MODES
 
 
 def write_feature_pca(
     samples,
-    output_field: str = PCA_FIELD,
+    output_field: Optional[str] = None,
     *,
-    mode: str = "pca",
-    n_parts: int = N_PARTS,
-    features_field: str = ViewConfig.features_field,
-    output_dir: Optional[str] = ViewConfig.output_dir,
-    fit_samples: int = ViewConfig.fit_samples,
-    max_side: int = ViewConfig.max_side,
-    overwrite: bool = False,
+    mode: Optional[str] = None,
+    n_parts: Optional[int] = None,
+    features_field: Optional[str] = None,
+    output_dir: Optional[str] = None,
+    fit_samples: Optional[int] = None,
+    max_side: Optional[int] = None,
+    overwrite: Optional[bool] = None,
     patches_field: Optional[str] = None,
-    progress: ProgressArg = True,
+    progress: ProgressArg = None,
 ) -> RunSummary:
     """Writes a colour picture of each sample's fused features as an extra media field.
 
@@ -79,30 +77,29 @@ def write_feature_pca(
     the dataset's ``app_config.media_fields``: in the App, choose it as the media field (the
     grid's settings, or the modal's) to see the pictures in colour. With ``patches_field``
     (or a ``to_patches()`` view) the objects' features are fitted and drawn, each in its
-    crop's place on a black picture of the sample.
+    crop's place on a black picture of the sample. Keywords default to ``None``: the
+    default of :class:`~fiftyone_sdcorr.dataset.config.FeaturePCAConfig`.
 
     Returns:
         a :class:`RunSummary`: ``written``, ``failed``, ``errors`` (sample id -> reason),
         ``output_field``, ``output_dir``.
     """
     # 1. check every parameter and field before anything is written
-    cfg = ViewConfig(output_field, features_field, output_dir, fit_samples, max_side, overwrite)
-    check_choice("mode", mode, FEATURE_VIEW_MODES)
-    check_int("n_parts", n_parts, lo=N_PARTS_RANGE[0], hi=N_PARTS_RANGE[1])
+    cfg = FeaturePCAConfig.build(output_field=output_field, mode=mode, n_parts=n_parts, features_field=features_field,
+                                 output_dir=output_dir, fit_samples=fit_samples, max_side=max_side, overwrite=overwrite)
     image_collection(samples)
     units = Units(samples, patches_field)
     items, source = _stored_features(samples, cfg, "string", units)
     checks_done()
     # 2. one PCA (or one part clustering) for the whole view
-    summary = RunSummary("write_feature_pca", ("written",), output_field=output_field, mode=mode)
+    summary = RunSummary("write_feature_pca", ("written",), output_field=cfg.output_field, mode=cfg.mode)
     have = [(u.id, p) for u, p in items if p]
     fitted = _fit_features(have, cfg, source, summary)
-    colors = _pca_colors(fitted) if mode == "pca" else _part_colors(fitted, n_parts)
+    colors = _pca_colors(fitted) if cfg.mode == "pca" else _part_colors(fitted, cfg.n_parts)
     # 3. one colour image per sample, shown as a media field
     out_dir = _output_dir(cfg, have[0][1], summary)
-    paths = _pictures(samples, items, source, colors, cfg, out_dir, summary, progress, mode,
-                      lambda path, sid: path)
-    _add_media_field(samples._root_dataset, output_field)
+    _pictures(samples, items, source, colors, cfg, out_dir, summary, progress, cfg.mode, lambda path, sid: path)
+    _add_media_field(samples._root_dataset, cfg.output_field)
     return summary
 
 
@@ -149,13 +146,13 @@ def write_similarity_heatmaps(
     *,
     keypoints_field: Optional[str] = None,
     keypoint: Union[int, str, None] = None,
-    output_field: str = HEATMAP_FIELD,
-    features_field: str = ViewConfig.features_field,
-    output_dir: Optional[str] = ViewConfig.output_dir,
-    max_side: int = ViewConfig.max_side,
-    overwrite: bool = False,
+    output_field: Optional[str] = None,
+    features_field: Optional[str] = None,
+    output_dir: Optional[str] = None,
+    max_side: Optional[int] = None,
+    overwrite: Optional[bool] = None,
     patches_field: Optional[str] = None,
-    progress: ProgressArg = True,
+    progress: ProgressArg = None,
 ) -> RunSummary:
     """Writes, for each sample, the similarity of one reference point to every location.
 
@@ -165,18 +162,20 @@ def write_similarity_heatmaps(
     ``fo.Heatmap`` (8-bit PNG, ``range=[0, 255]``: cosine similarity ``0..1``; negative
     values are 0). With ``patches_field`` (or a ``to_patches()`` view), ``reference_id`` is
     the id of the reference OBJECT (a detection) and the point is in its image; every
-    object is compared with it, drawn in its crop's place (0 elsewhere).
+    object is compared with it, drawn in its crop's place (0 elsewhere). Keywords default
+    to ``None``: the default of :class:`~fiftyone_sdcorr.dataset.config.HeatmapConfig`.
 
     Returns:
         a :class:`RunSummary`: ``written``, ``failed``, ``errors``, ``point``,
         ``output_field``, ``output_dir``.
     """
     # 1. check every parameter and field before anything is written
-    cfg = ViewConfig(output_field, features_field, output_dir, ViewConfig.fit_samples, max_side, overwrite)
+    cfg = HeatmapConfig.build(output_field=output_field, features_field=features_field, output_dir=output_dir,
+                              max_side=max_side, overwrite=overwrite)
     image_collection(samples)
     units = Units(samples, patches_field)
     items, source = _stored_features(samples, cfg, "heatmap", units)
-    ref_unit, ref_path = _reference(units, reference_id, items, features_field)
+    ref_unit, ref_path = _reference(units, reference_id, items, cfg.features_field)
     x, y = _reference_point(units.samples, units.dataset[ref_unit.sample_id], point, keypoints_field, keypoint,
                             ref_unit)
     checks_done()
@@ -184,7 +183,7 @@ def write_similarity_heatmaps(
     if ref_unit.is_object:  # the point in the reference object's crop
         x, y = (float(v) for v in ref_unit.crop(source.margin).to_crop([x, y]))
     # 2. one heat map per sample
-    summary = RunSummary("write_similarity_heatmaps", ("written",), output_field=output_field, point=[x, y])
+    summary = RunSummary("write_similarity_heatmaps", ("written",), output_field=cfg.output_field, point=[x, y])
     out_dir = _output_dir(cfg, ref_path, summary)
 
     def heat(tgt, w, h):

@@ -30,7 +30,7 @@ from typing import Optional
 
 import fiftyone as fo
 
-from fiftyone_sdcorr.dataset.config import MatchConfig, PropagationConfig
+from fiftyone_sdcorr.dataset.config import PropagationConfig, merge_features
 from fiftyone_sdcorr.dataset.engine import (
     Run,
     RunSummary,
@@ -63,28 +63,25 @@ def propagate_keypoints(
     source_field: str,
     output_field: str,
     *,
-    extractor=None, sd_model=None, dino_model=None, device=None, dtype=None,  # the features (FeatureConfig)
+    features=None,
+    extractor=None, sd_model=None, dino_model=None, device=None, dtype=None,  # flat forms of ``features``
     batch_size: Optional[int] = None, preset: Optional[str] = None, recipe: Optional[dict] = None,
-    pca_dim: Optional[int] = None,
-    store_dir=None,
-    features_field: Optional[str] = PropagationConfig.features_field,
-    embedding_field: Optional[str] = PropagationConfig.embedding_field,
-    visibility_threshold: float = PropagationConfig.visibility_threshold,
-    soft_argmax: bool = MatchConfig.soft_argmax,
-    soft_window: int = MatchConfig.soft_window,
-    temperature: float = MatchConfig.temperature,
-    flip: bool = MatchConfig.flip,
-    flip_pairs=None,
-    combine: str = MatchConfig.combine,
-    top_k: int = MatchConfig.top_k,
-    patches_field: Optional[str] = None,
-    same_label: bool = MatchConfig.same_label,
-    link_instances: bool = PropagationConfig.link_instances,
-    overwrite: bool = False,
-    progress: ProgressArg = True,
+    pca_dim: Optional[int] = None, store_dir=None,
+    features_field: Optional[str] = None, embedding_field: Optional[str] = None,
+    visibility_threshold: Optional[float] = None,
+    soft_argmax: Optional[bool] = None, soft_window: Optional[int] = None, temperature: Optional[float] = None,
+    flip: Optional[bool] = None, flip_pairs=None,
+    combine: Optional[str] = None, top_k: Optional[int] = None,
+    patches_field: Optional[str] = None, same_label: Optional[bool] = None, link_instances: Optional[bool] = None,
+    overwrite: Optional[bool] = None,
+    progress: ProgressArg = None,
 ) -> RunSummary:
     """Propagates keypoints from annotated references to every target sample, or to every
     target object (``patches_field``, or a ``to_patches()`` view).
+
+    Every keyword defaults to ``None``: the default of
+    :class:`~fiftyone_sdcorr.dataset.config.PropagationConfig` /
+    :class:`~fiftyone_sdcorr.dataset.config.MatchConfig`.
 
     Args:
         targets: a dataset or view of the samples to label.
@@ -92,10 +89,15 @@ def propagate_keypoints(
             ``fo.Keypoints`` in ``source_field``.
         source_field: the references' keypoints field (never written).
         output_field: the NEW ``fo.Keypoints`` field for the predictions.
-        extractor, sd_model, dino_model, preset, recipe, pca_dim: the features, only where
-            they must be computed; by default the configuration recorded on
-            ``features_field`` by ``compute_fused_features`` (given ones must match it).
-        device, dtype, batch_size, store_dir: how missing features are computed.
+        features: the features, only where they must be computed: a
+            :class:`~fiftyone_sdcorr.dataset.config.FeatureConfig` or a dict of
+            ``extractor``, ``sd_model``, ``dino_model``, ``preset``, ``recipe``,
+            ``pca_dim`` (what features), ``device``, ``dtype``, ``batch_size``,
+            ``store_dir`` (how missing ones are computed); by default the configuration
+            recorded on ``features_field`` by ``compute_fused_features`` (given ones must
+            match it). Each may also be given as its own keyword (the same setting given
+            both ways with different values is a ParameterError); ``batch_size`` is
+            also the number of targets matched at once.
         features_field, embedding_field: stored dense features and global vectors.
         visibility_threshold: points with confidence below it become ``[nan, nan]``.
         soft_argmax, soft_window, temperature: window soft-argmax refinement.
@@ -104,7 +106,8 @@ def propagate_keypoints(
         combine, top_k: ``"best"`` or ``"per_point"`` over the ``top_k`` most similar.
         patches_field, same_label, link_instances: per object (module docstring).
         overwrite: allow writing to an existing ``output_field``.
-        progress: True/False (progress bar) or ``callable(fraction, label)``.
+        progress: True/False/None (a progress bar; None: FiftyOne's setting) or
+            ``callable(fraction, label)``.
 
     Returns:
         a :class:`RunSummary`: ``targets``, ``predicted``, ``failed``, ``errors``,
@@ -112,17 +115,24 @@ def propagate_keypoints(
         ``flip_pairs``, ``seconds_matching``.
     """
     # 1. check every parameter and field before anything loads or is written
-    cfg = PropagationConfig(
-        source_field, output_field, features_field, embedding_field, visibility_threshold,
-        PropagationConfig.batch_size if batch_size is None else batch_size, overwrite,
-        MatchConfig(combine, top_k, soft_argmax, soft_window, temperature, flip, flip_pairs, same_label),
-        patches_field_of(targets, patches_field) if hasattr(targets, "_root_dataset") else patches_field,
-        link_instances)
-    given = dict(extractor=extractor, sd_model=sd_model, dino_model=dino_model, preset=preset, recipe=recipe,
-                 pca_dim=pca_dim, device=device, dtype=dtype, batch_size=batch_size, store_dir=store_dir)
+    given = merge_features(features, dict(
+        extractor=extractor, sd_model=sd_model, dino_model=dino_model, preset=preset, recipe=recipe, pca_dim=pca_dim,
+        device=device, dtype=dtype, batch_size=batch_size, store_dir=store_dir))
+    cfg = PropagationConfig.build(
+        source_field=source_field, output_field=output_field, features_field=features_field,
+        embedding_field=embedding_field, visibility_threshold=visibility_threshold, batch_size=given["batch_size"],
+        overwrite=overwrite, combine=combine, top_k=top_k, soft_argmax=soft_argmax, soft_window=soft_window,
+        temperature=temperature, flip=flip, flip_pairs=flip_pairs, same_label=same_label,
+        patches_field=patches_field_of(targets, patches_field) if hasattr(targets, "_root_dataset") else patches_field,
+        link_instances=link_instances)
     ref_view = check_propagation(targets, references, cfg)
     source = feature_source(targets, cfg, given)
     checks_done()
+    return _propagate(targets, ref_view, source_field, cfg, source, progress)
+
+
+def _propagate(targets, ref_view, source_field: str, cfg: PropagationConfig, source, progress) -> RunSummary:
+    """The run after its checks: references, then batches of targets."""
     # 2. references and their features (the models load only if features must be computed)
     summary = RunSummary(FUNCTION, ("targets", "predicted"), output_field=cfg.output_field,
                          error_field=cfg.error_field, combine=cfg.match.combine)

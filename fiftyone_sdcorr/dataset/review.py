@@ -29,13 +29,13 @@ Written (the ground-truth field itself is never modified):
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, NamedTuple, Optional
 
 import numpy as np
 
 import fiftyone as fo
 
-from fiftyone_sdcorr.dataset.config import MatchConfig, ReviewConfig
+from fiftyone_sdcorr.dataset.config import ReviewConfig, merge_features
 from fiftyone_sdcorr.dataset.engine import (
     ParameterError,
     Run,
@@ -64,33 +64,49 @@ FUNCTION = "flag_keypoint_annotations"
 DEFAULT_TAG = ReviewConfig.tag
 
 
+class Labels(NamedTuple):
+    """What one annotated sample is reviewed against."""
+
+    gt: fo.Keypoints
+    boxes: Optional[fo.Detections]  # of ``bbox_field``, else of the objects reviewed
+    metadata: Optional[fo.Metadata]
+
+
+class PointReview(NamedTuple):
+    """The check of one annotated point against its evidence."""
+
+    suspicious: bool
+    evidence: List[float]  # the predicted [x, y]
+    confidence: float
+    distance: float  # distance / T
+    reference_id: Optional[str]
+
+
 def flag_keypoint_annotations(
     samples,
     gt_field: str,
     *,
     references=None,
-    tag: Optional[str] = ReviewConfig.tag,
-    review_field: str = ReviewConfig.review_field,
-    alpha: float = ReviewConfig.alpha,
-    min_confidence: float = ReviewConfig.min_confidence,
-    bbox_field: Optional[str] = ReviewConfig.bbox_field,
-    threshold: str = ReviewConfig.threshold,
-    combine: str = "per_point",
-    top_k: int = MatchConfig.top_k,
-    extractor=None, sd_model=None, dino_model=None, device=None, dtype=None,  # the features (FeatureConfig)
+    tag: Optional[str] = ReviewConfig.tag,  # None is a value here: no tag
+    review_field: Optional[str] = None,
+    alpha: Optional[float] = None, min_confidence: Optional[float] = None,
+    bbox_field: Optional[str] = None, threshold: Optional[str] = None,
+    combine: Optional[str] = None, top_k: Optional[int] = None,
+    features=None,
+    extractor=None, sd_model=None, dino_model=None, device=None, dtype=None,  # flat forms of ``features``
     batch_size: Optional[int] = None, preset: Optional[str] = None, recipe: Optional[dict] = None,
-    pca_dim: Optional[int] = None,
-    features_field: Optional[str] = ReviewConfig.features_field,
-    embedding_field: Optional[str] = ReviewConfig.embedding_field,
-    store_dir=None,
-    soft_argmax: bool = MatchConfig.soft_argmax,
-    flip: bool = MatchConfig.flip,
-    flip_pairs=None,
+    pca_dim: Optional[int] = None, store_dir=None,
+    features_field: Optional[str] = None, embedding_field: Optional[str] = None,
+    soft_argmax: Optional[bool] = None, flip: Optional[bool] = None, flip_pairs=None,
     patches_field: Optional[str] = None,
-    overwrite: bool = False,
-    progress: ProgressArg = True,
+    overwrite: Optional[bool] = None,
+    progress: ProgressArg = None,
 ) -> RunSummary:
     """Flags annotated points far from confident leave-one-out correspondence evidence.
+
+    Keywords default to ``None``: the default of
+    :class:`~fiftyone_sdcorr.dataset.config.ReviewConfig` (its ``match``: ``combine="per_point"``),
+    except ``tag``, where ``None`` means "no tag".
 
     Args:
         samples: a dataset or view; its samples with keypoints in ``gt_field`` are checked.
@@ -101,15 +117,15 @@ def flag_keypoint_annotations(
         review_field: new ``fo.Keypoints`` field for the per-point review.
         alpha, min_confidence: the flagging rule (module docstring).
         bbox_field, threshold: threshold size, as in :func:`evaluate_keypoints`.
-        combine, top_k, soft_argmax, flip, flip_pairs, extractor, sd_model, ...: the
-            matching and the features, as in :func:`propagate_keypoints` (``"per_point"``
-            by default).
+        combine, top_k, soft_argmax, flip, flip_pairs, features (or its flat keywords
+            ``extractor``, ``sd_model``, ...): the matching and the features, as in
+            :func:`propagate_keypoints`.
         patches_field: a ``fo.Detections`` field (or a ``to_patches()`` view): the evidence
             is predicted per object, from reference objects of other samples, and paired
             with the annotations by geometry; the objects' boxes are the default
             ``bbox_field``.
         overwrite: allow an existing ``review_field`` (the tag is first removed).
-        progress: True/False or ``callable(fraction, label)``.
+        progress: True/False/None or ``callable(fraction, label)``.
 
     Returns:
         a :class:`RunSummary`: ``checked``, ``points_checked``, ``flagged_points``,
@@ -117,23 +133,30 @@ def flag_keypoint_annotations(
         "distance", "confidence", "evidence"}]}), ``failed``, ``errors``, ``warnings``.
     """
     # 1. check every parameter and field before anything loads or is written
-    cfg = ReviewConfig(gt_field, review_field, tag, alpha, min_confidence, bbox_field, threshold, features_field,
-                       embedding_field, ReviewConfig.batch_size if batch_size is None else batch_size, overwrite,
-                       MatchConfig(combine, top_k, soft_argmax, MatchConfig.soft_window, MatchConfig.temperature,
-                                   flip, flip_pairs),
-                       patches_field_of(samples, patches_field) if hasattr(samples, "_root_dataset") else patches_field)
-    given = dict(extractor=extractor, sd_model=sd_model, dino_model=dino_model, preset=preset, recipe=recipe,
-                 pca_dim=pca_dim, device=device, dtype=dtype, batch_size=batch_size, store_dir=store_dir)
+    given = merge_features(features, dict(
+        extractor=extractor, sd_model=sd_model, dino_model=dino_model, preset=preset, recipe=recipe, pca_dim=pca_dim,
+        device=device, dtype=dtype, batch_size=batch_size, store_dir=store_dir))
+    cfg = ReviewConfig.build(
+        gt_field=gt_field, review_field=review_field, tag=tag, alpha=alpha, min_confidence=min_confidence,
+        bbox_field=bbox_field, threshold=threshold, features_field=features_field, embedding_field=embedding_field,
+        batch_size=given["batch_size"], overwrite=overwrite, combine=combine, top_k=top_k, soft_argmax=soft_argmax,
+        flip=flip, flip_pairs=flip_pairs,
+        patches_field=patches_field_of(samples, patches_field) if hasattr(samples, "_root_dataset") else patches_field)
     annotated, ref_view = check_review(samples, references, cfg)
     source = feature_source(annotated, cfg, given)
     checks_done()
+    return _review(samples, annotated, ref_view, cfg, source, progress)
+
+
+def _review(samples, annotated, ref_view, cfg: ReviewConfig, source, progress) -> RunSummary:
+    """The run after its checks: the evidence, then batches of annotated samples."""
     # 2. the evidence: references and their features
-    summary = RunSummary(FUNCTION, ("checked", "points_checked", "flagged_points"), review_field=review_field,
-                         error_field=cfg.error_field, tag=tag, alpha=cfg.alpha, min_confidence=cfg.min_confidence,
+    summary = RunSummary(FUNCTION, ("checked", "points_checked", "flagged_points"), review_field=cfg.review_field,
+                         error_field=cfg.error_field, tag=cfg.tag, alpha=cfg.alpha, min_confidence=cfg.min_confidence,
                          suspicious={})
     units = Units(annotated, cfg.patches_field)
     rows = list(zip(units.units(), units.values(cfg.features_field), units.values(cfg.embedding_field)))
-    engine, source, problems = prepare_matching(annotated, ref_view, gt_field, cfg, source, summary,
+    engine, source, problems = prepare_matching(annotated, ref_view, cfg.gt_field, cfg, source, summary,
                                                 [st for _, st, _ in rows])
     refs = {r.id: r for r in engine.references}
     labels = _labels(annotated, cfg)
@@ -157,7 +180,7 @@ def _review_batch(cfg, engine, source, refs, labels, batch, problems, run: Run) 
     feats = {u.id: refs[u.id].features if u.id in refs else got.get(u.id) for u, _, _ in batch}
     preds = predict_rows(engine, [(u, feats[u.id], emb) for u, _, emb in batch], leave_out_self=True)
     run.write(cfg.review_field, {
-        sid: _review_sample(cfg, sid, *labels[sid], [(u, feats[u.id], preds.get(u.id)) for u, _, _ in group],
+        sid: _review_sample(cfg, sid, labels[sid], [(u, feats[u.id], preds.get(u.id)) for u, _, _ in group],
                             problems, run, source.margin)
         for sid, group in by_sample(batch).items()})
     run.flush_errors()
@@ -185,12 +208,11 @@ def check_review(samples, references, cfg: ReviewConfig):
 
 
 def _labels(annotated, cfg: ReviewConfig) -> dict:
-    """``{sample id: (annotations, boxes, metadata)}``; the boxes of ``bbox_field``, else of
-    the objects reviewed."""
+    """``{sample id: Labels}``; the boxes of ``bbox_field``, else of the objects reviewed."""
     n = len(annotated)
     boxes = cfg.bbox_field or cfg.patches_field
-    return {sid: rest for sid, *rest in zip(annotated.values("id"), annotated.values(cfg.gt_field),
-                                            values_or_none(annotated, boxes, n), annotated.values("metadata"))}
+    return {sid: Labels(*rest) for sid, *rest in zip(annotated.values("id"), annotated.values(cfg.gt_field),
+                                                     values_or_none(annotated, boxes, n), annotated.values("metadata"))}
 
 
 def _outputs(cfg) -> dict:
@@ -198,7 +220,7 @@ def _outputs(cfg) -> dict:
             "review_field (its error field)": (cfg.error_field, "string")}
 
 
-def _review_sample(cfg, sid, gt, box, metadata, results, problems, run: Run, margin: float) -> Optional[fo.Keypoints]:
+def _review_sample(cfg, sid, labels: Labels, results, problems, run: Run, margin: float) -> Optional[fo.Keypoints]:
     """The review of one annotated sample from its units' ``(unit, features, evidence or
     the exception predicting it raised)``, or None with the failure recorded. Objects'
     evidence is moved from their crops into the image, then paired with the annotations."""
@@ -215,6 +237,7 @@ def _review_sample(cfg, sid, gt, box, metadata, results, problems, run: Run, mar
         run.fail(sid, "; ".join(msgs))
         return None
     run.summary.add("checked")
+    gt, box, metadata = labels
     w, h = (results[0][1].letterbox.width, results[0][1].letterbox.height) if not results[0][0].is_object else \
         image_size_of(results[0][0].filepath, metadata)
     scale = np.array([w, h], dtype=np.float64)
@@ -236,35 +259,35 @@ def _review_sample(cfg, sid, gt, box, metadata, results, problems, run: Run, mar
 
 
 def _review_instance(cfg, sid, j, g_kp, pred, scale, box, run: Run) -> fo.Keypoint:
+    """A copy of annotated instance ``j`` with the review of each of its points."""
     g_n = points_of(g_kp)
-    k = len(g_n)
-    flags: List[Optional[bool]] = [None] * k
-    evid: List[Optional[list]] = [None] * k
-    confs: List[Optional[float]] = [None] * k
-    dists: List[Optional[float]] = [None] * k
-    rids: List[Optional[str]] = [None] * k
     T = threshold_size(cfg.threshold, box, g_kp.label, g_n * scale,
                        int(scale[0]), int(scale[1]), instance_id(g_kp))
+    checked: List[Optional[PointReview]] = [None] * len(g_n)
     if pred is not None and T:
-        for q in range(min(k, len(pred.points))):
+        for q in range(min(len(g_n), len(pred.points))):
             if not np.isfinite(g_n[q]).all() or not np.isfinite(pred.points[q]).all():
                 continue
             d = float(np.linalg.norm((pred.points[q] - g_n[q]) * scale) / T)
             c = float(pred.confidence[q])
-            flag = bool(c >= cfg.min_confidence and d > cfg.alpha)
-            flags[q], evid[q], confs[q], dists[q], rids[q] = (
-                flag, [float(x) for x in pred.points[q]], c, d, pred.reference_ids[q])
+            checked[q] = r = PointReview(bool(c >= cfg.min_confidence and d > cfg.alpha),
+                                         [float(x) for x in pred.points[q]], c, d, pred.reference_ids[q])
             run.summary.add("points_checked")
-            if flag:
+            if r.suspicious:
                 run.summary.add("flagged_points")
                 run.summary["suspicious"].setdefault(sid, []).append({
                     "instance": j, "point": q, "label": g_kp.label, "distance": d, "confidence": c,
-                    "evidence": evid[q]})
+                    "evidence": r.evidence})
+
+    def column(name):
+        return [getattr(r, name) if r is not None else None for r in checked]
+
     return fo.Keypoint(
         label=g_kp.label, points=[list(map(float, xy)) if xy is not None else None for xy in (g_kp.points or [])],
-        sdcorr_suspicious=flags, sdcorr_evidence=evid, sdcorr_evidence_confidence=confs,
-        sdcorr_distance=dists, sdcorr_reference_ids=rids,
+        sdcorr_suspicious=column("suspicious"), sdcorr_evidence=column("evidence"),
+        sdcorr_evidence_confidence=column("confidence"), sdcorr_distance=column("distance"),
+        sdcorr_reference_ids=column("reference_id"),
     )
 
 
-__all__ = ["flag_keypoint_annotations", "check_review", "DEFAULT_TAG", "FUNCTION"]
+__all__ = ["flag_keypoint_annotations", "check_review", "Labels", "PointReview", "DEFAULT_TAG", "FUNCTION"]
