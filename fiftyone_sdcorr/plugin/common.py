@@ -5,6 +5,7 @@
 - :func:`model_inputs`: model ids or local directories, device, dtype, batch size, and
   the feature recipe (preset + a few overrides); defaults come from the config classes
   of :mod:`fiftyone_sdcorr.dataset.config` (written once there).
+- :func:`bounds`: a form input's min / max, from the config's ``RANGES``.
 - :func:`function_kwargs`: operator params -> the keyword arguments of a dataset
   function, by name (as ``@voxel51/brain`` does: copy the params, drop the plumbing, pass
   the rest); blank values mean "the function's default"; an unknown param is an error.
@@ -38,7 +39,7 @@ import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
 from fiftyone_sdcorr.core.extractor import PRESETS
-from fiftyone_sdcorr.dataset.config import DTYPES, FeatureConfig
+from fiftyone_sdcorr.dataset.config import DTYPES, RANGES, FeatureConfig
 from fiftyone_sdcorr.dataset.engine import ParameterError
 
 #: name of the view-target param (FiftyOne's own convention)
@@ -112,6 +113,13 @@ def last_features(dataset) -> Dict[str, Any]:
     out = {k: v for k, v in (rec.get("settings") or {}).items() if v is not None}
     out.update({k: v for k, v in (rec.get("run") or {}).items() if v is not None})
     return out
+
+
+def bounds(name: str) -> Dict[str, Any]:
+    """A form input's ``min`` / ``max``: the allowed range of setting ``name``, written once
+    in :data:`fiftyone_sdcorr.dataset.config.RANGES`."""
+    lo, hi = RANGES[name]
+    return {"min": lo, "max": hi}
 
 
 def default_preset() -> str:

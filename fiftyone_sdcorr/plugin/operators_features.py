@@ -54,10 +54,12 @@ class ComputeFusedFeatures(common.RunOperator):
         common.patches_input(ctx, inputs, target)
         common.model_inputs(ctx, inputs)
         last = common.last_features(ctx.dataset)  # the defaults follow the last run
-        inputs.int("pca_dim", default=last.get("pca_dim", FeatureConfig.recipe.pca_dim), required=False, min=1,
+        inputs.int("pca_dim", default=last.get("pca_dim", FeatureConfig.recipe.pca_dim), required=False,
+                   **common.bounds("pca_dim"),
                    label="Channels per SD layer",
                    description="Fixed projection size per SD tap (smaller = smaller store)")
-        inputs.int("projection_samples", default=FeatureConfig.projection_samples, required=False, min=1,
+        inputs.int("projection_samples", default=FeatureConfig.projection_samples, required=False,
+                   **common.bounds("projection_samples"),
                    label="Projection images",
                    description="Images the fixed projection is fitted on (once per store)")
         inputs.str("store_dir", required=False, label="Feature store directory", default=last.get("store_dir"),

@@ -154,12 +154,13 @@ class PropagateKeypoints(common.RunOperator):
         _reference_inputs(ctx, inputs)
         inputs.str("output_field", default=free_field_name(ctx.dataset) if ctx.dataset is not None else None,
                    required=False, label="Output field", description="A new fo.Keypoints field for the predictions")
-        inputs.float("visibility_threshold", default=PropagationConfig.visibility_threshold, min=0.0, max=1.0,
-                     label="Visibility threshold", description="Points with lower confidence become NaN")
+        inputs.float("visibility_threshold", default=PropagationConfig.visibility_threshold,
+                     **common.bounds("visibility_threshold"), label="Visibility threshold",
+                     description="Points with lower confidence become NaN")
         _enum(inputs, "combine", COMBINE_RULES, MatchConfig.combine, "Several references",
               "best: the most similar reference (global embedding); per_point: per point, the most "
               "confident of the top-k most similar references")
-        inputs.int("top_k", default=MatchConfig.top_k, min=1, label="Top k (per_point)")
+        inputs.int("top_k", default=MatchConfig.top_k, **common.bounds("top_k"), label="Top k (per_point)")
         inputs.bool("soft_argmax", default=MatchConfig.soft_argmax, label="Window soft-argmax (sub-token)")
         inputs.bool("flip", default=MatchConfig.flip, label="Flip alignment",
                     description="Also match the mirrored reference (left/right pairs from the skeleton)")
@@ -170,7 +171,7 @@ class PropagateKeypoints(common.RunOperator):
         common.patches_input(ctx, inputs, target)
         inputs.bool("same_label", default=MatchConfig.same_label, required=False, label="Same label only",
                     description="Objects: match each target object to reference objects of its label")
-        inputs.bool("overwrite", default=False, label="Overwrite an existing output field")
+        inputs.bool("overwrite", default=PropagationConfig.overwrite, label="Overwrite an existing output field")
         common.model_inputs(ctx, inputs, follow=False, advanced=False)
         if target is not None:
             inputs.view("count", types.Notice(label=f"{len(target)} target samples"))
@@ -301,19 +302,19 @@ class FlagKeypointAnnotations(common.RunOperator):
         inputs.str("review_field", default=free_field_name(ctx.dataset, ReviewConfig.review_field)
                    if ctx.dataset is not None else ReviewConfig.review_field, required=False, label="Review field",
                    description="New fo.Keypoints field with per-point flags and evidence")
-        inputs.float("alpha", default=ReviewConfig.alpha, min=0.0, label="Alpha",
+        inputs.float("alpha", default=ReviewConfig.alpha, **common.bounds("alpha"), label="Alpha",
                      description="Flag points farther than alpha x object size from the evidence")
-        inputs.float("min_confidence", default=ReviewConfig.min_confidence, min=0.0, max=1.0,
+        inputs.float("min_confidence", default=ReviewConfig.min_confidence, **common.bounds("min_confidence"),
                      label="Minimum evidence confidence")
         _enum(inputs, "combine", COMBINE_RULES, ReviewConfig.match.combine, "Evidence", "As in propagate_keypoints")
-        inputs.int("top_k", default=MatchConfig.top_k, min=1, label="Top k (per_point)")
+        inputs.int("top_k", default=ReviewConfig.match.top_k, **common.bounds("top_k"), label="Top k (per_point)")
         box_fields = _label_fields(ctx, [fo.Detections, fo.Detection])
         _field_choice(inputs, "bbox_field", box_fields, "Box field (optional)", "Object boxes", required=False)
         inputs.str("features_field", default=ReviewConfig.features_field, required=False,
                    label="Stored features field")
         inputs.str("embedding_field", default=ReviewConfig.embedding_field, required=False, label="Embedding field")
         common.patches_input(ctx, inputs, target)
-        inputs.bool("overwrite", default=False, label="Overwrite an existing review field")
+        inputs.bool("overwrite", default=ReviewConfig.overwrite, label="Overwrite an existing review field")
         common.model_inputs(ctx, inputs, follow=False, advanced=False)
         if target is not None:
             inputs.view("count", types.Notice(label=f"{len(target)} samples"))

@@ -5,7 +5,10 @@
   part clusters, the same colour for the same part across samples), as a media field the
   App can show in the grid and the modal.
 - ``write_similarity_heatmap``: the similarity of one point of a reference sample (a
-  keypoint or an ``(x, y)``) to every location of each target sample, as ``fo.Heatmap``.
+  keypoint or an ``(x, y)``) to every location of each target sample, as ``fo.Heatmap``:
+  the operator of the function ``write_similarity_heatmaps``. Its URI keeps the singular
+  (``@sdcorr/sdcorr/write_similarity_heatmap``, as declared in ``fiftyone.yml``) so that
+  users' saved calls keep working; one run writes one heat map per sample.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import fiftyone as fo
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
-from fiftyone_sdcorr.dataset.config import HEATMAP_FIELD, N_PARTS, N_PARTS_RANGE, PCA_FIELD, ViewConfig
+from fiftyone_sdcorr.dataset.config import VIEW_MODES, FeaturePCAConfig, HeatmapConfig
 from fiftyone_sdcorr.dataset.engine import ParameterError
 from fiftyone_sdcorr.plugin import common
 from fiftyone_sdcorr.plugin.panel_figure import free_field_name
@@ -60,23 +63,26 @@ class WriteFeaturePCA(common.RunOperator):
     def resolve_input(self, ctx):
         inputs = types.Object()
         target = common.target_view_input(ctx, inputs, action="Write PCA masks for")
-        inputs.str("output_field", default=free_field_name(ctx.dataset, PCA_FIELD) if ctx.dataset else PCA_FIELD,
+        field = FeaturePCAConfig.output_field
+        inputs.str("output_field", default=free_field_name(ctx.dataset, field) if ctx.dataset else field,
                    required=False, label="Output field",
                    description="A new field with a colour picture per sample; choose it as the media field "
                    "(grid settings) to see the pictures")
         choices = types.RadioGroup()
-        choices.add_choice("pca", label="PCA colours")
-        choices.add_choice("parts", label="Part clusters")
-        inputs.enum("mode", choices.values(), default="pca", required=False, label="Picture", view=choices)
-        inputs.int("n_parts", default=N_PARTS, min=N_PARTS_RANGE[0], max=N_PARTS_RANGE[1], required=False,
+        for mode, label in zip(VIEW_MODES, ("PCA colours", "Part clusters")):
+            choices.add_choice(mode, label=label)
+        inputs.enum("mode", choices.values(), default=FeaturePCAConfig.mode, required=False, label="Picture",
+                    view=choices)
+        inputs.int("n_parts", default=FeaturePCAConfig.n_parts, **common.bounds("n_parts"), required=False,
                    label="Parts (part clusters)")
-        inputs.str("features_field", default=ViewConfig.features_field, required=False,
+        inputs.str("features_field", default=FeaturePCAConfig.features_field, required=False,
                    label="Stored features field")
-        inputs.int("fit_samples", default=ViewConfig.fit_samples, min=1, label="Samples to fit the PCA on")
+        inputs.int("fit_samples", default=FeaturePCAConfig.fit_samples, **common.bounds("fit_samples"),
+                   label="Samples to fit the PCA on")
         inputs.str("output_dir", required=False, label="Output directory",
                    description="Where the PNG masks go (default: next to the feature store)")
         common.patches_input(ctx, inputs, target)
-        inputs.bool("overwrite", default=False, label="Overwrite an existing output field")
+        inputs.bool("overwrite", default=FeaturePCAConfig.overwrite, label="Overwrite an existing output field")
         if target is not None:
             inputs.view("count", types.Notice(label=f"{len(target)} samples"))
         self.finish_form(ctx, inputs)
@@ -130,13 +136,14 @@ class WriteSimilarityHeatmap(common.RunOperator):
         inputs.float("x", required=False, min=0.0, max=1.0, label="x (normalised)",
                      description="Or give the point directly")
         inputs.float("y", required=False, min=0.0, max=1.0, label="y (normalised)")
-        inputs.str("output_field", default=free_field_name(ctx.dataset, HEATMAP_FIELD) if ctx.dataset else HEATMAP_FIELD,
+        field = HeatmapConfig.output_field
+        inputs.str("output_field", default=free_field_name(ctx.dataset, field) if ctx.dataset else field,
                    required=False, label="Output field")
-        inputs.str("features_field", default=ViewConfig.features_field, required=False,
+        inputs.str("features_field", default=HeatmapConfig.features_field, required=False,
                    label="Stored features field")
         inputs.str("output_dir", required=False, label="Output directory")
         common.patches_input(ctx, inputs, target)
-        inputs.bool("overwrite", default=False, label="Overwrite an existing output field")
+        inputs.bool("overwrite", default=HeatmapConfig.overwrite, label="Overwrite an existing output field")
         if target is not None:
             inputs.view("count", types.Notice(label=f"{len(target)} samples"))
         self.finish_form(ctx, inputs)
