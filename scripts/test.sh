@@ -9,6 +9,8 @@
 # is stopped here afterwards, so nothing keeps a pipe open after pytest returns.
 # The exit code is pytest's.
 #
+# Prints the 20 slowest tests. Fast lane (no browser, no worker processes):
+#   bash scripts/test.sh -m "not browser and not workers"
 # SDCORR_KEEP_TMP=1 keeps the temp dir (database, logs) for inspection.
 set -uo pipefail
 
@@ -92,6 +94,6 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 
 echo "test.sh: FiftyOne database dir $FIFTYONE_DATABASE_DIR"
-"$PY" -m pytest "$@"
+"$PY" -m pytest --durations=20 "$@"
 RC=$?
 exit $RC

@@ -307,3 +307,31 @@ def photo_paths(tmp_path_factory):
             img.save(path)
         by_name[name] = str(path)
     return PhotoPaths(by_name)
+
+
+# --------------------------------------------------------------------------- shared worlds (one per session)
+@pytest.fixture(scope="session")
+def demo_build(tmp_path_factory):
+    """The README's run command, run once per test session (``python -m fiftyone_sdcorr
+    demo --tiny --no-app``, offline): ``DemoBuild(name, workdir, returncode, output)``.
+    tests/test_demo.py asserts on it; modules that need the demo's dataset take a clone
+    of it (:func:`panel_world.clone_demo`), so the command runs once, not per module."""
+    from panel_world import run_demo
+
+    build = run_demo(f"sdcorr-demo-{uuid.uuid4().hex[:8]}", tmp_path_factory.mktemp("demo"))
+    try:
+        yield build
+    finally:
+        if build.name in fo.list_datasets():
+            fo.load_dataset(build.name).delete()
+
+
+@pytest.fixture(scope="session")
+def app_url(tmp_path_factory):
+    """One FiftyOne App server for the session's browser tests (started as users start
+    it, without background runs); skips when Chromium or playwright is missing."""
+    from app_server import app_server, require_playwright
+
+    require_playwright()
+    with app_server(tmp_path_factory.mktemp("app_server")) as url:
+        yield url

@@ -10,6 +10,7 @@ started) that also carries ``gt``; ``ref2`` (coffee) is a second reference; ``pl
 """
 
 import shutil
+from dataclasses import dataclass
 import sys
 from pathlib import Path
 
@@ -86,11 +87,21 @@ def build_panel_dataset(name, photo_paths, tmp, persistent=False, size=224, crop
     return dataset, ids, describer
 
 
-def build_demo_dataset(name, workdir, timeout=900):
-    """The README's demo dataset, built by its own command (``python -m fiftyone_sdcorr demo
-    --tiny --no-app``): the reference tagged ``reference`` annotated in ``keypoints``,
-    transformed copies with ``ground_truth``, two unrelated photos, features from tiny
-    random models, predictions in ``predicted``. Returns the loaded dataset (persistent)."""
+@dataclass
+class DemoBuild:
+    """What the demo command did: the dataset it wrote, its workdir, exit code and output."""
+
+    name: str
+    workdir: Path
+    returncode: int
+    output: str
+
+
+def run_demo(name, workdir, timeout=900) -> DemoBuild:
+    """Runs the README's demo command (``python -m fiftyone_sdcorr demo --tiny --no-app``,
+    offline) into dataset ``name``: the reference tagged ``reference`` annotated in
+    ``keypoints``, transformed copies with ``ground_truth``, two unrelated photos, features
+    from tiny random models, predictions in ``predicted``."""
     import os
     import subprocess
 
@@ -100,9 +111,15 @@ def build_demo_dataset(name, workdir, timeout=900):
          "--workdir", str(workdir)],
         capture_output=True, text=True, timeout=timeout, env=env,
     )
-    if proc.returncode != 0:
-        raise RuntimeError(f"the demo command failed:\n{(proc.stdout + proc.stderr)[-4000:]}")
-    return fo.load_dataset(name)
+    return DemoBuild(name, Path(workdir), proc.returncode, proc.stdout + proc.stderr)
+
+
+def clone_demo(build: DemoBuild, name):
+    """A persistent copy of the demo's dataset (samples, runs, evaluations; the feature
+    files are shared, read-only) for a module that changes it."""
+    if build.returncode != 0:
+        raise RuntimeError(f"the demo command failed:\n{build.output[-4000:]}")
+    return fo.load_dataset(build.name).clone(name, persistent=True)
 
 
 def demo_ids(dataset):

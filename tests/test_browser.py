@@ -36,7 +36,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from app_server import CHROMIUM, CHROMIUM_ARGS, app_server, require_playwright  # noqa: E402
-from panel_world import build_demo_dataset, build_panel_dataset, demo_ids  # noqa: E402
+from panel_world import build_panel_dataset, clone_demo, demo_ids  # noqa: E402
 from snapshots import field_snapshot  # noqa: E402
 
 from fiftyone_sdcorr.core import visualize as vis  # noqa: E402
@@ -57,10 +57,9 @@ def playwright_api():
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, playwright_api):
-    """A FiftyOne App server on this test session's database; yields its URL."""
-    with app_server(tmp_path_factory.mktemp("server")) as url:
-        yield url
+def server(app_url, playwright_api):
+    """The session's FiftyOne App server (tests/conftest.py: one per test session)."""
+    return app_url
 
 
 @pytest.fixture(scope="module")
@@ -77,12 +76,13 @@ def app(photo_paths, tmp_path_factory, server):
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory, server):
-    """The README demo's dataset (the demo command, tiny models), seen by the App server."""
-    tmp = tmp_path_factory.mktemp("demo")
-    dataset = build_demo_dataset(f"sdcorr-browser-demo-{uuid.uuid4().hex[:8]}", tmp / "work")
+def demo(demo_build, server, tmp_path_factory):
+    """A copy of the README demo's dataset (the demo command, tiny models, run once per
+    session), seen by the App server."""
+    dataset = clone_demo(demo_build, f"sdcorr-browser-demo-{uuid.uuid4().hex[:8]}")
     try:
-        yield {"url": server, "dataset": dataset, "ids": demo_ids(dataset), "tmp": tmp}
+        yield {"url": server, "dataset": dataset, "ids": demo_ids(dataset),
+               "tmp": tmp_path_factory.mktemp("demo")}
     finally:
         dataset.delete()
 

@@ -41,7 +41,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from app_server import (  # noqa: E402
     CHROMIUM, CHROMIUM_ARGS, app_server, dismiss_popover, require_playwright, stop_process)
-from panel_world import build_demo_dataset  # noqa: E402
+from panel_world import clone_demo  # noqa: E402
 
 pytestmark = pytest.mark.browser
 
@@ -67,22 +67,21 @@ def playwright_api():
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory, playwright_api):
-    """The README demo's dataset (tiny models) plus a saved view ``two`` of 2 samples."""
-    tmp = tmp_path_factory.mktemp("ops_demo")
-    dataset = build_demo_dataset(f"sdcorr-ops-{uuid.uuid4().hex[:8]}", tmp / "work")
+def demo(demo_build, playwright_api):
+    """A copy of the README demo's dataset (tiny models; the command runs once per session)
+    plus a saved view ``two`` of 2 samples."""
+    dataset = clone_demo(demo_build, f"sdcorr-ops-{uuid.uuid4().hex[:8]}")
     dataset.save_view("two", dataset.match_tags("target").limit(2))
     try:
-        yield {"dataset": dataset, "work": tmp / "work", "two": dataset.load_saved_view("two").values("id")}
+        yield {"dataset": dataset, "work": demo_build.workdir, "two": dataset.load_saved_view("two").values("id")}
     finally:
         dataset.delete()
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, demo):
-    """An App server started as users start it, without background runs."""
-    with app_server(tmp_path_factory.mktemp("ops_server")) as url:
-        yield url
+def server(app_url, demo):
+    """The session's App server, started as users start it, without background runs."""
+    return app_url
 
 
 @pytest.fixture(scope="module")

@@ -423,6 +423,7 @@ def _many_paths(photo_paths, n):
     return [photo_paths[names[i % len(names)]] for i in range(n)]
 
 
+@pytest.mark.workers
 def test_two_workers_one_queue_no_duplicates(photo_paths, models, tmp_path):
     ds = _dataset(_many_paths(photo_paths, 16))
     store_dir = tmp_path / "store"
@@ -453,6 +454,7 @@ def test_two_workers_one_queue_no_duplicates(photo_paths, models, tmp_path):
         ds.delete()
 
 
+@pytest.mark.workers
 def test_shards_are_delegated_operations_that_two_workers_run_at_once(photo_paths, models, tmp_path):
     """Beyond one GPU: op(view, shards=N, delegate=True) queues N operations; N workers
     (here two processes on this CPU; in production N machines) run them in parallel."""
@@ -481,6 +483,7 @@ def test_shards_are_delegated_operations_that_two_workers_run_at_once(photo_path
         ds.delete()
 
 
+@pytest.mark.workers
 def test_killed_worker_then_rerun_completes_without_duplicates(photo_paths, models, tmp_path):
     ds = _dataset(_many_paths(photo_paths, 10))
     store_dir = tmp_path / "store"

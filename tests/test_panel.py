@@ -26,7 +26,7 @@ import fiftyone as fo
 import fiftyone.operators as foo
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from panel_world import GT_POINTS, SKELETON_LABELS, build_demo_dataset, build_panel_dataset, demo_ids  # noqa: E402
+from panel_world import GT_POINTS, SKELETON_LABELS, build_panel_dataset, clone_demo, demo_ids  # noqa: E402
 from snapshots import field_snapshot  # noqa: E402
 
 from fiftyone_sdcorr.core import visualize as vis  # noqa: E402
@@ -319,9 +319,9 @@ def test_visualize_helpers_exact_geometry(world):
 
 # --------------------------------------------------------------------------- the demo dataset
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    """The README demo's dataset, built by the demo command (tiny models)."""
-    dataset = build_demo_dataset(f"sdcorr-panel-demo-{uuid.uuid4().hex[:8]}", tmp_path_factory.mktemp("demo"))
+def demo(demo_build):
+    """A copy of the README demo's dataset (the demo command, tiny models, run once per session)."""
+    dataset = clone_demo(demo_build, f"sdcorr-panel-demo-{uuid.uuid4().hex[:8]}")
     yield dataset, demo_ids(dataset)
     dataset.delete()
 
