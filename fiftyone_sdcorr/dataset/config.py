@@ -1,7 +1,10 @@
 """Config objects: one frozen dataclass per concern, built once at a public function's
-edge from its flat keywords, checked there (before any model loads or anything is
-written), and passed down whole. Every default is written here once; the operators'
-forms and the documents in docs/ read them from here.
+edge from its flat keywords by ``XConfig.build(**keywords)`` (``None`` = the default
+written here; see :class:`Buildable`), checked there (before any model loads or anything
+is written), and passed down whole. Every default is written here once, every allowed
+range once in :data:`RANGES`; the functions, the operators' forms, the panel and the
+documents in docs/ read them from here. ``features=`` of the functions that may compute
+features: :func:`merge_features`.
 
 - :class:`FeatureConfig`: models, device, dtype, the :class:`~fiftyone_sdcorr.Recipe`
   (``pca_dim`` is the one name of the channels kept per SD tap, by co-PCA or by the
@@ -10,7 +13,7 @@ forms and the documents in docs/ read them from here.
 - :class:`MatchConfig`: how references are matched to a target (shared by propagation
   and review).
 - :class:`PropagationConfig`, :class:`EvaluationConfig`, :class:`ReviewConfig`,
-  :class:`ViewConfig`.
+  :class:`ViewConfig` (:class:`FeaturePCAConfig`, :class:`HeatmapConfig`).
 """
 
 from __future__ import annotations
