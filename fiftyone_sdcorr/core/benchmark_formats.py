@@ -328,7 +328,7 @@ def _box(v, where: str, field: str, xywh: bool = False) -> Tuple[float, float, f
     return a, b, x2, y2
 
 
-def _points(v, where: str, field: str) -> np.ndarray:
+def checked_points(v, where: str, field: str) -> np.ndarray:
     """``[[x, y] | null, ...]`` -> ``(K, 2)`` float64 (NaN for null); every entry checked,
     so a bad entry is an error, never a dropped point."""
     if not isinstance(v, (list, tuple)):
@@ -466,7 +466,8 @@ def _spair_pair(path: Path, root: Path) -> PairRecord:
     cat = _text(d["category"], where, "category")
     if _pair_category(path.stem) not in ("", cat):
         raise _bad(where, "category", f"the file name's category {_pair_category(path.stem)!r}", cat)
-    src_kps, trg_kps = _points(d["src_kps"], where, "src_kps"), _points(d["trg_kps"], where, "trg_kps")
+    src_kps = checked_points(d["src_kps"], where, "src_kps")
+    trg_kps = checked_points(d["trg_kps"], where, "trg_kps")
     ids = _keypoint_ids(d["kps_ids"], where, "kps_ids", SPAIR_NUM_KEYPOINTS.get(cat))
     if not (len(src_kps) == len(trg_kps) == len(ids)):
         raise BenchmarkFormatError(f"{where}: fields 'src_kps' ({len(src_kps)}), 'trg_kps' ({len(trg_kps)}) and "
@@ -506,7 +507,7 @@ def _spair_image(root: Path, key: str, pairs: List[PairRecord]) -> ImageRecord:
         raise _bad(where, "kps", '{"<id>": [x, y] or null}', kps)
     # the category's ids (files may list more, null, ids: SPair pads every list to 30)
     ids = {_keypoint_id(k, where, f"kps[{k}]", None): k for k in kps}
-    given = {i: _points([kps[k]], where, f"kps[{k}]")[0] for i, k in ids.items()}
+    given = {i: checked_points([kps[k]], where, f"kps[{k}]")[0] for i, k in ids.items()}
     n = max([SPAIR_NUM_KEYPOINTS.get(cat) or len(kps)] + [i + 1 for i, xy in given.items() if np.isfinite(xy).all()])
     pts = np.full((n, 2), np.nan)
     for i, xy in given.items():

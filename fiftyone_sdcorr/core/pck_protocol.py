@@ -45,7 +45,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from fiftyone_sdcorr.core.benchmark_formats import BenchmarkFormatError, PairRecord, _points
+from fiftyone_sdcorr.core.benchmark_formats import BenchmarkFormatError, PairRecord, checked_points
 from fiftyone_sdcorr.core.geometry import points_array
 
 
@@ -208,7 +208,7 @@ def parse_predictions_line(line: str, where: str) -> Tuple[str, np.ndarray]:
     if not isinstance(obj, dict) or not isinstance(obj.get("pair"), str) or "trg_kps" not in obj:
         raise PredictionsError(f'{where}: expected {{"pair": "<id>", "trg_kps": [[x, y], ...]}}')
     try:
-        return obj["pair"], _points(obj["trg_kps"], f"{where} (pair {obj['pair']!r})", "trg_kps")
+        return obj["pair"], checked_points(obj["trg_kps"], f"{where} (pair {obj['pair']!r})", "trg_kps")
     except BenchmarkFormatError as e:
         raise PredictionsError(str(e)) from None
 
