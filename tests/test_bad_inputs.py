@@ -264,7 +264,7 @@ CASES += [
     Case("ev-alphas-nan", "ev", K(alphas=[NAN]), r"'alphas\[0\]'"),
     Case("ev-alphas-letter", "ev", K(alphas=["a"]), r"'alphas\[0\]'"),
     Case("ev-threshold-box", "ev", K(threshold="box"), r"'threshold'"),
-    Case("ev-overwrite-none", "ev", K(overwrite=None), r"'overwrite'"),
+    Case("ev-overwrite-str", "ev", K(overwrite="yes"), r"'overwrite'"),
     # ---- matching parameters
     Case("prop-visibility_threshold-5", "prop", K(visibility_threshold=5), r"'visibility_threshold'"),
     Case("prop-visibility_threshold-neg", "prop", K(visibility_threshold=-0.1), r"'visibility_threshold'"),
