@@ -191,7 +191,7 @@ def test_end_to_end_stage_runs_the_public_api(tiny_run):
 def test_pipeline_stage_without_a_database(tiny_run):
     """compute_fused_features' own pipeline, timed without FiftyOne (what a GPU machine
     without MongoDB can measure), and the headline target falls back to it only there."""
-    from fiftyone_sdcorr.bench.benchmark import evaluate_targets
+    from fiftyone_sdcorr.bench.runs import evaluate_targets
 
     _, d, _ = tiny_run
     pipe = d["pipeline"]
@@ -248,7 +248,7 @@ def test_report_from_json(tiny_run, tmp_path):
 
 
 def test_bundled_configs_are_the_published_architectures():
-    from fiftyone_sdcorr.bench.benchmark import load_config
+    from fiftyone_sdcorr.bench.common import load_config
 
     u = load_config("sd15_unet")
     assert u["block_out_channels"] == [320, 640, 1280, 1280] and u["cross_attention_dim"] == 768
@@ -268,7 +268,8 @@ def test_flop_count_full_size_paper_recipe():
     from diffusers import UNet2DConditionModel
     from transformers import Dinov2Config, Dinov2Model
 
-    from fiftyone_sdcorr.bench.benchmark import count_flops, load_config
+    from fiftyone_sdcorr.bench.common import load_config
+    from fiftyone_sdcorr.bench.extraction import count_flops
     from fiftyone_sdcorr.core.extractor import PRESETS
 
     with torch.device("meta"):
@@ -318,19 +319,41 @@ def test_tiny_bench_on_cuda(tmp_path):
     assert d["extraction"]["agreement"]["nn_equal_pct"] >= 50.0
 
 
-def test_readme_block_is_replaced_idempotently(tmp_path):
-    from fiftyone_sdcorr.bench.benchmark import README_END, README_START, update_readme
+def test_generated_block_is_replaced_idempotently(tmp_path):
+    """bench-report --readme docs/performance.md: the generated block of a document."""
+    from fiftyone_sdcorr.bench.report import GENERATED_BLOCK_END, GENERATED_BLOCK_START, update_generated_block
 
-    readme = tmp_path / "README.md"
-    readme.write_text("# x\n\n## Benchmarks\n\nBENCH_TABLE\n\n## Next\n")
-    assert update_readme(readme, "| a |\n|---|\n| 1 |\n", str(tmp_path / "results" / "b.png"))
-    first = readme.read_text()
+    doc = tmp_path / "performance.md"
+    doc.write_text("# x\n\n## Benchmarks\n\nBENCH_TABLE\n\n## Next\n")
+    assert update_generated_block(doc, "| a |\n|---|\n| 1 |\n", str(tmp_path / "results" / "b.png"))
+    first = doc.read_text()
     assert "BENCH_TABLE" not in first and "| 1 |" in first and "![benchmark plot](results/b.png)" in first
-    assert first.index(README_END) < first.index("\n\n## Next")
-    assert update_readme(readme, "| a |\n|---|\n| 2 |\n", None)
-    second = readme.read_text()
-    assert "| 2 |" in second and "| 1 |" not in second and second.count(README_START) == 1
+    assert first.index(GENERATED_BLOCK_END) < first.index("\n\n## Next")
+    assert update_generated_block(doc, "| a |\n|---|\n| 2 |\n", None)
+    second = doc.read_text()
+    assert "| 2 |" in second and "| 1 |" not in second and second.count(GENERATED_BLOCK_START) == 1
     assert second.endswith("## Next\n")
     plain = tmp_path / "OTHER.md"
     plain.write_text("no markers\n")
-    assert not update_readme(plain, "| a |\n", None)
+    assert not update_generated_block(plain, "| a |\n", None)
+
+
+def test_bench_modules_by_stage():
+    """The bench is split by stage; every function is at most 60 lines; the old module
+    path (``fiftyone_sdcorr.bench.benchmark``, which __main__ imports) still names the
+    command's description, its arguments and its main functions."""
+    import ast
+
+    from fiftyone_sdcorr.bench import benchmark, cli, report, runs
+
+    long = []
+    for path in sorted((REPO / "fiftyone_sdcorr" / "bench").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
+                long.append(f"{path.name}:{node.name} ({node.end_lineno - node.lineno + 1} lines)")
+    assert not long, long
+    assert benchmark.__doc__.startswith("Benchmarks: extraction, matching and feature-store speed")
+    assert benchmark.main_bench is cli.main_bench and benchmark.main_report is cli.main_report
+    assert benchmark.add_bench_arguments is cli.add_bench_arguments
+    assert benchmark.add_report_arguments is cli.add_report_arguments
+    assert benchmark.run_bench is runs.run_bench and benchmark.update_generated_block is report.update_generated_block
