@@ -43,6 +43,34 @@ def _demo_module():
     return importlib.import_module("fiftyone_sdcorr.demo")
 
 
+def _add_review_quality_arguments(p, formats) -> None:
+    src = p.add_argument_group("what to corrupt: a FiftyOne dataset, or a benchmark split imported for the run")
+    src.add_argument("--dataset", help="the dataset's name")
+    src.add_argument("--format", choices=formats, help="a benchmark's format (with --root)")
+    src.add_argument("--root", help="the benchmark folder; imported into a temporary dataset, deleted afterwards")
+    src.add_argument("--split", default="test", help="benchmark split (default: test)")
+    src.add_argument("--categories", nargs="+", metavar="NAME", help="benchmark: only these categories")
+    src.add_argument("--sample", type=int, help="benchmark: at most N pairs per category")
+    p.add_argument("--gt-field", help="the ground-truth keypoints field (default: keypoints)")
+    p.add_argument("--bbox-field", help="object boxes for T (default: detections on a benchmark, else none)")
+    p.add_argument("--corruptions", default="swap,shift,drop", help="comma-separated kinds (default: swap,shift,drop)")
+    p.add_argument("--rate", type=float, default=0.2, help="probability a visible point is corrupted (default 0.2)")
+    p.add_argument("--shift", type=float, default=0.2, help="shift distance in units of the object's size (0.2)")
+    p.add_argument("--seed", type=int, default=0, help="corruption seed (default 0)")
+    p.add_argument("--alpha", type=float, help="the review's alpha (default: flag_keypoint_annotations')")
+    p.add_argument("--min-confidence", type=float, help="the review's min_confidence")
+    p.add_argument("--features-field", help="stored features to use (default: sdcorr_features)")
+    p.add_argument("--embedding-field", help="stored global embeddings (default: sdcorr_embedding)")
+    p.add_argument("--sd-model", help="SD model (when features are computed)")
+    p.add_argument("--dino-model", help="DINOv2 model (when features are computed)")
+    p.add_argument("--preset", help="feature recipe preset")
+    p.add_argument("--device", help="torch device")
+    p.add_argument("--batch-size", type=int, help="batch size")
+    p.add_argument("--flip", action="store_true", help="flip alignment in the review")
+    p.add_argument("--out", help="write the report as JSON to this file")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
 def build_parser(with_demo_module=None) -> argparse.ArgumentParser:
     from fiftyone_sdcorr.bench import benchmark as bench
 
@@ -74,31 +102,7 @@ def build_parser(with_demo_module=None) -> argparse.ArgumentParser:
 
     p = sub.add_parser("review-quality", help="precision / recall of flag_keypoint_annotations on known corruptions "
                        "(swapped, shifted, dropped points) of a copy of the ground truth")
-    src = p.add_argument_group("what to corrupt: a FiftyOne dataset, or a benchmark split imported for the run")
-    src.add_argument("--dataset", help="the dataset's name")
-    src.add_argument("--format", choices=pair_eval.FORMATS, help="a benchmark's format (with --root)")
-    src.add_argument("--root", help="the benchmark folder; imported into a temporary dataset, deleted afterwards")
-    src.add_argument("--split", default="test", help="benchmark split (default: test)")
-    src.add_argument("--categories", nargs="+", metavar="NAME", help="benchmark: only these categories")
-    src.add_argument("--sample", type=int, help="benchmark: at most N pairs per category")
-    p.add_argument("--gt-field", help="the ground-truth keypoints field (default: keypoints)")
-    p.add_argument("--bbox-field", help="object boxes for T (default: detections on a benchmark, else none)")
-    p.add_argument("--corruptions", default="swap,shift,drop", help="comma-separated kinds (default: swap,shift,drop)")
-    p.add_argument("--rate", type=float, default=0.2, help="probability a visible point is corrupted (default 0.2)")
-    p.add_argument("--shift", type=float, default=0.2, help="shift distance in units of the object's size (0.2)")
-    p.add_argument("--seed", type=int, default=0, help="corruption seed (default 0)")
-    p.add_argument("--alpha", type=float, help="the review's alpha (default: flag_keypoint_annotations')")
-    p.add_argument("--min-confidence", type=float, help="the review's min_confidence")
-    p.add_argument("--features-field", help="stored features to use (default: sdcorr_features)")
-    p.add_argument("--embedding-field", help="stored global embeddings (default: sdcorr_embedding)")
-    p.add_argument("--sd-model", help="SD model (when features are computed)")
-    p.add_argument("--dino-model", help="DINOv2 model (when features are computed)")
-    p.add_argument("--preset", help="feature recipe preset")
-    p.add_argument("--device", help="torch device")
-    p.add_argument("--batch-size", type=int, help="batch size")
-    p.add_argument("--flip", action="store_true", help="flip alignment in the review")
-    p.add_argument("--out", help="write the report as JSON to this file")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_review_quality_arguments(p, pair_eval.FORMATS)
 
     # demo: its own arguments when the module declares them, else passed through
     if with_demo_module is not None and hasattr(with_demo_module, "add_arguments"):

@@ -132,45 +132,67 @@ def evaluate_pairs(
         ``{"per_point", "per_image", "per_point_pooled", "categories", "counts", "alphas",
         "benchmark", "method", "warnings"}`` (PCK in percent; :func:`~fiftyone_sdcorr.core.pck_protocol.aggregate`).
     """
+    # 1. check every parameter (and where the model's work goes) before any model loads
     check_choice("format", format, FORMATS)
     check_str("split", split)
     if sample is not None:
         check_int("sample", sample, lo=1)
     alphas = ALPHAS[format]
-    if predictions is None:  # where the model's work goes, checked before any model loads
-        save_predictions = None if save_predictions is None else check_output_file("save_predictions",
-                                                                                    save_predictions)
-        feature_cache = None if feature_cache is None else check_output_folder("feature_cache", feature_cache)
-        if projection is not None and pca != "fixed":
-            raise ParameterError(f"parameter 'projection': a fixed projection is used with pca='fixed', not {pca!r}")
-    if records is None:
-        records = read_pairs(format, root, split, categories=categories, sample=sample, seed=seed)
-    records = list(records)
-    if not records:
-        raise BenchmarkFormatError(f"no {format} pairs for split {split!r} under {root}"
-                                   + (f" in categories {list(categories)}" if categories else ""))
+    if predictions is None:
+        save_predictions, feature_cache = _check_model_outputs(save_predictions, feature_cache, projection, pca)
+    # 2. the pairs
+    records = _pairs(format, root, split, categories, sample, seed, records)
     warnings: List[str] = _geometry_warnings(records)
+    # 3. scores: from the predictions given, or from the model
     if predictions is not None:
+        source = None if isinstance(predictions, dict) else str(predictions)
         preds = predictions if isinstance(predictions, dict) else read_predictions(predictions)
-        scores = score_predictions(records, preds, alphas,
-                                   source=None if isinstance(predictions, dict) else str(predictions))
-        method = {"source": "predictions", "file": None if isinstance(predictions, dict) else str(predictions)}
+        scores = score_predictions(records, preds, alphas, source=source)
+        method = {"source": "predictions", "file": source}
     else:
         opts = PairMatchOptions(features=features, pca=pca, soft_argmax=soft_argmax, flip=flip,
                                 pca_device=pca_device, cache_images=cache_images)
-        matcher = _matcher(extractor, opts, projection, records, fit_images, sd_model=sd_model,
-                           dino_model=dino_model, device=device, dtype=dtype, batch_size=batch_size,
-                           preset=preset, recipe=recipe, feature_cache=feature_cache, unet_model=unet_model)
-        method = {"source": "model", **_method_config(matcher, opts, projection)}
-        if flip and format == "pfpascal":
-            warnings.append("flip alignment on PF-Pascal: its pair lists name no keypoints, so the mirrored "
-                            "source keeps every label (no left/right swap)")
-        scores = _run_model(matcher, records, format, alphas, save_predictions, method, progress)
+        model = dict(sd_model=sd_model, dino_model=dino_model, device=device, dtype=dtype, batch_size=batch_size,
+                     preset=preset, recipe=recipe, feature_cache=feature_cache, unet_model=unet_model)
+        scores, method = _model_scores(format, records, alphas, opts, model, extractor, projection, fit_images,
+                                       save_predictions, progress, warnings)
+    # 4. the paper's aggregation
     result = aggregate(scores, alphas)
-    result["benchmark"] = _benchmark_info(format, root, split, categories, sample, seed, records, result)
-    result["method"] = method
-    result["warnings"] = warnings
-    return result
+    info = _benchmark_info(format, root, split, categories, sample, seed, records, result)
+    return {**result, "benchmark": info, "method": method, "warnings": warnings}
+
+
+def _pairs(fmt, root, split, categories, sample, seed, records) -> List[PairRecord]:
+    """The pairs given, else those read from the benchmark's files; none is an error."""
+    records = list(records if records is not None else
+                   read_pairs(fmt, root, split, categories=categories, sample=sample, seed=seed))
+    if not records:
+        raise BenchmarkFormatError(f"no {fmt} pairs for split {split!r} under {root}"
+                                   + (f" in categories {list(categories)}" if categories else ""))
+    return records
+
+
+def _model_scores(fmt, records, alphas, opts, model: dict, extractor, projection, fit_images, save_predictions,
+                  progress, warnings: List[str]):
+    """``(scores, method)`` of the model on the pairs (its predictions saved as they come)."""
+    matcher = _matcher(extractor, opts, projection, records, fit_images, **model)
+    method = {"source": "model", **_method_config(matcher, opts, projection)}
+    if opts.flip and fmt == "pfpascal":
+        warnings.append("flip alignment on PF-Pascal: its pair lists name no keypoints, so the mirrored "
+                        "source keeps every label (no left/right swap)")
+    return _run_model(matcher, records, fmt, alphas, save_predictions, method, progress), method
+
+
+def _check_model_outputs(save_predictions, feature_cache, projection, pca):
+    """``(save_predictions, feature_cache)`` checked as an output file and folder; a
+    projection is refused unless ``pca="fixed"``."""
+    if save_predictions is not None:
+        save_predictions = check_output_file("save_predictions", save_predictions)
+    if feature_cache is not None:
+        feature_cache = check_output_folder("feature_cache", feature_cache)
+    if projection is not None and pca != "fixed":
+        raise ParameterError(f"parameter 'projection': a fixed projection is used with pca='fixed', not {pca!r}")
+    return save_predictions, feature_cache
 
 
 def _benchmark_info(fmt, root, split, categories, sample, seed, records, result) -> dict:

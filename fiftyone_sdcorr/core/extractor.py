@@ -203,25 +203,52 @@ class FeatureExtractor:
         compile: Optional[bool] = None,
         **recipe,
     ):
+        # 1. settings
+        if compile is not None and not isinstance(compile, bool):
+            raise ParameterError(f"parameter 'compile' must be True, False or None (auto), got {compile!r}")
         self.recipe = Recipe.build(preset, **recipe)
         self.device = torch.device(device) if device is not None else _models.default_device()
         self.dtype = _models.resolve_dtype(dtype) or _models.default_dtype(self.device)
         self.sd_model_name, self.dino_model_name = str(sd_model), str(dino_model)
         self.unet_model_name = None if unet_model is None else str(unet_model)
+        self.channels_last = bool(channels_last)
+        self.compile_policy = compile
+        self.compiled: Optional[dict] = None
+        # 2. models
+        sd = self._load_models(sd_model, dino_model)
+        self._check_dino_size()
+        # 3. the prompt embedding (then the text encoder goes, unless prompts vary per image)
+        self._prompt_cache: Dict[str, torch.Tensor] = {}
+        self._prep_pool: Optional[ThreadPoolExecutor] = None
+        self.text_encoder = sd.text_encoder
+        self._max_tokens = min(
+            int(self.tokenizer.model_max_length), int(self.text_encoder.config.max_position_embeddings)
+        )
+        self._embed_fixed_prompt()
+        # 4. batch and the shared noise
+        self.batch_size = batch_size or self._auto_batch_size()
+        self._noise = torch.randn(
+            1, int(self.vae.config.latent_channels), self.recipe.noise_size, self.recipe.noise_size,
+            generator=torch.Generator().manual_seed(self.recipe.noise_seed),
+        )
+        self._noise_on_device: Dict[Tuple[int, int, torch.dtype], torch.Tensor] = {}
+        self._imagenet: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
+        self._taps_in_order = [t for t in _models.SD_TAPS if t in self.recipe.taps]
+
+    def _load_models(self, sd_model, dino_model):
+        """SD's components and DINO on the device (channels-last when asked); returns SD's bundle."""
         sd = _models.load_stable_diffusion(sd_model, self.device, self.dtype, unet_model=self.unet_model_name)
         self.unet, self.vae, self.scheduler, self.tokenizer = sd.unet, sd.vae, sd.scheduler, sd.tokenizer
         self.dino = _models.load_dino(dino_model, self.device, self.dtype)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed tile shapes: let cuDNN pick its kernels
-        self.channels_last = bool(channels_last)
-        if compile is not None and not isinstance(compile, bool):
-            raise ParameterError(f"parameter 'compile' must be True, False or None (auto), got {compile!r}")
-        self.compile_policy = compile
-        self.compiled: Optional[dict] = None
         if self.channels_last:
             self.unet.to(memory_format=torch.channels_last)
             self.vae.to(memory_format=torch.channels_last)
         self.dino_stride = _models.dino_patch_size(self.dino)
+        return sd
+
+    def _check_dino_size(self) -> None:
         if self.recipe.dino_size % self.dino_stride:
             # e.g. DINOv3 (patch 16) with the DINOv2 default 840: the size with the same token
             # grid as SD's s3 tap (stride 16) is the SD size itself
@@ -232,28 +259,16 @@ class FeatureExtractor:
                 f"{same_grid // self.dino_stride}x{same_grid // self.dino_stride} token grid (SD's s3 grid at "
                 f"sd_size {self.recipe.sd_size})"
             )
-        self._prompt_cache: Dict[str, torch.Tensor] = {}
-        self._prep_pool: Optional[ThreadPoolExecutor] = None
-        self.text_encoder = sd.text_encoder
-        self._max_tokens = min(
-            int(self.tokenizer.model_max_length), int(self.text_encoder.config.max_position_embeddings)
-        )
+
+    def _embed_fixed_prompt(self) -> None:
         if "{label}" in self.recipe.prompt:
             self._prompt_embedding("")  # samples without a label get the empty prompt
-        else:
-            self._prompt_embedding(self.recipe.prompt)
-            # the text encoder is needed only for the prompt embedding: keep it, free the encoder
-            self.text_encoder = None
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-        self.batch_size = batch_size or self._auto_batch_size()
-        self._noise = torch.randn(
-            1, int(self.vae.config.latent_channels), self.recipe.noise_size, self.recipe.noise_size,
-            generator=torch.Generator().manual_seed(self.recipe.noise_seed),
-        )
-        self._noise_on_device: Dict[Tuple[int, int, torch.dtype], torch.Tensor] = {}
-        self._imagenet: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
-        self._taps_in_order = [t for t in _models.SD_TAPS if t in self.recipe.taps]
+            return
+        self._prompt_embedding(self.recipe.prompt)
+        # the text encoder is needed only for the prompt embedding: keep it, free the encoder
+        self.text_encoder = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     # ------------------------------------------------------------------ config
     def config(self) -> dict:
