@@ -357,3 +357,25 @@ def test_bench_modules_by_stage():
     assert benchmark.add_bench_arguments is cli.add_bench_arguments
     assert benchmark.add_report_arguments is cli.add_report_arguments
     assert benchmark.run_bench is runs.run_bench and benchmark.update_generated_block is report.update_generated_block
+
+
+def test_cpu_preset_run_with_tiny_models(tmp_path):
+    """``--cpu-preset``'s run (full-size models in practice; tiny random ones here): both
+    recipes costed, the stages of the files in results/, store and matching on the paper
+    features."""
+    import time
+    import types
+
+    from fiftyone_sdcorr.bench.runs import run_cpu_preset
+    from fiftyone_sdcorr.core.tiny import tiny_models
+
+    sd_dir, dino_dir = tiny_models(tmp_path / "models")
+    args = types.SimpleNamespace(images=1, warmup=0, keypoints=5, targets=2, _t0=time.perf_counter())
+    out = run_cpu_preset(args, sd_dir, dino_dir, quiet=True)
+    recipes = out["cpu_preset"]["recipes"]
+    assert set(recipes) == {"paper", "cpu"}
+    for r in recipes.values():
+        assert set(r["stages_mean_s"]) == {"preprocess", "sd", "dino"} and _pos(r["s_per_image"])
+    assert recipes["paper"]["grid"] == 60 and recipes["cpu"]["grid"] < 60
+    assert out["matching"]["keypoints"] == 5 and out["store"]["samples"] == 2
+    assert set(out["targets"]) == {"matching_speedup_cpu"}

@@ -184,7 +184,7 @@ def cpu_recipe_cost(name: str, models: tuple, images: list, n: int, warmup: int,
         cpu_per.append(time.process_time() - c0)
         per.append(c.seconds)
         raws += r
-        for k_ in st:
+        for k_ in stages_sum:  # the stages of cpu-preset files (staged_extract also times to_host)
             stages_sum[k_] += st[k_]
         log(f"cpu-preset: {name} image {i + 1}/{n}: {c.seconds:.1f} s ({', '.join(f'{k} {v:.1f}' for k, v in st.items())})", quiet)
     mean = float(np.mean(per))
