@@ -560,7 +560,7 @@ def test_tagged_references_come_first(world):
 def test_field_defaults_without_tags_and_newest_prediction(tmp_dataset, photo_paths):
     """No tagged reference: the annotation field with the most keypoints; several predicted
     fields: the newest (created last), whatever the names' order."""
-    from fiftyone_sdcorr.plugin.panel_figure import default_fields, free_field_name
+    from fiftyone_sdcorr.plugin.field_roles import default_fields, free_field_name
 
     def kps(attrs=None):
         kp = fo.Keypoint(label="x", points=[(0.1, 0.2)], **(attrs or {}))

@@ -25,7 +25,7 @@ from fiftyone_sdcorr.dataset.config import (
 )
 from fiftyone_sdcorr.dataset.engine import ParameterError
 from fiftyone_sdcorr.plugin import common
-from fiftyone_sdcorr.plugin.panel_figure import default_fields, free_field_name
+from fiftyone_sdcorr.plugin.field_roles import default_fields, free_field_name
 
 REFERENCE_MODES = ("annotated", "tag", "selected", "ids")
 

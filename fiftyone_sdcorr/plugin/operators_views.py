@@ -20,7 +20,7 @@ import fiftyone.operators.types as types
 from fiftyone_sdcorr.dataset.config import VIEW_MODES, FeaturePCAConfig, HeatmapConfig
 from fiftyone_sdcorr.dataset.engine import ParameterError
 from fiftyone_sdcorr.plugin import common
-from fiftyone_sdcorr.plugin.panel_figure import free_field_name
+from fiftyone_sdcorr.plugin.field_roles import free_field_name
 
 
 def _views_config():

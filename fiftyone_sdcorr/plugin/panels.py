@@ -44,11 +44,11 @@ import fiftyone.operators.types as types
 
 from fiftyone_sdcorr.core import visualize as vis
 
+from fiftyone_sdcorr.plugin.field_roles import OUTPUT_FIELD, default_fields, field_roles, free_field_name, keypoint_fields
 from fiftyone_sdcorr.plugin.panel_figure import (  # noqa: F401 -- MAX_SIDE etc. are part of the panel's API
     CONTROL_DEFAULTS,
     FIGURE_HEIGHT,
     MAX_SIDE,
-    OUTPUT_FIELD,
     PLOT_HEIGHT,
     PLUGIN,
     POINT_REVIEW_ATTR,
@@ -58,21 +58,19 @@ from fiftyone_sdcorr.plugin.panel_figure import (  # noqa: F401 -- MAX_SIDE etc.
     SIDES,
     VIEW_MODES,
     build_figure,
-    default_fields,
-    field_roles,
     figure_options,
-    free_field_name,
     instances_of,
-    keypoint_fields,
-    object_features,
     pair_frames,
     placements,
     predicted_from,
+    shown_pairs,
+)
+from fiftyone_sdcorr.plugin.panel_ranking import (
+    object_features,
     rank_reference_objects,
     rank_references,
     reference_key,
     sample_objects,
-    shown_pairs,
 )
 
 #: the panel's field selectors: state key -> (label, whether "none" is a choice)
