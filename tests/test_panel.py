@@ -191,6 +191,97 @@ def test_feature_views_pca_and_parts(world):
     assert d.traces("reference|pca")[0]["source"] == first
 
 
+# --------------------------------------------------------------------------- dense views
+CROP = (0.20, 0.05, 1.0, 0.95)  # the crop world's target is this crop of the reference image
+
+
+@pytest.fixture(scope="module")
+def crop_world(photo_paths, tmp_path_factory):
+    dataset, ids, describer = build_panel_dataset(
+        f"sdcorr-panel-crop-{uuid.uuid4().hex[:8]}", photo_paths, tmp_path_factory.mktemp("panel-crop"), crop=CROP)
+    yield dataset, ids, describer
+    dataset.delete()
+
+
+def _pixels(trace):
+    """The picture of an image trace (its data URI) as an array."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    raw = base64.b64decode(trace["source"].split(",", 1)[1])
+    with Image.open(io.BytesIO(raw)) as im:
+        return np.asarray(im)
+
+
+def test_dense_view_colours_the_crop_by_the_reference_positions(crop_world):
+    from fiftyone_sdcorr.core.dense import position_colors
+
+    dataset, ids, _ = crop_world
+    d = PanelDriver(dataset, current_sample=ids["target"]).call("on_load")
+    views = [c["value"] for c in d.properties()["view_mode"]["view"]["choices"]]
+    assert {"dense", "warp"} <= set(views)
+    d.call("on_change_view_mode", value="dense")
+    assert d.state["controls"]["view_mode"] == "dense" and "Dense correspondence" in d.status()
+    (ref,), (cur,) = d.traces("reference|dense"), d.traces("current|dense")
+    rw, rh = image_size(d.traces("reference|photo")[0])
+    cw, ch = image_size(d.traces("current|photo")[0])
+    # the reference: the paper's colour map over the whole image, drawn where the photo is
+    colors = position_colors(rw, rh)
+    assert np.array_equal(_pixels(ref), colors)
+    assert (ref["x0"], ref["dx"]) == (d.traces("reference|photo")[0]["x0"], d.traces("reference|photo")[0]["dx"])
+    # the current crop: each pixel the colour of the reference position it shows (the crop's
+    # offsets are known), opacity = confidence
+    got = _pixels(cur).astype(float)
+    assert got.shape == (ch, cw, 4) and np.median(got[..., 3]) > 0.5 * 255
+    ys, xs = np.mgrid[0:ch, 0:cw]
+    tx = CROP[0] + (xs + 0.5) / cw * (CROP[2] - CROP[0])
+    ty = CROP[1] + (ys + 0.5) / ch * (CROP[3] - CROP[1])
+    want = colors[(ty * rh).astype(int), (tx * rw).astype(int)].astype(float)
+    token = 255.0 * 14 / 224 * max(rw, rh) / np.array([rw, rh])  # one token in colour units (R: x, G: y)
+    err = np.abs(got[..., :2] - want[..., :2]) / token
+    sure = got[..., 3] > 0.5 * 255
+    # (the test descriptor is not scale-invariant and the crop is shown larger: most of the
+    # crop, not its left edge, where the fur looks alike)
+    assert np.median(err[sure]) < 0.5 and (err[sure].max(-1) < 1.5).mean() > 0.8  # 0.17; 88%
+    near = [err[int((y - CROP[1]) / (CROP[3] - CROP[1]) * ch), int((x - CROP[0]) / (CROP[2] - CROP[0]) * cw)].max()
+            for x, y in GT_POINTS[:4]]
+    assert sum(e < 1.5 for e in near) >= 3, near  # the keypoints: the nose, mouth, right eye exact
+    # computed once per pair: the next drawing reuses the pictures
+    d.call("on_change_show", value="ground_truth")
+    assert d.traces("current|dense")[0]["source"] == cur["source"]
+
+
+def test_warp_view_draws_the_reference_carried_onto_the_crop(crop_world):
+    from PIL import Image
+
+    dataset, ids, _ = crop_world
+    d = PanelDriver(dataset, current_sample=ids["target"]).call("on_load")
+    d.call("on_change_view_mode", value="warp")
+    (warp,) = d.traces("current|warp")
+    assert not d.traces("reference|warp") and not d.traces(prefix="current|dense")
+    assert "Reference warped" in d.status()
+    photo = _pixels(d.traces("current|photo")[0]).astype(float)
+    got = _pixels(warp).astype(float)
+    assert got.shape == photo.shape[:2] + (4,)
+    valid = got[..., 3] > 0
+    assert valid.mean() > 0.95
+    # the warped reference looks like the current crop; the reference merely resized does not
+    # (compared at a token's scale: 16 x 16 blocks)
+    def coarse(a):
+        return np.asarray(Image.fromarray(a.astype(np.uint8)).resize((16, 16), Image.BOX), float)
+
+    ref = Image.open(dataset[ids["ref"]].filepath).convert("RGB").resize(photo.shape[1::-1])
+    err = np.abs(coarse(got[..., :3]) - coarse(photo)).mean()
+    base = np.abs(coarse(np.asarray(ref, float)) - coarse(photo)).mean()
+    assert err < 0.6 * base  # 9.3 against 21
+    # features missing: the same message as the other feature views
+    d = PanelDriver(dataset, current_sample=ids["plain"]).call("on_load")
+    d.call("on_change_view_mode", value="warp")
+    assert not d.traces("current|warp") and "Feature views need stored features" in d.status()
+
+
 def test_show_ground_truth_and_error_lines(world):
     dataset, ids, _ = world
     d = PanelDriver(dataset, current_sample=ids["target"]).call("on_load")

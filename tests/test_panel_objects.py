@@ -172,3 +172,41 @@ def test_references_are_ranked_through_the_similarity_index(world):
     assert order is not None and order[0] == full[0] and len(order) == 2
     # whole-image features absent, a similarity index over the samples absent: no index
     assert panel_ranking.similarity_key(ds) is None
+
+
+def test_dense_view_matches_inside_the_object_crops(world):
+    """Dense correspondence on object frames: the crops' own stored features; identical
+    crops, so each pixel of the current crop takes the reference crop's colour of the
+    same place, and the warped reference crop is the current crop."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    from fiftyone_sdcorr.core.dense import position_colors
+
+    def pixels(trace):
+        with Image.open(io.BytesIO(base64.b64decode(trace["source"].split(",", 1)[1]))) as im:
+            return np.asarray(im).astype(float)
+
+    d = _open(world, "canvas2.png")
+    d.call("on_change_view_mode", value="dense", path="controls.view_mode")
+    d.call("render")
+    (ref,), (cur,) = d.traces("reference|dense"), d.traces("current|dense")
+    w, h = image_size(d.traces("current|photo")[0])
+    assert image_size(ref) == image_size(d.traces("reference|photo")[0]) == (w, h)
+    colors = position_colors(w, h).astype(float)
+    got = pixels(cur)
+    assert np.array_equal(pixels(ref), colors)
+    sure = got[..., 3] > 0.5 * 255
+    assert sure.mean() > 0.8
+    token = 255.0 * STRIDE_FRACTION * max(w, h) / np.array([w, h])  # one token in colour units (R: x, G: y)
+    err = (np.abs(got[..., :2] - colors[..., :2]) / token)[sure].max(-1)
+    assert np.median(err) < 0.25 and (err < 1.0).mean() > 0.95
+    assert "current object" in d.status()
+    d.call("on_change_view_mode", value="warp", path="controls.view_mode")
+    d.call("render")
+    (warp,) = d.traces("current|warp")
+    photo, got = pixels(d.traces("current|photo")[0]), pixels(warp)
+    valid = got[..., 3] > 0
+    assert valid.mean() > 0.95 and np.median(np.abs(got[..., :3] - photo)[valid]) < 8

@@ -18,6 +18,7 @@ import numpy as np
 
 
 from fiftyone_sdcorr.core import visualize as vis
+from fiftyone_sdcorr.core.dense import dense_match, position_colors, warp_image
 from fiftyone_sdcorr.core.geometry import DEFAULT_CONTEXT_MARGIN, Crop
 from fiftyone_sdcorr.dataset.config import FEATURES_FIELD, N_PARTS
 from fiftyone_sdcorr.dataset.skeletons import keypoint_skeleton
@@ -37,7 +38,15 @@ PLOT_HEIGHT = 400.0  # common height of both images, in plot units
 GAP = 24.0  # plot units between the two images
 FIGURE_HEIGHT = 420  # pixels
 SIDES = ("current", "reference")
-VIEW_MODES = {"photos": "Photos", "pca": "PCA of features", "parts": "Part clusters"}
+VIEW_MODES = {"photos": "Photos", "pca": "PCA of features", "parts": "Part clusters",
+              "dense": "Dense correspondence", "warp": "Reference warped"}
+DENSE_VIEWS = ("dense", "warp")  # the view modes drawn from the pair's dense match
+#: cells per side of the dense grid the panel matches on (over each side's letterbox
+#: frame, :func:`~fiftyone_sdcorr.core.dense.dense_match`): finer than the token grid
+#: (60 x 60 with the paper's recipe), about 2 s for 1536-channel features on two CPU
+#: cores; computed once per pair and cached
+DENSE_RESOLUTION = 96
+DENSE_CHUNK = 1024  # target cells per matching step (memory: chunk x source cells)
 SHOW_MODES = {"predicted": "Predicted", "ground_truth": "Ground truth", "both": "Both"}
 CONTROL_DEFAULTS = {"view_mode": "photos", "show": "predicted", "error_lines": True,
                     "heatmap": True, "n_parts": N_PARTS}
@@ -412,24 +421,78 @@ def _feature_view_uris(mode: str, k: int, fa, fb, places) -> Dict[str, str]:
     return out
 
 
+def _pair_key(frames) -> tuple:
+    """The stored features of both sides and their mtimes: what a feature view depends on."""
+    return tuple(v for side in SIDES for v in (frames[side].features_path, _mtime(frames[side].features_path)))
+
+
 def _image_traces(frames, places, feats, state: dict, status: List[str]) -> List[dict]:
-    """The photos (or crops) and, in a feature view, the pair's PCA colours or parts."""
+    """The photos (or crops) and, in a feature view, the pair's PCA colours, parts or
+    dense correspondence (:func:`_dense_traces`)."""
     mode = state.get("view_mode") or "photos"
     data = [places[side].image_trace(f"{side}|photo", frames[side].uri()) for side in SIDES]
-    if mode not in ("pca", "parts"):
+    if mode not in ("pca", "parts") + DENSE_VIEWS:
         return data
     fa, fb = feats["current"], feats["reference"]
     if fa is None or fb is None:
         what = "objects" if frames["current"].is_object else "samples"
         status.append(f"Feature views need stored features (`{frames['current'].features_name}`) for both {what}.")
         return data
+    if mode in DENSE_VIEWS:
+        return data + _dense_traces(mode, frames, places, feats, status)
     k = int(state.get("n_parts") or N_PARTS)
-    pair_key = tuple(v for side in SIDES for v in (frames[side].features_path, _mtime(frames[side].features_path)))
-    uris = _CACHE.get((mode, k if mode == "parts" else None) + pair_key,
+    uris = _CACHE.get((mode, k if mode == "parts" else None) + _pair_key(frames),
                       lambda: _feature_view_uris(mode, k, fa, fb, places))
     for side in SIDES:
         data.append(places[side].image_trace(f"{side}|{mode}", uris[side], opacity=0.9 if mode == "pca" else 0.6))
     return data
+
+
+def _dense_match(frames, feats):
+    """The reference's (source) dense match to the current side (target) at
+    :data:`DENSE_RESOLUTION` (cached per pair of stored features)."""
+    return _CACHE.get(("dense-match", DENSE_RESOLUTION) + _pair_key(frames),
+                      lambda: dense_match(feats["reference"], feats["current"], resolution=DENSE_RESOLUTION,
+                                          chunk=DENSE_CHUNK))
+
+
+def _rgba_uri(rgb: np.ndarray, alpha: np.ndarray) -> str:
+    a = np.clip(np.nan_to_num(alpha, nan=0.0), 0, 255).round().astype(np.uint8)
+    return vis.to_data_uri(np.dstack([rgb.astype(np.uint8), a]), fmt="png")
+
+
+def _dense_uris(mode: str, frames, places, feats) -> Dict[str, str]:
+    """PNG data URIs at each side's display size: ``"dense"``: the reference's position
+    colours and, on the current side, the colour of each pixel's match (alpha =
+    confidence, transparent where there is none); ``"warp"``: the reference (photo or
+    crop) carried onto the current side (transparent where there is no match)."""
+    cur, ref = places["current"], places["reference"]
+    field = _dense_match(frames, feats).sample(cur.width, cur.height)
+    if mode == "dense":
+        colors = position_colors(ref.width, ref.height)
+        alpha = np.where(field.valid, np.clip(field.confidence, 0.0, 1.0) * 255.0, 0.0)
+        return {"reference": vis.to_data_uri(colors, fmt="png"),
+                "current": _rgba_uri(warp_image(field, colors), alpha)}
+    source = np.asarray(frames["reference"].display().convert("RGB"))
+    return {"current": _rgba_uri(warp_image(field, source), field.valid * 255.0)}
+
+
+def _dense_traces(mode: str, frames, places, feats, status: List[str]) -> List[dict]:
+    """The dense views' image traces (``<side>|dense``, ``current|warp``) and their line
+    of status."""
+    key = (mode,) + _pair_key(frames) + tuple(
+        (f.filepath, _mtime(f.filepath), f.box, places[s].width, places[s].height) for s, f in frames.items())
+    uris = _CACHE.get(key, lambda: _dense_uris(mode, frames, places, feats))
+    what = "object" if frames["current"].is_object else "sample"
+    grid = f"{DENSE_RESOLUTION} × {DENSE_RESOLUTION}"
+    if mode == "dense":
+        status.append(f"**Dense correspondence** ({grid} cells): the reference coloured by position; each pixel "
+                      f"of the current {what} takes the colour of its match (opacity = confidence).")
+    else:
+        status.append(f"**Reference warped** onto the current {what} through the dense match ({grid} cells); "
+                      "*Photos* shows the current photo as it is.")
+    return [places[side].image_trace(f"{side}|{mode}", uris[side], opacity=0.9 if mode == "dense" else 1.0)
+            for side in SIDES if side in uris]
 
 
 def _scatter(name, xs, ys, color, size=9, symbol="circle", text=None, ids=None, line_color="#ffffff",

@@ -18,14 +18,21 @@ Everything is one plotly figure in one coordinate system:
   other image with the fused features, and the similarity heat map is laid over the other
   image;
 - feature views: the pair's co-fitted PCA colours and a shared k-means part clustering;
+- dense views, from the pair's dense match (:func:`~fiftyone_sdcorr.core.dense.dense_match`
+  of the reference to the current side at :data:`DENSE_RESOLUTION` cells per side, on the
+  stored features of both sides: the whole images', or the object crops' own): *Dense
+  correspondence*, the paper's colour map (the reference coloured by position, each pixel
+  of the current side by the colour of its match, opacity = confidence), and *Reference
+  warped* (the reference photo or crop carried onto the current side; *Photos* shows the
+  current photo as it is);
 - actions: propagate from this reference (prompts ``propagate_keypoints``), accept /
   reject a predicted point or instance (label attribute ``sdcorr_verdict``, per-point list
   ``sdcorr_point_verdicts`` and label tags ``sdcorr:accepted`` / ``sdcorr:rejected``, all
   filterable in the App), compute missing features (prompts ``compute_fused_features``).
 
 Trace names are ``"<side>|<kind>"`` (side ``current``/``reference``; kinds ``photo``,
-``pca``, ``parts``, ``heatmap``, ``keypoints``, ``gt``, ``skeleton``, ``click``,
-``match``); line traces are ``"line|<label>"`` and ``"error|<label>"``.
+``pca``, ``parts``, ``dense``, ``warp``, ``heatmap``, ``keypoints``, ``gt``, ``skeleton``,
+``click``, ``match``); line traces are ``"line|<label>"`` and ``"error|<label>"``.
 """
 
 
@@ -47,6 +54,7 @@ from fiftyone_sdcorr.core import visualize as vis
 from fiftyone_sdcorr.plugin.field_roles import OUTPUT_FIELD, default_fields, field_roles, free_field_name, keypoint_fields
 from fiftyone_sdcorr.plugin.panel_figure import (  # noqa: F401 -- MAX_SIDE etc. are part of the panel's API
     CONTROL_DEFAULTS,
+    DENSE_RESOLUTION,
     FIGURE_HEIGHT,
     MAX_SIDE,
     PLOT_HEIGHT,
@@ -216,7 +224,9 @@ class MatchPanel(foo.Panel):
                 "corresponding keypoints (opacity = confidence). Pick the fields above the figure: "
                 "the references' keypoints, the predictions, the ground truth. Click any pixel to "
                 "see its best match and the similarity heat map in the other image; click a "
-                "predicted point to select it for review."
+                "predicted point to select it for review. *View*: the photos, PCA colours, part "
+                "clusters, the dense correspondence (the reference coloured by position, the current "
+                "sample by the colour of each pixel's match) or the reference warped onto the current sample."
             ),
         )
 
@@ -729,5 +739,5 @@ class MatchPanel(foo.Panel):
 
 PANELS = [MatchPanel]
 
-__all__ = ["MatchPanel", "PANELS", "MAX_SIDE"]
+__all__ = ["MatchPanel", "PANELS", "MAX_SIDE", "DENSE_RESOLUTION"]
 
