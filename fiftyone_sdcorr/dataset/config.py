@@ -27,6 +27,7 @@ from typing import Any, ClassVar, Dict, Optional, Tuple
 import torch
 
 from fiftyone_sdcorr.core.correspondence import DEFAULT_SOFT_WINDOW, DEFAULT_TEMPERATURE
+from fiftyone_sdcorr.core.dense import DEFAULT_RESOLUTION
 from fiftyone_sdcorr.core.extractor import PRESETS, Recipe
 from fiftyone_sdcorr.core.models import DEFAULT_DINO_MODEL, DEFAULT_SD_MODEL
 from fiftyone_sdcorr.core.params import (
@@ -56,6 +57,7 @@ RANGES: Dict[str, tuple] = {
     "top_k": (1, 1000), "soft_window": (1, 99), "temperature": (0.0, 100.0),
     "visibility_threshold": (0.0, 1.0), "alpha": (0.0, 1.0), "min_confidence": (0.0, 1.0),
     "alphas": (0.0, 1.0), "fit_samples": (1, 100_000), "max_side": (16, 8192), "n_parts": N_PARTS_RANGE,
+    "mask_resolution": (8, 512),  # propagate_masks: cells per side of the dense grid
 }
 #: default field names, written once: the stored features and their global vectors
 #: (``compute_fused_features`` writes them, the other functions read them), and the
@@ -457,6 +459,83 @@ class ReviewConfig(Buildable):
         return f"{self.review_field}_error"
 
 
+# --------------------------------------------------------------------------- masks
+MASKS_FIELD = "sdcorr_masks"
+MASK_REGIONS = ("mask", "box")  # objects: a target's region is its own mask (if any), or its box
+
+
+@dataclass(frozen=True)
+class MaskPropagationConfig(Buildable):
+    """``propagate_masks``: where from, where to, the dense grid and the output rule."""
+
+    source_field: str
+    output_field: str
+    features_field: Optional[str] = FEATURES_FIELD
+    embedding_field: Optional[str] = EMBEDDING_FIELD
+    #: cells per side of the dense grid over each letterbox frame
+    resolution: int = DEFAULT_RESOLUTION
+    #: pixels whose match has a lower confidence stay unlabelled (0)
+    min_confidence: float = 0.2
+    #: a new fo.Heatmap field of the per-pixel confidence (None: none)
+    confidence_field: Optional[str] = None
+    #: the long side of an image's output mask is at most this many pixels
+    max_side: int = 2048
+    #: where masks too large for the database go (None: beside the feature store)
+    mask_dir: Optional[str] = None
+    target_region: str = "mask"
+    flip: bool = False
+    same_label: bool = True
+    batch_size: int = 8
+    overwrite: bool = False
+    patches_field: Optional[str] = None
+
+    def __post_init__(self):
+        check_field_name("source_field", self.source_field)
+        check_field_name("output_field", self.output_field)
+        _in_range("mask_resolution", self.resolution)
+        _in_range("min_confidence", self.min_confidence)
+        _field_or_none("confidence_field", self.confidence_field)
+        _in_range("max_side", self.max_side)
+        object.__setattr__(self, "mask_dir", _folder("mask_dir", self.mask_dir))
+        check_choice("target_region", self.target_region, MASK_REGIONS)
+        check_bool("flip", self.flip)
+        check_bool("same_label", self.same_label)
+        _check_matching_run(self)
+
+    @property
+    def error_field(self) -> str:
+        return f"{self.output_field}_error"
+
+    @property
+    def match(self) -> MatchConfig:
+        """The reference choice (the most similar by the global embedding; flip; label)."""
+        return MatchConfig(flip=self.flip, same_label=self.same_label)
+
+
+@dataclass(frozen=True)
+class MaskEvaluationConfig(Buildable):
+    """``evaluate_masks``: IoU of predicted masks against ground truth."""
+
+    NONE_IS_A_VALUE: ClassVar[Tuple[str, ...]] = ("eval_key",)  # None: compute only, write nothing
+
+    pred_field: str
+    gt_field: str
+    eval_key: Optional[str] = "sdcorr_masks_eval"
+    mask_targets: Optional[Dict[Any, str]] = field(default=None, hash=False, compare=False)
+    overwrite: bool = True
+
+    def __post_init__(self):
+        check_field_name("pred_field", self.pred_field)
+        check_field_name("gt_field", self.gt_field)
+        if self.pred_field == self.gt_field:
+            raise ParameterError(f"parameters 'pred_field' and 'gt_field' must differ, both are {self.pred_field!r}")
+        _field_or_none("eval_key", self.eval_key)
+        if self.mask_targets is not None and not isinstance(self.mask_targets, dict):
+            raise ParameterError(f"parameter 'mask_targets' must be a dict of pixel value -> class name, got "
+                                 f"{type(self.mask_targets).__name__}")
+        check_bool("overwrite", self.overwrite)
+
+
 # --------------------------------------------------------------------------- feature views
 @dataclass(frozen=True)
 class ViewConfig(Buildable):
@@ -503,4 +582,85 @@ __all__ = [
     "Buildable", "FeatureConfig", "MatchConfig", "PropagationConfig", "EvaluationConfig", "ReviewConfig",
     "ViewConfig", "FeaturePCAConfig", "HeatmapConfig", "RANGES", "FEATURE_PARAMS", "merge_features",
     "STORE_DTYPES", "DTYPES", "COMBINE_RULES", "THRESHOLDS", "VIEW_MODES",
+    "MaskPropagationConfig", "MaskEvaluationConfig", "MASKS_FIELD", "MASK_REGIONS",
 ]
+
+
+# --------------------------------------------------------------------------- instance swapping
+from fiftyone_sdcorr.core.dense import DEFAULT_RESOLUTION as DENSE_RESOLUTION  # noqa: E402
+
+#: swap_instances' ranges (added to RANGES: the forms read them from there)
+RANGES.update({
+    "swap_resolution": (8, 1024), "refine_strength": (0.0, 1.0), "refine_steps": (1, 1000),
+    "refine_guidance": (0.0, 50.0), "refine_size": (64, 2048), "seed": (0, 2 ** 32 - 1),
+    "animation_frames": (2, 240), "swap_batch_size": (1, 256),
+})
+
+
+@dataclass(frozen=True)
+class SwapConfig(Buildable):
+    """``swap_instances``: where the new samples go, the dense grid, the optional
+    refinement (the paper's SD pass) and animation."""
+
+    output_dataset: str
+    #: a fo.Detections field: pairs of objects (None: pairs of whole images)
+    patches_field: Optional[str] = None
+    #: whole-image pairs: a fo.Segmentation field whose non-zero pixels are the region (None: the whole image)
+    mask_field: Optional[str] = None
+    features_field: Optional[str] = FEATURES_FIELD
+    #: cells per side of the dense grid over each letterbox frame
+    resolution: int = DENSE_RESOLUTION
+    #: target pixels whose match has a lower confidence keep their own colour
+    min_confidence: float = 0.0
+    refine: bool = False
+    refine_strength: float = 0.3
+    refine_steps: int = 30
+    refine_guidance: float = 7.5
+    refine_prompt: str = "a photo of a {label}"
+    #: long side of the region in the SD pass (rounded to multiples of 64)
+    refine_size: int = 512
+    seed: int = 0
+    animation: bool = False
+    animation_frames: int = 16
+    #: where the new images go (None: <feature store>/_swaps/<output dataset id>)
+    output_dir: Optional[str] = None
+    #: pairs whose features are fetched at once
+    batch_size: int = 4
+    overwrite: bool = False
+
+    def __post_init__(self):
+        check_str("output_dataset", self.output_dataset)
+        _field_or_none("patches_field", self.patches_field)
+        _field_or_none("mask_field", self.mask_field)
+        _field_or_none("features_field", self.features_field)
+        _in_range("swap_resolution", self.resolution)
+        _in_range("min_confidence", self.min_confidence)
+        check_bool("refine", self.refine)
+        _in_range("refine_strength", self.refine_strength)
+        _in_range("refine_steps", self.refine_steps)
+        _in_range("refine_guidance", self.refine_guidance)
+        if not isinstance(self.refine_prompt, str):
+            raise ParameterError(f"parameter 'refine_prompt' must be a string, got {self.refine_prompt!r}")
+        _in_range("refine_size", self.refine_size)
+        _in_range("seed", self.seed)
+        check_bool("animation", self.animation)
+        _in_range("animation_frames", self.animation_frames)
+        object.__setattr__(self, "output_dir", _folder("output_dir", self.output_dir))
+        _in_range("swap_batch_size", self.batch_size)
+        check_bool("overwrite", self.overwrite)
+
+    def settings(self) -> dict:
+        """What decides a new sample's pixels (its provenance; a rerun with the same
+        settings skips the pairs already swapped)."""
+        out = {"patches_field": self.patches_field, "mask_field": self.mask_field, "resolution": self.resolution,
+               "min_confidence": self.min_confidence, "refine": self.refine, "animation": self.animation}
+        if self.refine:
+            out.update(refine_strength=self.refine_strength, refine_steps=self.refine_steps,
+                       refine_guidance=self.refine_guidance, refine_prompt=self.refine_prompt,
+                       refine_size=self.refine_size, seed=self.seed)
+        if self.animation:
+            out["animation_frames"] = self.animation_frames
+        return out
+
+
+__all__ += ["SwapConfig"]

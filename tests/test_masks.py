@@ -1,0 +1,185 @@
+"""Mask propagation and evaluation (issue 17, items 2, 3 and 6), with answers known by
+construction: a textured reference (tests/local_descriptor.textured_noise) with a class
+mask, and targets that are the reference itself or a known warp of it (shift, half size,
+mirror), described by the deterministic local descriptor (no model weights)."""
+
+import uuid
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import fiftyone as fo
+import fiftyone.operators as foo
+
+import fiftyone_sdcorr as sc
+from fiftyone_sdcorr.core.params import ParameterError
+from fiftyone_sdcorr.dataset.evaluate_masks import iou_per_class
+from fiftyone_sdcorr.dataset.propagate_masks import DB_MAX_PIXELS, resize_nearest
+from local_descriptor import LocalDescriptor, textured_noise
+
+SIZE, RES = 200, 64
+SHIFT = 28
+PREFIX = "@sdcorr/sdcorr/"
+
+
+def desc():
+    return LocalDescriptor(size=224, stride=14)
+
+
+def _labels(size=SIZE):
+    lab = np.zeros((size, size), np.uint8)
+    lab[50:150, 60:140] = 1
+    lab[80:120, 90:110] = 2
+    return lab
+
+
+def _iou(a, b, c):
+    return ((a == c) & (b == c)).sum() / ((a == c) | (b == c)).sum()
+
+
+def _variants():
+    """``{name: (image, the reference's mask carried by the same warp)}``."""
+    image, lab = textured_noise(SIZE, SIZE, seed=1), _labels()
+    shifted, moved = np.full_like(image, 128), np.zeros_like(lab)
+    shifted[:, SHIFT:], moved[:, SHIFT:] = image[:, :-SHIFT], lab[:, :-SHIFT]
+    half = np.asarray(Image.fromarray(image).resize((SIZE // 2, SIZE // 2), Image.BILINEAR))
+    return {"same": (image, lab), "shift": (shifted, moved), "half": (half, lab[1::2, 1::2]),
+            "mirror": (image[:, ::-1], lab[:, ::-1])}
+
+
+@pytest.fixture
+def world(tmp_path):
+    """A reference (tagged ``ref``, ``gt`` = its mask), a decoy reference of another
+    texture and mask, and one target per variant with its known mask in ``truth``."""
+    ds = fo.Dataset(f"sdcorr-masks-{uuid.uuid4().hex[:8]}")
+    samples = []
+    decoy = np.zeros((SIZE, SIZE), np.uint8)
+    decoy[10:40, 10:40] = 1
+    for name, (img, lab) in [("ref", _variants()["same"]), ("decoy", (textured_noise(SIZE, SIZE, seed=7), decoy))] \
+            + list(_variants().items()):
+        path = str(tmp_path / f"{name}.png")
+        Image.fromarray(np.ascontiguousarray(img)).save(path)
+        s = fo.Sample(filepath=path, name=name, truth=fo.Segmentation(mask=np.ascontiguousarray(lab)))
+        if name in ("ref", "decoy"):
+            s.tags.append("ref")
+            s["gt"] = fo.Segmentation(mask=np.ascontiguousarray(lab))
+        samples.append(s)
+    ds.add_samples(samples)
+    ds.mask_targets = {"gt": {0: "background", 1: "body", 2: "head"}, "truth": {0: "background", 1: "body",
+                                                                             2: "head"}}
+    ds.save()
+    yield ds, tmp_path
+    ds.delete()
+
+
+def _targets(ds):
+    return ds.match_tags("ref", bool=False)
+
+
+def _pred(ds, name, field="pred"):
+    return ds.match(fo.ViewField("name") == name).first()[field]
+
+
+def test_identity_and_known_warps_give_the_known_masks(world):
+    ds, tmp = world
+    got = sc.propagate_masks(_targets(ds), "ref", "gt", "pred", resolution=RES, flip=True, extractor=desc(),
+                             confidence_field="pred_conf", mask_dir=str(tmp / "masks"), progress=False)
+    assert got["targets"] == got["propagated"] == 4 and not got["failed"], got.text()
+    assert got["masks_in_database"] == 8 and got["masks_in_files"] == 0  # 4 masks + 4 heat maps, all small
+    truth = {k: lab for k, (_, lab) in _variants().items()}
+    same = _pred(ds, "same")
+    assert same.mask.shape == (SIZE, SIZE) and same.mask.dtype == np.uint8
+    for c in (1, 2):  # the reference's mask back, with any model
+        assert _iou(same.mask, truth["same"], c) >= 0.98
+    assert same.sdcorr_reference_id == ds.match(fo.ViewField("name") == "ref").first().id  # not the decoy
+    assert not same.sdcorr_flipped and same.confidence > 0.9
+    shift = _pred(ds, "shift").mask
+    assert _iou(shift, truth["shift"], 1) > 0.9 and _iou(shift, truth["shift"], 2) > 0.8
+    half = _pred(ds, "half").mask
+    assert half.shape == (SIZE // 2, SIZE // 2)  # at the target's own size
+    assert _iou(half, truth["half"], 1) > 0.9 and _iou(half, truth["half"], 2) > 0.8
+    mirror = _pred(ds, "mirror")
+    assert mirror.sdcorr_flipped  # the mirrored reference matched better
+    assert _iou(mirror.mask, truth["mirror"], 1) >= 0.95 and _iou(mirror.mask, truth["mirror"], 2) >= 0.9
+    # the confidence heat map, 8-bit, at the mask's size
+    heat = _pred(ds, "same", "pred_conf")
+    assert heat.map.shape == (SIZE, SIZE) and heat.map.dtype == np.uint8 and list(heat.range) == [0, 255]
+    assert ds.count("pred_error") == 0
+    assert ds.mask_targets["pred"] == ds.mask_targets["gt"]  # the App names the classes of the new field
+
+    # evaluation: FiftyOne's own segmentation run; IoU per class equals the hand-computed one
+    res = sc.evaluate_masks(_targets(ds).match(fo.ViewField("name") != "half"), "pred", "truth", eval_key="miou",
+                            progress=False)
+    assert "miou" in ds.list_evaluations() and ds.get_evaluation_info("miou").config.method == "simple"
+    preds = [_pred(ds, n).mask for n in ("same", "shift", "mirror")]
+    gts = [truth[n] for n in ("same", "shift", "mirror")]
+    for value, name in ((0, "background"), (1, "body"), (2, "head")):
+        inter = sum(((p == value) & (g == value)).sum() for p, g in zip(preds, gts))
+        union = sum(((p == value) | (g == value)).sum() for p, g in zip(preds, gts))
+        assert res.per_class[name] == pytest.approx(inter / union)
+    assert res.background == "background"
+    assert res.mean_iou == pytest.approx((res.per_class["body"] + res.per_class["head"]) / 2)
+    assert "mean IoU" in res.report_str() and res.report()["per_class"] == res.per_class
+    assert ds.load_evaluation_results("miou").pixel_confusion_matrix.sum() == 3 * SIZE * SIZE
+
+
+def test_min_confidence_leaves_low_confidence_pixels_unlabelled(world):
+    ds, tmp = world
+    view = ds.match(fo.ViewField("name") == "shift")
+    kw = dict(resolution=RES, extractor=desc(), confidence_field="conf", progress=False)
+    sc.propagate_masks(view, "ref", "gt", "all", min_confidence=0.0, **kw)
+    sc.propagate_masks(view, "ref", "gt", "sure", min_confidence=0.6, **dict(kw, confidence_field="conf2"))
+    s = view.first()
+    conf = s.conf.map / 255.0
+    low = conf < 0.6 - 1 / 255
+    assert low.any() and (s.sure.mask[low] == 0).all()  # below the threshold: unlabelled
+    high = conf > 0.6 + 1 / 255
+    assert (s.sure.mask[high] == s.all.mask[high]).all()  # above it: the same classes
+    # the grey strip (content that is not in the reference) is among the unsure pixels
+    assert conf[:, :SHIFT - 8].mean() < conf[:, SHIFT + 20:].mean()
+
+
+def test_new_fields_only_and_refusals_before_anything_is_written(world):
+    ds, _ = world
+    before = ds.get_field_schema()
+    with pytest.raises(ParameterError, match="'output_field'.*already exists"):
+        sc.propagate_masks(_targets(ds), "ref", "gt", "truth", extractor=desc(), progress=False)
+    with pytest.raises(ParameterError, match="'output_field'.*source_field"):
+        sc.propagate_masks(_targets(ds), "ref", "gt", "gt", extractor=desc(), progress=False)
+    with pytest.raises(ParameterError, match="'source_field'.*not fo.Segmentation"):
+        sc.propagate_masks(_targets(ds), "ref", "name", "p", extractor=desc(), progress=False)
+    with pytest.raises(ParameterError, match="'resolution'|mask_resolution"):
+        sc.propagate_masks(_targets(ds), "ref", "gt", "p", resolution=1, extractor=desc(), progress=False)
+    with pytest.raises(ParameterError, match="references"):
+        sc.propagate_masks(_targets(ds), "no-such-tag", "gt", "p", extractor=desc(), progress=False)
+    assert ds.get_field_schema() == before
+    # overwrite=True writes into an existing field of the same kind
+    view = ds.match(fo.ViewField("name") == "same")
+    got = sc.propagate_masks(view, "ref", "gt", "truth", overwrite=True, resolution=RES, extractor=desc(),
+                             progress=False)
+    assert got["propagated"] == 1 and view.first().truth.sdcorr_reference_id is not None
+
+
+def test_large_masks_go_to_files_named_by_label_id(world, monkeypatch):
+    import fiftyone_sdcorr.dataset.propagate_masks as pm
+
+    ds, tmp = world
+    monkeypatch.setattr(pm, "DB_MAX_PIXELS", 100 * 100)  # the half-size target's mask still fits
+    view = ds.match(fo.ViewField("name").is_in(["same", "half"]))
+    got = sc.propagate_masks(view, "ref", "gt", "pred", resolution=RES, extractor=desc(), max_side=150,
+                             mask_dir=str(tmp / "m"), progress=False)
+    assert got["masks_in_files"] == 1 and got["masks_in_database"] == 1, got.text()
+    same = _pred(ds, "same")
+    assert same.mask is None and same.mask_path == str(tmp / "m" / f"{same.id}.png")
+    assert same.get_mask().shape == (150, 150)  # the long side capped at max_side
+    small = resize_nearest(_labels(), 150, 150)  # the reference's mask at pixel centres
+    assert _iou(same.get_mask(), small, 1) >= 0.98 and _iou(same.get_mask(), small, 2) >= 0.98
+    assert _pred(ds, "half").mask is not None and _pred(ds, "half").mask_path is None
+    assert DB_MAX_PIXELS == 512 * 512
+
+
+def test_iou_per_class_from_a_confusion_matrix():
+    cm = [[5, 1, 0], [2, 3, 0], [0, 0, 0]]  # rows: ground truth
+    got = iou_per_class(cm, ["a", "b", "c"])
+    assert got == {"a": pytest.approx(5 / 8), "b": pytest.approx(3 / 6), "c": None}
