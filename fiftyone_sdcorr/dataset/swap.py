@@ -1,0 +1,415 @@
+"""``swap_instances``: each target object painted with its source object (the paper's
+instance swapping), into NEW samples of another dataset.
+
+- **Pairs**: ``(source id, target id)``: label ids of ``patches_field``'s detections
+  (objects, same label), or sample ids (whole images). For each pair, the two units'
+  dense features (stored by ``compute_fused_features``, else computed through the same
+  :class:`~fiftyone_sdcorr.dataset.feature_source.FeatureSource` as propagation) are
+  matched densely inside both regions (:func:`~fiftyone_sdcorr.core.dense.dense_match`),
+  and every pixel of the target region takes the colour of its match in the source; every
+  other pixel is the target's, exactly.
+- **Regions**: an object's region is its instance mask (``fo.Detection.mask`` /
+  ``mask_path``, over its box) when it has one, else its box; a whole image's, the
+  non-zero pixels of ``mask_field`` (a ``fo.Segmentation``) when given, else the image.
+  Object features and pixels are the object's crop (the box grown by the context margin
+  of the features).
+- **Output**: one new sample per pair in ``output_dataset`` (created if missing,
+  persistent), its image written ONLY under ``output_dir`` (default
+  ``<feature store>/_swaps/<output dataset id>``; the file name is a hash of the pair's ids
+  and settings, never a user string); the media of ``samples`` is never written. The new
+  sample carries copies of the target sample's label fields (same image geometry, so its
+  keypoints, detections and masks stay valid) and provenance fields
+  (:data:`PROVENANCE_FIELDS`). Optional: the paper's Stable Diffusion refinement
+  (``refine``) and a warp animation GIF beside the image (``animation``).
+- **Resumable**: a pair already in ``output_dataset`` with the same settings (its
+  ``sdcorr_swap_key``) is skipped, so a rerun after a crash completes the dataset without
+  duplicates; ``overwrite=True`` redoes them (their samples replaced).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+from PIL import Image
+
+import fiftyone as fo
+
+from fiftyone_sdcorr.core.dense import dense_match
+from fiftyone_sdcorr.core.files import check_output_folder, write_atomic
+from fiftyone_sdcorr.core.geometry import Crop
+from fiftyone_sdcorr.core.images import load_image
+from fiftyone_sdcorr.core.swap import (
+    encode_gif,
+    img2img_pipeline,
+    match_positions,
+    paste,
+    png_bytes,
+    refine_region,
+    sd_parts_of,
+    swap_region,
+    warp_frames,
+)
+from fiftyone_sdcorr.dataset.config import FeatureConfig, SwapConfig, merge_features
+from fiftyone_sdcorr.dataset.engine import (
+    ParameterError,
+    Run,
+    RunSummary,
+    checks_done,
+    image_collection,
+    reason,
+    require_field,
+)
+from fiftyone_sdcorr.dataset.feature_source import FeatureSource
+from fiftyone_sdcorr.dataset.progress import ProgressArg
+from fiftyone_sdcorr.dataset.units import Unit, Units, patches_field_of
+
+FUNCTION = "swap_instances"
+PREFIX = "sdcorr_swap_"
+#: the provenance of every new sample: field -> what it holds
+PROVENANCE_FIELDS = {
+    f"{PREFIX}source_sample_id": "the source sample's id",
+    f"{PREFIX}source_label_id": "the source detection's id (None for a whole-image pair)",
+    f"{PREFIX}target_sample_id": "the target sample's id (its image is the background)",
+    f"{PREFIX}target_label_id": "the target detection's id (None for a whole-image pair)",
+    f"{PREFIX}settings": "the settings (SwapConfig.settings() and the features' fingerprint)",
+    f"{PREFIX}key": "a hash of the ids and settings: what a rerun skips",
+    f"{PREFIX}coverage": "the share of the target region that took a source colour",
+    f"{PREFIX}confidence": "the mean match confidence over the target region",
+    f"{PREFIX}animation": "the warp animation GIF (None without animation)",
+}
+KEY_FIELD = f"{PREFIX}key"
+SWAPS_DIR = "_swaps"
+
+
+@dataclass(frozen=True)
+class Pair:
+    source: Unit
+    target: Unit
+
+    @property
+    def name(self) -> str:
+        return f"{self.source.id}->{self.target.id}"
+
+
+def swap_instances(
+    samples,
+    pairs,
+    output_dataset: str,
+    *,
+    patches_field: Optional[str] = None, mask_field: Optional[str] = None,
+    resolution: Optional[int] = None, min_confidence: Optional[float] = None,
+    refine: Optional[bool] = None, refine_strength: Optional[float] = None, refine_steps: Optional[int] = None,
+    refine_guidance: Optional[float] = None, refine_prompt: Optional[str] = None, refine_size: Optional[int] = None,
+    seed: Optional[int] = None, animation: Optional[bool] = None, animation_frames: Optional[int] = None,
+    output_dir=None,
+    features=None,
+    extractor=None, sd_model=None, dino_model=None, device=None, dtype=None,  # flat forms of ``features``
+    batch_size: Optional[int] = None, preset: Optional[str] = None, recipe: Optional[dict] = None,
+    pca_dim: Optional[int] = None, store_dir=None,
+    features_field: Optional[str] = None,
+    overwrite: Optional[bool] = None,
+    progress: ProgressArg = None,
+) -> RunSummary:
+    """Swaps instances: for each ``(source, target)`` pair, a NEW sample in
+    ``output_dataset`` whose image is the target's with the target region painted by its
+    dense match in the source (module docstring). Every keyword defaults to ``None``: the
+    default of :class:`~fiftyone_sdcorr.dataset.config.SwapConfig`.
+
+    Args:
+        samples: the dataset or view holding both sides of every pair (never written).
+        pairs: ``[(source id, target id), ...]``: detection ids of ``patches_field`` (same
+            label), or sample ids for whole images.
+        output_dataset: the name of the dataset the new samples go to (created if
+            missing, persistent; never ``samples``' own dataset).
+        patches_field: a ``fo.Detections`` field: the pairs are its objects.
+        mask_field: whole-image pairs: a ``fo.Segmentation`` field (non-zero = region).
+        resolution: cells per side of the dense grid; min_confidence: target pixels whose
+            match is less confident keep their colour.
+        refine, refine_strength, refine_steps, refine_guidance, refine_prompt (``{label}``
+            is the target's label), refine_size, seed: the optional SD image-to-image pass
+            over the swapped region with the features' SD weights, blended in only inside
+            the region; seeded.
+        animation, animation_frames: a warp animation GIF beside each new image.
+        output_dir: where new images go (default ``<feature store>/_swaps/<dataset id>``).
+        features (and its flat keywords), features_field: as in
+            :func:`~fiftyone_sdcorr.dataset.propagate.propagate_keypoints`; ``batch_size``
+            is also the number of pairs whose features are fetched at once.
+        overwrite: redo pairs already swapped with these settings (their samples replaced).
+        progress: True/False/None or ``callable(fraction, label)``.
+
+    Returns:
+        a :class:`RunSummary`: ``pairs``, ``swapped``, ``skipped`` (already there),
+        ``failed``, ``errors`` (by pair ``"source id->target id"``), ``warnings``,
+        ``output_dataset``, ``output_dir``.
+    """
+    # 1. check every parameter, pair and field before anything loads or is written
+    given = merge_features(features, dict(
+        extractor=extractor, sd_model=sd_model, dino_model=dino_model, preset=preset, recipe=recipe, pca_dim=pca_dim,
+        device=device, dtype=dtype, batch_size=batch_size, store_dir=store_dir))
+    cfg = SwapConfig.build(
+        output_dataset=output_dataset, mask_field=mask_field, features_field=features_field, resolution=resolution,
+        patches_field=patches_field_of(samples, patches_field) if hasattr(samples, "_root_dataset") else patches_field,
+        min_confidence=min_confidence, refine=refine, refine_strength=refine_strength, refine_steps=refine_steps,
+        refine_guidance=refine_guidance, refine_prompt=refine_prompt, refine_size=refine_size, seed=seed,
+        animation=animation, animation_frames=animation_frames, output_dir=output_dir,
+        batch_size=given["batch_size"], overwrite=overwrite)
+    units, plan = check_swap(samples, pairs, cfg)
+    source = FeatureSource(samples, cfg.features_field, given, cfg.batch_size, units)
+    store_root = FeatureConfig.build(store_dir=given["store_dir"]).store_root(samples)
+    checks_done()
+    return _swap(samples, units, plan, cfg, source, store_root, progress)
+
+
+# --------------------------------------------------------------------------- checks
+def check_swap(samples, pairs, cfg: SwapConfig) -> Tuple[Units, List[Pair]]:
+    """The units and the resolved pairs; every refusal a :class:`ParameterError`."""
+    image_collection(samples, "samples")
+    units = Units(samples, cfg.patches_field)
+    if cfg.mask_field is not None:
+        if units.objects:
+            raise ParameterError("parameter 'mask_field': objects use their detection's instance mask (or box); "
+                                 "mask_field is for whole-image pairs")
+        require_field(samples, "mask_field", cfg.mask_field, "segmentation")
+    if cfg.features_field and samples._root_dataset.has_sample_field(units.path(cfg.features_field)):
+        if not units.objects:
+            require_field(samples, "features_field", cfg.features_field, "string")
+    plan = resolve_pairs(units, pairs)
+    _check_output_dataset(samples, cfg)
+    if cfg.output_dir is not None:
+        check_output_folder("output_dir", cfg.output_dir)
+    return units, plan
+
+
+def resolve_pairs(units: Units, pairs) -> List[Pair]:
+    """``[(source id, target id)]`` -> :class:`Pair` of units of ``units`` (objects of the
+    same label)."""
+    if isinstance(pairs, (str, bytes)) or not isinstance(pairs, Sequence) or not len(pairs):
+        raise ParameterError(f"parameter 'pairs' must be a non-empty list of (source id, target id), got {pairs!r}")
+    by_id = {u.id: u for u in units.units()}
+    what = "object of field " + repr(units.patches_field) if units.objects else "sample"
+    out, seen = [], set()
+    for i, pair in enumerate(pairs):
+        if isinstance(pair, (str, bytes)) or not isinstance(pair, Sequence) or len(pair) != 2:
+            raise ParameterError(f"parameter 'pairs': item {i} must be (source id, target id), got {pair!r}")
+        src, tgt = (by_id.get(str(x)) for x in pair)
+        for side, got, want in (("source", src, pair[0]), ("target", tgt, pair[1])):
+            if got is None:
+                raise ParameterError(f"parameter 'pairs': item {i}: {side} {want!r} is no {what} of these samples")
+        if units.objects and src.label != tgt.label:
+            raise ParameterError(f"parameter 'pairs': item {i}: source {src.id} is a {src.label!r}, target "
+                                 f"{tgt.id} a {tgt.label!r}; swap objects of the same label")
+        if (src.id, tgt.id) not in seen:
+            seen.add((src.id, tgt.id))
+            out.append(Pair(src, tgt))
+    return out
+
+
+def _check_output_dataset(samples, cfg: SwapConfig) -> None:
+    name = cfg.output_dataset
+    if not name.strip():
+        raise ParameterError("parameter 'output_dataset' must name a dataset")
+    if name == samples._root_dataset.name:
+        raise ParameterError(f"parameter 'output_dataset': {name!r} is the dataset of the samples; the swaps go "
+                             "to another dataset (its media is never written)")
+    if fo.dataset_exists(name):
+        out = fo.load_dataset(name)
+        if len(out) and not out.has_sample_field(KEY_FIELD):
+            raise ParameterError(f"parameter 'output_dataset': {name!r} holds other samples (not swaps); name a "
+                                 "new dataset")
+
+
+# --------------------------------------------------------------------------- the run
+def _swap(samples, units: Units, plan: List[Pair], cfg: SwapConfig, source, store_root: str, progress):
+    """The run after its checks: the output dataset, what is done already, then batches."""
+    summary = RunSummary(FUNCTION, ("pairs", "swapped", "skipped"), output_dataset=cfg.output_dataset)
+    summary["pairs"] = len(plan)
+    out = _open_output(cfg.output_dataset)
+    out_dir = Path(cfg.output_dir) if cfg.output_dir else Path(store_root) / SWAPS_DIR / str(out._doc.id)
+    summary["output_dir"] = str(out_dir)
+    stored = dict(zip([u.id for u in units.units()], units.values(cfg.features_field)))
+    source.locate(stored.values())
+    settings = {**cfg.settings(), "features": _features_id(source)}
+    keyed = [(swap_key(p, settings), p) for p in plan]
+    todo = _not_done(out, keyed, cfg.overwrite, summary)
+    ctx = {"cfg": cfg, "settings": settings, "out_dir": out_dir, "margin": source.margin, "samples": samples,
+           "pipe": _refiner(source) if cfg.refine and todo else None}
+    with Run(samples, summary, len(todo), progress, "swapping") as run:
+        for batch in run.batches(todo, cfg.batch_size):
+            want = {u.id: u for _, p in batch for u in (p.source, p.target)}
+            feats = source.get([(uid, u, stored.get(uid)) for uid, u in want.items()])
+            for key, pair in batch:
+                _one_pair(out, key, pair, feats, ctx, run)
+            run.step(len(batch))
+    summary["warnings"] += [n for n in source.notes if n not in summary["warnings"]]
+    return summary
+
+
+def _one_pair(out, key: str, pair: Pair, feats: dict, ctx: dict, run: Run) -> None:
+    try:
+        sample = swap_pair(key, pair, feats.get(pair.source.id), feats.get(pair.target.id), ctx)
+    except Exception as e:  # noqa: BLE001 -- this pair only
+        run.fail(pair.name, reason(e))
+        return
+    out.add_sample(sample)
+    run.summary.add("swapped")
+
+
+def _open_output(name: str):
+    """The output dataset (created persistent if missing), its provenance fields declared."""
+    out = fo.load_dataset(name) if fo.dataset_exists(name) else fo.Dataset(name, persistent=True)
+    for field in PROVENANCE_FIELDS:
+        if not out.has_sample_field(field):
+            ftype = {f"{PREFIX}settings": fo.DictField, f"{PREFIX}coverage": fo.FloatField,
+                     f"{PREFIX}confidence": fo.FloatField}.get(field, fo.StringField)
+            out.add_sample_field(field, ftype)
+    return out
+
+
+def _features_id(source: FeatureSource) -> str:
+    """The fingerprint of the features a pair is matched with (part of its settings)."""
+    if source.config_fp is not None:
+        return source.config_fp
+    return source.cfg.fingerprint() if source.cfg is not None else "unknown"
+
+
+def swap_key(pair: Pair, settings: dict) -> str:
+    """A pair's identity in the output dataset: its ids and settings, hashed."""
+    blob = json.dumps([pair.source.sample_id, pair.source.label_id, pair.target.sample_id, pair.target.label_id,
+                       settings], sort_keys=True, default=str)
+    return hashlib.sha1(blob.encode()).hexdigest()[:24]
+
+
+def _not_done(out, keyed, overwrite: bool, summary) -> list:
+    """The pairs still to swap: those without a sample of their key (with ``overwrite``,
+    every pair, their old samples deleted)."""
+    keys = [k for k, _ in keyed]
+    have = set(out.match(fo.ViewField(KEY_FIELD).is_in(keys)).values(KEY_FIELD)) if len(out) else set()
+    if overwrite and have:
+        out.delete_samples(out.match(fo.ViewField(KEY_FIELD).is_in(sorted(have))))
+        have = set()
+    todo = [(k, p) for k, p in keyed if k not in have]
+    summary["skipped"] = len(keyed) - len(todo)
+    return todo
+
+
+def _refiner(source: FeatureSource):
+    """The img2img pipeline over the SD components the features use (loaded once)."""
+    ext = source.extractor
+    parts = sd_parts_of(ext)
+    if parts is None:
+        if source.cfg is None or source.cfg.extractor is not None:
+            raise ParameterError("parameter 'refine': the features' extractor has no Stable Diffusion components; "
+                                 "pass a FeatureExtractor as extractor= (or sd_model=) to refine")
+        from fiftyone_sdcorr.core.models import load_stable_diffusion
+
+        parts = load_stable_diffusion(source.cfg.sd_model, source.device, source.cfg.dtype)
+    return img2img_pipeline(parts)
+
+
+# --------------------------------------------------------------------------- one pair
+def swap_pair(key: str, pair: Pair, fs, ft, ctx: dict) -> fo.Sample:
+    """The new sample of one pair (its image written under ``ctx["out_dir"]``)."""
+    cfg: SwapConfig = ctx["cfg"]
+    for side, f in (("source", fs), ("target", ft)):
+        if f is None or isinstance(f, Exception):
+            raise RuntimeError(f"{side} {getattr(pair, side).id}: {reason(f) if f is not None else 'no features'}")
+    src, tgt = _side(pair.source, ctx), _side(pair.target, ctx)
+    match = dense_match(fs, ft, resolution=cfg.resolution, source_mask=src["mask"], target_mask=tgt["mask"])
+    th, tw = tgt["mask"].shape
+    field = match.sample(tw, th)
+    region, filled = swap_region(tgt["region"], src["region"], field, tgt["mask"], cfg.min_confidence)
+    if ctx["pipe"] is not None:
+        prompt = cfg.refine_prompt.format(label=pair.target.label or "object") if "{label}" in cfg.refine_prompt \
+            else cfg.refine_prompt
+        region = refine_region(ctx["pipe"], region, tgt["mask"], strength=cfg.refine_strength, seed=cfg.seed,
+                               steps=cfg.refine_steps, guidance=cfg.refine_guidance, prompt=prompt,
+                               size=cfg.refine_size)
+    image = paste(tgt["image"], region, tgt["crop"].left, tgt["crop"].top)
+    path = ctx["out_dir"] / f"{key}.png"
+    write_atomic(path, png_bytes(image))
+    gif = _animation(ctx, key, field, filled, region, src, tgt) if cfg.animation else None
+    area = max(1, int(tgt["mask"].sum()))
+    conf = field.confidence[tgt["mask"]]
+    prov = {"coverage": float(filled.sum()) / area, "confidence": float(conf.mean()) if conf.size else 0.0,
+            "animation": gif}
+    return _new_sample(path, key, pair, ctx, prov)
+
+
+def _side(unit: Unit, ctx: dict) -> dict:
+    """A unit's image, its crop (the whole image for an image unit), the region's pixels
+    and its mask over the region."""
+    image = np.asarray(load_image(unit.filepath))
+    h, w = image.shape[:2]
+    crop = Crop.of_box(w, h, unit.box, ctx["margin"]) if unit.is_object else Crop(w, h, 0, 0, w, h)
+    cfg = ctx["cfg"]
+    mask = region_mask(ctx["samples"], unit, cfg.patches_field if unit.is_object else cfg.mask_field, w, h)
+    mask = mask[crop.top:crop.bottom, crop.left:crop.right]
+    if not mask.any():
+        raise ValueError(f"{'object' if unit.is_object else 'sample'} {unit.id}: its region is empty")
+    return {"image": image, "crop": crop, "mask": mask,
+            "region": image[crop.top:crop.bottom, crop.left:crop.right]}
+
+
+def region_mask(samples, unit: Unit, field: Optional[str], width: int, height: int) -> np.ndarray:
+    """A unit's region over its ``width x height`` image (bool): an object's instance mask
+    (over its box) or its box (``field``: its ``fo.Detections`` field); an image's
+    non-zero pixels of ``field`` (a ``fo.Segmentation``), or all of it (``field`` None)."""
+    sample = samples._root_dataset[unit.sample_id]
+    if not unit.is_object:
+        seg = sample[field] if field else None
+        m = seg.get_mask() if seg is not None else None
+        if m is None:
+            return np.ones((height, width), bool)
+        m = np.asarray(m)
+        m = m.any(-1) if m.ndim == 3 else m != 0
+        return np.array(Image.fromarray(m).resize((width, height), Image.NEAREST), dtype=bool)
+    x, y, bw, bh = unit.box
+    left, top = int(round(x * width)), int(round(y * height))
+    right, bottom = max(left + 1, int(round((x + bw) * width))), max(top + 1, int(round((y + bh) * height)))
+    right, bottom = min(right, width), min(bottom, height)
+    out = np.zeros((height, width), bool)
+    det = next(d for d in sample[field].detections if d.id == unit.label_id)
+    inst = det.get_mask() if det.has_mask else None
+    if inst is None:
+        out[top:bottom, left:right] = True
+    else:
+        small = Image.fromarray(np.asarray(inst) != 0).resize((right - left, bottom - top), Image.NEAREST)
+        out[top:bottom, left:right] = np.asarray(small, dtype=bool)
+    return out
+
+
+def _animation(ctx, key: str, field, filled, region, src: dict, tgt: dict) -> Optional[str]:
+    """The warp animation GIF beside the new image: the swapped pixels moving from their
+    place in the source image to their place in the target image."""
+    th, tw = tgt["image"].shape[:2]
+    sc, tc = src["crop"], tgt["crop"]
+    start, end = match_positions(field, filled, sc.size, sc.to_image, tc.to_image)
+    frames = warp_frames(tgt["image"], start * (tw, th) - 0.5, end * (tw, th) - 0.5, region[filled],
+                         ctx["cfg"].animation_frames)
+    path = ctx["out_dir"] / f"{key}.gif"
+    write_atomic(path, encode_gif(frames))
+    return str(path)
+
+
+def _new_sample(path: Path, key: str, pair: Pair, ctx: dict, prov: dict) -> fo.Sample:
+    """The new sample: the image, copies of the target's labels, the provenance."""
+    root = ctx["samples"]._root_dataset
+    target = root[pair.target.sample_id]
+    labels = {name: target[name].copy() for name, f in root.get_field_schema().items()
+              if isinstance(f, fo.EmbeddedDocumentField) and issubclass(f.document_type, fo.Label)
+              and target[name] is not None}
+    p = PREFIX
+    return fo.Sample(filepath=str(path), tags=["sdcorr:swap"], **labels, **{
+        f"{p}source_sample_id": pair.source.sample_id, f"{p}source_label_id": pair.source.label_id,
+        f"{p}target_sample_id": pair.target.sample_id, f"{p}target_label_id": pair.target.label_id,
+        f"{p}settings": dict(ctx["settings"]), KEY_FIELD: key, f"{p}coverage": prov["coverage"],
+        f"{p}confidence": prov["confidence"], f"{p}animation": prov["animation"]})
+
+
+__all__ = ["swap_instances", "check_swap", "resolve_pairs", "swap_key", "swap_pair", "region_mask",
+           "PROVENANCE_FIELDS", "KEY_FIELD", "SWAPS_DIR", "FUNCTION", "Pair"]

@@ -1,0 +1,298 @@
+"""Instance swapping (issue 18): fiftyone_sdcorr/core/swap.py and dataset/swap.py.
+
+Answers known by construction, with the deterministic local descriptor
+(tests/local_descriptor.py): its descriptors subtract each window's mean and normalise,
+so an object and a brightness/contrast change of it (``0.6 x + 60``) match pixel for
+pixel, while their colours differ. Canvases (gray background): ``A`` holds the changed
+copy ``S`` (the source), ``B`` the object ``T`` elsewhere (a shift) with an elliptic
+instance mask, ``C`` a half-size ``T`` (a scale). Swapping ``S`` into ``T`` must give
+``0.6 T + 60`` inside T's region (the warp of the source), ``B`` exactly elsewhere.
+"""
+
+import hashlib
+import inspect
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import fiftyone as fo
+import fiftyone.operators as foo
+
+import fiftyone_sdcorr as sc
+from fiftyone_sdcorr.core.dense import DenseField
+from fiftyone_sdcorr.core.params import ParameterError
+from fiftyone_sdcorr.core.swap import encode_gif, paste, refine_shape, swap_region, warp_frames
+from fiftyone_sdcorr.dataset.config import SwapConfig
+from fiftyone_sdcorr.dataset.swap import KEY_FIELD, PROVENANCE_FIELDS
+from local_descriptor import LocalDescriptor, textured_noise
+
+W, H = 320, 240
+OBJ_W, OBJ_H = 80, 120
+PLACES = {"A": (40, 60, 1.0), "B": (200, 70, 1.0), "C": (30, 40, 0.5)}
+
+
+def _texture():
+    return textured_noise(OBJ_H, OBJ_W, seed=3)
+
+
+def _changed(x):
+    return (np.asarray(x, np.float32) * 0.6 + 60).round().astype(np.uint8)
+
+
+def _canvas(name):
+    x, y, s = PLACES[name]
+    obj = Image.fromarray(_changed(_texture()) if name == "A" else _texture())
+    w, h = int(OBJ_W * s), int(OBJ_H * s)
+    img = Image.new("RGB", (W, H), (128, 128, 128))
+    img.paste(obj.resize((w, h), Image.BILINEAR) if s != 1 else obj, (x, y))
+    return img, (x, y, w, h)
+
+
+def _ellipse(w, h):
+    yy, xx = np.mgrid[0:h, 0:w]
+    return ((xx + 0.5 - w / 2) / (w / 2)) ** 2 + ((yy + 0.5 - h / 2) / (h / 2)) ** 2 <= 0.8
+
+
+@pytest.fixture
+def canvases(tmp_path):
+    (tmp_path / "data").mkdir()
+    ds = fo.Dataset(f"sdcorr-swap-{uuid.uuid4().hex[:8]}")
+    for name in PLACES:
+        img, (x, y, w, h) = _canvas(name)
+        path = tmp_path / "data" / f"{name}.png"
+        img.save(path)
+        det = fo.Detection(label="person", bounding_box=[x / W, y / H, w / W, h / H])
+        if name == "B":
+            det.mask = _ellipse(w, h)
+        dets = [det] + ([fo.Detection(label="cat", bounding_box=[0.8, 0.8, 0.1, 0.1])] if name == "A" else [])
+        kps = fo.Keypoints(keypoints=[fo.Keypoint(label="person", points=[[(x + w / 2) / W, (y + h / 2) / H]])])
+        ds.add_sample(fo.Sample(filepath=str(path), name=name, detections=fo.Detections(detections=dets),
+                                keypoints=kps))
+    yield ds, tmp_path
+    for name in fo.list_datasets():
+        if name.startswith(ds.name):
+            fo.delete_dataset(name)
+
+
+def _ids(ds):
+    """``{canvas name: its person detection's id}``."""
+    return {s.name: s.detections.detections[0].id for s in ds.iter_samples()}
+
+
+def _run(ds, tmp_path, pairs, out="-out", **kw):
+    kw.setdefault("extractor", LocalDescriptor(size=224, stride=14))
+    return sc.swap_instances(ds, pairs, ds.name + out, patches_field="detections", resolution=kw.pop("resolution", 96),
+                             output_dir=str(tmp_path / "swaps"), progress=False, **kw)
+
+
+def _result(ds, out="-out"):
+    return {s.sdcorr_swap_target_label_id + "<-" + s.sdcorr_swap_source_label_id: s
+            for s in fo.load_dataset(ds.name + out).iter_samples()}
+
+
+def _region(name):
+    x, y, w, h = _canvas(name)[1]
+    m = np.zeros((H, W), bool)
+    m[y:y + h, x:x + w] = _ellipse(w, h) if name == "B" else True
+    return m
+
+
+def _hashes(ds):
+    return {p: hashlib.sha1(Path(p).read_bytes()).hexdigest() for p in ds.values("filepath")}
+
+
+# --------------------------------------------------------------------------- core
+def test_swap_region_changes_only_the_filled_pixels():
+    rng = np.random.default_rng(0)
+    target, source = (rng.integers(0, 255, (20, 30, 3), dtype=np.uint8) for _ in range(2))
+    ys, xs = np.mgrid[0:20, 0:30]
+    xy = np.stack([(xs + 0.5) / 30, (ys + 0.5) / 20], -1).astype(np.float32)
+    valid = np.ones((20, 30), bool)
+    field = DenseField(xy, np.ones((20, 30), np.float32), np.ones((20, 30), np.float32), valid)
+    mask = np.zeros((20, 30), bool)
+    mask[5:15, 10:20] = True
+    out, filled = swap_region(target, source, field, mask)
+    assert (filled == mask).all()
+    assert (out[mask] == source[mask]).all() and (out[~mask] == target[~mask]).all()
+    assert (paste(np.zeros((40, 40, 3), np.uint8), out, 5, 7)[7:27, 5:35] == out).all()
+    with pytest.raises(ValueError, match="fit"):
+        paste(np.zeros((10, 10, 3), np.uint8), out, 0, 0)
+    assert refine_shape(300, 150, 512) == (512, 256) and refine_shape(10, 10, 64) == (64, 64)
+
+
+def test_warp_frames_move_points_from_start_to_end():
+    bg = np.zeros((20, 20, 3), np.uint8)
+    frames = warp_frames(bg, [[2, 2]], [[12, 12]], [[255, 0, 0]], n_frames=3, hold=1)
+    assert len(frames) == 4 and (frames[3] == frames[2]).all()
+    assert frames[0][2, 2, 0] == 255 and frames[1][7, 7, 0] == 255 and frames[2][12, 12, 0] == 255
+    assert frames[2][2, 2, 0] == 0
+    gif = Image.open(__import__("io").BytesIO(encode_gif(frames)))
+    assert gif.format == "GIF" and gif.n_frames >= 3
+
+
+# --------------------------------------------------------------------------- dataset
+def test_swapping_an_object_with_itself_returns_the_target(canvases):
+    ds, tmp = canvases
+    ids = _ids(ds)
+    before = _hashes(ds)
+    summary = _run(ds, tmp, [(ids["B"], ids["B"])])
+    assert summary["swapped"] == 1 and summary["failed"] == 0, summary.text()
+    s = _result(ds)[f"{ids['B']}<-{ids['B']}"]
+    got = np.asarray(Image.open(s.filepath).convert("RGB")).astype(int)
+    want = np.asarray(_canvas("B")[0]).astype(int)
+    region = _region("B")
+    assert (got[~region] == want[~region]).all()  # outside the mask: exactly the target
+    err = np.abs(got - want).max(-1)[region]
+    assert np.median(err) <= 2 and (err <= 12).mean() > 0.95
+    assert _hashes(ds) == before  # no media file of the dataset written
+    assert Path(s.filepath).parent == tmp / "swaps" and not list((tmp / "data").glob("*swap*"))
+
+
+@pytest.mark.parametrize("target", ["B", "C"])
+def test_swapping_with_a_known_warp_gives_the_warped_source(canvases, target):
+    ds, tmp = canvases
+    ids = _ids(ds)
+    summary = _run(ds, tmp, [(ids["A"], ids[target])])
+    assert summary["swapped"] == 1, summary.text()
+    s = _result(ds)[f"{ids[target]}<-{ids['A']}"]
+    got = np.asarray(Image.open(s.filepath).convert("RGB")).astype(int)
+    canvas = np.asarray(_canvas(target)[0])
+    region = _region(target)
+    inner = region
+    want = _changed(canvas).astype(int)  # the source's colours at the matched places
+    err = np.abs(got - want).max(-1)[inner]
+    assert np.median(err) <= (4 if target == "B" else 8), np.median(err)
+    assert np.abs(got - canvas.astype(int)).max(-1)[inner].mean() > 15  # not the target's own colours
+    assert (got[~region] == canvas[~region]).all()
+    # provenance and the target's labels, carried
+    assert s.sdcorr_swap_source_sample_id == ds.match(fo.ViewField("name") == "A").first().id
+    assert s.sdcorr_swap_target_sample_id == ds.match(fo.ViewField("name") == target).first().id
+    assert s.sdcorr_swap_settings["resolution"] == 96 and s.sdcorr_swap_coverage > 0.95
+    tgt = ds.match(fo.ViewField("name") == target).first()
+    assert s.keypoints.keypoints[0].points == tgt.keypoints.keypoints[0].points
+    assert s.detections.detections[0].bounding_box == tgt.detections.detections[0].bounding_box
+    assert set(PROVENANCE_FIELDS) <= set(fo.load_dataset(ds.name + "-out").get_field_schema())
+
+
+class Crash(BaseException):
+    """Not an Exception: nothing in the run catches it (a kill, an out-of-memory end)."""
+
+
+class CrashingDescriptor(LocalDescriptor):
+    def __init__(self, after):
+        super().__init__(size=224, stride=14)
+        self.calls, self.after = 0, after
+
+    def describe(self, images, **kw):
+        self.calls += 1
+        if self.calls > self.after:
+            raise Crash()
+        return super().describe(images, **kw)
+
+
+def test_a_crashed_run_completes_on_rerun_without_duplicates(canvases):
+    ds, tmp = canvases
+    ids = _ids(ds)
+    pairs = [(ids["A"], ids["B"]), (ids["B"], ids["B"]), (ids["A"], ids["C"]), (ids["B"], ids["C"])]
+    with pytest.raises(Crash):
+        _run(ds, tmp, pairs, extractor=CrashingDescriptor(after=3), batch_size=1)  # one image per call
+    out = fo.load_dataset(ds.name + "-out")
+    assert len(out) == 2  # the pairs before the crash, each whole
+    summary = _run(ds, tmp, pairs, batch_size=1)
+    assert (summary["skipped"], summary["swapped"], summary["failed"]) == (2, 2, 0), summary.text()
+    keys = out.values(KEY_FIELD)
+    assert len(out) == 4 and len(set(keys)) == 4
+    again = _run(ds, tmp, pairs)
+    assert (again["skipped"], again["swapped"]) == (4, 0) and len(out) == 4
+    redo = _run(ds, tmp, pairs[:1], overwrite=True)
+    assert redo["swapped"] == 1 and len(out) == 4
+    other = _run(ds, tmp, pairs[:1], min_confidence=0.5)  # other settings: a new sample
+    assert other["swapped"] == 1 and len(out) == 5
+
+
+def test_bad_pairs_and_outputs_are_refused_before_anything_is_written(canvases):
+    ds, tmp = canvases
+    ids = _ids(ds)
+    cat = ds.match(fo.ViewField("name") == "A").first().detections.detections[1].id
+    cases = [([(cat, ids["B"])], "same label"), ([(ids["A"], "nope")], "no object"), ([], "non-empty"),
+             ([(ids["A"],)], "item 0")]
+    for pairs, msg in cases:
+        with pytest.raises(ParameterError, match=msg):
+            _run(ds, tmp, pairs)
+    with pytest.raises(ParameterError, match="dataset of the samples"):
+        sc.swap_instances(ds, [(ids["A"], ids["B"])], ds.name, patches_field="detections")
+    with pytest.raises(ParameterError, match="resolution"):
+        _run(ds, tmp, [(ids["A"], ids["B"])], resolution=1)
+    assert not fo.dataset_exists(ds.name + "-out") and not (tmp / "swaps").exists()
+
+
+def test_every_keyword_defaults_to_none():
+    for p in inspect.signature(sc.swap_instances).parameters.values():
+        if p.default is not inspect.Parameter.empty:
+            assert p.default is None, p.name
+
+
+def test_whole_image_pairs_with_a_segmentation_region(canvases):
+    ds, tmp = canvases
+    a, b = (ds.match(fo.ViewField("name") == n).first() for n in ("A", "B"))
+    b["region"] = fo.Segmentation(mask=_region("B").astype(np.uint8))
+    b.save()
+    summary = sc.swap_instances(ds, [(a.id, b.id)], ds.name + "-img", mask_field="region", resolution=96,
+                                extractor=LocalDescriptor(size=224, stride=14), animation=True, animation_frames=4,
+                                output_dir=str(tmp / "swaps"), progress=False)
+    assert summary["swapped"] == 1, summary.text()
+    s = fo.load_dataset(ds.name + "-img").first()
+    got = np.asarray(Image.open(s.filepath).convert("RGB")).astype(int)
+    canvas = np.asarray(_canvas("B")[0]).astype(int)
+    assert (got[~_region("B")] == canvas[~_region("B")]).all()
+    assert s.sdcorr_swap_source_label_id is None and s.region is not None
+    gif = Image.open(s.sdcorr_swap_animation)
+    assert gif.n_frames >= 4 and Path(s.sdcorr_swap_animation).parent == tmp / "swaps"
+
+
+def test_the_operator_swaps_with_stored_features(canvases):
+    ds, tmp = canvases
+    ids = _ids(ds)
+    sc.compute_fused_features(ds, extractor=LocalDescriptor(size=224, stride=14), patches_field="detections",
+                              store_dir=str(tmp / "store"), progress=False)
+    res = foo.execute_operator("@sdcorr/sdcorr/swap_instances", ctx={"dataset": ds, "params": {
+        "patches_field": "detections", "source_id": ids["A"], "target_id": ids["B"], "resolution": 64,
+        "output_dataset": ds.name + "-op", "output_dir": str(tmp / "op")}})
+    res.raise_exceptions()
+    out = fo.load_dataset(ds.name + "-op")
+    assert len(out) == 1 and out.first().sdcorr_swap_target_label_id == ids["B"]
+    assert Path(out.first().filepath).parent == tmp / "op"
+    op = foo.get_operator("@sdcorr/sdcorr/swap_instances")
+    op(ds, [(ids["B"], ids["B"])], ds.name + "-op", patches_field="detections", resolution=64,
+       output_dir=str(tmp / "op"))
+    assert len(out) == 2
+
+
+def test_refinement_with_tiny_models_is_seeded_and_stays_inside_the_mask(canvases, tmp_path_factory):
+    from fiftyone_sdcorr.core.extractor import FeatureExtractor
+    from fiftyone_sdcorr.core.tiny import tiny_models
+
+    ds, tmp = canvases
+    ids = _ids(ds)
+    sd, dino = tiny_models(tmp_path_factory.mktemp("tiny"))
+    fx = FeatureExtractor(sd, dino, device="cpu", preset="cpu", sd_size=128, dino_size=112)
+    kw = dict(extractor=fx, refine=True, refine_steps=4, refine_strength=0.5, refine_size=64, seed=7,
+              refine_guidance=1.0, resolution=32)
+    plain = _run(ds, tmp, [(ids["A"], ids["B"])], out="-plain", extractor=fx, resolution=32)
+    first = _run(ds, tmp, [(ids["A"], ids["B"])], out="-r1", **kw)
+    second = _run(ds, tmp, [(ids["A"], ids["B"])], out="-r2", **kw)
+    assert plain["swapped"] == first["swapped"] == second["swapped"] == 1, first.text()
+    imgs = [np.asarray(Image.open(fo.load_dataset(ds.name + o).first().filepath).convert("RGB")).astype(int)
+            for o in ("-plain", "-r1", "-r2")]
+    assert (imgs[1] == imgs[2]).all()  # seeded: the same pixels again
+    region = _region("B")
+    assert (imgs[1][~region] == imgs[0][~region]).all()  # only inside the mask
+    assert (imgs[1][region] != imgs[0][region]).any()
+    assert fo.load_dataset(ds.name + "-r1").first().sdcorr_swap_settings["seed"] == 7
+
+
+def test_config_defaults_are_the_forms():
+    assert SwapConfig.build(output_dataset="x").resolution == SwapConfig.resolution
