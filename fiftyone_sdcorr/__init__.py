@@ -36,6 +36,7 @@ _LAZY = {
     "write_similarity_heatmaps": "fiftyone_sdcorr.dataset.feature_views",
     "propagate_masks": "fiftyone_sdcorr.dataset.propagate_masks",
     "evaluate_masks": "fiftyone_sdcorr.dataset.evaluate_masks",
+    "swap_instances": "fiftyone_sdcorr.dataset.swap",
     "import_benchmark": "fiftyone_sdcorr.dataset.benchmarks",
     "benchmark_pairs": "fiftyone_sdcorr.dataset.benchmarks",
     "keypoint_skeleton": "fiftyone_sdcorr.dataset.skeletons",

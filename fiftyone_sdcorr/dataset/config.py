@@ -584,3 +584,83 @@ __all__ = [
     "STORE_DTYPES", "DTYPES", "COMBINE_RULES", "THRESHOLDS", "VIEW_MODES",
     "MaskPropagationConfig", "MaskEvaluationConfig", "MASKS_FIELD", "MASK_REGIONS",
 ]
+
+
+# --------------------------------------------------------------------------- instance swapping
+from fiftyone_sdcorr.core.dense import DEFAULT_RESOLUTION as DENSE_RESOLUTION  # noqa: E402
+
+#: swap_instances' ranges (added to RANGES: the forms read them from there)
+RANGES.update({
+    "swap_resolution": (8, 1024), "refine_strength": (0.0, 1.0), "refine_steps": (1, 1000),
+    "refine_guidance": (0.0, 50.0), "refine_size": (64, 2048), "seed": (0, 2 ** 32 - 1),
+    "animation_frames": (2, 240), "swap_batch_size": (1, 256),
+})
+
+
+@dataclass(frozen=True)
+class SwapConfig(Buildable):
+    """``swap_instances``: where the new samples go, the dense grid, the optional
+    refinement (the paper's SD pass) and animation."""
+
+    output_dataset: str
+    #: a fo.Detections field: pairs of objects (None: pairs of whole images)
+    patches_field: Optional[str] = None
+    #: whole-image pairs: a fo.Segmentation field whose non-zero pixels are the region (None: the whole image)
+    mask_field: Optional[str] = None
+    features_field: Optional[str] = FEATURES_FIELD
+    #: cells per side of the dense grid over each letterbox frame
+    resolution: int = DENSE_RESOLUTION
+    #: target pixels whose match has a lower confidence keep their own colour
+    min_confidence: float = 0.0
+    refine: bool = False
+    refine_strength: float = 0.3
+    refine_steps: int = 30
+    refine_guidance: float = 7.5
+    refine_prompt: str = "a photo of a {label}"
+    #: long side of the region in the SD pass (rounded to multiples of 64)
+    refine_size: int = 512
+    seed: int = 0
+    animation: bool = False
+    animation_frames: int = 16
+    #: where the new images go (None: <feature store>/_swaps/<output dataset id>)
+    output_dir: Optional[str] = None
+    #: pairs whose features are fetched at once
+    batch_size: int = 4
+    overwrite: bool = False
+
+    def __post_init__(self):
+        check_str("output_dataset", self.output_dataset)
+        _field_or_none("patches_field", self.patches_field)
+        _field_or_none("mask_field", self.mask_field)
+        _field_or_none("features_field", self.features_field)
+        _in_range("swap_resolution", self.resolution)
+        _in_range("min_confidence", self.min_confidence)
+        check_bool("refine", self.refine)
+        _in_range("refine_strength", self.refine_strength)
+        _in_range("refine_steps", self.refine_steps)
+        _in_range("refine_guidance", self.refine_guidance)
+        if not isinstance(self.refine_prompt, str):
+            raise ParameterError(f"parameter 'refine_prompt' must be a string, got {self.refine_prompt!r}")
+        _in_range("refine_size", self.refine_size)
+        _in_range("seed", self.seed)
+        check_bool("animation", self.animation)
+        _in_range("animation_frames", self.animation_frames)
+        object.__setattr__(self, "output_dir", _folder("output_dir", self.output_dir))
+        _in_range("swap_batch_size", self.batch_size)
+        check_bool("overwrite", self.overwrite)
+
+    def settings(self) -> dict:
+        """What decides a new sample's pixels (its provenance; a rerun with the same
+        settings skips the pairs already swapped)."""
+        out = {"patches_field": self.patches_field, "mask_field": self.mask_field, "resolution": self.resolution,
+               "min_confidence": self.min_confidence, "refine": self.refine, "animation": self.animation}
+        if self.refine:
+            out.update(refine_strength=self.refine_strength, refine_steps=self.refine_steps,
+                       refine_guidance=self.refine_guidance, refine_prompt=self.refine_prompt,
+                       refine_size=self.refine_size, seed=self.seed)
+        if self.animation:
+            out["animation_frames"] = self.animation_frames
+        return out
+
+
+__all__ += ["SwapConfig"]
