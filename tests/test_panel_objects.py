@@ -210,3 +210,35 @@ def test_dense_view_matches_inside_the_object_crops(world):
     photo, got = pixels(d.traces("current|photo")[0]), pixels(warp)
     valid = got[..., 3] > 0
     assert valid.mean() > 0.95 and np.median(np.abs(got[..., :3] - photo)[valid]) < 8
+
+
+def test_dense_pictures_per_object(world, tmp_path):
+    """write_dense_views on a patches view: the reference OBJECT's position colours carried
+    onto every object, each drawn in its crop's place; identical full-size copies get the
+    colour map itself (within a token)."""
+    from PIL import Image
+
+    from fiftyone_sdcorr.core.dense import position_colors
+    from fiftyone_sdcorr.core.geometry import Crop
+    from fiftyone_sdcorr.dataset.feature_views import write_dense_views
+
+    ds = world
+    ref_det = _sample(ds, "canvas0.png").detections.detections[1]
+    got = write_dense_views(ds.to_patches("detections"), ref_det.id, "dense_objects", resolution=64,
+                            output_dir=str(tmp_path), progress=False)
+    assert got["written"] == 3 and not got["failed"], got.text()
+    target = _sample(ds, "canvas2.png")
+    target.reload()
+    pic = np.asarray(Image.open(target["dense_objects"])).astype(float)
+    H, W = pic.shape[:2]
+    assert (W, H) == Image.open(target.filepath).size  # small canvases: drawn at their own size
+    margin = panel_ranking.object_features(ds).margin
+    for det in target.detections.detections[1:]:  # the full-size copies
+        crop = Crop.of_box(W, H, det.bounding_box, margin)
+        left, top, right, bottom = (int(round(v)) for v in (crop.left, crop.top, crop.right, crop.bottom))
+        region = pic[top:bottom, left:right]
+        want = position_colors(right - left, bottom - top).astype(float)
+        token = 255.0 * STRIDE_FRACTION * max(right - left, bottom - top) / np.array([right - left, bottom - top])
+        err = (np.abs(region[..., :2] - want[..., :2]) / token).max(-1)
+        assert np.median(err) < 0.25 and (err < 1.0).mean() > 0.95
+    assert "dense_objects" in ds.app_config.media_fields

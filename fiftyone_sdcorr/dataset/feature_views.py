@@ -8,21 +8,27 @@
 - :func:`write_similarity_heatmaps`: the cosine similarity of one point of a reference
   sample to every location of each sample, as an ``fo.Heatmap`` (8-bit PNG on disk,
   ``range=[0, 255]`` for cosine ``0..1``): where does "this part" appear in every image.
+- :func:`write_dense_views`: the dense correspondence of a reference to each sample
+  (:func:`~fiftyone_sdcorr.core.dense.dense_match`) as a picture per sample: the
+  reference's position colours carried onto it (the paper's colour map) or the reference
+  warped onto it; a media field like the PCA pictures.
 
-Both read the dense features stored by ``compute_fused_features`` (a path in
+All read the dense features stored by ``compute_fused_features`` (a path in
 ``features_field``, all of one fingerprint); samples without features are skipped and
 reported. The images go to ``output_dir``, by default beside the feature store in use:
 ``<store namespace>/_views/<output_field>/<sample id>.png`` (the field name is checked as
 a FiftyOne field name first, so it never leads outside that folder). Pictures are written
 at the downsampled size the panel uses (long side at most ``max_side``, the image's aspect);
 the resampling goes through the letterbox, so they line up with the image and its labels.
-Speaks FiftyOne (layer 4); the pictures come from :mod:`fiftyone_sdcorr.core.visualize`.
+Speaks FiftyOne (layer 4); the pictures come from :mod:`fiftyone_sdcorr.core.visualize` and
+:mod:`fiftyone_sdcorr.core.dense`.
 """
 
 from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -32,6 +38,8 @@ from PIL import Image
 import fiftyone as fo
 
 from fiftyone_sdcorr.core import visualize as vis
+from fiftyone_sdcorr.core.dense import dense_match, position_colors, warp_image
+from fiftyone_sdcorr.core.params import check_choice, check_int
 from fiftyone_sdcorr.dataset.config import VIEW_MODES, FeaturePCAConfig, HeatmapConfig, ViewConfig
 from fiftyone_sdcorr.dataset.engine import (
     ParameterError,
@@ -52,6 +60,30 @@ from fiftyone_sdcorr.dataset.units import Units, by_sample, link_to_objects
 
 VIEWS_DIR = "_views"
 FEATURE_VIEW_MODES = VIEW_MODES
+DENSE_FIELD = "sdcorr_dense"
+#: write_dense_views: the reference's position colours carried onto each sample, or the reference warped onto it
+DENSE_MODES = ("colors", "warp")
+#: cells per side of write_dense_views' dense grid: the default and the allowed range
+DENSE_VIEW_RESOLUTION = 128
+DENSE_RESOLUTION_RANGE = (8, 1024)
+
+
+@dataclass(frozen=True)
+class DenseViewConfig(ViewConfig):
+    """``write_dense_views``: position colours or the warped reference into ``output_field``,
+    matched on a ``resolution x resolution`` grid over each letterbox frame (the cost per
+    sample grows with ``resolution ** 4``: 128 takes a few seconds for 1536-channel
+    features on a CPU)."""
+
+    output_field: str = DENSE_FIELD
+    mode: str = "colors"
+    resolution: int = DENSE_VIEW_RESOLUTION
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_choice("mode", self.mode, DENSE_MODES)
+        lo, hi = DENSE_RESOLUTION_RANGE
+        object.__setattr__(self, "resolution", int(check_int("resolution", self.resolution, lo=lo, hi=hi)))
 
 
 def write_feature_pca(
@@ -195,6 +227,72 @@ def write_similarity_heatmaps(
     return summary
 
 
+def write_dense_views(
+    samples,
+    reference_id: str,
+    output_field: Optional[str] = None,
+    *,
+    mode: Optional[str] = None,
+    resolution: Optional[int] = None,
+    features_field: Optional[str] = None,
+    output_dir: Optional[str] = None,
+    max_side: Optional[int] = None,
+    overwrite: Optional[bool] = None,
+    patches_field: Optional[str] = None,
+    progress: ProgressArg = None,
+) -> RunSummary:
+    """Writes, for each sample, a picture of the reference's dense correspondence to it.
+
+    Every pixel of a sample is matched to the reference
+    (:func:`~fiftyone_sdcorr.core.dense.dense_match` of the stored features on a
+    ``resolution`` grid) and takes, ``mode="colors"``, the colour of its match in the
+    reference's position colours (the paper's colour map,
+    :func:`~fiftyone_sdcorr.core.dense.position_colors`: x to red, y to green), or,
+    ``mode="warp"``, its match's pixel of the reference photo (the reference warped onto the
+    sample). ``output_field`` (a string field) holds each PNG's path and is added to the
+    dataset's ``app_config.media_fields``, as :func:`write_feature_pca` does. With
+    ``patches_field`` (or a ``to_patches()`` view), ``reference_id`` is the id of the
+    reference OBJECT (a detection): each object is matched with its crop, drawn in its
+    crop's place on a black picture of the sample. Keywords default to ``None``: the
+    default of :class:`DenseViewConfig`.
+
+    Returns:
+        a :class:`RunSummary`: ``written``, ``failed``, ``errors``, ``mode``,
+        ``reference_id``, ``output_field``, ``output_dir``.
+    """
+    # 1. check every parameter and field before anything is written
+    cfg = DenseViewConfig.build(output_field=output_field, mode=mode, resolution=resolution,
+                                features_field=features_field, output_dir=output_dir, max_side=max_side,
+                                overwrite=overwrite)
+    image_collection(samples)
+    units = Units(samples, patches_field)
+    items, source = _stored_features(samples, cfg, "string", units)
+    ref_unit, ref_path = _reference(units, reference_id, items, cfg.features_field)
+    checks_done()
+    # 2. the reference: its features and what its matches carry
+    src = source.load_stored(ref_path)
+    carried = _carried(cfg.mode, ref_unit, src, source.margin, cfg.max_side)
+    summary = RunSummary("write_dense_views", ("written",), output_field=cfg.output_field, mode=cfg.mode,
+                         reference_id=ref_unit.id)
+    out_dir = _output_dir(cfg, ref_path, summary)
+
+    def picture(tgt, w, h):
+        return warp_image(dense_match(src, tgt, resolution=cfg.resolution, chunk=1024).sample(w, h), carried)
+
+    # 3. one picture per sample, shown as a media field
+    _pictures(samples, items, source, picture, cfg, out_dir, summary, progress, "Dense views", lambda path, sid: path)
+    _add_media_field(samples._root_dataset, cfg.output_field)
+    return summary
+
+
+def _carried(mode: str, ref_unit, fused, margin: float, max_side: int) -> np.ndarray:
+    """What each match carries from the reference (its image, or its object's crop, at
+    the pictures' size): its position colours, or its pixels."""
+    if mode == "colors":
+        return position_colors(*vis.display_size(fused.letterbox.width, fused.letterbox.height, max_side))
+    return np.asarray(vis.downsample(ref_unit.load(margin), max_side))
+
+
 # --------------------------------------------------------------------------- steps
 def _stored_features(samples, cfg: ViewConfig, kind: str, units: Units):
     """Checks the fields; ``[(unit, stored path or None)]`` and a source that accepts one
@@ -332,4 +430,5 @@ def _save_png(out_dir: Path, sid: str, array: np.ndarray) -> str:
     return str(path)
 
 
-__all__ = ["write_feature_pca", "write_similarity_heatmaps", "VIEWS_DIR", "FEATURE_VIEW_MODES"]
+__all__ = ["write_feature_pca", "write_similarity_heatmaps", "write_dense_views", "DenseViewConfig", "VIEWS_DIR",
+           "FEATURE_VIEW_MODES", "DENSE_MODES", "DENSE_FIELD"]

@@ -9,6 +9,9 @@
   the operator of the function ``write_similarity_heatmaps``. Its URI keeps the singular
   (``@sdcorr/sdcorr/write_similarity_heatmap``, as declared in ``fiftyone.yml``) so that
   users' saved calls keep working; one run writes one heat map per sample.
+- ``write_dense_views``: the dense correspondence of a reference sample (or object) to each
+  sample as a picture per sample: the reference's position colours carried onto it (the
+  paper's colour map) or the reference warped onto it, a media field like the PCA pictures.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import fiftyone.operators.types as types
 
 from fiftyone_sdcorr.dataset.config import VIEW_MODES, FeaturePCAConfig, HeatmapConfig
 from fiftyone_sdcorr.dataset.engine import ParameterError
+from fiftyone_sdcorr.dataset.feature_views import DENSE_MODES, DENSE_RESOLUTION_RANGE, DenseViewConfig
 from fiftyone_sdcorr.plugin import common
 from fiftyone_sdcorr.plugin.field_roles import free_field_name
 
@@ -166,4 +170,67 @@ class WriteSimilarityHeatmap(common.RunOperator):
         return write_similarity_heatmaps, (common.get_target_view(ctx), rid, point), kwargs
 
 
-OPERATORS = [WriteFeaturePCA, WriteSimilarityHeatmap]
+class WriteDenseViews(common.RunOperator):
+    delegate_large = False  # per sample a dense match on the CPU: immediate by default, delegation allowed
+
+    @property
+    def config(self):
+        return foo.OperatorConfig(
+            name="write_dense_views",
+            label="Write dense correspondence pictures",
+            description="The dense match of a reference to each sample as a picture per sample: the "
+            "reference's position colours carried onto it, or the reference warped onto it (a media field)",
+            dynamic=True,
+            execute_as_generator=True,
+            **_views_config(),
+        )
+
+    def __call__(self, sample_collection, reference_id, output_field=None, *, delegate=False,
+                 delegation_target=None, **kwargs):
+        """Runs the operator from Python; keywords as in
+        :func:`fiftyone_sdcorr.dataset.feature_views.write_dense_views`."""
+        return common.call_operator(self, sample_collection, delegate, delegation_target,
+                                    reference_id=reference_id, output_field=output_field, **kwargs)
+
+    def resolve_input(self, ctx):
+        inputs = types.Object()
+        target = common.target_view_input(ctx, inputs, action="Write dense pictures for")
+        inputs.str("reference_id", default=_reference_id(ctx), required=False, label="Reference sample id",
+                   description="The sample every sample is matched to (default: the open or first selected "
+                   "sample); with objects, the reference detection's id")
+        field = DenseViewConfig.output_field
+        inputs.str("output_field", default=free_field_name(ctx.dataset, field) if ctx.dataset else field,
+                   required=False, label="Output field",
+                   description="A new field with a picture per sample; choose it as the media field "
+                   "(grid settings) to see the pictures")
+        choices = types.RadioGroup()
+        for mode, label in zip(DENSE_MODES, ("Position colours (the reference's colour at each match)",
+                                             "Reference warped onto each sample")):
+            choices.add_choice(mode, label=label)
+        inputs.enum("mode", choices.values(), default=DenseViewConfig.mode, required=False, label="Picture",
+                    view=choices)
+        inputs.int("resolution", default=DenseViewConfig.resolution, min=DENSE_RESOLUTION_RANGE[0],
+                   max=DENSE_RESOLUTION_RANGE[1], required=False, label="Dense grid (cells per side)")
+        inputs.str("features_field", default=DenseViewConfig.features_field, required=False,
+                   label="Stored features field")
+        inputs.str("output_dir", required=False, label="Output directory",
+                   description="Where the PNG pictures go (default: next to the feature store)")
+        common.patches_input(ctx, inputs, target)
+        inputs.bool("overwrite", default=DenseViewConfig.overwrite, label="Overwrite an existing output field")
+        if target is not None:
+            inputs.view("count", types.Notice(label=f"{len(target)} samples"))
+        self.finish_form(ctx, inputs)
+        return types.Property(inputs)
+
+    def run_call(self, ctx):
+        from fiftyone_sdcorr.dataset.feature_views import write_dense_views
+
+        rid = _reference_id(ctx)
+        if not rid:
+            raise ParameterError("parameter 'reference_id': no reference sample; give its id, open a sample "
+                                 "or select one")
+        kwargs = common.function_kwargs(ctx.params, write_dense_views, positional=("reference_id",))
+        return write_dense_views, (common.get_target_view(ctx), rid), kwargs
+
+
+OPERATORS = [WriteFeaturePCA, WriteSimilarityHeatmap, WriteDenseViews]
