@@ -15,6 +15,13 @@ Two ways to get predictions:
   is dropped, a pair whose point count changed is recomputed and kept once; the file is
   cleaned by replacing it whole, so a full disk or a kill never loses saved lines).
 
+``--format tss`` (dense flow, sd-dino's ``pck_tss.py``): :func:`evaluate_tss` reads
+``TSS_CVPR2016`` (:func:`fiftyone_sdcorr.core.benchmark_formats.read_tss`) and scores
+either a folder of flow files (``--predictions DIR``: ``<subset>/<pair folder>/flow<n>.flo``
+or ``.npy``, the ground truth's own relative paths) or the features' nearest neighbour per
+target pixel (:func:`fiftyone_sdcorr.core.dense.dense_match`); per-subset PCK@0.05 beside
+the paper's.
+
 Every expected failure (a bad file, parameter or path, models not found) is one
 :class:`ValueError` subclass naming the file, pair and field; ``--out``, ``--markdown``,
 ``--save-predictions``, ``--feature-cache`` and ``--projection`` are checked before any
@@ -32,7 +39,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -41,29 +48,40 @@ from fiftyone_sdcorr.core.benchmark_formats import (
     FORMATS,
     PAPER_TEST_PAIRS,
     THRESHOLDS,
+    TSS_ALPHAS,
+    TSS_PAPER_PCK,
+    TSS_SUBSETS,
     BenchmarkFormatError,
     PairRecord,
     flip_pairs,
     read_pairs,
+    read_tss,
+    read_tss_mask,
 )
 from fiftyone_sdcorr.core.files import check_output_file, check_output_folder, with_filename, write_text_atomic
+from fiftyone_sdcorr.core.flow_io import FLOW_SUFFIXES, read_flow
 from fiftyone_sdcorr.core.models import DEFAULT_DINO_MODEL, DEFAULT_SD_MODEL
 from fiftyone_sdcorr.core.pair_matching import FEATURES, PCA_MODES, PairMatcher, PairMatchOptions
 from fiftyone_sdcorr.core.params import ParameterError, check_choice, check_int, check_str
 from fiftyone_sdcorr.core.pck_protocol import (
     PredictionsError,
     aggregate,
+    aggregate_tss,
     markdown_table,
     parse_predictions_line,
     predictions_line,
     read_predictions,
+    score_flow,
     score_predictions,
     score_record,
+    tss_markdown_table,
 )
 
 #: recipe fields settable from the command line (the rest: ``recipe={...}`` in Python)
 RECIPE_OPTIONS = ("sd_size", "sd_mode", "dino_size", "pca_dim", "alpha", "taps", "prompt", "timestep", "padding",
                   "noise")
+#: ``--format`` of evaluate-pairs: the keypoint benchmarks and TSS (dense flow; no importer)
+EVAL_FORMATS = FORMATS + ("tss",)
 
 
 # --------------------------------------------------------------------------- Python API
@@ -97,11 +115,14 @@ def evaluate_pairs(
     save_predictions=None,
     extractor=None,
     progress: bool = True,
+    dense_resolution: Optional[int] = None, tss_masks: str = "none",
 ) -> dict:
     """PCK of a benchmark split under the paper's protocol; returns the results dict.
 
     Args:
-        format: ``"spair"``, ``"pfpascal"`` or ``"ap10k"``.
+        format: ``"spair"``, ``"pfpascal"``, ``"ap10k"``, or ``"tss"`` (dense flow:
+            :func:`evaluate_tss` with ``categories`` as its subsets, ``dense_resolution``
+            and ``tss_masks``; ``split`` is not used).
         root: the benchmark's folder (:mod:`fiftyone_sdcorr.core.benchmark_formats`).
         split: the benchmark's split name (``"test"``).
         categories: only these categories; sample: at most this many pairs per category
@@ -133,7 +154,9 @@ def evaluate_pairs(
         "benchmark", "method", "warnings"}`` (PCK in percent; :func:`~fiftyone_sdcorr.core.pck_protocol.aggregate`).
     """
     # 1. check every parameter (and where the model's work goes) before any model loads
-    check_choice("format", format, FORMATS)
+    check_choice("format", format, EVAL_FORMATS)
+    if format == "tss":  # dense flow: its own files and protocol (evaluate_tss)
+        return _evaluate_tss_format(**locals())
     check_str("split", split)
     if sample is not None:
         check_int("sample", sample, lo=1)
@@ -145,10 +168,7 @@ def evaluate_pairs(
     warnings: List[str] = _geometry_warnings(records)
     # 3. scores: from the predictions given, or from the model
     if predictions is not None:
-        source = None if isinstance(predictions, dict) else str(predictions)
-        preds = predictions if isinstance(predictions, dict) else read_predictions(predictions)
-        scores = score_predictions(records, preds, alphas, source=source)
-        method = {"source": "predictions", "file": source}
+        scores, method = _prediction_scores(records, predictions, alphas)
     else:
         opts = PairMatchOptions(features=features, pca=pca, soft_argmax=soft_argmax, flip=flip,
                                 pca_device=pca_device, cache_images=cache_images)
@@ -160,6 +180,27 @@ def evaluate_pairs(
     result = aggregate(scores, alphas)
     info = _benchmark_info(format, root, split, categories, sample, seed, records, result)
     return {**result, "benchmark": info, "method": method, "warnings": warnings}
+
+
+def _prediction_scores(records, predictions, alphas):
+    """``(scores, method)`` of given predictions (a JSON Lines file or a dict)."""
+    source = None if isinstance(predictions, dict) else str(predictions)
+    preds = predictions if isinstance(predictions, dict) else read_predictions(predictions)
+    return score_predictions(records, preds, alphas, source=source), {"source": "predictions", "file": source}
+
+
+def _evaluate_tss_format(*, root, categories, sample, predictions, extractor, features, dense_resolution, tss_masks,
+                         progress, pca, save_predictions, feature_cache, projection, soft_argmax, flip, records,
+                         sd_model, dino_model, device, dtype, batch_size, preset, recipe, unet_model, **_ignored):
+    """:func:`evaluate_pairs` with ``format="tss"``: its keypoint-only options refused,
+    the rest passed to :func:`evaluate_tss`."""
+    _check_tss_options(pca, save_predictions=save_predictions, feature_cache=feature_cache, projection=projection,
+                       soft_argmax=soft_argmax, flip=flip, records=records)
+    model = dict(sd_model=sd_model, dino_model=dino_model, device=device, dtype=dtype, batch_size=batch_size,
+                 preset=preset, recipe=recipe, unet_model=unet_model)
+    return evaluate_tss(root, subsets=categories, sample=sample, predictions=predictions, extractor=extractor,
+                        features=features, dense_resolution=dense_resolution, masks=tss_masks, model=model,
+                        progress=progress)
 
 
 def _pairs(fmt, root, split, categories, sample, seed, records) -> List[PairRecord]:
@@ -232,11 +273,7 @@ def _matcher(extractor, opts, projection, records, fit_images, **model) -> PairM
     if opts.pca == "fixed" and proj is None:
         check_int("fit_images", fit_images, lo=1)
     if extractor is None:
-        from fiftyone_sdcorr.core.extractor import FeatureExtractor
-
-        extractor = FeatureExtractor(model["sd_model"], model["dino_model"], device=model["device"],
-                                     dtype=model["dtype"], batch_size=model["batch_size"], preset=model["preset"],
-                                     unet_model=model.get("unet_model"), **(model["recipe"] or {}))
+        extractor = _build_extractor(model)
     store = None
     if model.get("feature_cache") is not None:
         from fiftyone_sdcorr.core.store import FeatureStore
@@ -248,6 +285,16 @@ def _matcher(extractor, opts, projection, records, fit_images, **model) -> PairM
         label = {p: r.category for r in records for p in (r.src, r.trg)}
         matcher.fit_projection(paths, [label[p] for p in paths])
     return matcher
+
+
+def _build_extractor(model: dict):
+    """A :class:`~fiftyone_sdcorr.FeatureExtractor` from the model keywords of :func:`evaluate_pairs`."""
+    from fiftyone_sdcorr.core.extractor import FeatureExtractor
+
+    return FeatureExtractor(model.get("sd_model", DEFAULT_SD_MODEL), model.get("dino_model", DEFAULT_DINO_MODEL),
+                            device=model.get("device"), dtype=model.get("dtype"), batch_size=model.get("batch_size"),
+                            preset=model.get("preset", "paper"), unet_model=model.get("unet_model"),
+                            **(model.get("recipe") or {}))
 
 
 def _method_config(matcher: PairMatcher, opts: PairMatchOptions, projection) -> dict:
@@ -369,17 +416,190 @@ def _progress(total: int, enabled: bool):
     return tqdm(total=total, desc="evaluate-pairs", unit="pair", file=sys.stderr)
 
 
+# --------------------------------------------------------------------------- TSS (dense flow)
+TSS_MASKS = ("none", "dataset")
+
+
+def evaluate_tss(root, *, subsets: Optional[Sequence[str]] = None, sample: Optional[int] = None, predictions=None,
+                 extractor=None, features: str = "fused", dense_resolution: Optional[int] = None,
+                 masks: str = "none", model: Optional[dict] = None, progress: bool = True) -> dict:
+    """PCK of TSS under sd-dino's ``pck_tss.py`` protocol (docs/evaluation.md, "TSS").
+
+    Args:
+        root: the ``TSS_CVPR2016`` folder (:func:`~fiftyone_sdcorr.core.benchmark_formats.read_tss`).
+        subsets: only these of FG3DCar, JODS, PASCAL; sample: the first N pairs of each.
+        predictions: a folder of flow files, ``{pair}.flo`` or ``{pair}.npy`` (pair =
+            ``"{subset}/{folder}/flow{n}"``: the same relative path as the ground truth),
+            or a dict ``{pair: H x W x 2}``; then no model is loaded.
+        extractor: a :class:`~fiftyone_sdcorr.FeatureExtractor` (co-PCA per pair, as the
+            paper) or any ``Describer`` (``describe([a, b])``); default: one built from ``model``.
+        features: ``"fused"``, ``"sd"`` or ``"dino"`` (a FeatureExtractor only).
+        dense_resolution: cells per side of the dense grid (default: the token grid, as
+            ``nearest_neighbor_flow``, 60 at the paper's recipe).
+        masks: ``"none"`` (the paper's default run: every target pixel matched against the
+            whole source) or ``"dataset"`` (both sides restricted to TSS's object masks).
+        model: the :class:`~fiftyone_sdcorr.FeatureExtractor` keywords (``evaluate_pairs``').
+    """
+    check_choice("masks", masks, TSS_MASKS)
+    check_choice("features", features, FEATURES)
+    if dense_resolution is not None:
+        check_int("dense_resolution", dense_resolution, lo=2, hi=4096)
+    pairs = read_tss(root, subsets, sample)
+    if not pairs:
+        raise BenchmarkFormatError(f"no TSS pairs under {root}")
+    if predictions is not None:
+        flows = _tss_prediction_source(predictions, pairs)
+        method = {"source": "predictions", "folder": None if isinstance(predictions, dict) else str(predictions)}
+    else:
+        describe, method = _tss_describer(extractor, features, model or {})
+        method.update(dense_resolution=dense_resolution, masks=masks)
+        flows = lambda p: _tss_model_flow(describe, p, dense_resolution, masks)  # noqa: E731
+    scores = _tss_scores(pairs, flows, progress)
+    result = aggregate_tss(scores, TSS_ALPHAS, TSS_PAPER_PCK)
+    info = {"format": "tss", "root": str(root), "subsets": list(subsets) if subsets else list(TSS_SUBSETS),
+            "sample": sample, "threshold": "source image max(H, W)", "correct_when": "error <= alpha x L",
+            "pairs_read": len(pairs)}
+    return {**result, "benchmark": info, "method": method, "warnings": []}
+
+
+def _check_tss_options(pca: str, **given) -> None:
+    """Options of the keypoint path that TSS does not have are refused, not ignored."""
+    used = sorted(k for k, v in given.items() if v not in (None, False))
+    if pca != "co":
+        used.append("pca")
+    if used:
+        raise ParameterError(f"parameter(s) {used} not available with format 'tss' (dense flow: co-PCA per pair, "
+                             "nearest neighbour per pixel, no saved predictions or feature cache)")
+
+
+def _tss_scores(pairs, flows, progress: bool) -> list:
+    """Each pair's :class:`~fiftyone_sdcorr.core.pck_protocol.FlowScore` (ground truth
+    checked finite on its mask)."""
+    scores, bar = [], _progress(len(pairs), progress)
+    try:
+        for p in pairs:
+            gt, mask = p.load_flow(), p.load_mask()
+            if not np.isfinite(gt[mask]).all():
+                raise BenchmarkFormatError(f"{p.flow}: the ground-truth flow is not finite on pixels of {p.mask}")
+            pred = flows(p)
+            scores.append(score_flow(pred, gt, mask, p.threshold, TSS_ALPHAS, pair=p.pair, subset=p.subset,
+                                     category=p.category))
+            bar.update(1)
+    finally:
+        bar.close()
+    return scores
+
+
+def _tss_prediction_source(predictions, pairs):
+    """``pair -> H x W x 2`` flow from a dict or a folder (every pair's file found first)."""
+    if isinstance(predictions, dict):
+        missing = [p.pair for p in pairs if p.pair not in predictions]
+        get = lambda p: np.asarray(predictions[p.pair], dtype=np.float32)  # noqa: E731
+        where = "predictions"
+    else:
+        folder = Path(os.path.expanduser(os.fspath(predictions)))
+        if not folder.is_dir():
+            raise PredictionsError(f"TSS predictions {folder}: must be a folder of flow files "
+                                   "({subset}/{pair folder}/flow{n}.flo or .npy)")
+        files = {p.pair: _tss_prediction_file(folder, p.pair) for p in pairs}
+        missing = [k for k, f in files.items() if f is None]
+        get = lambda p: read_flow(files[p.pair])  # noqa: E731
+        where = str(folder)
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise PredictionsError(f"{where}: no flow for {len(missing)} of {len(pairs)} pairs: "
+                               f"{', '.join(missing[:5])}{more} (expected <pair>.flo or <pair>.npy)")
+    return lambda p: _fit_prediction(get(p), p, where)
+
+
+def _tss_prediction_file(folder: Path, pair: str) -> Optional[Path]:
+    found = [folder / f"{pair}{s}" for s in FLOW_SUFFIXES if (folder / f"{pair}{s}").exists()]
+    if len(found) > 1:
+        raise PredictionsError(f"{folder}: pair {pair!r} has both {found[0].name} and {found[1].name}; keep one")
+    return found[0] if found else None
+
+
+def _fit_prediction(flow: np.ndarray, p, where: str) -> np.ndarray:
+    """A predicted flow on the target's grid: its own size, or the size both images are
+    padded to in sd-dino (right and bottom; cropped back)."""
+    w, h = p.trg_size
+    padded = (max(p.src_size[1], h), max(p.src_size[0], w))
+    if flow.ndim != 3 or flow.shape[2] != 2 or flow.shape[:2] not in ((h, w), padded):
+        raise PredictionsError(f"{where} (pair {p.pair!r}): flow of shape {tuple(flow.shape)}; expected "
+                               f"{h} x {w} x 2 (the target image{'s' if padded == (h, w) else ''} grid)"
+                               + ("" if padded == (h, w) else f" or {padded[0]} x {padded[1]} x 2 (padded)"))
+    return flow[:h, :w]
+
+
+def _tss_describer(extractor, features: str, model: dict):
+    """``(describe(src, trg, label) -> (fs, ft), method)``: a FeatureExtractor's co-PCA per
+    pair (the paper), or any Describer's ``describe``."""
+    if extractor is None:
+        extractor = _build_extractor(model)
+    cfg = json.loads(json.dumps(dict(extractor.config()) if hasattr(extractor, "config") else {}, default=str))
+    if hasattr(extractor, "extract") and hasattr(extractor, "recipe"):
+        matcher = PairMatcher(extractor, PairMatchOptions(features=features, pca="co", cache_images=0))
+
+        def describe(a, b, label):
+            return tuple(matcher.describe(extractor.extract([a, b], labels=[label, label])))
+        return describe, {"source": "model", **cfg, "features": features, "pca": "co"}
+    return (lambda a, b, label: tuple(extractor.describe([a, b]))), {"source": "model", **cfg}
+
+
+def _padded(image, size: Tuple[int, int]):
+    """``image`` (PIL) on a ``size`` canvas, zeros right and bottom (sd-dino's ``pad_to_same_shape``)."""
+    from PIL import Image
+
+    if image.size == tuple(size):
+        return image
+    canvas = Image.new(image.mode, size, 0)
+    canvas.paste(image, (0, 0))
+    return canvas
+
+
+def _tss_model_flow(describe, p, resolution: Optional[int], masks: str) -> np.ndarray:
+    """The flow of one TSS pair from the features: both images padded to one size (as
+    sd-dino does), each target pixel's nearest source cell (:func:`~fiftyone_sdcorr.core.dense.dense_match`),
+    cropped back to the target."""
+    from fiftyone_sdcorr.core.dense import dense_match
+    from fiftyone_sdcorr.core.images import load_image
+
+    size = (max(p.src_size[0], p.trg_size[0]), max(p.src_size[1], p.trg_size[1]))
+    src, trg = (_padded(load_image(f), size) for f in (p.src, p.trg))
+    fs, ft = describe(src, trg, p.category)
+    region = {}
+    if masks == "dataset":
+        region = {"source_mask": _pad_mask(read_tss_mask(p.src_mask, p.src_size), size),
+                  "target_mask": _pad_mask(read_tss_mask(p.mask, p.trg_size), size)}
+    res = resolution or max(2, int(ft.letterbox.size // ft.stride))
+    field = dense_match(fs, ft, resolution=res, cycle=False, **region).sample(*size)
+    w, h = p.trg_size
+    return field.flow(*size)[:h, :w]
+
+
+def _pad_mask(mask: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
+    out = np.zeros((size[1], size[0]), bool)
+    out[: mask.shape[0], : mask.shape[1]] = mask
+    return out
+
+
 # --------------------------------------------------------------------------- command line
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The ``evaluate-pairs`` sub-command's arguments."""
     g = p.add_argument_group("benchmark")
-    g.add_argument("--format", required=True, choices=FORMATS, help="which benchmark's files --root holds")
-    g.add_argument("--root", required=True, help="the benchmark folder (SPair-71k, PF-dataset-PASCAL, ap-10k)")
-    g.add_argument("--split", default="test", help="split name as the benchmark spells it (default: test)")
-    g.add_argument("--categories", nargs="+", metavar="NAME", help="only these categories")
-    g.add_argument("--sample", type=int, help="at most N pairs per category (seeded, without replacement)")
+    g.add_argument("--format", required=True, choices=EVAL_FORMATS,
+                   help="which benchmark's files --root holds (tss: dense flow, TSS_CVPR2016)")
+    g.add_argument("--root", required=True,
+                   help="the benchmark folder (SPair-71k, PF-dataset-PASCAL, ap-10k, TSS_CVPR2016)")
+    g.add_argument("--split", default="test", help="split name as the benchmark spells it (default: test; "
+                   "not used by tss)")
+    g.add_argument("--categories", nargs="+", metavar="NAME",
+                   help="only these categories (tss: subsets FG3DCar JODS PASCAL)")
+    g.add_argument("--sample", type=int, help="at most N pairs per category (seeded, without replacement; "
+                   "tss: the first N pairs of each subset, as pck_tss.py)")
     g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    g.add_argument("--predictions", help="score these predictions (JSON Lines) instead of running the models")
+    g.add_argument("--predictions", help="score these predictions (JSON Lines; tss: a folder of flow files "
+                   "<subset>/<pair folder>/flow<n>.flo or .npy) instead of running the models")
     g.add_argument("--out", required=True, help="results JSON file")
     g.add_argument("--markdown", help="markdown table file (default: --out with .md)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -404,6 +624,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="folder for each image's raw maps (float16), keyed by the image's content: reruns "
                    "and ablations reuse them")
     m.add_argument("--save-predictions", help="write (and resume from) the model's predictions, JSON Lines")
+    m.add_argument("--dense-resolution", type=int,
+                   help="tss: cells per side of the dense matching grid (default: the token grid, 60)")
+    m.add_argument("--tss-masks", default="none", choices=TSS_MASKS,
+                   help="tss: none (the paper's run) or dataset (match inside TSS's object masks)")
     r = p.add_argument_group("recipe overrides (default: the preset's)")
     r.add_argument("--alpha", type=float, help="SD share of the fused descriptor (paper: 0.5)")
     r.add_argument("--pca-dim", type=int, help="channels kept per SD tap (paper: 256)")
@@ -457,11 +681,15 @@ def main(args: argparse.Namespace) -> int:
         features=args.features, pca=args.pca, soft_argmax=args.soft_argmax, flip=args.flip,
         pca_device=args.pca_device, projection=args.projection, fit_images=args.fit_images,
         cache_images=args.cache_images, feature_cache=args.feature_cache, save_predictions=args.save_predictions,
-        progress=not args.no_progress,
+        progress=not args.no_progress, dense_resolution=getattr(args, "dense_resolution", None),
+        tss_masks=getattr(args, "tss_masks", "none"),
     )
     write_text_atomic(out, json.dumps(result, indent=2) + "\n")
     b = result["benchmark"]
-    table = markdown_table(result, title=f"{b['format']} {b['split']}: {result['method']['source']}")
+    if b["format"] == "tss":
+        table = tss_markdown_table(result, title=f"TSS: {result['method']['source']}")
+    else:
+        table = markdown_table(result, title=f"{b['format']} {b['split']}: {result['method']['source']}")
     write_text_atomic(md, table + "\n")
     print(table)
     for w in result["warnings"]:
@@ -470,4 +698,5 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["evaluate_pairs", "add_arguments", "add_import_arguments", "main", "RECIPE_OPTIONS"]
+__all__ = ["evaluate_pairs", "evaluate_tss", "add_arguments", "add_import_arguments", "main", "RECIPE_OPTIONS",
+           "EVAL_FORMATS", "TSS_MASKS"]

@@ -746,6 +746,160 @@ def _ap10k_image_record(key: str, pairs: List[PairRecord]) -> ImageRecord:
                        d["_size"][1], pts, d["_box"], extra)
 
 
+# --------------------------------------------------------------------------- TSS (dense flow)
+#: TSS's three subsets, in the order sd-dino's ``pck_tss.py`` evaluates them
+TSS_SUBSETS = ("FG3DCar", "JODS", "PASCAL")
+#: PCK alphas of TSS (``pck_tss.py`` computes these four; the paper reports 0.05)
+TSS_ALPHAS = (0.01, 0.05, 0.10, 0.15)
+#: PCK@0.05 (percent) the paper reports for fused SD + DINOv2 on each TSS subset. Not
+#: found in the sources this package was written from (sd-dino's README gives no TSS
+#: numbers); ``None`` until someone copies them from the paper's table.
+TSS_PAPER_PCK = {"FG3DCar": None, "JODS": None, "PASCAL": None}
+#: folder-name prefixes renamed to PASCAL VOC classes (as ``make_dataset`` in sd-dino's
+#: ``utils/utils_tss.py`` does)
+_TSS_CLASS_NAMES = {"busd": "bus", "bike": "bicycle", "plane": "aeroplane", "suv": "car"}
+_TSS_FILES = ("image1.png", "image2.png", "flow1.flo", "flow2.flo", "mask1.png", "mask2.png")
+
+
+@dataclass
+class TssPair:
+    """One directed TSS pair: the flow on the target image to the source image.
+
+    Attributes:
+        pair: ``"{subset}/{folder}/flow{n}"`` (``n``: the target image's number), also the
+            relative path (plus ``.flo`` / ``.npy``) of its file in a predictions folder.
+        subset, category, folder: where it comes from (``folder``: the pair folder).
+        src, trg: the two images; src_size, trg_size: their ``(W, H)``.
+        flow, mask: ground-truth ``flow{n}.flo`` and correspondence ``mask{n}.png``, both
+            on the target's grid; src_mask: the source's ``mask{m}.png`` (only for
+            matching restricted to the objects, never for scoring).
+        threshold: ``L = max(H, W)`` of the *source* image (``pckthres`` in sd-dino).
+    """
+
+    pair: str
+    subset: str
+    category: str
+    folder: str
+    src: str
+    trg: str
+    src_size: Tuple[int, int]
+    trg_size: Tuple[int, int]
+    flow: str
+    mask: str
+    src_mask: str
+    threshold: float
+
+    def load_flow(self) -> np.ndarray:
+        """The ground-truth flow, ``H x W x 2`` float32 on the target's grid."""
+        from fiftyone_sdcorr.core.flow_io import read_flo
+
+        return read_flo(self.flow)
+
+    def load_mask(self) -> np.ndarray:
+        """``H x W`` bool: the pixels that count. As sd-dino reads it (grayscale ``/ 255``
+        cast to ``uint8``), only pixels of gray value 255 count."""
+        return read_tss_mask(self.mask, self.trg_size)
+
+
+def read_tss_mask(path, size: Optional[Tuple[int, int]] = None) -> np.ndarray:
+    """A TSS mask PNG -> ``H x W`` bool (gray == 255), its size checked against ``size``."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            gray = np.asarray(im.convert("L"))
+    except FileNotFoundError:
+        raise BenchmarkFormatError(f"missing file {path}") from None
+    except Exception as e:  # noqa: BLE001 -- PIL raises many kinds for a bad file
+        raise BenchmarkFormatError(f"{path}: not a readable mask image ({e})") from None
+    if size is not None and (gray.shape[1], gray.shape[0]) != tuple(size):
+        raise BenchmarkFormatError(f"{path}: mask is {gray.shape[1]} x {gray.shape[0]}, but its image is "
+                                   f"{size[0]} x {size[1]}")
+    return gray == 255
+
+
+def tss_category(subset: str, folder: str) -> str:
+    """The PASCAL class of a TSS pair folder (FG3DCar: car; else the folder name's prefix)."""
+    if subset == "FG3DCar":
+        return "car"
+    cat = folder.split("_")[0].lower()
+    return _TSS_CLASS_NAMES.get(cat, cat)
+
+
+def _tss_sizes(folder: Path) -> Dict[int, Tuple[int, int]]:
+    """``{n: (W, H)}`` of ``image{n}.png``, with ``flow{n}.flo`` and ``mask{n}.png`` checked
+    to be on the same grid (headers only)."""
+    from fiftyone_sdcorr.core.flow_io import flo_size
+
+    missing = [f for f in _TSS_FILES if not (folder / f).is_file()]
+    if missing:
+        raise BenchmarkFormatError(f"missing file {folder / missing[0]}: TSS pair folder {folder.name} lacks "
+                                   f"{missing} (a pair folder holds {list(_TSS_FILES)})")
+    sizes = {}
+    for n in (1, 2):
+        size = image_size(folder / f"image{n}.png")
+        flow = flo_size(folder / f"flow{n}.flo")
+        if flow != size:
+            raise BenchmarkFormatError(f"{folder / f'flow{n}.flo'}: flow is {flow[0]} x {flow[1]}, but "
+                                       f"image{n}.png (the grid it lies on) is {size[0]} x {size[1]}")
+        mask = image_size(folder / f"mask{n}.png")
+        if mask != size:
+            raise BenchmarkFormatError(f"{folder / f'mask{n}.png'}: mask is {mask[0]} x {mask[1]}, but "
+                                       f"image{n}.png is {size[0]} x {size[1]}")
+        sizes[n] = size
+    return sizes
+
+
+def _tss_folder_pairs(subset: str, folder: Path) -> List[TssPair]:
+    """The two directed pairs of a folder, in sd-dino's order: image1 -> image2 (the flow
+    ``flow2.flo`` on image2), then image2 -> image1 (``flow1.flo`` on image1)."""
+    sizes = _tss_sizes(folder)
+    cat = tss_category(subset, folder.name)
+    out = []
+    for s, t in ((1, 2), (2, 1)):
+        sw, sh = sizes[s]
+        out.append(TssPair(f"{subset}/{folder.name}/flow{t}", subset, cat, str(folder),
+                           str(folder / f"image{s}.png"), str(folder / f"image{t}.png"), sizes[s], sizes[t],
+                           str(folder / f"flow{t}.flo"), str(folder / f"mask{t}.png"), str(folder / f"mask{s}.png"),
+                           float(max(sw, sh))))
+    return out
+
+
+def read_tss(root, subsets: Optional[Sequence[str]] = None, sample: Optional[int] = None) -> List[TssPair]:
+    """The TSS pairs as sd-dino's ``utils/utils_tss.py`` prepares them (``TSS_CVPR2016``
+    from ``data/prepare_tss.sh``; ``root`` holds the subset folders)::
+
+        {FG3DCar,JODS,PASCAL}/{pair folder}/image1.png image2.png flow1.flo flow2.flo mask1.png mask2.png
+
+    Each pair folder gives two directed pairs (:func:`_tss_folder_pairs`), folders in
+    sorted order. ``subsets``: only these (default: all three, each required);
+    ``sample``: the first ``sample`` pairs of each subset (sd-dino's ``--SAMPLE`` keeps the
+    first ones too). Every file is checked (headers and sizes) before anything is scored.
+    """
+    root = Path(os.path.expanduser(os.fspath(root))).resolve()
+    if not root.is_dir():
+        raise BenchmarkFormatError(f"benchmark root {root} is not a folder")
+    if isinstance(subsets, str) or (subsets is not None and not all(isinstance(c, str) for c in subsets)):
+        raise ParameterError(f"parameter 'categories' must be a list of TSS subsets, got {subsets!r}")
+    unknown = sorted(set(subsets or ()) - set(TSS_SUBSETS))
+    if unknown:
+        raise ParameterError(f"parameter 'categories': unknown TSS subset(s) {unknown}; subsets: {list(TSS_SUBSETS)}")
+    if sample is not None:
+        check_int("sample", sample, lo=1)
+    out: List[TssPair] = []
+    for subset in [s for s in TSS_SUBSETS if subsets is None or s in subsets]:
+        sub = root / subset
+        if not sub.is_dir():
+            raise BenchmarkFormatError(f"missing subset folder {sub} (a TSS root, the TSS_CVPR2016 folder, "
+                                       f"holds {', '.join(TSS_SUBSETS)})")
+        folders = sorted(p for p in sub.iterdir() if p.is_dir())
+        if not folders:
+            raise BenchmarkFormatError(f"TSS subset folder {sub} holds no pair folders")
+        pairs = [p for f in folders for p in _tss_folder_pairs(subset, f)]
+        out += pairs[:sample] if sample else pairs
+    return out
+
+
 # --------------------------------------------------------------------------- public API
 _READERS = {"spair": read_spair, "pfpascal": read_pfpascal, "ap10k": read_ap10k}
 
@@ -797,4 +951,5 @@ __all__ = [
     "SPAIR_LEFT_RIGHT", "SPAIR_NUM_KEYPOINTS", "BenchmarkFormatError", "PairRecord", "ImageRecord",
     "keypoint_names", "flip_pairs", "skeleton_edges", "read_pairs", "read_images",
     "read_spair", "read_pfpascal", "read_ap10k", "pfpascal_csv",
+    "TSS_SUBSETS", "TSS_ALPHAS", "TSS_PAPER_PCK", "TssPair", "read_tss", "read_tss_mask", "tss_category",
 ]

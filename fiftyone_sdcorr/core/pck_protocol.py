@@ -32,6 +32,13 @@ Predictions files are JSON Lines, one object per pair::
 the order of the pair's source keypoints (SPair-71k: ``src_kps`` of the pair file;
 PF-Pascal: ``XA`` / ``YA``; AP-10K: the 17 COCO keypoints). ``null`` = no prediction.
 
+**TSS** (dense flow; sd-dino's ``pck_tss.py``): :func:`score_flow` scores a predicted
+flow on the target's correspondence-mask pixels, correct when the end-point error is **at
+most** ``alpha * L`` (``<=``, unlike the keypoint benchmarks' ``<``), ``L`` the source
+image's longer side; :func:`aggregate_tss` averages each pair's fraction over a subset's
+pairs (``per_image``, the paper's number) and :func:`tss_markdown_table` prints it beside
+the paper's.
+
 No FiftyOne import.
 """
 
@@ -157,6 +164,123 @@ def aggregate(scores: Iterable[PairScore], alphas: Sequence[float]) -> dict:
     return out
 
 
+# --------------------------------------------------------------------------- TSS: dense flow
+@dataclass
+class FlowScore:
+    """One TSS pair under ``pck_tss.py``'s protocol: ``counted`` mask pixels,
+    ``correct[i]`` of them within ``alphas[i] * L``, the end-point errors' sum over the
+    predicted ones (``epe_sum`` / ``predicted`` is the pair's AEPE)."""
+
+    pair: str
+    subset: str
+    category: str
+    counted: int
+    correct: Tuple[int, ...]
+    epe_sum: float
+    predicted: int
+    missing: int = 0
+
+    def fraction(self, i: int) -> float:
+        return self.correct[i] / self.counted if self.counted else float("nan")
+
+
+def score_flow(pred, gt, mask, threshold: float, alphas: Sequence[float], *, pair: str = "", subset: str = "",
+               category: str = "") -> FlowScore:
+    """Scores a predicted flow against the ground truth on the pixels of ``mask``.
+
+    As ``run_evaluation_semantic`` in sd-dino's ``pck_tss.py``: the end-point error
+    ``|pred - gt|`` at each mask pixel; correct when **at most** ``alpha * L``
+    (``epe.le``: ``<=``, where the keypoint benchmarks use ``<``); ``L`` = ``threshold``,
+    the source image's longer side. A mask pixel with a NaN prediction counts as wrong.
+
+    Args:
+        pred, gt: ``H x W x 2`` flows on the target's grid (target pixel + flow = source point).
+        mask: ``H x W`` bool, the pixels that count.
+        threshold: ``L`` in source pixels.
+    """
+    pred = np.asarray(pred, dtype=np.float64)
+    gt = np.asarray(gt, dtype=np.float64)
+    mask = np.asarray(mask, dtype=bool)
+    if not (pred.shape == gt.shape and gt.shape[:2] == mask.shape and gt.ndim == 3 and gt.shape[2] == 2):
+        raise ValueError(f"pair {pair!r}: flow {pred.shape}, ground truth {gt.shape} and mask {mask.shape} "
+                         "must be H x W x 2, H x W x 2 and H x W")
+    if not (math.isfinite(threshold) and threshold > 0):
+        raise ValueError(f"pair {pair!r}: threshold size must be positive, got {threshold}")
+    epe = np.linalg.norm(pred[mask] - gt[mask], axis=1)
+    finite = np.isfinite(epe)
+    scored = np.where(finite, epe, np.inf)
+    correct = tuple(int((scored <= float(a) * float(threshold)).sum()) for a in alphas)
+    return FlowScore(pair, subset, category, int(mask.sum()), correct, float(epe[finite].sum()),
+                     int(finite.sum()), int((~finite).sum()))
+
+
+def _flow_block(scores: List[FlowScore], alphas: Sequence[float]) -> dict:
+    ev = [s for s in scores if s.counted]
+    pixels = sum(s.counted for s in ev)
+    aepe = [s.epe_sum / s.predicted for s in ev if s.predicted]
+    block = {"pairs": len(ev), "pixels": pixels, "skipped_pairs": len(scores) - len(ev),
+             "missing_predictions": sum(s.missing for s in ev), "per_image": {}, "per_pixel": {},
+             "aepe": float(np.mean(aepe)) if aepe else None}
+    for i, a in enumerate(alphas):
+        k = alpha_key(a)
+        block["per_image"][k] = _pct(float(np.mean([s.fraction(i) for s in ev]))) if ev else None
+        block["per_pixel"][k] = _pct(sum(s.correct[i] for s in ev) / pixels) if pixels else None
+    return block
+
+
+def aggregate_tss(scores: Iterable[FlowScore], alphas: Sequence[float], paper: Optional[Dict] = None) -> dict:
+    """Per subset PCK of TSS pairs, JSON-ready (percent; ``None`` where nothing was evaluated).
+
+    ``per_image`` is the number sd-dino reports (``PCK_0_05_per_image``: each pair's
+    fraction of correct mask pixels, averaged over the subset's pairs). ``per_pixel`` pools
+    the pixels with each pair's own ``L`` (sd-dino's ``PCK_*_per_dataset`` pools them with
+    the last pair's ``L`` for all: not reproduced). ``mean_of_subsets``: the subsets'
+    ``per_image`` averaged. ``paper``: ``{subset: PCK@0.05}`` shown beside ours.
+
+    Returns ``{"alphas", "subsets": {name: {"per_image", "per_pixel", "aepe", "pairs",
+    "pixels", "skipped_pairs", "missing_predictions", "paper_pck_0.05"}}, "mean_of_subsets",
+    "categories", "counts"}``.
+    """
+    scores = list(scores)
+    by_sub: Dict[str, List[FlowScore]] = {}
+    by_cat: Dict[str, List[FlowScore]] = {}
+    for s in scores:
+        by_sub.setdefault(s.subset, []).append(s)
+        by_cat.setdefault(s.category, []).append(s)
+    subsets = {name: _flow_block(ss, alphas) for name, ss in by_sub.items()}
+    for name, b in subsets.items():
+        b["paper_pck_0.05"] = (paper or {}).get(name)
+    used = [b for b in subsets.values() if b["pairs"]]
+    keys = [alpha_key(a) for a in alphas]
+    mean = {k: (float(np.mean([b["per_image"][k] for b in used])) if used else None) for k in keys}
+    return {"alphas": keys, "subsets": subsets, "mean_of_subsets": mean,
+            "categories": {c: _flow_block(by_cat[c], alphas) for c in sorted(by_cat)},
+            "counts": {"pairs": sum(b["pairs"] for b in used), "pixels": sum(b["pixels"] for b in used),
+                       "skipped_pairs": sum(b["skipped_pairs"] for b in subsets.values()),
+                       "missing_predictions": sum(b["missing_predictions"] for b in subsets.values())}}
+
+
+def tss_markdown_table(result: dict, title: Optional[str] = None) -> str:
+    """One row per TSS subset: pairs, pixels, per-image PCK at each alpha, AEPE and the
+    paper's PCK@0.05; then the mean of the subsets."""
+    keys = list(result["alphas"])
+    head = ["subset", "pairs", "pixels"] + [f"PCK@{k}" for k in keys] + ["AEPE", "paper PCK@0.05"]
+    lines = [f"**{title}**", ""] if title else []
+    lines += ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
+    for name, b in result["subsets"].items():
+        row = [name, str(b["pairs"]), str(b["pixels"])] + [_cell(b["per_image"][k]) for k in keys]
+        row += [_cell(b["aepe"]), _cell(b.get("paper_pck_0.05"))]
+        lines.append("| " + " | ".join(row) + " |")
+    c = result["counts"]
+    row = ["**mean of subsets**", str(c["pairs"]), str(c["pixels"])]
+    row += [f"**{_cell(result['mean_of_subsets'][k])}**" for k in keys] + ["", ""]
+    lines.append("| " + " | ".join(row) + " |")
+    lines += ["", "PCK in percent, per image (sd-dino's pck_tss.py): each pair's fraction of mask pixels whose "
+                  "end-point error is at most alpha x L (L: the source image's longer side), averaged over the "
+                  "subset's pairs. AEPE in pixels. paper: - where not known."]
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------- report
 def _cell(v) -> str:
     return "-" if v is None else f"{v:.2f}"
@@ -266,4 +390,5 @@ def score_predictions(records: Sequence[PairRecord], predictions: Dict[str, np.n
 __all__ = [
     "alpha_key", "PredictionsError", "PairScore", "score_pair", "score_record", "aggregate",
     "markdown_table", "read_predictions", "parse_predictions_line", "predictions_line", "score_predictions",
+    "FlowScore", "score_flow", "aggregate_tss", "tss_markdown_table",
 ]
