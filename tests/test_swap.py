@@ -296,3 +296,36 @@ def test_refinement_with_tiny_models_is_seeded_and_stays_inside_the_mask(canvase
 
 def test_config_defaults_are_the_forms():
     assert SwapConfig.build(output_dataset="x").resolution == SwapConfig.resolution
+
+
+def test_the_match_panel_prompts_a_swap_of_its_current_and_reference_objects(tmp_path):
+    from panel_driver import PanelDriver
+    from test_objects import desc, write_coco
+
+    write_coco(tmp_path)
+    ds = fo.Dataset.from_dir(data_path=str(tmp_path / "data"), labels_path=str(tmp_path / "labels.json"),
+                             dataset_type=fo.types.COCODetectionDataset, label_types=["detections", "keypoints"],
+                             name=f"sdcorr-swap-panel-{uuid.uuid4().hex[:8]}")
+    try:
+        ds.match(fo.ViewField("filepath").ends_with("canvas0.png")).tag_samples("reference")
+        sc.compute_fused_features(ds, extractor=desc(), patches_field="detections", store_dir=str(tmp_path / "store"),
+                                  progress=False)
+        sc.propagate_keypoints(ds, "reference", "keypoints", "pred", patches_field="detections", extractor=desc(),
+                               progress=False)
+        target = ds.match(fo.ViewField("filepath").ends_with("canvas2.png")).first()
+        d = PanelDriver(ds, current_sample=target.id)
+        d.call("on_load")
+        d.call("on_swap")
+        (prompt,) = [r for r in d.requests if r["operator_uri"] == "prompt_user_for_operation"]
+        assert prompt["params"]["operator_uri"].endswith("/swap_instances")
+        params = prompt["params"]["params"]
+        assert params["source_id"] == d.state["reference_object"] and params["target_id"] == d.state["object_id"]
+        assert params["patches_field"] == "detections"
+        res = foo.execute_operator("@sdcorr/sdcorr/swap_instances", ctx={"dataset": ds, "params": {
+            **params, "output_dataset": ds.name + "-swaps", "output_dir": str(tmp_path / "swaps"), "resolution": 48}})
+        res.raise_exceptions()
+        assert fo.load_dataset(ds.name + "-swaps").first().sdcorr_swap_target_label_id == d.state["object_id"]
+    finally:
+        for name in (ds.name + "-swaps", ds.name):
+            if fo.dataset_exists(name):
+                fo.delete_dataset(name)

@@ -532,6 +532,18 @@ class MatchPanel(foo.Panel):
     def on_compute_features(self, ctx):
         ctx.prompt(f"{PLUGIN}/compute_fused_features")
 
+    def on_swap(self, ctx):
+        """The "Swap instances" button: prompts ``swap_instances`` with the reference object as the
+        source and the current object as the target (new samples, another dataset)."""
+        state = ctx.panel.state
+        patches = (state.object_features or {}).get("patches_field")
+        if not (state.object_id and state.reference_object and patches):
+            state.set({"message": "Choose an object and a reference object to swap."})
+            return
+        ctx.prompt(f"{PLUGIN}/swap_instances", params={"view_target": "DATASET", "patches_field": patches,
+                                                       "source_id": state.reference_object,
+                                                       "target_id": state.object_id})
+
     def on_accept_point(self, ctx):
         self._review(ctx, "accepted", point=True)
 
@@ -727,6 +739,8 @@ class MatchPanel(foo.Panel):
         if figure.get("missing_features"):
             btn("compute_features", "Compute features", "memory", self.on_compute_features, "contained")
         btn("propagate", "Propagate from this reference", "call_split", self.on_propagate)
+        if state.object_id and state.reference_object:
+            btn("swap", "Swap instances", "swap_horiz", self.on_swap)
         if state.pred_field:
             if state.selected_point:
                 btn("accept_point", "Accept point", "check", self.on_accept_point)
