@@ -574,7 +574,20 @@ def _tss_model_flow(describe, p, resolution: Optional[int], masks: str) -> np.nd
     res = resolution or max(2, int(ft.letterbox.size // ft.stride))
     field = dense_match(fs, ft, resolution=res, cycle=False, **region).sample(*size)
     w, h = p.trg_size
-    return field.flow(*size)[:h, :w]
+    return _fill_unmatched(field.flow(*size))[:h, :w]
+
+
+def _fill_unmatched(flow: np.ndarray) -> np.ndarray:
+    """Pixels without a match (their grid cell's centre off the image, or outside the
+    region: a strip under half a cell wide) take the flow of the nearest matched pixel, as
+    sd-dino's interpolated token-grid flow gives every pixel one."""
+    bad = ~np.isfinite(flow).all(-1)
+    if not bad.any() or bad.all():
+        return flow
+    from scipy.ndimage import distance_transform_edt
+
+    _, (rows, cols) = distance_transform_edt(bad, return_distances=True, return_indices=True)
+    return flow[rows, cols]
 
 
 def _pad_mask(mask: np.ndarray, size: Tuple[int, int]) -> np.ndarray:

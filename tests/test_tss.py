@@ -333,3 +333,24 @@ def test_bad_files_are_benchmark_format_errors(root):
         read_tss(root)
     with pytest.raises(BenchmarkFormatError, match="not a folder"):
         read_tss(root / "nope")
+
+
+def test_the_command_runs_the_tiny_models(root, tmp_path, capsys):
+    """The FeatureExtractor path (co-PCA per pair, fused, sd, dino) end to end with tiny
+    random models: every pair scored, numbers in range (not meaningful)."""
+    from fiftyone_sdcorr.core.tiny import tiny_models
+
+    sd, dino = tiny_models(tmp_path / "tiny")[:2]
+    out = tmp_path / "tss.json"
+    for features in ("fused", "dino"):
+        rc = main(["evaluate-pairs", "--format", "tss", "--root", str(root), "--categories", "PASCAL", "--sample", "2",
+                   "--sd-model", sd, "--dino-model", dino, "--device", "cpu", "--sd-size", "128", "--sd-mode", "whole",
+                   "--dino-size", "56", "--pca-dim", "8", "--features", features, "--out", str(out), "--no-progress"])
+        assert rc == 0, capsys.readouterr().err
+        res = json.loads(out.read_text())
+        b = res["subsets"]["PASCAL"]
+        assert b["pairs"] == 2 and 0.0 <= b["per_image"]["0.05"] <= 100.0 and b["missing_predictions"] == 0
+        assert res["method"]["features"] == features and res["method"]["dense_resolution"] is None
+    rc = main(["evaluate-pairs", "--format", "tss", "--root", str(root), "--save-predictions", str(tmp_path / "p.jsonl"),
+               "--out", str(out)])
+    assert rc == 2 and "not available with format 'tss'" in capsys.readouterr().err
