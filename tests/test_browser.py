@@ -240,6 +240,11 @@ def test_match_panel_in_the_app(app, playwright_api):
             time.sleep(1.0)
             parts = app["tmp"] / "match_panel_parts.png"
             _screenshot(page, parts)
+
+            # the dense view: offered by the View dropdown, drawn as an image over each side
+            _choose_until(page, "View", "Dense correspondence", "Photos",
+                          "gd.data.some(t => t.name === 'current|dense' && t.type === 'image')"
+                          " && gd.data.some(t => t.name === 'reference|dense')")
             assert not [e for e in errors if "plotly" in e.lower()], errors
         finally:
             browser.close()
