@@ -331,13 +331,20 @@ def test_compile_policy(tiny_dirs):
     assert auto.channels_last is False
 
 
-def test_compiled_path_equals_eager_and_compiles_once_for_every_batch(tiny_dirs):
-    """torch.compile (inductor, on this CPU) of the real blocks: the same maps as the eager
+@pytest.mark.parametrize("device, backend", [
+    ("cpu", "aot_eager"),  # dynamo's graphs and guards; inductor's C++ build takes minutes on a CPU
+    pytest.param("cuda", None, marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                            reason="needs a CUDA device")]),
+])
+def test_compiled_path_equals_eager_and_compiles_once_for_every_batch(tiny_dirs, device, backend):
+    """torch.compile of the real blocks (inductor on CUDA): the same maps as the eager
     path, and a short last batch is padded to the compiled shape, not recompiled."""
     imgs = [_rand_image(w, h, s) for s, (w, h) in enumerate([(150, 100), (90, 120), (80, 80)])]
-    eager = FeatureExtractor(tiny_dirs[0], tiny_dirs[1], device="cpu", batch_size=2, **SMALL).extract(imgs)
-    fx = FeatureExtractor(tiny_dirs[0], tiny_dirs[1], device="cpu", batch_size=2, compile=True, **SMALL)
-    first = fx.extract(imgs[:2])  # compiles (plan_run with compile=True)
+    opts = dict(device=device, batch_size=2, dtype="float32", **SMALL)
+    eager = FeatureExtractor(tiny_dirs[0], tiny_dirs[1], **opts).extract(imgs)
+    fx = FeatureExtractor(tiny_dirs[0], tiny_dirs[1], compile=True, **opts)
+    fx.compile_models(backend=backend)
+    first = fx.extract(imgs[:2])  # compiles on the first batch (plan_run keeps these graphs)
     assert fx.compiled is not None and fx.compiled["dynamic"] is False
     with torch._dynamo.config.patch(error_on_recompile=True):
         rest = fx.extract(imgs[2:])  # 1 image: padded to the batch of 2, the same graphs

@@ -480,17 +480,20 @@ class FeatureExtractor:
             self.compile_models()
         return self.compiled is not None
 
-    def compile_models(self, mode: Optional[str] = None) -> dict:
+    def compile_models(self, mode: Optional[str] = None, backend: Optional[str] = None) -> dict:
         """``torch.compile`` the heavy blocks in place (fixed shapes), keeping the tap modules
         hookable: the VAE encoder whole; the UNet's down and mid blocks whole and, in the up
         blocks, each resnet, attention and upsampler (a forward hook on a compiled wrapper
         runs eagerly, so the early stop still works); DINO's transformer layers. Compilation
-        happens on the first batch of each shape; batches are padded to ``batch_size``."""
+        happens on the first batch of each shape; batches are padded to ``batch_size``.
+        ``backend``: torch.compile's (default inductor)."""
         if self.compiled is not None:
             return self.compiled
         kw = dict(dynamic=False)
         if mode and mode != "default":
             kw["mode"] = mode
+        if backend is not None:
+            kw["backend"] = backend
 
         def each(modules):
             for i, m in enumerate(modules):
@@ -504,7 +507,8 @@ class FeatureExtractor:
                 if getattr(blk, name, None) is not None:
                     each(getattr(blk, name))
         each(_models.dino_layers(self.dino))
-        self.compiled = {"mode": mode or "default", "dynamic": False, "batch_size": self.batch_size}
+        self.compiled = {"mode": mode or "default", "dynamic": False, "batch_size": self.batch_size,
+                         "backend": backend or "inductor"}
         return self.compiled
 
     # ------------------------------------------------------------------ public
