@@ -34,6 +34,7 @@ _LAZY = {
     "flag_keypoint_annotations": "fiftyone_sdcorr.dataset.review",
     "write_feature_pca": "fiftyone_sdcorr.dataset.feature_views",
     "write_similarity_heatmaps": "fiftyone_sdcorr.dataset.feature_views",
+    "write_dense_views": "fiftyone_sdcorr.dataset.feature_views",
     "propagate_masks": "fiftyone_sdcorr.dataset.propagate_masks",
     "evaluate_masks": "fiftyone_sdcorr.dataset.evaluate_masks",
     "swap_instances": "fiftyone_sdcorr.dataset.swap",

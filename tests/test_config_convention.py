@@ -35,7 +35,8 @@ from fiftyone_sdcorr.dataset.config import (
 from local_descriptor import LocalDescriptor
 
 FUNCTIONS = ("compute_fused_features", "propagate_keypoints", "evaluate_keypoints", "flag_keypoint_annotations",
-             "write_feature_pca", "write_similarity_heatmaps")
+             "write_feature_pca", "write_similarity_heatmaps", "write_dense_views", "swap_instances",
+             "propagate_masks")
 #: keywords where None is a value of its own: their defaults are the config's
 NONE_IS_A_VALUE = {("evaluate_keypoints", "eval_key"): EvaluationConfig.eval_key,
                    ("flag_keypoint_annotations", "tag"): ReviewConfig.tag}
