@@ -183,3 +183,183 @@ def test_iou_per_class_from_a_confusion_matrix():
     cm = [[5, 1, 0], [2, 3, 0], [0, 0, 0]]  # rows: ground truth
     got = iou_per_class(cm, ["a", "b", "c"])
     assert got == {"a": pytest.approx(5 / 8), "b": pytest.approx(3 / 6), "c": None}
+
+
+# --------------------------------------------------------------------------- objects
+W, H = 460, 240
+OBJ_W, OBJ_H = 80, 120
+
+
+def _ellipse(w=OBJ_W, h=OBJ_H):
+    """The object's instance mask in box coordinates (bool, as FiftyOne's detections hold)."""
+    ys, xs = np.mgrid[0:h, 0:w]
+    return ((xs + 0.5 - w / 2) / (0.4 * w)) ** 2 + ((ys + 0.5 - h / 2) / (0.45 * h)) ** 2 <= 1
+
+
+def _box(x, y, s=1.0):
+    return [x / W, y / H, OBJ_W * s / W, OBJ_H * s / H]
+
+
+@pytest.fixture
+def objects(tmp_path):
+    """A reference canvas with one masked object (and an unmasked decoy of another label),
+    and a target canvas with two full-size copies and a half-size one (boxes only), each
+    with its known mask in ``gt_objects`` (linked by ``instance``)."""
+    obj = Image.fromarray(textured_noise(OBJ_H, OBJ_W, seed=3))
+    ds = fo.Dataset(f"sdcorr-mask-objects-{uuid.uuid4().hex[:8]}")
+    samples = []
+    for name, placed in (("ref", [(70, 80, 1.0)]), ("target", [(10, 10, 0.5), (120, 60, 1.0), (300, 100, 1.0)])):
+        img = Image.new("RGB", (W, H), (128, 128, 128))
+        dets, gts = [], []
+        for x, y, s in placed:
+            img.paste(obj.resize((int(OBJ_W * s), int(OBJ_H * s)), Image.BILINEAR) if s != 1 else obj, (x, y))
+            inst = fo.Instance()
+            dets.append(fo.Detection(label="person", bounding_box=_box(x, y, s), instance=inst,
+                                     mask=_ellipse() if name == "ref" else None))
+            gts.append(fo.Detection(label="person", bounding_box=_box(x, y, s), instance=inst,
+                                    mask=_ellipse(int(OBJ_W * s), int(OBJ_H * s))))
+        path = str(tmp_path / f"{name}.png")
+        img.save(path)
+        samples.append(fo.Sample(filepath=path, name=name, tags=[name], detections=fo.Detections(detections=dets),
+                                 gt_objects=fo.Detections(detections=gts)))
+    ds.add_samples(samples)
+    yield ds, tmp_path
+    ds.delete()
+
+
+def test_objects_get_the_reference_instance_mask_in_box_coordinates(objects):
+    ds, tmp = objects
+    target = ds.match_tags("target")
+    got = sc.propagate_masks(target, "ref", "detections", "pred", patches_field="detections", resolution=RES,
+                             extractor=desc(), confidence_field="pred_conf", progress=False)
+    assert got["targets"] == got["propagated"] == 3 and not got["failed"], got.text()
+    assert got["reference_objects"] == 1
+    s = target.first()
+    assert ds.get_field("pred").document_type is fo.Detections
+    by_target = {d.sdcorr_detection_id: d for d in s.pred.detections}
+    for det in s.detections.detections:  # every target detection: a copy of its box, label and instance
+        p = by_target[det.id]
+        assert p.id != det.id and p.label == det.label and p.bounding_box == det.bounding_box
+        assert p.instance.id == det.instance.id and p.mask.dtype == bool  # the reference's mask was bool
+        full = det.bounding_box[2] > 0.1
+        want = _ellipse() if full else _ellipse(OBJ_W // 2, OBJ_H // 2)
+        assert p.mask.shape == want.shape  # box coordinates, the box's pixels
+        iou = (p.mask & want).sum() / (p.mask | want).sum()
+        assert iou >= (0.95 if full else 0.85), (full, iou)
+    assert s.detections.detections[0].mask is None  # the target detections are never written
+    heat = s.pred_conf
+    assert heat.map.shape == (H, W) and heat.map[:5, :].max() == 0  # zero outside every box
+
+    # evaluation per object, paired by instance (gt_objects has detections of its own ids)
+    res = sc.evaluate_masks(target, "pred", "gt_objects", eval_key="objects", progress=False)
+    assert res.kind == "objects" and res.summary["paired"] == 3
+    inter = union = 0
+    ious = []
+    for p in s.pred.detections:
+        g = next(g for g in s.gt_objects.detections if g.instance.id == p.instance.id)
+        ious.append((p.mask & g.mask).sum() / (p.mask | g.mask).sum())
+        inter, union = inter + (p.mask & g.mask).sum(), union + (p.mask | g.mask).sum()
+    assert res.per_class["person"] == pytest.approx(inter / union)
+    assert res.mean_object_iou == pytest.approx(np.mean(ious)) and res.mean_iou == res.per_class["person"]
+    ds.reload()
+    assert "objects" in ds.list_evaluations()
+    assert sorted(target.values("pred.detections.objects_iou", unwind=True)) == pytest.approx(sorted(ious))
+    assert ds.load_evaluation_results("objects").per_class == res.per_class
+    ds.delete_evaluation("objects")
+    assert not ds.has_sample_field("pred.detections.objects_iou")
+
+
+def test_objects_own_masks_are_the_region_and_patches_views_work(objects):
+    ds, _ = objects
+    target = ds.match_tags("target").first()
+    own = np.zeros((OBJ_H, OBJ_W), bool)
+    own[:, : OBJ_W // 2] = True  # the left half of each full-size target object only
+    for det in target.detections.detections[1:]:
+        det.mask = own
+    target.save()
+    patches = ds.match_tags("target").to_patches("detections")
+    got = sc.propagate_masks(patches, "ref", "detections", "pred", resolution=RES, extractor=desc(), progress=False)
+    assert got["propagated"] == 3, got.text()
+    target.reload()
+    for p in target.pred.detections[1:]:
+        assert not p.mask[:, OBJ_W // 2 + 1:].any()  # nothing outside the target's own mask
+        assert p.mask[:, : OBJ_W // 2].sum() > 0.8 * _ellipse()[:, : OBJ_W // 2].sum()
+    boxes = sc.propagate_masks(patches, "ref", "detections", "pred_box", target_region="box", resolution=RES,
+                               extractor=desc(), progress=False)
+    assert boxes["propagated"] == 3
+    target.reload()
+    assert target.pred_box.detections[1].mask[:, OBJ_W // 2 + 4:].any()  # the whole box is the region
+
+
+# --------------------------------------------------------------------------- operators
+def test_operators_propagate_and_evaluate_on_stored_features(world):
+    ds, tmp = world
+    sc.compute_fused_features(ds, extractor=desc(), store_dir=str(tmp / "store"), progress=False)
+    view = ds.match(fo.ViewField("name").is_in(["same", "shift"]))
+    params = dict(source_field="gt", output_field="op_masks", references="tag", reference_tag="ref",
+                  resolution=RES)
+    res = foo.execute_operator(PREFIX + "propagate_masks", ctx={"dataset": ds, "view": view, "params": params})
+    res.raise_exceptions()
+    ds.reload()
+    assert ds.count("op_masks") == 2 and ds.count("op_masks_error") == 0
+    same = _pred(ds, "same", "op_masks").mask
+    assert _iou(same, _labels(), 1) >= 0.98 and _iou(same, _labels(), 2) >= 0.98
+    # an existing output field is refused (no overwrite)
+    with pytest.raises(Exception, match="already exists"):
+        foo.execute_operator(PREFIX + "propagate_masks", ctx={"dataset": ds, "view": view,
+                                                             "params": params}).raise_exceptions()
+    # through the programmatic __call__, references by id
+    op = foo.get_operator(PREFIX + "propagate_masks")
+    op(view, "gt", "op_masks2", references=[ds.match_tags("ref").first().id], resolution=RES).raise_exceptions()
+    ds.reload()
+    assert ds.count("op_masks2") == 2
+    ev = foo.execute_operator(PREFIX + "evaluate_masks", ctx={"dataset": ds, "view": view, "params": dict(
+        pred_field="op_masks", gt_field="truth", eval_key="op_eval")})
+    ev.raise_exceptions()
+    ds.reload()
+    assert "op_eval" in ds.list_evaluations()
+    again = sc.evaluate_masks(view, "op_masks", "truth", eval_key=None, progress=False)
+    cm = ds.load_evaluation_results("op_eval").pixel_confusion_matrix  # FiftyOne's own run, as the App shows it
+    assert np.array_equal(cm, again.segmentation_results.pixel_confusion_matrix)
+    assert again.per_class["body"] > 0.9
+
+
+# --------------------------------------------------------------------------- conventions and forms
+@pytest.mark.parametrize("name", ["propagate_masks", "evaluate_masks"])
+def test_every_keyword_defaults_to_none(name):
+    import inspect
+
+    from fiftyone_sdcorr.dataset.config import MaskEvaluationConfig
+
+    for p in inspect.signature(getattr(sc, name)).parameters.values():
+        if p.default is not inspect.Parameter.empty:
+            want = MaskEvaluationConfig.eval_key if (name, p.name) == ("evaluate_masks", "eval_key") else None
+            assert p.default == want, f"{name}({p.name}={p.default!r})"
+
+
+def test_forms_read_the_config_and_refuse_what_the_run_refuses(world):
+    import asyncio
+
+    from fiftyone.operators.executor import resolve_type
+    from fiftyone.operators.registry import OperatorRegistry
+
+    from fiftyone_sdcorr.dataset.config import RANGES, MaskPropagationConfig
+
+    ds, _ = world
+
+    def form(name, params):
+        prop = asyncio.run(resolve_type(OperatorRegistry(), PREFIX + name, {"dataset_name": ds.name,
+                                                                             "params": params}))
+        return prop.type.properties
+
+    props = form("propagate_masks", {})
+    assert props["resolution"].default == MaskPropagationConfig.resolution
+    assert (props["resolution"].type.min, props["resolution"].type.max) == RANGES["mask_resolution"]
+    assert props["min_confidence"].default == MaskPropagationConfig.min_confidence
+    assert props["output_field"].default == "sdcorr_masks"
+    assert not [k for k, p in props.items() if p.invalid]
+    bad = form("propagate_masks", {"source_field": "gt", "output_field": "truth", "references": "tag",
+                                   "reference_tag": "ref"})
+    assert bad["output_field"].invalid and "already exists" in bad["output_field"].error_message
+    ev = form("evaluate_masks", {"pred_field": "gt", "gt_field": "name"})
+    assert [k for k, p in ev.items() if p.invalid] == ["pred_field"]

@@ -1,0 +1,237 @@
+"""Operators ``propagate_masks`` and ``evaluate_masks``: thin glue over
+:mod:`fiftyone_sdcorr.dataset.propagate_masks` and :mod:`fiftyone_sdcorr.dataset.evaluate_masks`.
+
+Callable from Python like the ``@voxel51/brain`` operators::
+
+    op = foo.get_operator("@sdcorr/sdcorr/propagate_masks")
+    op(dataset, "gt_masks", "masks", references="ref", delegate=True)
+"""
+
+from __future__ import annotations
+
+import fiftyone as fo
+import fiftyone.operators as foo
+import fiftyone.operators.types as types
+from fiftyone import ViewField as F
+
+from fiftyone_sdcorr.dataset.config import MASK_REGIONS, MASKS_FIELD, MaskEvaluationConfig, MaskPropagationConfig
+from fiftyone_sdcorr.dataset.engine import ParameterError
+from fiftyone_sdcorr.plugin import common
+from fiftyone_sdcorr.plugin.field_roles import free_field_name
+
+REFERENCE_MODES = ("annotated", "tag", "selected", "ids")
+MASK_DOCS = (fo.Segmentation, fo.Detections)
+
+
+def _mask_fields(ctx) -> list:
+    if ctx.dataset is None:
+        return []
+    return sorted({f for t in MASK_DOCS for f in ctx.dataset.get_field_schema(embedded_doc_type=t)})
+
+
+def _choice(inputs, name, values, label, description, required=True, default=None, radio=False):
+    """A dropdown (or radio group) of ``values``; a text input when there are none."""
+    if not values:
+        inputs.str(name, required=required, label=label, description=description, default=default)
+        return
+    view = types.RadioGroup() if radio else types.DropdownView()
+    for v in values:
+        view.add_choice(v, label=v)
+    inputs.enum(name, view.values(), required=required, label=label, description=description, view=view,
+                default=default if default in values else (values[0] if required else None))
+
+
+def _references(ctx, source_field):
+    """The reference samples from the params (:data:`REFERENCE_MODES`); ``annotated``: the
+    samples with a mask in ``source_field`` (a segmentation, or a detection with a mask)."""
+    p = ctx.params
+    mode = p.get("references") or "annotated"
+    if mode not in REFERENCE_MODES:
+        raise ParameterError(f"parameter 'references' must be one of {list(REFERENCE_MODES)}, got {mode!r}")
+    if mode == "ids":
+        ids = p.get("reference_ids")
+        return list(ids) if isinstance(ids, (list, tuple)) else ids
+    if mode == "tag":
+        if not p.get("reference_tag"):
+            raise ParameterError("parameter 'reference_tag': references='tag' needs a tag")
+        return p.get("reference_tag")
+    if mode == "selected":
+        if not ctx.selected:
+            raise ParameterError("parameter 'references': 'selected', but no sample is selected")
+        return list(ctx.selected)
+    if not isinstance(source_field, str) or not ctx.dataset.has_sample_field(source_field):
+        raise ParameterError(f"parameter 'source_field': field {source_field!r} does not exist on dataset "
+                             f"{ctx.dataset.name!r}")
+    if getattr(ctx.dataset.get_field(source_field), "document_type", None) is fo.Detections:
+        masked = F("detections").filter((F("mask") != None) | (F("mask_path") != None)).length() > 0  # noqa: E711
+        return ctx.dataset.match(F(source_field).apply(masked))
+    return ctx.dataset.exists(source_field)
+
+
+def _reference_params(references):
+    """Python ``references`` (None, a tag, ids, a view) -> operator params."""
+    if references is None:
+        return {"references": "annotated"}
+    if isinstance(references, str):
+        return {"references": "tag", "reference_tag": references}
+    if hasattr(references, "values"):
+        return {"references": "ids", "reference_ids": list(references.values("id"))}
+    if not isinstance(references, (list, tuple, set)):
+        raise ParameterError("parameter 'references' must be a view, a list of sample ids or a tag, got "
+                             f"{type(references).__name__}")
+    return {"references": "ids", "reference_ids": [str(i) for i in references]}
+
+
+# --------------------------------------------------------------------------- propagate
+class PropagateMasks(common.RunOperator):
+    @property
+    def config(self):
+        return foo.OperatorConfig(
+            name="propagate_masks",
+            label="Propagate masks (SD + DINOv2 dense correspondence)",
+            description="Predict segmentation masks on target samples or objects from masked references",
+            dynamic=True,
+            execute_as_generator=True,
+            **common.delegation_config(),
+        )
+
+    def __call__(self, sample_collection, source_field, output_field, references=None, *, delegate=False,
+                 delegation_target=None, **kwargs):
+        """Runs the operator from Python (``delegate=True`` queues it); keywords as in
+        :func:`fiftyone_sdcorr.propagate_masks`."""
+        return common.call_operator(self, sample_collection, delegate, delegation_target,
+                                    source_field=source_field, output_field=output_field,
+                                    **_reference_params(references), **kwargs)
+
+    def resolve_input(self, ctx):
+        inputs = types.Object()
+        target = common.target_view_input(ctx, inputs, action="Propagate to")
+        _choice(inputs, "source_field", _mask_fields(ctx), "Source masks field",
+                "Images: the references' fo.Segmentation; objects: a fo.Detections field with instance masks")
+        _choice(inputs, "references", REFERENCE_MODES, "References",
+                "annotated: every sample with a mask in the source field; tag: samples with a tag; selected: the "
+                "selected samples; ids: the reference_ids param (from Python)", required=False,
+                default="annotated", radio=True)
+        if ctx.params.get("references") == "tag":
+            tags = ctx.dataset.distinct("tags") if ctx.dataset is not None else []
+            _choice(inputs, "reference_tag", tags, "Reference tag", "Samples with this tag are references")
+        inputs.str("output_field", default=free_field_name(ctx.dataset, MASKS_FIELD) if ctx.dataset is not None
+                   else None, required=False, label="Output field",
+                   description="A new field: fo.Segmentation (images) or fo.Detections (objects)")
+        _run_inputs(inputs)
+        common.patches_input(ctx, inputs, target)
+        _object_inputs(inputs)
+        common.model_inputs(ctx, inputs, follow=False, advanced=False)
+        if target is not None:
+            inputs.view("count", types.Notice(label=f"{len(target)} target samples"))
+        self.finish_form(ctx, inputs)
+        return types.Property(inputs, view=types.View(label="Propagate masks"))
+
+    def run_call(self, ctx):
+        from fiftyone_sdcorr.dataset.propagate_masks import propagate_masks
+
+        p = ctx.params
+        kwargs = common.function_kwargs(p, propagate_masks, positional=("source_field", "output_field"))
+        args = (common.get_target_view(ctx), _references(ctx, p.get("source_field")), p.get("source_field"),
+                p.get("output_field") or MASKS_FIELD)
+        return propagate_masks, args, kwargs
+
+    def resolve_output(self, ctx):
+        outputs = types.Object()
+        for key in ("targets", "propagated", "failed"):
+            outputs.int(key, label=key.capitalize())
+        outputs.str("output_field", label="Output field")
+        outputs.str("error_field", label="Error field")
+        return types.Property(outputs, view=types.View(label="Mask propagation"))
+
+
+def _run_inputs(inputs) -> None:
+    """The dense grid, the output rule and the stored features (defaults and ranges from
+    :class:`MaskPropagationConfig`)."""
+    c = MaskPropagationConfig
+    inputs.int("resolution", default=c.resolution, **common.bounds("mask_resolution"), label="Resolution",
+               description="Cells per side of the dense grid (memory grows with its square)")
+    inputs.float("min_confidence", default=c.min_confidence, **common.bounds("min_confidence"),
+                 label="Minimum confidence", description="Pixels matched with a lower confidence stay unlabelled (0)")
+    inputs.str("confidence_field", required=False, label="Confidence field (optional)",
+               description="A new fo.Heatmap field of the per-pixel confidence")
+    inputs.int("max_side", default=c.max_side, **common.bounds("max_side"), label="Largest mask side (pixels)")
+    inputs.str("mask_dir", required=False, label="Mask folder (optional)",
+               description="Where large masks go as PNG files (default: beside the feature store)")
+    inputs.bool("flip", default=c.flip, label="Flip alignment",
+                description="Also match the mirrored reference; the better mean similarity wins")
+    inputs.str("features_field", default=c.features_field, required=False, label="Stored features field")
+    inputs.str("embedding_field", default=c.embedding_field, required=False, label="Embedding field")
+
+
+def _object_inputs(inputs) -> None:
+    c = MaskPropagationConfig
+    _choice(inputs, "target_region", MASK_REGIONS, "Object region",
+            "Objects: mask: a target detection's own mask when it has one, else its box; box: its box",
+            required=False, default=c.target_region, radio=True)
+    inputs.bool("same_label", default=c.same_label, required=False, label="Same label only",
+                description="Objects: match each target object to reference objects of its label")
+    inputs.bool("overwrite", default=c.overwrite, label="Overwrite existing output fields")
+
+
+# --------------------------------------------------------------------------- evaluate
+class EvaluateMasks(common.RunOperator):
+    delegate_large = False  # no model: immediate by default
+
+    @property
+    def config(self):
+        return foo.OperatorConfig(
+            name="evaluate_masks",
+            label="Evaluate masks (IoU)",
+            description="IoU per class of predicted masks against ground truth, stored as an evaluation run",
+            dynamic=True,
+            execute_as_generator=True,
+            allow_delegated_execution=True,
+            allow_immediate_execution=True,
+            default_choice_to_delegated=False,
+        )
+
+    def __call__(self, sample_collection, pred_field, gt_field, *, delegate=False, delegation_target=None,
+                 **kwargs):
+        """Runs the operator from Python; keywords as in :func:`fiftyone_sdcorr.evaluate_masks`."""
+        return common.call_operator(self, sample_collection, delegate, delegation_target, pred_field=pred_field,
+                                    gt_field=gt_field, **kwargs)
+
+    def resolve_input(self, ctx):
+        inputs = types.Object()
+        target = common.target_view_input(ctx, inputs, action="Evaluate")
+        fields = _mask_fields(ctx)
+        _choice(inputs, "pred_field", fields, "Predicted masks", "fo.Segmentation or fo.Detections with masks")
+        _choice(inputs, "gt_field", fields, "Ground-truth masks", "The same kind as the predictions",
+                default=fields[1] if len(fields) > 1 else None)
+        inputs.str("eval_key", default=MaskEvaluationConfig.eval_key, required=False, label="Evaluation key")
+        inputs.bool("overwrite", default=MaskEvaluationConfig.overwrite, label="Replace an evaluation of this key")
+        if target is not None:
+            inputs.view("count", types.Notice(label=f"{len(target)} samples"))
+        self.finish_form(ctx, inputs)
+        return types.Property(inputs, view=types.View(label="Evaluate masks"))
+
+    def run_call(self, ctx):
+        from fiftyone_sdcorr.dataset.evaluate_masks import evaluate_masks
+
+        p = ctx.params
+        kwargs = common.function_kwargs(p, evaluate_masks, positional=("pred_field", "gt_field"))
+        return evaluate_report, (common.get_target_view(ctx), p.get("pred_field"), p.get("gt_field")), kwargs
+
+    def resolve_output(self, ctx):
+        outputs = types.Object()
+        outputs.str("eval_key", label="Evaluation key")
+        outputs.str("report", label="Report", view=types.MarkdownView())
+        return types.Property(outputs, view=types.View(label="Mask IoU"))
+
+
+def evaluate_report(samples, pred_field, gt_field, progress=None, **kwargs):
+    """:func:`~fiftyone_sdcorr.evaluate_masks` as the operator's result (a JSON-able dict)."""
+    from fiftyone_sdcorr.dataset.evaluate_masks import evaluate_masks
+
+    results = evaluate_masks(samples, pred_field, gt_field, progress=progress, **kwargs)
+    return {"eval_key": results.key, "summary": results.summary.text(), "report": results.report_str(),
+            "warnings": results.summary["warnings"], "failed": results.summary["failed"], **results.report()}
+
+
+OPERATORS = [PropagateMasks, EvaluateMasks]
