@@ -379,3 +379,29 @@ def test_cpu_preset_run_with_tiny_models(tmp_path):
     assert recipes["paper"]["grid"] == 60 and recipes["cpu"]["grid"] < 60
     assert out["matching"]["keypoints"] == 5 and out["store"]["samples"] == 2
     assert set(out["targets"]) == {"matching_speedup_cpu"}
+
+
+def test_dense_stage(tiny_run):
+    """The dense stage (core/dense.py): target cells and pixels matched per second at each
+    grid resolution, with the working memory; on the CPU in every run."""
+    _, d, _ = tiny_run
+    dn = d["dense"]
+    assert dn["device"] == "cpu" and dn["pairs"] == 1 and dn["cycle"] is True
+    assert set(dn["resolutions"]) == {"60", "120"}
+    for key, e in dn["resolutions"].items():
+        assert e["resolution"] == int(key) and 0 < e["target_cells"] <= int(key) ** 2
+        assert _pos(e["cells_per_s"]) and _pos(e["pixels_per_s"]) and _pos(e["match_s_per_pair"])
+        assert e["working_bytes"] >= 2 * int(key) ** 2 * dn["channels"] * 4 and e["peak_bytes"] is None
+
+
+def test_dense_stage_direct():
+    """bench_dense on two small fused maps: every target cell of the image is matched."""
+    from fiftyone_sdcorr.bench.dense import bench_dense
+    from fiftyone_sdcorr.core.features import FusedFeatures
+    from fiftyone_sdcorr.core.geometry import Letterbox
+
+    g = torch.Generator().manual_seed(0)
+    fused = [FusedFeatures(torch.randn(16, 8, 8, generator=g), Letterbox.fit(112, 112, 112), 14, 8) for _ in range(2)]
+    out = bench_dense(fused, "cpu", resolutions=(16,), pairs=2)
+    e = out["resolutions"]["16"]
+    assert out["pairs"] == 2 and e["target_cells"] == 2 * 16 * 16 and e["pixels"] == 2 * 112 * 112

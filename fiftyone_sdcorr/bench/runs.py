@@ -19,6 +19,7 @@ import torch
 
 from fiftyone_sdcorr.bench.common import (SCHEMA, TARGETS, TINY_RECIPE, Clock, environment, free_memory, log, now,
                                           rss_peak_bytes, slug)
+from fiftyone_sdcorr.bench.dense import bench_dense
 from fiftyone_sdcorr.bench.end_to_end import run_end_to_end
 from fiftyone_sdcorr.bench.extraction import (bench_images, bench_optimised, bench_plain, build_full_models,
                                               count_flops, fused_for_store, make_extractor, matmul_rate,
@@ -157,12 +158,17 @@ def run_bench(args) -> dict:
 
 
 def add_store_and_matching(result: dict, fused: list, device, args) -> None:
-    """``store``, ``matching`` (CPU) and, on a GPU, ``matching_device`` of ``result``."""
+    """``store``, ``matching`` (CPU), ``dense`` (CPU) and, on a GPU, ``matching_device``
+    and ``dense_device`` of ``result``."""
     store_res, matching, matching_dev = bench_store_and_matching(fused, device, args.keypoints, args.targets)
     result["store"] = store_res
     result["matching"] = matching
     if matching_dev is not None:
         result["matching_device"] = matching_dev
+    # the dense stage (core/dense.py): one pair on the CPU, three on a GPU
+    result["dense"] = bench_dense(fused, "cpu", pairs=1)
+    if torch.device(device).type == "cuda":
+        result["dense_device"] = bench_dense(fused, device, pairs=3)
 
 
 # ====================================================================== --cpu-preset

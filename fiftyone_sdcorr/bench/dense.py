@@ -1,0 +1,73 @@
+"""Dense stage of the benchmark (issue 17, item 7): :func:`fiftyone_sdcorr.core.dense.dense_match`
+(every target cell's nearest source cell, with the cycle check) and
+:meth:`~fiftyone_sdcorr.core.dense.DenseMatch.sample` (the match at every target pixel) on
+consecutive pairs of the run's fused maps.
+
+Reported per grid resolution: target cells matched per second, target pixels per second
+(matching and sampling together), seconds per pair, the peak device memory (CUDA) and the
+bytes the method needs by construction (the two upsampled descriptor grids plus one chunk
+of similarities), which is what bounds it on the CPU.
+
+No FiftyOne import.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from fiftyone_sdcorr.bench.common import Clock, peak_mem, rate, reset_peak
+from fiftyone_sdcorr.bench.store_matching import to_device
+
+#: grid resolutions timed (60: the token grid at the paper recipe, TSS's default; 120: twice as fine)
+DENSE_RESOLUTIONS = (60, 120)
+
+
+def _pairs(fused: list, n: int) -> list:
+    return [(fused[i], fused[(i + 1) % len(fused)]) for i in range(min(n, len(fused)))]
+
+
+def dense_entry(pairs: list, device: torch.device, resolution: int) -> dict:
+    """One resolution: warm-up on the first pair, then every pair matched and sampled."""
+    from fiftyone_sdcorr.core.dense import DEFAULT_CHUNK, dense_match
+
+    dense_match(*pairs[0], resolution=resolution)  # warm-up (kernels, allocator)
+    reset_peak(device)
+    with Clock(device) as cm:
+        matches = [dense_match(a, b, resolution=resolution) for a, b in pairs]
+    with Clock(device) as cs:
+        pixels = sum(int(m.sample().valid.size) for m in matches)
+    cells = sum(int(m.valid.sum()) for m in matches)
+    channels = int(pairs[0][0].descriptors.shape[0])
+    grid = resolution * resolution
+    return {
+        "resolution": resolution,
+        "target_cells": cells,
+        "cells_per_s": rate(cells, cm.seconds),
+        "pixels": pixels,
+        "pixels_per_s": rate(pixels, cm.seconds + cs.seconds),
+        "match_s_per_pair": cm.seconds / len(pairs),
+        "sample_s_per_pair": cs.seconds / len(pairs),
+        "peak_bytes": peak_mem(device),
+        "working_bytes": int(2 * grid * channels * 4 + min(DEFAULT_CHUNK, grid) * grid * 4),
+    }
+
+
+def bench_dense(fused: list, device, resolutions: Sequence[int] = DENSE_RESOLUTIONS, pairs: int = 2) -> dict:
+    """The dense stage on ``pairs`` consecutive pairs of ``fused`` (module docstring)."""
+    dev = torch.device(device)
+    maps = [to_device(f, dev) for f in fused[: max(2, pairs + 1)]]
+    if len(maps) < 2:
+        return {"device": str(dev), "skipped": "needs two images"}
+    chosen = _pairs(maps, pairs)
+    return {
+        "device": str(dev),
+        "pairs": len(chosen),
+        "cycle": True,
+        "channels": int(maps[0].descriptors.shape[0]),
+        "resolutions": {str(r): dense_entry(chosen, dev, int(r)) for r in resolutions},
+    }
+
+
+__all__ = ["DENSE_RESOLUTIONS", "bench_dense", "dense_entry"]
