@@ -34,6 +34,7 @@ import importlib
 import importlib.util
 import sys
 import traceback
+import warnings
 from typing import List, Optional, Tuple
 
 
@@ -131,6 +132,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     verbose = "--verbose" in argv
     argv = [a for a in argv if a != "--verbose"]
     command = argv[0] if argv and not argv[0].startswith("-") else "fiftyone_sdcorr"
+    # diffusers passes huggingface_hub a deprecated argument on every load: noise, not news
+    warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*", category=UserWarning)
     try:
         return _run(argv)
     except KeyboardInterrupt:
