@@ -69,8 +69,8 @@ from fiftyone_sdcorr.dataset.engine import (
     reason,
     require_field,
 )
-from fiftyone_sdcorr.dataset.pck import image_size_of
 from fiftyone_sdcorr.dataset.matching import Propagator, Reference, feature_source, resolve_references, unit_vector
+from fiftyone_sdcorr.dataset.pck import image_size_of
 from fiftyone_sdcorr.dataset.progress import ProgressArg
 from fiftyone_sdcorr.dataset.units import Unit, Units, by_sample, patches_field_of, sample_batches
 
