@@ -26,31 +26,17 @@ from fiftyone_sdcorr.dataset.config import (
 from fiftyone_sdcorr.dataset.engine import ParameterError
 from fiftyone_sdcorr.plugin import common
 from fiftyone_sdcorr.plugin.field_roles import default_fields, free_field_name
+from fiftyone_sdcorr.plugin.references import (
+    choice_input,
+    label_fields,
+    reference_inputs,
+    reference_params,
+    references_from,
+)
 
-REFERENCE_MODES = ("annotated", "tag", "selected", "ids")
 
 
 # --------------------------------------------------------------------------- helpers
-def _label_fields(ctx, doc_types) -> list:
-    if ctx.dataset is None:
-        return []
-    fields = []
-    for t in doc_types:
-        fields.extend(ctx.dataset.get_field_schema(embedded_doc_type=t).keys())
-    return sorted(set(fields))
-
-
-def _field_choice(inputs, name, fields, label, description, required=True, default=None):
-    if fields:
-        choices = types.DropdownView()
-        for f in fields:
-            choices.add_choice(f, label=f)
-        inputs.enum(name, choices.values(), required=required, label=label, description=description,
-                    view=choices, default=default if default in fields else (fields[0] if required else None))
-    else:
-        inputs.str(name, required=required, label=label, description=description, default=default)
-
-
 def _roles(ctx) -> dict:
     """The dataset's keypoint fields by role (the match panel's defaults): the tagged
     references' annotations, the newest predicted field, the ground truth."""
@@ -58,45 +44,7 @@ def _roles(ctx) -> dict:
 
 
 def _enum(inputs, name, values, default, label, description):
-    choices = types.RadioGroup()
-    for v in values:
-        choices.add_choice(v, label=v)
-    inputs.enum(name, choices.values(), default=default, required=False, label=label,
-                description=description, view=choices)
-
-
-def _references(ctx, source_field):
-    """The reference samples from the params (see :data:`REFERENCE_MODES`): what
-    ``resolve_references`` of the dataset layer takes (it checks them)."""
-    p = ctx.params
-    mode = p.get("references") or "annotated"
-    if mode not in REFERENCE_MODES:
-        raise ParameterError(f"parameter 'references' must be one of {list(REFERENCE_MODES)}, got {mode!r}")
-    if mode == "ids":
-        ids = p.get("reference_ids")
-        return list(ids) if isinstance(ids, (list, tuple)) else ids
-    if mode == "tag":
-        tag = p.get("reference_tag")
-        if not tag:
-            raise ParameterError("parameter 'reference_tag': references='tag' needs a tag")
-        return tag
-    if mode == "selected":
-        if not ctx.selected:
-            raise ParameterError("parameter 'references': 'selected', but no sample is selected")
-        return list(ctx.selected)
-    if not isinstance(source_field, str) or not ctx.dataset.has_sample_field(source_field):
-        raise ParameterError(f"parameter 'source_field': field {source_field!r} does not exist on dataset "
-                             f"{ctx.dataset.name!r}")
-    return ctx.dataset.exists(source_field)
-
-
-def _reference_inputs(ctx, inputs):
-    _enum(inputs, "references", REFERENCE_MODES, "annotated", "References",
-          "annotated: every sample with keypoints in the source field; tag: samples with a tag; "
-          "selected: the selected samples; ids: the reference_ids param (from Python)")
-    if ctx.params.get("references") == "tag":
-        tags = ctx.dataset.distinct("tags") if ctx.dataset is not None else []
-        _field_choice(inputs, "reference_tag", tags, "Reference tag", "Samples with this tag are references")
+    choice_input(inputs, name, values, label, description, required=False, default=default, radio=True)
 
 
 def _parse_alphas(v):
@@ -107,20 +55,6 @@ def _parse_alphas(v):
         return [float(x) for x in v.replace(";", ",").split(",") if x.strip()]
     except ValueError:
         raise ParameterError(f"parameter 'alphas' must be numbers separated by commas, got {v!r}") from None
-
-
-def _reference_params(references):
-    """Python ``references`` (None, a tag, ids, a view) -> operator params."""
-    if references is None:
-        return {"references": "annotated"}
-    if not isinstance(references, (str, list, tuple, set)) and not hasattr(references, "values"):
-        raise ParameterError("parameter 'references' must be a view, a list of sample ids or a tag, got "
-                             f"{type(references).__name__}")
-    if isinstance(references, str):
-        return {"references": "tag", "reference_tag": references}
-    if hasattr(references, "values"):
-        return {"references": "ids", "reference_ids": list(references.values("id"))}
-    return {"references": "ids", "reference_ids": [str(i) for i in references]}
 
 
 # --------------------------------------------------------------------------- propagate
@@ -143,15 +77,15 @@ class PropagateKeypoints(common.RunOperator):
         :func:`fiftyone_sdcorr.propagate_keypoints`."""
         return common.call_operator(self, sample_collection, delegate, delegation_target,
                                     source_field=source_field, output_field=output_field,
-                                    **_reference_params(references), **kwargs)
+                                    **reference_params(references), **kwargs)
 
     def resolve_input(self, ctx):
         inputs = types.Object()
         target = common.target_view_input(ctx, inputs, action="Propagate to")
         roles = _roles(ctx)
-        _field_choice(inputs, "source_field", _label_fields(ctx, [fo.Keypoints]), "Source keypoints field",
+        choice_input(inputs, "source_field", label_fields(ctx, [fo.Keypoints]), "Source keypoints field",
                       "The references' annotations (never written)", default=roles.get("ref_field"))
-        _reference_inputs(ctx, inputs)
+        reference_inputs(ctx, inputs, "keypoints")
         inputs.str("output_field", default=free_field_name(ctx.dataset) if ctx.dataset is not None else None,
                    required=False, label="Output field", description="A new fo.Keypoints field for the predictions")
         inputs.float("visibility_threshold", default=PropagationConfig.visibility_threshold,
@@ -183,7 +117,7 @@ class PropagateKeypoints(common.RunOperator):
 
         p = ctx.params
         kwargs = common.function_kwargs(p, propagate_keypoints, positional=("source_field", "output_field"))
-        args = (common.get_target_view(ctx), _references(ctx, p.get("source_field")), p.get("source_field"),
+        args = (common.get_target_view(ctx), references_from(ctx, p.get("source_field")), p.get("source_field"),
                 p.get("output_field") or KEYPOINTS_FIELD)
         return propagate_keypoints, args, kwargs
 
@@ -225,11 +159,11 @@ class EvaluateKeypoints(common.RunOperator):
     def resolve_input(self, ctx):
         inputs = types.Object()
         target = common.target_view_input(ctx, inputs, action="Evaluate")
-        kp_fields = _label_fields(ctx, [fo.Keypoints])
+        kp_fields = label_fields(ctx, [fo.Keypoints])
         roles = _roles(ctx)
-        _field_choice(inputs, "pred_field", kp_fields, "Predicted keypoints", "fo.Keypoints predictions",
+        choice_input(inputs, "pred_field", kp_fields, "Predicted keypoints", "fo.Keypoints predictions",
                       default=roles.get("pred_field"))
-        _field_choice(inputs, "gt_field", kp_fields, "Ground-truth keypoints", "fo.Keypoints ground truth",
+        choice_input(inputs, "gt_field", kp_fields, "Ground-truth keypoints", "fo.Keypoints ground truth",
                       default=roles.get("gt_field"))
         inputs.str("eval_key", default=EvaluationConfig.eval_key, required=False, label="Evaluation key")
         inputs.str("alphas", default=", ".join(f"{a:g}" for a in EvaluationConfig.alphas), required=False,
@@ -238,8 +172,8 @@ class EvaluateKeypoints(common.RunOperator):
         _enum(inputs, "threshold", THRESHOLDS, EvaluationConfig.threshold, "Threshold size",
               "bbox: the object's box (box field, else the extent of the ground-truth points); "
               "image: max(width, height)")
-        box_fields = _label_fields(ctx, [fo.Detections, fo.Detection])
-        _field_choice(inputs, "bbox_field", box_fields, "Box field (optional)",
+        box_fields = label_fields(ctx, [fo.Detections, fo.Detection])
+        choice_input(inputs, "bbox_field", box_fields, "Box field (optional)",
                       "Detections giving the target object's box", required=False)
         common.patches_input(ctx, inputs, target)
         if target is not None:
@@ -290,14 +224,14 @@ class FlagKeypointAnnotations(common.RunOperator):
         """Runs the operator from Python; keywords as in
         :func:`fiftyone_sdcorr.flag_keypoint_annotations`."""
         return common.call_operator(self, sample_collection, delegate, delegation_target, gt_field=gt_field,
-                                    **_reference_params(references), **kwargs)
+                                    **reference_params(references), **kwargs)
 
     def resolve_input(self, ctx):
         inputs = types.Object()
         target = common.target_view_input(ctx, inputs, action="Review")
-        _field_choice(inputs, "gt_field", _label_fields(ctx, [fo.Keypoints]), "Annotations",
+        choice_input(inputs, "gt_field", label_fields(ctx, [fo.Keypoints]), "Annotations",
                       "fo.Keypoints field to review (never written)", default=_roles(ctx).get("gt_field"))
-        _reference_inputs(ctx, inputs)
+        reference_inputs(ctx, inputs, "keypoints")
         inputs.str("tag", default=ReviewConfig.tag, required=False, label="Tag for flagged samples")
         inputs.str("review_field", default=free_field_name(ctx.dataset, ReviewConfig.review_field)
                    if ctx.dataset is not None else ReviewConfig.review_field, required=False, label="Review field",
@@ -308,8 +242,8 @@ class FlagKeypointAnnotations(common.RunOperator):
                      label="Minimum evidence confidence")
         _enum(inputs, "combine", COMBINE_RULES, ReviewConfig.match.combine, "Evidence", "As in propagate_keypoints")
         inputs.int("top_k", default=ReviewConfig.match.top_k, **common.bounds("top_k"), label="Top k (per_point)")
-        box_fields = _label_fields(ctx, [fo.Detections, fo.Detection])
-        _field_choice(inputs, "bbox_field", box_fields, "Box field (optional)", "Object boxes", required=False)
+        box_fields = label_fields(ctx, [fo.Detections, fo.Detection])
+        choice_input(inputs, "bbox_field", box_fields, "Box field (optional)", "Object boxes", required=False)
         inputs.str("features_field", default=ReviewConfig.features_field, required=False,
                    label="Stored features field")
         inputs.str("embedding_field", default=ReviewConfig.embedding_field, required=False, label="Embedding field")
@@ -328,7 +262,7 @@ class FlagKeypointAnnotations(common.RunOperator):
         gt_field = p.get("gt_field")
         kwargs = common.function_kwargs(p, flag_keypoint_annotations, positional=("gt_field",))
         if (p.get("references") or "annotated") != "annotated":
-            kwargs["references"] = _references(ctx, gt_field)
+            kwargs["references"] = references_from(ctx, gt_field)
         return flag_keypoint_annotations, (common.get_target_view(ctx), gt_field), kwargs
 
     def resolve_output(self, ctx):

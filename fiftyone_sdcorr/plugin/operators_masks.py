@@ -15,71 +15,29 @@ import fiftyone.operators.types as types
 from fiftyone import ViewField as F
 
 from fiftyone_sdcorr.dataset.config import MASK_REGIONS, MASKS_FIELD, MaskEvaluationConfig, MaskPropagationConfig
-from fiftyone_sdcorr.dataset.engine import ParameterError
 from fiftyone_sdcorr.plugin import common
 from fiftyone_sdcorr.plugin.field_roles import free_field_name
+from fiftyone_sdcorr.plugin.references import (
+    choice_input,
+    label_fields,
+    reference_inputs,
+    reference_params,
+    references_from,
+)
 
-REFERENCE_MODES = ("annotated", "tag", "selected", "ids")
 MASK_DOCS = (fo.Segmentation, fo.Detections)
 
 
 def _mask_fields(ctx) -> list:
-    if ctx.dataset is None:
-        return []
-    return sorted({f for t in MASK_DOCS for f in ctx.dataset.get_field_schema(embedded_doc_type=t)})
+    return label_fields(ctx, MASK_DOCS)
 
 
-def _choice(inputs, name, values, label, description, required=True, default=None, radio=False):
-    """A dropdown (or radio group) of ``values``; a text input when there are none."""
-    if not values:
-        inputs.str(name, required=required, label=label, description=description, default=default)
-        return
-    view = types.RadioGroup() if radio else types.DropdownView()
-    for v in values:
-        view.add_choice(v, label=v)
-    inputs.enum(name, view.values(), required=required, label=label, description=description, view=view,
-                default=default if default in values else (values[0] if required else None))
-
-
-def _references(ctx, source_field):
-    """The reference samples from the params (:data:`REFERENCE_MODES`); ``annotated``: the
-    samples with a mask in ``source_field`` (a segmentation, or a detection with a mask)."""
-    p = ctx.params
-    mode = p.get("references") or "annotated"
-    if mode not in REFERENCE_MODES:
-        raise ParameterError(f"parameter 'references' must be one of {list(REFERENCE_MODES)}, got {mode!r}")
-    if mode == "ids":
-        ids = p.get("reference_ids")
-        return list(ids) if isinstance(ids, (list, tuple)) else ids
-    if mode == "tag":
-        if not p.get("reference_tag"):
-            raise ParameterError("parameter 'reference_tag': references='tag' needs a tag")
-        return p.get("reference_tag")
-    if mode == "selected":
-        if not ctx.selected:
-            raise ParameterError("parameter 'references': 'selected', but no sample is selected")
-        return list(ctx.selected)
-    if not isinstance(source_field, str) or not ctx.dataset.has_sample_field(source_field):
-        raise ParameterError(f"parameter 'source_field': field {source_field!r} does not exist on dataset "
-                             f"{ctx.dataset.name!r}")
-    if getattr(ctx.dataset.get_field(source_field), "document_type", None) is fo.Detections:
+def _masked(dataset, source_field):
+    """The samples annotated in ``source_field``: a segmentation, or a detection with a mask."""
+    if getattr(dataset.get_field(source_field), "document_type", None) is fo.Detections:
         masked = F("detections").filter((F("mask") != None) | (F("mask_path") != None)).length() > 0  # noqa: E711
-        return ctx.dataset.match(F(source_field).apply(masked))
-    return ctx.dataset.exists(source_field)
-
-
-def _reference_params(references):
-    """Python ``references`` (None, a tag, ids, a view) -> operator params."""
-    if references is None:
-        return {"references": "annotated"}
-    if isinstance(references, str):
-        return {"references": "tag", "reference_tag": references}
-    if hasattr(references, "values"):
-        return {"references": "ids", "reference_ids": list(references.values("id"))}
-    if not isinstance(references, (list, tuple, set)):
-        raise ParameterError("parameter 'references' must be a view, a list of sample ids or a tag, got "
-                             f"{type(references).__name__}")
-    return {"references": "ids", "reference_ids": [str(i) for i in references]}
+        return dataset.match(F(source_field).apply(masked))
+    return dataset.exists(source_field)
 
 
 # --------------------------------------------------------------------------- propagate
@@ -101,20 +59,14 @@ class PropagateMasks(common.RunOperator):
         :func:`fiftyone_sdcorr.propagate_masks`."""
         return common.call_operator(self, sample_collection, delegate, delegation_target,
                                     source_field=source_field, output_field=output_field,
-                                    **_reference_params(references), **kwargs)
+                                    **reference_params(references), **kwargs)
 
     def resolve_input(self, ctx):
         inputs = types.Object()
         target = common.target_view_input(ctx, inputs, action="Propagate to")
-        _choice(inputs, "source_field", _mask_fields(ctx), "Source masks field",
+        choice_input(inputs, "source_field", _mask_fields(ctx), "Source masks field",
                 "Images: the references' fo.Segmentation; objects: a fo.Detections field with instance masks")
-        _choice(inputs, "references", REFERENCE_MODES, "References",
-                "annotated: every sample with a mask in the source field; tag: samples with a tag; selected: the "
-                "selected samples; ids: the reference_ids param (from Python)", required=False,
-                default="annotated", radio=True)
-        if ctx.params.get("references") == "tag":
-            tags = ctx.dataset.distinct("tags") if ctx.dataset is not None else []
-            _choice(inputs, "reference_tag", tags, "Reference tag", "Samples with this tag are references")
+        reference_inputs(ctx, inputs, "a mask")
         inputs.str("output_field", default=free_field_name(ctx.dataset, MASKS_FIELD) if ctx.dataset is not None
                    else None, required=False, label="Output field",
                    description="A new field: fo.Segmentation (images) or fo.Detections (objects)")
@@ -132,7 +84,7 @@ class PropagateMasks(common.RunOperator):
 
         p = ctx.params
         kwargs = common.function_kwargs(p, propagate_masks, positional=("source_field", "output_field"))
-        args = (common.get_target_view(ctx), _references(ctx, p.get("source_field")), p.get("source_field"),
+        args = (common.get_target_view(ctx), references_from(ctx, p.get("source_field"), _masked), p.get("source_field"),
                 p.get("output_field") or MASKS_FIELD)
         return propagate_masks, args, kwargs
 
@@ -166,7 +118,7 @@ def _run_inputs(inputs) -> None:
 
 def _object_inputs(inputs) -> None:
     c = MaskPropagationConfig
-    _choice(inputs, "target_region", MASK_REGIONS, "Object region",
+    choice_input(inputs, "target_region", MASK_REGIONS, "Object region",
             "Objects: mask: a target detection's own mask when it has one, else its box; box: its box",
             required=False, default=c.target_region, radio=True)
     inputs.bool("same_label", default=c.same_label, required=False, label="Same label only",
@@ -201,8 +153,8 @@ class EvaluateMasks(common.RunOperator):
         inputs = types.Object()
         target = common.target_view_input(ctx, inputs, action="Evaluate")
         fields = _mask_fields(ctx)
-        _choice(inputs, "pred_field", fields, "Predicted masks", "fo.Segmentation or fo.Detections with masks")
-        _choice(inputs, "gt_field", fields, "Ground-truth masks", "The same kind as the predictions",
+        choice_input(inputs, "pred_field", fields, "Predicted masks", "fo.Segmentation or fo.Detections with masks")
+        choice_input(inputs, "gt_field", fields, "Ground-truth masks", "The same kind as the predictions",
                 default=fields[1] if len(fields) > 1 else None)
         inputs.str("eval_key", default=MaskEvaluationConfig.eval_key, required=False, label="Evaluation key")
         inputs.bool("overwrite", default=MaskEvaluationConfig.overwrite, label="Replace an evaluation of this key")
