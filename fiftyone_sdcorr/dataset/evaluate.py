@@ -42,7 +42,7 @@ Fields written (removed again by ``dataset.delete_evaluation(eval_key)``):
 from __future__ import annotations
 
 import logging
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence
 
 import numpy as np
 
@@ -294,12 +294,12 @@ def evaluate_keypoints(
     # 2. compute every number (nothing written yet)
     tally = _Tally(cfg.alphas)
     ids = samples.values("id")
-    rows = zip(ids, samples.values("filepath"), samples.values("metadata"), samples.values(cfg.pred_field),
+    rows = map(EvalRow, ids, samples.values("filepath"), samples.values("metadata"), samples.values(cfg.pred_field),
                samples.values(cfg.gt_field), values_or_none(samples, cfg.bbox_field, len(ids)))
     summary = RunSummary(FUNCTION, ("samples", "evaluated"), eval_key=cfg.eval_key)
     with Run(samples, summary, len(ids), progress, "evaluating") as run:
         for row in rows:
-            tally.add_sample(*row, cfg, summary)
+            tally.add_sample(row, cfg, summary)
             run.step(1)
     config = KeypointPCKEvaluationConfig(cfg.pred_field, cfg.gt_field, alphas=cfg.alphas, bbox_field=cfg.bbox_field,
                                          threshold=cfg.threshold)
@@ -358,6 +358,17 @@ def _save_run(samples, cfg: EvaluationConfig, method, results, tally) -> None:
         raise
 
 
+class EvalRow(NamedTuple):
+    """One sample as the evaluation reads it."""
+
+    sample_id: str
+    filepath: str
+    metadata: Any
+    pred: Any  # fo.Keypoints or None
+    gt: Any
+    boxes: Any  # fo.Detections of bbox_field, or None
+
+
 class _Tally:
     """PCK counts accumulated sample by sample (module docstring for the definitions)."""
 
@@ -374,52 +385,68 @@ class _Tally:
         self.img_pcks: List[np.ndarray] = []
         self.correct_values, self.dist_values, self.pck_values = {}, {}, {}
 
-    def add_sample(self, sid, fp, meta, pred, gt, box, cfg, summary) -> None:
+    def add_sample(self, row: "EvalRow", cfg, summary) -> None:
         summary.add("samples")
-        pk = list(pred.keypoints) if pred is not None and pred.keypoints else []
-        gk = list(gt.keypoints) if gt is not None and gt.keypoints else []
+        pk = list(row.pred.keypoints) if row.pred is not None and row.pred.keypoints else []
+        gk = list(row.gt.keypoints) if row.gt is not None and row.gt.keypoints else []
         if not pk or not gk:
             return
         try:
-            w, h = image_size_of(fp, meta)
+            w, h = image_size_of(row.filepath, row.metadata)
         except Exception as e:  # noqa: BLE001
-            summary.fail(sid, f"no image size for {fp}: {e}")
+            summary.fail(row.sample_id, f"no image size for {row.filepath}: {e}")
             return
-        scale = np.array([w, h], dtype=np.float64)
-        per_kp_correct = [[None] * len(kp.points or []) for kp in pk]
-        per_kp_dist = [[None] * len(kp.points or []) for kp in pk]
+        per_kp = {"correct": [[None] * len(kp.points or []) for kp in pk],
+                  "dist": [[None] * len(kp.points or []) for kp in pk]}
         s_correct, s_count, s_lab = self.zero(), 0, {}
-        boxes = box if cfg.bbox_field else None
+        boxes = row.boxes if cfg.bbox_field else None
         pairs = match_instances(pk, gk, w, h, boxes)
-        matched = {j for _, j in pairs}
-        for j in sorted(set(range(len(gk))) - matched):  # unmatched ground truth: all missed
-            lab = gk[j].label if gk[j].label is not None else NO_LABEL
-            self.lab_inst[lab] = self.lab_inst.get(lab, 0) + 1
-            n_vis = int(np.isfinite(points_of(gk[j])).all(axis=1).sum())
-            self.lab_missed[lab] = self.lab_missed.get(lab, 0) + n_vis
+        self._count_missed(gk, {j for _, j in pairs})
         for i, j in pairs:
-            p, g = points_of(pk[i]) * scale, points_of(gk[j]) * scale
-            k = min(len(p), len(g))
-            lab = gk[j].label if gk[j].label is not None else NO_LABEL
-            T = threshold_size(cfg.threshold, boxes, gk[j].label, g, w, h, instance_id(gk[j]))
-            self.lab_inst[lab] = self.lab_inst.get(lab, 0) + 1
-            gvis, pvis = np.isfinite(g[:k]).all(axis=1), np.isfinite(p[:k]).all(axis=1)
-            both = gvis & pvis
-            self.lab_missed[lab] = self.lab_missed.get(lab, 0) + int((gvis & ~pvis).sum())
-            if T is None or not both.any():
+            got = self._score_pair(pk[i], gk[j], (w, h), boxes, cfg, per_kp, i)
+            if got is None:
                 continue
-            d = np.linalg.norm(p[:k] - g[:k], axis=1) / T
-            corr = np.stack([(d < a) & both for a in self.alphas])  # strictly below, as the paper's code
-            n, c = int(both.sum()), corr.sum(axis=1).astype(np.float64)
-            self.lab_correct[lab] = self.lab_correct.get(lab, self.zero()) + c
-            self.lab_count[lab] = self.lab_count.get(lab, 0) + n
+            lab, c, n = got
             acc = s_lab.setdefault(lab, [self.zero(), 0])
             acc[0] += c
             acc[1] += n
             s_correct, s_count = s_correct + c, s_count + n
-            for q in np.nonzero(both)[0]:
-                per_kp_correct[i][q], per_kp_dist[i][q] = bool(corr[0, q]), float(d[q])
-        self.correct_values[sid], self.dist_values[sid] = per_kp_correct, per_kp_dist
+        self.correct_values[row.sample_id], self.dist_values[row.sample_id] = per_kp["correct"], per_kp["dist"]
+        self._add_image(row.sample_id, s_correct, s_count, s_lab, summary)
+
+    def _count_missed(self, gk, matched) -> None:
+        """Unmatched ground truth: every visible point missed."""
+        for j in sorted(set(range(len(gk))) - matched):
+            lab = gk[j].label if gk[j].label is not None else NO_LABEL
+            self.lab_inst[lab] = self.lab_inst.get(lab, 0) + 1
+            n_vis = int(np.isfinite(points_of(gk[j])).all(axis=1).sum())
+            self.lab_missed[lab] = self.lab_missed.get(lab, 0) + n_vis
+
+    def _score_pair(self, pred, gt, size, boxes, cfg, per_kp, i):
+        """``(label, correct per alpha, points counted)`` of one matched instance pair (None
+        when nothing counts); per-point values into ``per_kp``."""
+        w, h = size
+        scale = np.array([w, h], dtype=np.float64)
+        p, g = points_of(pred) * scale, points_of(gt) * scale
+        k = min(len(p), len(g))
+        lab = gt.label if gt.label is not None else NO_LABEL
+        T = threshold_size(cfg.threshold, boxes, gt.label, g, w, h, instance_id(gt))
+        self.lab_inst[lab] = self.lab_inst.get(lab, 0) + 1
+        gvis, pvis = np.isfinite(g[:k]).all(axis=1), np.isfinite(p[:k]).all(axis=1)
+        both = gvis & pvis
+        self.lab_missed[lab] = self.lab_missed.get(lab, 0) + int((gvis & ~pvis).sum())
+        if T is None or not both.any():
+            return None
+        d = np.linalg.norm(p[:k] - g[:k], axis=1) / T
+        corr = np.stack([(d < a) & both for a in self.alphas])  # strictly below, as the paper's code
+        n, c = int(both.sum()), corr.sum(axis=1).astype(np.float64)
+        self.lab_correct[lab] = self.lab_correct.get(lab, self.zero()) + c
+        self.lab_count[lab] = self.lab_count.get(lab, 0) + n
+        for q in np.nonzero(both)[0]:
+            per_kp["correct"][i][q], per_kp["dist"][i][q] = bool(corr[0, q]), float(d[q])
+        return lab, c, n
+
+    def _add_image(self, sid, s_correct, s_count, s_lab, summary) -> None:
         if not s_count:
             self.pck_values[sid] = None
             return
