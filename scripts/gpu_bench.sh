@@ -62,7 +62,8 @@ stamp "1/4 CUDA tests"
 if "$PY" -c "import pytest" 2>/dev/null; then
     # the CUDA tests that need no FiftyOne database (extraction pipeline, bench, matching, store)
     timeout 180 "$PY" -m pytest -q -p no:cacheprovider --noconftest -m cuda tests/test_cuda_pipeline.py \
-        tests/test_bench.py tests/test_correspondence.py tests/test_store.py 2>&1
+        tests/test_bench.py tests/test_correspondence.py tests/test_store.py tests/test_dense.py \
+        tests/test_extractor.py 2>&1
     stamp "CUDA tests exit $?"
 else
     stamp "pytest not installed: CUDA tests skipped"

@@ -107,3 +107,18 @@ def test_position_colors_are_distinct():
     c = position_colors(40, 30)
     assert c.shape == (30, 40, 3) and c.dtype == np.uint8
     assert len({tuple(v) for v in c.reshape(-1, 3)}) > 0.9 * 40 * 30
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_device_path_equals_the_cpu_path(desc, image):
+    target = np.full_like(image, 128)
+    target[:, 28:] = image[:, :-28]
+    fa, fb = desc.describe([image, target])
+    cpu = dense_match(fa, fb, resolution=64)
+    on = [type(f)(f.descriptors.cuda(), f.letterbox, f.stride, f.sd_channels) for f in (fa, fb)]
+    gpu = dense_match(on[0], on[1], resolution=64, chunk=512)
+    assert gpu.source_xy.is_cuda
+    same = (gpu.source_xy.cpu() - cpu.source_xy).abs().nan_to_num(0).amax(-1) < 1e-6
+    assert same.float().mean() > 0.99  # ties between equal cosines may break either way
+    torch.testing.assert_close(gpu.confidence.cpu(), cpu.confidence, atol=1e-3, rtol=0)
