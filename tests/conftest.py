@@ -230,6 +230,7 @@ def pytest_configure(config):
         "ignore::DeprecationWarning:fiftyone.server.scalars",
         "ignore::DeprecationWarning:fiftyone.service.util",
         "ignore:No uuidRepresentation is specified:DeprecationWarning",
+        "ignore::DeprecationWarning:pycocotools.mask",
     ):
         config.addinivalue_line("filterwarnings", line)
 

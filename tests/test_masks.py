@@ -363,3 +363,39 @@ def test_forms_read_the_config_and_refuse_what_the_run_refuses(world):
     assert bad["output_field"].invalid and "already exists" in bad["output_field"].error_message
     ev = form("evaluate_masks", {"pred_field": "gt", "gt_field": "name"})
     assert [k for k, p in ev.items() if p.invalid] == ["pred_field"]
+
+
+def test_coco_instance_masks_as_fiftyone_imports_them(tmp_path):
+    """COCO segmentation polygons through FiftyOne's own importer (pycocotools decodes them
+    into detection masks): the reference canvas's instance masks go to every object of the
+    other canvases; the pasted copies are identical crops, so their IoU is known (1)."""
+    import json
+
+    from test_objects import desc, write_coco
+
+    write_coco(tmp_path)
+    labels = json.loads((tmp_path / "labels.json").read_text())
+    t = np.linspace(0, 2 * np.pi, 24, endpoint=False)
+    for a in labels["annotations"]:
+        x, y, w, h = a["bbox"]
+        a["segmentation"] = [np.stack([x + w / 2 + 0.45 * w * np.cos(t), y + h / 2 + 0.45 * h * np.sin(t)], 1)
+                             .ravel().round(1).tolist()]
+    (tmp_path / "labels.json").write_text(json.dumps(labels))
+    ds = fo.Dataset.from_dir(data_path=str(tmp_path / "data"), labels_path=str(tmp_path / "labels.json"),
+                             dataset_type=fo.types.COCODetectionDataset, label_types=["segmentations"],
+                             label_field="gt", name=f"sdcorr-coco-masks-{uuid.uuid4().hex[:8]}")
+    try:
+        assert all(d.mask is not None for d in ds.values("gt.detections", unwind=True))
+        ds.match(fo.ViewField("filepath").ends_with("canvas0.png")).tag_samples("reference")
+        sc.compute_fused_features(ds, extractor=desc(), patches_field="gt", store_dir=str(tmp_path / "store"),
+                                  progress=False)
+        got = sc.propagate_masks(ds, "reference", "gt", "pred_inst", patches_field="gt", target_region="box",
+                                 resolution=64, progress=False)
+        assert got["targets"] == got["propagated"] == 9 and not got["failed"], got.text()
+        targets = ds.match_tags("reference", bool=False)
+        res = sc.evaluate_masks(targets, "pred_inst", "gt", eval_key="coco_masks", progress=False)
+        assert res.counts["person"] == {"gt": 7, "pred": 7}  # every object of the two other canvases paired
+        assert res.per_class["person"] > 0.95, res.report_str()
+        assert "coco_masks" in ds.list_evaluations()
+    finally:
+        ds.delete()
