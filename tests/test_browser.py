@@ -13,7 +13,9 @@ session's database and plugins dir and drives the App through its UI:
   with the reference shown, a new output field and overwrite off, and running it changes
   no existing field; in a narrow window the controls wrap and the figure fits;
 - a COCO file with several objects per image, imported with FiftyOne's importer: the
-  panel shows object crops and its Object dropdown switches objects.
+  panel shows object crops and its Object dropdown switches objects; its "Swap instances"
+  button opens ``swap_instances``'s form pre-filled with the two objects shown, and running
+  it makes a new dataset with the swapped sample (the source media unchanged).
 
 Screenshots go to the test's tmp dir; with ``SDCORR_UPDATE_SCREENSHOTS=1`` the demo's
 pictures also go to ``docs/match_panel.png`` and ``docs/match_panel_parts.png`` (README).
@@ -657,3 +659,88 @@ def test_panel_on_a_sample_with_several_objects(coco_objects, playwright_api):
                           " && gd.data.filter(t => t.name.startsWith('line|')).length === 5")
         finally:
             browser.close()
+
+
+def _media_hashes(dataset):
+    import hashlib
+
+    return {p: hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in dataset.values("filepath")}
+
+
+def _click_until_prompted(page, button, operator, tries=3):
+    """Clicks the panel's ``button`` until the App resolves ``operator``'s form; the params
+    the panel pre-filled it with."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    from test_browser_operators import DIALOG
+
+    for attempt in range(tries):
+        try:
+            with page.expect_request(lambda r: "resolve-type" in r.url and operator in (r.post_data or ""),
+                                     timeout=15000) as request:
+                page.locator(PANEL).get_by_role("button", name=button).click()
+            return json.loads(request.value.post_data)["params"]
+        except PlaywrightTimeout:
+            if attempt == tries - 1 or page.locator(DIALOG).count():
+                raise
+    raise AssertionError("unreachable")
+
+
+def test_swap_instances_from_the_match_panel(coco_objects, playwright_api):
+    """The panel shows an object of canvas2 and the reference object it was matched with; its
+    "Swap instances" button opens the operator's form pre-filled with the two objects (the
+    reference object as the source); executing it makes a new dataset with one swapped
+    sample whose provenance names both objects, and no media file of this dataset changes."""
+    import fiftyone as fo
+
+    from test_browser_operators import DIALOG, wait_execute, wait_notification
+
+    ds = coco_objects["dataset"]
+    ds.reload()
+    by_name = {os.path.basename(s.filepath): s for s in ds.iter_samples()}
+    current, reference = by_name["canvas2.png"], by_name["canvas0.png"]
+    target_det, source_det = current.detections.detections[1], reference.detections.detections[1]
+    out_name = f"{ds.name}-swaps"
+    hashes = _media_hashes(ds)
+    _forget_panel_choices(ds)
+    url = f"{coco_objects['url']}/datasets/{ds.name}?id={current.id}"
+    with playwright_api() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1500, "height": 1000})
+            errors = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            _open_sample_panel(page, url)
+            _wait_plot(page, "gd.data.filter(t => t.name.startsWith('line|')).length === 5")
+            assert _titles(page) == ["current · canvas2.png · 1: person", "reference · canvas0.png · 1: person"]
+
+            # the button: the form opens, pre-filled with the two objects shown (clicked again
+            # when the panel re-rendered under the first click and the App opened nothing)
+            params = _click_until_prompted(page, "Swap instances", "swap_instances")
+            assert params["source_id"] == source_det.id and params["target_id"] == target_det.id, params
+            assert params["patches_field"] == "detections", params
+            dialog = page.locator(DIALOG)
+            dialog.get_by_text("Output dataset", exact=True).wait_for(timeout=30000)
+            values = dialog.locator("input").evaluate_all("els => els.map(e => e.value)")
+            assert source_det.id in values and target_det.id in values and out_name in values, values
+            wait_execute(page)
+            page.screenshot(path=str(coco_objects["tmp"] / "swap_form.png"))
+
+            # execute: the run's notification, then the new dataset
+            dialog.get_by_role("button", name="Execute", exact=True).click()
+            text = wait_notification(page, r"swap_instances", timeout=120000)
+            page.screenshot(path=str(coco_objects["tmp"] / "swap_done.png"))
+            assert "swapped 1" in text and "failed 0" in text, text
+            assert fo.dataset_exists(out_name)
+            out = fo.load_dataset(out_name)
+            assert len(out) == 1
+            s = out.first()
+            assert s.sdcorr_swap_source_sample_id == reference.id and s.sdcorr_swap_source_label_id == source_det.id
+            assert s.sdcorr_swap_target_sample_id == current.id and s.sdcorr_swap_target_label_id == target_det.id
+            assert os.path.exists(s.filepath) and s.filepath not in hashes
+            assert _media_hashes(ds) == hashes  # the source dataset's media: unchanged
+            assert not [e for e in errors if "plotly" in e.lower()], errors
+        finally:
+            browser.close()
+            if fo.dataset_exists(out_name):
+                fo.delete_dataset(out_name)

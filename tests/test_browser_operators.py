@@ -19,7 +19,11 @@ App server started against this test session's database (tests/app_server.py):
   (the run's own message under the input, "Execute" disabled); a run that fails after
   its checks says why (notification and output view) and writes nothing;
 - feature pictures: ``write_feature_pca`` through its form, then the new field is
-  chosen as the App's media field (display options) and the grid shows colour pictures.
+  chosen as the App's media field (display options) and the grid shows colour pictures;
+- masks (on a small textured dataset with stored features of the deterministic describer,
+  no model): ``propagate_masks`` through its form gives the targets the known masks
+  (IoU), ``evaluate_masks`` through its form records the evaluation run;
+  ``write_dense_views`` through its form writes a PNG per sample into a new media field.
 
 Screenshots go to each test's tmp dir. Needs Debian's ``chromium`` and Python
 ``playwright``; skipped with the reason when either is missing.
@@ -580,3 +584,156 @@ def test_objects_of_a_patches_view_through_the_forms(server, page, tmp_path):
         assert not page.errors, page.errors
     finally:
         dataset.delete()
+
+
+# --------------------------------------------------------------------------- masks and dense pictures (issue 17)
+MASK_SIZE, MASK_SHIFT = 200, 28
+
+
+def _known_mask(size=MASK_SIZE):
+    lab = np.zeros((size, size), np.uint8)
+    lab[50:150, 60:140] = 1
+    lab[80:120, 90:110] = 2
+    return lab
+
+
+def _mask_iou(a, b, c):
+    return ((a == c) & (b == c)).sum() / ((a == c) | (b == c)).sum()
+
+
+@pytest.fixture(scope="module")
+def masks_world(tmp_path_factory, app_url):
+    """A textured reference (tests/local_descriptor.textured_noise, tag ``ref``) with a known
+    class mask in ``gt``; targets ``same`` (a copy) and ``shift`` (shifted right by
+    ``MASK_SHIFT`` pixels, grey strip on the left); every sample's known mask in ``truth``;
+    a saved view ``targets`` of the two targets. Features are stored beforehand with the
+    deterministic describer, so the operators read them and load no model."""
+    import fiftyone as fo
+    from PIL import Image
+
+    import fiftyone_sdcorr as sdc
+    from local_descriptor import LocalDescriptor, textured_noise
+
+    folder = tmp_path_factory.mktemp("masks")
+    image, lab = textured_noise(MASK_SIZE, MASK_SIZE, seed=1), _known_mask()
+    shifted, moved = np.full_like(image, 128), np.zeros_like(lab)
+    shifted[:, MASK_SHIFT:], moved[:, MASK_SHIFT:] = image[:, :-MASK_SHIFT], lab[:, :-MASK_SHIFT]
+    truth = {"ref": lab, "same": lab, "shift": moved}
+    ds = fo.Dataset(f"sdcorr-ui-masks-{uuid.uuid4().hex[:8]}")
+    ds.persistent = True
+    samples = []
+    for name, img in (("ref", image), ("same", image), ("shift", shifted)):
+        path = str(folder / f"{name}.png")
+        Image.fromarray(np.ascontiguousarray(img)).save(path)
+        s = fo.Sample(filepath=path, name=name, truth=fo.Segmentation(mask=np.ascontiguousarray(truth[name])))
+        if name == "ref":
+            s.tags.append("ref")
+            s["gt"] = fo.Segmentation(mask=np.ascontiguousarray(lab))
+        samples.append(s)
+    ds.add_samples(samples)
+    classes = {0: "background", 1: "body", 2: "head"}
+    ds.mask_targets = {"gt": classes, "truth": classes}
+    ds.save()
+    ds.save_view("targets", ds.match_tags("ref", bool=False))
+    try:
+        sdc.compute_fused_features(ds, extractor=LocalDescriptor(size=224, stride=14), store_dir=str(folder / "store"),
+                                   progress=False)
+        ids = dict(zip(ds.values("name"), ds.values("id")))
+        yield {"dataset": ds, "ids": ids, "truth": truth, "folder": folder}
+    finally:
+        ds.delete()
+
+
+def _run_form(page, dialog, operator, pattern, timeout=120000):
+    """Clicks "Execute" once the form is ready; the notification's text and the summary the
+    server sent (``show_output``)."""
+    wait_execute(page)
+    with page.expect_response(lambda r: "/operators/execute" in r.url and r.request.post_data
+                              and operator in r.request.post_data, timeout=timeout) as response:
+        dialog.get_by_role("button", name="Execute", exact=True).click()
+        text = wait_notification(page, pattern, timeout=timeout)
+    return text, sent_summary(response.value)
+
+
+def _close_output(page):
+    out = page.locator(OUTPUT)
+    out.wait_for()
+    out.get_by_role("button", name="Done").click()
+    out.wait_for(state="detached")
+
+
+def test_propagate_and_evaluate_masks_through_their_forms(masks_world, app_url, page, tmp_path):
+    """A user propagates a reference's segmentation to the saved view's two targets (a copy
+    and a shifted copy) through the form, with stored features (no model), then measures
+    the result with ``evaluate_masks``'s form: the new fo.Segmentation fields hold the known
+    masks and the evaluation run is recorded."""
+    import fiftyone as fo
+
+    ds, ids, truth = masks_world["dataset"], masks_world["ids"], masks_world["truth"]
+    open_grid(page, app_url, ds, view="targets")
+    dialog = open_operator(page, "Propagate masks (SD + DINOv2 dense correspondence)", "Propagate masks")
+    assert dialog.locator("input[type=radio][value=CURRENT_VIEW]").is_checked()
+    assert dialog.get_by_text("2 target samples").count() == 1
+    choose(page, dialog, "Source masks field", "gt")
+    fill(dialog, "Output field", "ui_masks")
+    fill(dialog, "Resolution", "64")  # the dense grid: small images, a quick run
+    page.screenshot(path=str(tmp_path / "masks_form.png"))
+    text, summary = _run_form(page, dialog, "propagate_masks", r"propagate_masks")
+    page.screenshot(path=str(tmp_path / "masks_notification.png"))
+    assert "targets 2" in text and "propagated 2" in text and "failed 0" in text, text
+    assert "propagated 2" in summary, summary
+    _close_output(page)
+
+    ds.reload()
+    assert ds.get_field("ui_masks").document_type is fo.Segmentation
+    assert ds.count("ui_masks") == 2 and ds.count("ui_masks_error") == 0
+    assert ds[ids["ref"]]["ui_masks"] is None  # the reference is not in the view: untouched
+    same, shift = ds[ids["same"]]["ui_masks"], ds[ids["shift"]]["ui_masks"]
+    assert same.sdcorr_reference_id == ids["ref"] and same.mask.shape == (MASK_SIZE, MASK_SIZE)
+    for c in (1, 2):
+        assert _mask_iou(same.mask, truth["same"], c) >= 0.9, (c, _mask_iou(same.mask, truth["same"], c))
+    assert _mask_iou(shift.mask, truth["shift"], 1) >= 0.9, _mask_iou(shift.mask, truth["shift"], 1)
+    assert ds.mask_targets["ui_masks"] == ds.mask_targets["gt"]
+
+    dialog = open_operator(page, "Evaluate masks (IoU)", "Evaluate masks")
+    choose(page, dialog, "Predicted masks", "ui_masks")
+    choose(page, dialog, "Ground-truth masks", "truth")
+    fill(dialog, "Evaluation key", "ui_miou")
+    text, summary = _run_form(page, dialog, "evaluate_masks", r"evaluate_masks")
+    page.screenshot(path=str(tmp_path / "evaluate_masks.png"))
+    assert "failed 0" in text, text
+    assert "mean IoU" in summary, summary
+    ds.reload()
+    assert "ui_miou" in ds.list_evaluations()
+    results = ds.load_evaluation_results("ui_miou")
+    assert results.pixel_confusion_matrix.sum() == 2 * MASK_SIZE * MASK_SIZE  # the view's 2 samples
+    assert not page.errors, page.errors
+
+
+def test_dense_pictures_through_the_form(masks_world, app_url, page, tmp_path):
+    """``write_dense_views`` from the grid: the reference's id given in the form; the new
+    field is a media field and holds a PNG per sample."""
+    from PIL import Image
+
+    ds, ids = masks_world["dataset"], masks_world["ids"]
+    out_dir = tmp_path / "dense"
+    open_grid(page, app_url, ds, view="targets")
+    dialog = open_operator(page, "Write dense correspondence pictures", "dense correspondence")
+    fill(dialog, "Reference sample id", ids["ref"])
+    fill(dialog, "Output field", "ui_dense")
+    fill(dialog, "Output directory", str(out_dir))
+    fill(dialog, "Dense grid (cells per side)", "64")  # small images: a quick run
+    page.screenshot(path=str(tmp_path / "dense_form.png"))
+    text, summary = _run_form(page, dialog, "write_dense_views", r"write_dense_views")
+    page.screenshot(path=str(tmp_path / "dense_notification.png"))
+    assert "failed 0" in text, text
+    ds.reload()
+    assert "ui_dense" in ds.app_config.media_fields, ds.app_config.media_fields
+    view = ds.load_saved_view("targets")
+    paths = view.values("ui_dense")
+    assert len(paths) == 2 and all(p and p.endswith(".png") and p.startswith(str(out_dir)) for p in paths), paths
+    for p in paths:
+        with Image.open(p) as im:
+            assert im.format == "PNG" and im.size[0] > 0
+    assert ds[ids["ref"]]["ui_dense"] is None
+    assert not page.errors, page.errors
