@@ -329,3 +329,133 @@ def test_the_match_panel_prompts_a_swap_of_its_current_and_reference_objects(tmp
         for name in (ds.name + "-swaps", ds.name):
             if fo.dataset_exists(name):
                 fo.delete_dataset(name)
+
+
+
+# --------------------------------------------------------------------------- automatic pairing
+def _auto(samples, tmp, sources, out, **kw):
+    kw.setdefault("extractor", LocalDescriptor(size=224, stride=14))
+    return sc.swap_instances(samples, sources=sources, output_dataset=out, patches_field="detections",
+                             resolution=kw.pop("resolution", 96), output_dir=str(tmp / "swaps"), progress=False, **kw)
+
+
+def _pairs_in(name):
+    return {s.sdcorr_swap_target_label_id: s.sdcorr_swap_source_label_id for s in fo.load_dataset(name)}
+
+
+def test_automatic_pairing_takes_the_most_similar_source_of_the_label_never_itself(canvases):
+    ds, tmp = canvases
+    ids = _ids(ds)
+    a = ds.match(fo.ViewField("name") == "A").first()
+    cat = a.detections.detections[1].id
+    a.tags.append("src")
+    a.save()
+    summary = _auto(ds, tmp, "src", ds.name + "-auto")
+    # A's person and cat are the only sources of their labels: never paired with themselves
+    assert (summary["pairs"], summary["swapped"], summary["failed"]) == (2, 2, 2), summary.text()
+    assert set(summary["errors"]) == {ids["A"], cat} and "other than itself" in summary["errors"][cat]
+    assert _pairs_in(ds.name + "-auto") == {ids["B"]: ids["A"], ids["C"]: ids["A"]}
+    # the same pairs given explicitly are the same new samples: skipped
+    again = _run(ds, tmp, [(ids["A"], ids["B"]), (ids["A"], ids["C"])], out="-auto")
+    assert (again["skipped"], again["swapped"]) == (2, 0), again.text()
+    # B is its own most similar source (cosine 1): the other person is taken
+    own = _auto(ds.match(fo.ViewField("name") == "B"), tmp, [ids["A"], ids["B"]], ds.name + "-own")
+    assert own["swapped"] == 1 and _pairs_in(ds.name + "-own") == {ids["B"]: ids["A"]}
+
+
+def test_automatic_pairing_ranks_by_the_stored_embeddings_when_every_unit_has_one(canvases):
+    ds, tmp = canvases
+    ids = _ids(ds)
+    emb = {"A": [1.0, 0.0], "B": [0.0, 1.0], "C": [0.2, 0.9]}
+    for s in ds.iter_samples(autosave=True):
+        for d in s.detections.detections:
+            d["emb"] = emb[s.name] if d.id == ids[s.name] else [0.5, 0.5]
+    ds.add_dynamic_sample_fields()
+    c = ds.match(fo.ViewField("name") == "C")
+    _auto(c, tmp, [ids["A"], ids["B"]], ds.name + "-e1", embedding_field="emb")
+    assert _pairs_in(ds.name + "-e1") == {ids["C"]: ids["B"]}
+    for s in c.iter_samples(autosave=True):
+        s.detections.detections[0]["emb"] = [0.9, 0.2]
+    _auto(c, tmp, [ids["A"], ids["B"]], ds.name + "-e2", embedding_field="emb")
+    assert _pairs_in(ds.name + "-e2") == {ids["C"]: ids["A"]}
+
+
+def test_automatic_pairing_refusals(canvases):
+    ds, tmp = canvases
+    ids = _ids(ds)
+    with pytest.raises(ParameterError, match="one of parameters 'pairs'"):
+        sc.swap_instances(ds, [(ids["A"], ids["B"])], ds.name + "-x", sources="src", patches_field="detections")
+    with pytest.raises(ParameterError, match="one of parameters 'pairs'"):
+        sc.swap_instances(ds, output_dataset=ds.name + "-x", patches_field="detections")
+    with pytest.raises(ParameterError, match="'sources' selects no sample"):
+        _auto(ds, tmp, "no-such-tag", ds.name + "-x")
+    with pytest.raises(ParameterError, match="'sources'"):
+        _auto(ds, tmp, ["nope"], ds.name + "-x")
+    assert not fo.dataset_exists(ds.name + "-x")
+
+
+# --------------------------------------------------------------------------- group slices
+@pytest.fixture
+def grouped(tmp_path):
+    """Two groups: "left" holds canvases A and B (person detections), "right" canvas C."""
+    (tmp_path / "gdata").mkdir()
+    ds = fo.Dataset(f"sdcorr-swap-group-{uuid.uuid4().hex[:8]}")
+    ds.add_group_field("group", default="left")
+    for left in ("A", "B"):
+        g = fo.Group()
+        for sl, name in (("left", left), ("right", "C")):
+            img, (x, y, w, h) = _canvas(name)
+            path = tmp_path / "gdata" / f"{left}-{sl}.png"
+            img.save(path)
+            det = fo.Detection(label="person", bounding_box=[x / W, y / H, w / W, h / H])
+            ds.add_sample(fo.Sample(filepath=str(path), group=g.element(sl), name=name,
+                                    detections=fo.Detections(detections=[det])))
+    yield ds, tmp_path
+    fo.delete_dataset(ds.name)
+
+
+def test_output_slice_adds_the_swaps_to_their_targets_groups(grouped):
+    ds, tmp = grouped
+    left = ds.select_group_slices("left")
+    ids = {s.name: s.detections.detections[0].id for s in left}
+    before = {s.id: (hashlib.sha1(Path(s.filepath).read_bytes()).hexdigest(), s.detections.to_json())
+              for s in ds.select_group_slices()}
+    kw = dict(patches_field="detections", resolution=96, extractor=LocalDescriptor(size=224, stride=14),
+              output_dir=str(tmp / "swaps"), progress=False)
+    summary = sc.swap_instances(left, [(ids["A"], ids["B"])], output_slice="swap", **kw)
+    assert summary["swapped"] == 1 and summary["output_slice"] == "swap", summary.text()
+    assert summary["output_dataset"] == ds.name
+    assert set(ds.group_slices) == {"left", "right", "swap"}
+    (new,) = ds.select_group_slices("swap")
+    target = left.match(fo.ViewField("name") == "B").first()
+    assert new.group.id == target.group.id and new.sdcorr_swap_target_label_id == ids["B"]
+    assert len(ds.get_group(target.group.id)) == 3 and "sdcorr:swap" in new.tags
+    assert new.detections.detections[0].id != ids["B"]  # a copy of the target's labels, its own ids
+    got = np.asarray(Image.open(new.filepath).convert("RGB")).astype(int)
+    x, y, w, h = _canvas("B")[1]
+    region = np.zeros((H, W), bool)
+    region[y:y + h, x:x + w] = True  # no instance mask: the box
+    assert (got[~region] == np.asarray(_canvas("B")[0]).astype(int)[~region]).all()
+    after = {s.id: (hashlib.sha1(Path(s.filepath).read_bytes()).hexdigest(), s.detections.to_json())
+             for s in ds.select_group_slices(["left", "right"])}
+    assert after == before  # no existing media or label changed
+    again = sc.swap_instances(left, [(ids["A"], ids["B"])], output_slice="swap", **kw)
+    assert (again["skipped"], again["swapped"]) == (1, 0) and len(ds.select_group_slices("swap")) == 1
+    auto = sc.swap_instances(left, sources=[ids["A"]], output_slice="swap", **kw)  # B <- A again: skipped
+    assert (auto["skipped"], auto["failed"]) == (1, 1), auto.text()
+
+
+def test_output_slice_refusals(grouped, canvases):
+    ds, tmp = grouped
+    left = ds.select_group_slices("left")
+    sid = left.first().id
+    kw = dict(extractor=LocalDescriptor(size=224, stride=14), progress=False)
+    cases = [(dict(output_slice="right"), "holds other samples"), (dict(output_slice="a.b"), "output_slice"),
+             (dict(output_slice="swap", output_dataset=ds.name + "-x"), "one of parameters 'output_dataset'")]
+    for extra, msg in cases:
+        with pytest.raises(ParameterError, match=msg):
+            sc.swap_instances(left, [(sid, sid)], **extra, **kw)
+    flat, _ = canvases
+    with pytest.raises(ParameterError, match="not grouped"):
+        sc.swap_instances(flat, [(flat.first().id, flat.first().id)], output_slice="swap", **kw)
+    assert ds.group_slices == ["left", "right"] and not fo.dataset_exists(ds.name + "-x")

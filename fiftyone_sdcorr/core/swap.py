@@ -9,7 +9,8 @@ Pure numpy / torch / Pillow (and diffusers for the refinement); no FiftyOne impo
   the target's, exactly.
 - :func:`paste`: a region put back into its image at its place.
 - :func:`refine_region`: the paper's refinement, an optional Stable Diffusion
-  image-to-image pass at a low strength over the swapped region, built from already
+  image-to-image pass (or inpainting inside the mask) at a low strength over the swapped
+  region, built from already
   loaded components (:class:`~fiftyone_sdcorr.core.models.StableDiffusionParts`: no
   second download), seeded (a rerun gives the same pixels), blended back only inside the mask.
 - :func:`warp_frames` / :func:`encode_gif`: the warp animation (the paper's GIFs): each
@@ -86,16 +87,28 @@ def refine_shape(width: int, height: int, size: int) -> Tuple[int, int]:
                  for v in (width, height))
 
 
-def img2img_pipeline(parts):
-    """A diffusers ``StableDiffusionImg2ImgPipeline`` from loaded SD components
+#: the refinement passes: an image-to-image pass over the whole region (the paper's), or
+#: inpainting inside the mask
+REFINE_MODES = ("img2img", "inpaint")
+
+
+def img2img_pipeline(parts, mode: str = "img2img"):
+    """A diffusers ``StableDiffusionImg2ImgPipeline`` (``mode="inpaint"``:
+    ``StableDiffusionInpaintPipeline``) from loaded SD components
     (:class:`~fiftyone_sdcorr.core.models.StableDiffusionParts`): the same weights, no
     download; a DDIM sampler made from the checkpoint's scheduler config; no safety checker
-    (nothing is generated from scratch, a low-strength pass over an existing image)."""
-    from diffusers import DDIMScheduler, StableDiffusionImg2ImgPipeline
+    (nothing is generated from scratch, a low-strength pass over an existing image). The
+    inpainting pipeline works with SD's ordinary 4-channel UNet: at every step diffusers
+    puts the (noised) latents of the image back outside the mask, so only the masked part
+    is denoised, in the context of the rest."""
+    from diffusers import DDIMScheduler, StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline
 
+    if mode not in REFINE_MODES:
+        raise ValueError(f"refinement mode must be one of {list(REFINE_MODES)}, got {mode!r}")
     if parts.text_encoder is None:
         raise ValueError("the refinement needs the SD text encoder (it was not loaded)")
-    pipe = StableDiffusionImg2ImgPipeline(
+    cls = StableDiffusionInpaintPipeline if mode == "inpaint" else StableDiffusionImg2ImgPipeline
+    pipe = cls(
         vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, unet=parts.unet,
         scheduler=DDIMScheduler.from_config(parts.scheduler.config, clip_sample=False), safety_checker=None,
         feature_extractor=None, requires_safety_checker=False)
@@ -103,13 +116,20 @@ def img2img_pipeline(parts):
     return pipe
 
 
+def is_inpainting(pipe) -> bool:
+    """Whether ``pipe`` takes a mask (an inpainting pipeline)."""
+    return type(pipe).__name__.endswith("InpaintPipeline")
+
+
 def refine_region(pipe, region, mask, *, strength: float, seed: int, steps: int, guidance: float,
                   prompt: str = "", size: int = 512) -> np.ndarray:
     """The paper's refinement of a swapped ``region`` (``H x W x 3`` uint8): an SD
     image-to-image pass at ``strength`` (``steps`` x ``strength`` denoising steps) on the
     region resized to :func:`refine_shape`, resized back, and blended in only inside
-    ``mask`` (every other pixel is the region's, exactly). A CPU generator seeded with
-    ``seed``: a rerun on the same device gives the same pixels."""
+    ``mask`` (every other pixel is the region's, exactly). With an inpainting ``pipe``
+    (:func:`img2img_pipeline` ``mode="inpaint"``) the SD pass itself denoises only inside
+    ``mask`` (given to it at the same size). A CPU generator seeded with ``seed``: a rerun
+    on the same device gives the same pixels."""
     region = as_rgb(region)
     mask = np.asarray(mask, dtype=bool)
     h, w = region.shape[:2]
@@ -117,10 +137,14 @@ def refine_region(pipe, region, mask, *, strength: float, seed: int, steps: int,
         return region.copy()
     rw, rh = refine_shape(w, h, size)
     small = Image.fromarray(region).resize((rw, rh), Image.LANCZOS)
+    extra = {}
+    if is_inpainting(pipe):
+        extra = {"mask_image": Image.fromarray(mask.astype(np.uint8) * 255).resize((rw, rh), Image.NEAREST),
+                 "width": rw, "height": rh}
     with torch.inference_mode():
         out = pipe(prompt=prompt, image=small, strength=float(strength), num_inference_steps=int(steps),
                    guidance_scale=float(guidance), generator=torch.Generator("cpu").manual_seed(int(seed)),
-                   output_type="np").images[0]
+                   output_type="np", **extra).images[0]
     refined = (np.clip(np.nan_to_num(out), 0.0, 1.0) * 255).round().astype(np.uint8)
     back = np.asarray(Image.fromarray(refined).resize((w, h), Image.LANCZOS))
     return np.where(mask[..., None], back, region).astype(np.uint8)
@@ -188,6 +212,7 @@ def match_positions(field: DenseField, filled, source_size: Tuple[int, int],
 
 
 __all__ = ["swap_region", "paste", "png_bytes", "as_rgb", "refine_shape", "img2img_pipeline", "refine_region",
+           "is_inpainting", "REFINE_MODES",
            "warp_frames", "encode_gif", "match_positions", "REFINE_MULTIPLE"]
 
 

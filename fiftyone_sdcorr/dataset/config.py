@@ -588,6 +588,7 @@ __all__ = [
 
 # --------------------------------------------------------------------------- instance swapping
 from fiftyone_sdcorr.core.dense import DEFAULT_RESOLUTION as DENSE_RESOLUTION  # noqa: E402
+from fiftyone_sdcorr.core.swap import REFINE_MODES as SWAP_REFINE_MODES  # noqa: E402
 
 #: swap_instances' ranges (added to RANGES: the forms read them from there)
 RANGES.update({
@@ -599,20 +600,27 @@ RANGES.update({
 
 @dataclass(frozen=True)
 class SwapConfig(Buildable):
-    """``swap_instances``: where the new samples go, the dense grid, the optional
-    refinement (the paper's SD pass) and animation."""
+    """``swap_instances``: where the new samples go (a dataset, or a group slice of the
+    samples' grouped dataset: exactly one), the dense grid, the optional refinement (the
+    paper's SD pass) and animation."""
 
-    output_dataset: str
+    output_dataset: Optional[str] = None
+    #: a grouped dataset: the group slice the new samples join, in their target's group
+    output_slice: Optional[str] = None
     #: a fo.Detections field: pairs of objects (None: pairs of whole images)
     patches_field: Optional[str] = None
     #: whole-image pairs: a fo.Segmentation field whose non-zero pixels are the region (None: the whole image)
     mask_field: Optional[str] = None
     features_field: Optional[str] = FEATURES_FIELD
+    #: automatic pairing: the global embedding each target's most similar source is ranked by
+    #: (when every unit has one; else the mean dense descriptor)
+    embedding_field: Optional[str] = EMBEDDING_FIELD
     #: cells per side of the dense grid over each letterbox frame
     resolution: int = DENSE_RESOLUTION
     #: target pixels whose match has a lower confidence keep their own colour
     min_confidence: float = 0.0
-    refine: bool = False
+    #: False, "img2img" (True: the same) or "inpaint"
+    refine: Any = False
     refine_strength: float = 0.3
     refine_steps: int = 30
     refine_guidance: float = 7.5
@@ -629,13 +637,20 @@ class SwapConfig(Buildable):
     overwrite: bool = False
 
     def __post_init__(self):
-        check_str("output_dataset", self.output_dataset)
+        if (self.output_dataset is None) == (self.output_slice is None):
+            raise ParameterError("give one of parameters 'output_dataset' (a dataset name) and 'output_slice' "
+                                 "(a group slice of the samples' grouped dataset)")
+        if self.output_dataset is not None:
+            check_str("output_dataset", self.output_dataset)
+        _field_or_none("output_slice", self.output_slice)
         _field_or_none("patches_field", self.patches_field)
         _field_or_none("mask_field", self.mask_field)
         _field_or_none("features_field", self.features_field)
+        _field_or_none("embedding_field", self.embedding_field)
         _in_range("swap_resolution", self.resolution)
         _in_range("min_confidence", self.min_confidence)
-        check_bool("refine", self.refine)
+        refine = "img2img" if self.refine is True else self.refine
+        object.__setattr__(self, "refine", check_choice("refine", refine, (False,) + SWAP_REFINE_MODES))
         _in_range("refine_strength", self.refine_strength)
         _in_range("refine_steps", self.refine_steps)
         _in_range("refine_guidance", self.refine_guidance)
@@ -653,7 +668,9 @@ class SwapConfig(Buildable):
         """What decides a new sample's pixels (its provenance; a rerun with the same
         settings skips the pairs already swapped)."""
         out = {"patches_field": self.patches_field, "mask_field": self.mask_field, "resolution": self.resolution,
-               "min_confidence": self.min_confidence, "refine": self.refine, "animation": self.animation}
+               "min_confidence": self.min_confidence, "animation": self.animation,
+               # True for img2img: the settings (and so the keys) of swaps made before inpainting existed
+               "refine": True if self.refine == "img2img" else self.refine}
         if self.refine:
             out.update(refine_strength=self.refine_strength, refine_steps=self.refine_steps,
                        refine_guidance=self.refine_guidance, refine_prompt=self.refine_prompt,

@@ -1,8 +1,12 @@
 """``swap_instances``: each target object painted with its source object (the paper's
-instance swapping), into NEW samples of another dataset.
+instance swapping), into NEW samples of another dataset, or of a new group slice.
 
 - **Pairs**: ``(source id, target id)``: label ids of ``patches_field``'s detections
-  (objects, same label), or sample ids (whole images). For each pair, the two units'
+  (objects, same label), or sample ids (whole images). **Automatic pairing**
+  (``sources=`` instead of ``pairs``): each target unit of ``samples`` with the most
+  similar unit of ``sources`` (of the same label for objects; never itself), ranked by
+  :meth:`Propagator.rank <fiftyone_sdcorr.dataset.matching.Propagator.rank>` as
+  propagation picks its reference. For each pair, the two units'
   dense features (stored by ``compute_fused_features``, else computed through the same
   :class:`~fiftyone_sdcorr.dataset.feature_source.FeatureSource` as propagation) are
   matched densely inside both regions (:func:`~fiftyone_sdcorr.core.dense.dense_match`),
@@ -14,13 +18,16 @@ instance swapping), into NEW samples of another dataset.
   Object features and pixels are the object's crop (the box grown by the context margin
   of the features).
 - **Output**: one new sample per pair in ``output_dataset`` (created if missing,
-  persistent), its image written ONLY under ``output_dir`` (default
-  ``<feature store>/_swaps/<output dataset id>``; the file name is a hash of the pair's ids
-  and settings, never a user string); the media of ``samples`` is never written. The new
+  persistent), or (a grouped dataset, ``output_slice``) in the target's own group as a
+  sample of the slice ``output_slice``; its image written ONLY under ``output_dir`` (default
+  ``<feature store>/_swaps/<output dataset id>[-<slice>]``; the file name is a hash of the
+  pair's ids and settings, never a user string); no media or label of ``samples`` is ever
+  written. The new
   sample carries copies of the target sample's label fields (same image geometry, so its
   keypoints, detections and masks stay valid) and provenance fields
   (:data:`PROVENANCE_FIELDS`). Optional: the paper's Stable Diffusion refinement
-  (``refine``) and a warp animation GIF beside the image (``animation``).
+  (``refine``: image-to-image, or inpainting inside the mask) and a warp animation GIF
+  beside the image (``animation``).
 - **Resumable**: a pair already in ``output_dataset`` with the same settings (its
   ``sdcorr_swap_key``) is skipped, so a rerun after a crash completes the dataset without
   duplicates; ``overwrite=True`` redoes them (their samples replaced).
@@ -30,14 +37,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
+import torch
 from PIL import Image
 
 import fiftyone as fo
+import fiftyone.core.media as fom
 
 from fiftyone_sdcorr.core.dense import dense_match
 from fiftyone_sdcorr.core.files import check_output_folder, write_atomic
@@ -54,7 +65,7 @@ from fiftyone_sdcorr.core.swap import (
     swap_region,
     warp_frames,
 )
-from fiftyone_sdcorr.dataset.config import FeatureConfig, SwapConfig, merge_features
+from fiftyone_sdcorr.dataset.config import FeatureConfig, MatchConfig, SwapConfig, merge_features
 from fiftyone_sdcorr.dataset.engine import (
     ParameterError,
     Run,
@@ -65,6 +76,7 @@ from fiftyone_sdcorr.dataset.engine import (
     require_field,
 )
 from fiftyone_sdcorr.dataset.feature_source import FeatureSource
+from fiftyone_sdcorr.dataset.matching import Propagator, Reference, resolve_references, unit_vector
 from fiftyone_sdcorr.dataset.progress import ProgressArg
 from fiftyone_sdcorr.dataset.units import Unit, Units, patches_field_of
 
@@ -98,67 +110,83 @@ class Pair:
 
 def swap_instances(
     samples,
-    pairs,
-    output_dataset: str,
+    pairs=None,
+    output_dataset: Optional[str] = None,
     *,
+    sources=None, output_slice: Optional[str] = None,
     patches_field: Optional[str] = None, mask_field: Optional[str] = None,
     resolution: Optional[int] = None, min_confidence: Optional[float] = None,
-    refine: Optional[bool] = None, refine_strength: Optional[float] = None, refine_steps: Optional[int] = None,
-    refine_guidance: Optional[float] = None, refine_prompt: Optional[str] = None, refine_size: Optional[int] = None,
+    refine: Optional[Union[bool, str]] = None, refine_strength: Optional[float] = None,
+    refine_steps: Optional[int] = None, refine_guidance: Optional[float] = None, refine_prompt: Optional[str] = None,
+    refine_size: Optional[int] = None,
     seed: Optional[int] = None, animation: Optional[bool] = None, animation_frames: Optional[int] = None,
     output_dir=None,
     features=None,
     extractor=None, sd_model=None, dino_model=None, device=None, dtype=None,  # flat forms of ``features``
     batch_size: Optional[int] = None, preset: Optional[str] = None, recipe: Optional[dict] = None,
     pca_dim: Optional[int] = None, store_dir=None,
-    features_field: Optional[str] = None,
+    features_field: Optional[str] = None, embedding_field: Optional[str] = None,
     overwrite: Optional[bool] = None,
     progress: ProgressArg = None,
 ) -> RunSummary:
     """Swaps instances: for each ``(source, target)`` pair, a NEW sample in
-    ``output_dataset`` whose image is the target's with the target region painted by its
-    dense match in the source (module docstring). Every keyword defaults to ``None``: the
-    default of :class:`~fiftyone_sdcorr.dataset.config.SwapConfig`.
+    ``output_dataset`` (or in the group slice ``output_slice``) whose image is the target's
+    with the target region painted by its dense match in the source (module docstring).
+    Every keyword defaults to ``None``: the default of
+    :class:`~fiftyone_sdcorr.dataset.config.SwapConfig`.
 
     Args:
-        samples: the dataset or view holding both sides of every pair (never written).
+        samples: the dataset or view holding the targets (and, for explicit pairs, the
+            sources); never written (a grouped dataset: pass a slice,
+            ``samples.select_group_slices("left")``).
         pairs: ``[(source id, target id), ...]``: detection ids of ``patches_field`` (same
-            label), or sample ids for whole images.
+            label), or sample ids for whole images. Give ``pairs`` or ``sources``.
         output_dataset: the name of the dataset the new samples go to (created if
-            missing, persistent; never ``samples``' own dataset).
+            missing, persistent; never ``samples``' own dataset). Give it or ``output_slice``.
+        sources: automatic pairing instead of ``pairs``: a tag, a view of the same
+            dataset, or a list of ids (sample ids; with ``patches_field`` also detection
+            ids): each unit of ``samples`` is paired with its most similar source unit by
+            the global embedding (``embedding_field`` when every unit has one, else the mean
+            dense descriptor), of the same label for objects, never itself.
+        output_slice: a grouped dataset: the new samples join their target's group as
+            this slice (new, or holding only swaps).
         patches_field: a ``fo.Detections`` field: the pairs are its objects.
         mask_field: whole-image pairs: a ``fo.Segmentation`` field (non-zero = region).
         resolution: cells per side of the dense grid; min_confidence: target pixels whose
             match is less confident keep their colour.
-        refine, refine_strength, refine_steps, refine_guidance, refine_prompt (``{label}``
-            is the target's label), refine_size, seed: the optional SD image-to-image pass
-            over the swapped region with the features' SD weights, blended in only inside
-            the region; seeded.
+        refine (False, ``"img2img"`` or True, ``"inpaint"``), refine_strength,
+            refine_steps, refine_guidance, refine_prompt (``{label}`` is the target's
+            label), refine_size, seed: the optional SD pass over the swapped region with
+            the features' SD weights (image-to-image over the crop, or inpainting inside
+            the mask), blended in only inside the region; seeded.
         animation, animation_frames: a warp animation GIF beside each new image.
         output_dir: where new images go (default ``<feature store>/_swaps/<dataset id>``).
         features (and its flat keywords), features_field: as in
             :func:`~fiftyone_sdcorr.dataset.propagate.propagate_keypoints`; ``batch_size``
             is also the number of pairs whose features are fetched at once.
+        embedding_field: automatic pairing: the stored global embeddings ranked by.
         overwrite: redo pairs already swapped with these settings (their samples replaced).
         progress: True/False/None or ``callable(fraction, label)``.
 
     Returns:
         a :class:`RunSummary`: ``pairs``, ``swapped``, ``skipped`` (already there),
-        ``failed``, ``errors`` (by pair ``"source id->target id"``), ``warnings``,
-        ``output_dataset``, ``output_dir``.
+        ``failed``, ``errors`` (by pair ``"source id->target id"``; automatic pairing: by
+        target id for a target without a source), ``warnings``, ``output_dataset``,
+        ``output_slice``, ``output_dir``.
     """
     # 1. check every parameter, pair and field before anything loads or is written
     given = merge_features(features, dict(
         extractor=extractor, sd_model=sd_model, dino_model=dino_model, preset=preset, recipe=recipe, pca_dim=pca_dim,
         device=device, dtype=dtype, batch_size=batch_size, store_dir=store_dir))
     cfg = SwapConfig.build(
-        output_dataset=output_dataset, mask_field=mask_field, features_field=features_field, resolution=resolution,
+        output_dataset=output_dataset, output_slice=output_slice, mask_field=mask_field, features_field=features_field,
         patches_field=patches_field_of(samples, patches_field) if hasattr(samples, "_root_dataset") else patches_field,
+        embedding_field=embedding_field, resolution=resolution,
         min_confidence=min_confidence, refine=refine, refine_strength=refine_strength, refine_steps=refine_steps,
         refine_guidance=refine_guidance, refine_prompt=refine_prompt, refine_size=refine_size, seed=seed,
         animation=animation, animation_frames=animation_frames, output_dir=output_dir,
         batch_size=given["batch_size"], overwrite=overwrite)
-    units, plan = check_swap(samples, pairs, cfg)
+    units, plan = check_swap(samples, pairs, cfg, sources)
     source = FeatureSource(samples, cfg.features_field, given, cfg.batch_size, units)
     store_root = FeatureConfig.build(store_dir=given["store_dir"]).store_root(samples)
     checks_done()
@@ -166,8 +194,17 @@ def swap_instances(
 
 
 # --------------------------------------------------------------------------- checks
-def check_swap(samples, pairs, cfg: SwapConfig) -> Tuple[Units, List[Pair]]:
-    """The units and the resolved pairs; every refusal a :class:`ParameterError`."""
+@dataclass
+class Automatic:
+    """Automatic pairing: the target units (of ``samples``) and the source units."""
+
+    targets: Units
+    sources: Units
+
+
+def check_swap(samples, pairs, cfg: SwapConfig, sources=None) -> Tuple[Units, Union[List[Pair], Automatic]]:
+    """The units and the resolved pairs (or, with ``sources``, the units to pair
+    automatically); every refusal a :class:`ParameterError`."""
     image_collection(samples, "samples")
     units = Units(samples, cfg.patches_field)
     if cfg.mask_field is not None:
@@ -178,8 +215,12 @@ def check_swap(samples, pairs, cfg: SwapConfig) -> Tuple[Units, List[Pair]]:
     if cfg.features_field and samples._root_dataset.has_sample_field(units.path(cfg.features_field)):
         if not units.objects:
             require_field(samples, "features_field", cfg.features_field, "string")
-    plan = resolve_pairs(units, pairs)
-    _check_output_dataset(samples, cfg)
+    if (pairs is None) == (sources is None):
+        raise ParameterError("give one of parameters 'pairs' (a list of (source id, target id)) and 'sources' "
+                             "(a tag, view or ids: each target paired with its most similar source)")
+    plan = resolve_pairs(units, pairs) if sources is None else \
+        Automatic(units, resolve_sources(samples, sources, cfg.patches_field))
+    _check_output(samples, cfg)
     if cfg.output_dir is not None:
         check_output_folder("output_dir", cfg.output_dir)
     return units, plan
@@ -209,13 +250,56 @@ def resolve_pairs(units: Units, pairs) -> List[Pair]:
     return out
 
 
+def resolve_sources(samples, sources, patches_field: Optional[str]) -> Units:
+    """``sources`` -> their units: a tag, a view of the samples' dataset, or a list of ids
+    (sample ids: all their objects; with ``patches_field`` also detection ids: those
+    objects). A view is resolved as propagation resolves its ``references``."""
+    root = samples._root_dataset
+    if patches_field and isinstance(sources, (list, tuple, set)) and sources:
+        ids = [str(i) for i in sources]
+        if all(re.fullmatch(r"[0-9a-f]{24}", i) for i in ids):
+            view = root.select_labels(ids=ids, fields=patches_field)
+            found = set(view.values(f"{patches_field}.detections.id", unwind=True))
+            if found and set(ids) - found:
+                raise ParameterError(f"parameter 'sources': {sorted(set(ids) - found)[:3]} are no objects of field "
+                                     f"{patches_field!r}")
+            if found:
+                return Units(view, patches_field)
+    try:
+        view = resolve_references(samples, sources)
+    except ParameterError as e:
+        raise ParameterError(str(e).replace("'references'", "'sources'")) from None
+    units = Units(view, patches_field)
+    if not units.units():
+        raise ParameterError(f"parameter 'sources': its samples hold no object of field {patches_field!r}")
+    return units
+
+
+def _check_output(samples, cfg: SwapConfig) -> None:
+    """``output_dataset``: not the samples' own, new or holding swaps only; ``output_slice``:
+    a slice of the samples' grouped dataset, new or holding swaps only."""
+    root = samples._root_dataset
+    if cfg.output_slice is None:
+        return _check_output_dataset(samples, cfg)
+    name = cfg.output_slice
+    if root.media_type != fom.GROUP:
+        raise ParameterError(f"parameter 'output_slice': dataset {root.name!r} is not grouped; give output_dataset")
+    if name in (root.group_slices or []):
+        there = root.select_group_slices(name)
+        if not root.has_sample_field(KEY_FIELD) or len(there.exists(KEY_FIELD, False)):
+            raise ParameterError(f"parameter 'output_slice': slice {name!r} holds other samples (not swaps); name a "
+                                 "new slice")
+    return None
+
+
 def _check_output_dataset(samples, cfg: SwapConfig) -> None:
     name = cfg.output_dataset
     if not name.strip():
         raise ParameterError("parameter 'output_dataset' must name a dataset")
     if name == samples._root_dataset.name:
         raise ParameterError(f"parameter 'output_dataset': {name!r} is the dataset of the samples; the swaps go "
-                             "to another dataset (its media is never written)")
+                             "to another dataset (its media is never written), or to a new group slice "
+                             "(output_slice) of a grouped dataset")
     if fo.dataset_exists(name):
         out = fo.load_dataset(name)
         if len(out) and not out.has_sample_field(KEY_FIELD):
@@ -224,20 +308,48 @@ def _check_output_dataset(samples, cfg: SwapConfig) -> None:
 
 
 # --------------------------------------------------------------------------- the run
-def _swap(samples, units: Units, plan: List[Pair], cfg: SwapConfig, source, store_root: str, progress):
-    """The run after its checks: the output dataset, what is done already, then batches."""
-    summary = RunSummary(FUNCTION, ("pairs", "swapped", "skipped"), output_dataset=cfg.output_dataset)
-    summary["pairs"] = len(plan)
-    out = _open_output(cfg.output_dataset)
-    out_dir = Path(cfg.output_dir) if cfg.output_dir else Path(store_root) / SWAPS_DIR / str(out._doc.id)
+@dataclass
+class Output:
+    """Where the new samples go: a dataset, or (``slice``) a group slice of the samples'
+    grouped dataset."""
+
+    dataset: Any
+    slice: Optional[str] = None
+
+    def swaps(self):
+        """The samples already there (None: none)."""
+        if self.slice is None:
+            return self.dataset if len(self.dataset) else None
+        if self.slice not in (self.dataset.group_slices or []):
+            return None
+        return self.dataset.select_group_slices(self.slice)
+
+    @property
+    def folder(self) -> str:
+        """The default image folder's name: the dataset's id (and the slice)."""
+        return str(self.dataset._doc.id) + (f"-{self.slice}" if self.slice else "")
+
+
+def _swap(samples, units: Units, plan, cfg: SwapConfig, source, store_root: str, progress):
+    """The run after its checks: the output, the pairs (ranked now if automatic), what is
+    done already, then batches."""
+    summary = RunSummary(FUNCTION, ("pairs", "swapped", "skipped"), output_dataset=cfg.output_dataset,
+                         output_slice=cfg.output_slice)
+    out = _open_output(samples, cfg)
+    summary["output_dataset"] = out.dataset.name
+    out_dir = Path(cfg.output_dir) if cfg.output_dir else Path(store_root) / SWAPS_DIR / out.folder
     summary["output_dir"] = str(out_dir)
-    stored = dict(zip([u.id for u in units.units()], units.values(cfg.features_field)))
+    sides = [units] + ([plan.sources] if isinstance(plan, Automatic) else [])
+    stored = {u.id: v for us in sides for u, v in zip(us.units(), us.values(cfg.features_field))}
     source.locate(stored.values())
+    if isinstance(plan, Automatic):
+        plan = pair_automatically(plan, cfg, source, stored, summary)
+    summary["pairs"] = len(plan)
     settings = {**cfg.settings(), "features": _features_id(source)}
     keyed = [(swap_key(p, settings), p) for p in plan]
     todo = _not_done(out, keyed, cfg.overwrite, summary)
     ctx = {"cfg": cfg, "settings": settings, "out_dir": out_dir, "margin": source.margin, "samples": samples,
-           "pipe": _refiner(source) if cfg.refine and todo else None}
+           "pipe": _refiner(source, cfg.refine) if cfg.refine and todo else None, "slice": out.slice}
     with Run(samples, summary, len(todo), progress, "swapping") as run:
         for batch in run.batches(todo, cfg.batch_size):
             want = {u.id: u for _, p in batch for u in (p.source, p.target)}
@@ -249,25 +361,85 @@ def _swap(samples, units: Units, plan: List[Pair], cfg: SwapConfig, source, stor
     return summary
 
 
-def _one_pair(out, key: str, pair: Pair, feats: dict, ctx: dict, run: Run) -> None:
+def _one_pair(out: Output, key: str, pair: Pair, feats: dict, ctx: dict, run: Run) -> None:
     try:
         sample = swap_pair(key, pair, feats.get(pair.source.id), feats.get(pair.target.id), ctx)
     except Exception as e:  # noqa: BLE001 -- this pair only
         run.fail(pair.name, reason(e))
         return
-    out.add_sample(sample)
+    out.dataset.add_sample(sample)
     run.summary.add("swapped")
 
 
-def _open_output(name: str):
-    """The output dataset (created persistent if missing), its provenance fields declared."""
-    out = fo.load_dataset(name) if fo.dataset_exists(name) else fo.Dataset(name, persistent=True)
+def _open_output(samples, cfg: SwapConfig) -> Output:
+    """The output (a dataset created persistent if missing, or the samples' grouped
+    dataset and the slice), its provenance fields declared."""
+    if cfg.output_slice is not None:
+        out = Output(samples._root_dataset, cfg.output_slice)
+    else:
+        name = cfg.output_dataset
+        out = Output(fo.load_dataset(name) if fo.dataset_exists(name) else fo.Dataset(name, persistent=True))
     for field in PROVENANCE_FIELDS:
-        if not out.has_sample_field(field):
+        if not out.dataset.has_sample_field(field):
             ftype = {f"{PREFIX}settings": fo.DictField, f"{PREFIX}coverage": fo.FloatField,
                      f"{PREFIX}confidence": fo.FloatField}.get(field, fo.StringField)
-            out.add_sample_field(field, ftype)
+            out.dataset.add_sample_field(field, ftype)
     return out
+
+
+# --------------------------------------------------------------------------- automatic pairing
+def pair_automatically(auto: Automatic, cfg: SwapConfig, source: FeatureSource, stored: dict,
+                       summary: RunSummary) -> List[Pair]:
+    """Each target unit with its most similar source unit: :meth:`Propagator.rank` (how
+    propagation picks its reference) over the global embeddings (``embedding_field``) when
+    every unit has one, else the mean dense descriptors; objects: only sources of the
+    target's label; never the target itself. A target without a candidate, or a unit whose
+    features fail, is a failure of its own (by unit id)."""
+    src, tgt = auto.sources.units(), auto.targets.units()
+    embs = {}
+    for us in (auto.sources, auto.targets):
+        embs.update((u.id, unit_vector(v)) for u, v in zip(us.units(), us.values(cfg.embedding_field)))
+    everyone = list({u.id: u for u in src + tgt}.values())
+    vecs = _global_vectors(everyone, embs, source, stored, cfg.batch_size, summary)
+    refs = [Reference(u.id, u.filepath, [], features=_NO_FEATURES, embedding=embs.get(u.id), gvec=vecs[u.id],
+                      sample_id=u.sample_id, label=u.label, unit=u) for u in src if u.id in vecs]
+    engine = Propagator(refs, MatchConfig(same_label=True)) if refs else None
+    plan = []
+    for t in tgt:
+        if t.id not in vecs:
+            continue  # its features failed: recorded
+        ranked = engine.rank(vecs[t.id], embs.get(t.id), label=t.label) if engine else []
+        best = next((r for sim, r in ranked if r.id != t.id and math.isfinite(sim)), None)
+        if best is None:
+            summary.fail(t.id, "no source " + (f"object labelled {t.label!r}" if t.is_object else "image")
+                         + " other than itself")
+        else:
+            plan.append(Pair(best.unit, t))
+    return plan
+
+
+#: a reference's dense features, for a :class:`Propagator` that only ranks (no instance is matched)
+_NO_FEATURES = torch.zeros(1, 1, 1)
+
+
+def _global_vectors(units: List[Unit], embs: Dict[str, Optional[torch.Tensor]], source: FeatureSource,
+                    stored: dict, batch_size: int, summary: RunSummary) -> Dict[str, torch.Tensor]:
+    """``{unit id: global vector}``: the embeddings when every unit has one (of one size),
+    else the mean dense descriptor of each unit's features (read or computed in batches;
+    only the vectors are kept)."""
+    if all(embs.get(u.id) is not None for u in units) and len({embs[u.id].numel() for u in units}) == 1:
+        return {u.id: embs[u.id] for u in units}
+    vecs = {}
+    for start in range(0, len(units), batch_size):
+        chunk = units[start:start + batch_size]
+        got = source.get([(u.id, u, stored.get(u.id)) for u in chunk])
+        for u in chunk:
+            f = got.get(u.id)
+            if f is None or isinstance(f, Exception):
+                summary.fail(u.id, f"its features: {reason(f) if f is not None else 'none'}")
+            else:
+                vecs[u.id] = f.global_vector().float().cpu()
+    return vecs
 
 
 def _features_id(source: FeatureSource) -> str:
@@ -284,21 +456,24 @@ def swap_key(pair: Pair, settings: dict) -> str:
     return hashlib.sha1(blob.encode()).hexdigest()[:24]
 
 
-def _not_done(out, keyed, overwrite: bool, summary) -> list:
+def _not_done(out: Output, keyed, overwrite: bool, summary) -> list:
     """The pairs still to swap: those without a sample of their key (with ``overwrite``,
     every pair, their old samples deleted)."""
     keys = [k for k, _ in keyed]
-    have = set(out.match(fo.ViewField(KEY_FIELD).is_in(keys)).values(KEY_FIELD)) if len(out) else set()
+    there = out.swaps()
+    done = there.match(fo.ViewField(KEY_FIELD).is_in(keys)) if there is not None else None
+    have = set(done.values(KEY_FIELD)) if done is not None else set()
     if overwrite and have:
-        out.delete_samples(out.match(fo.ViewField(KEY_FIELD).is_in(sorted(have))))
+        out.dataset.delete_samples(done.values("id"))
         have = set()
     todo = [(k, p) for k, p in keyed if k not in have]
     summary["skipped"] = len(keyed) - len(todo)
     return todo
 
 
-def _refiner(source: FeatureSource):
-    """The img2img pipeline over the SD components the features use (loaded once)."""
+def _refiner(source: FeatureSource, mode: str):
+    """The refinement pipeline (``mode``: img2img or inpaint) over the SD components the
+    features use (loaded once)."""
     ext = source.extractor
     parts = sd_parts_of(ext)
     if parts is None:
@@ -308,7 +483,7 @@ def _refiner(source: FeatureSource):
         from fiftyone_sdcorr.core.models import load_stable_diffusion
 
         parts = load_stable_diffusion(source.cfg.sd_model, source.device, source.cfg.dtype)
-    return img2img_pipeline(parts)
+    return img2img_pipeline(parts, mode)
 
 
 # --------------------------------------------------------------------------- one pair
@@ -403,6 +578,8 @@ def _new_sample(path: Path, key: str, pair: Pair, ctx: dict, prov: dict) -> fo.S
     labels = {name: target[name].copy() for name, f in root.get_field_schema().items()
               if isinstance(f, fo.EmbeddedDocumentField) and issubclass(f.document_type, fo.Label)
               and target[name] is not None}
+    if ctx["slice"] is not None:  # the target's group, as a sample of the output slice
+        labels[root.group_field] = target[root.group_field].element(ctx["slice"])
     p = PREFIX
     return fo.Sample(filepath=str(path), tags=["sdcorr:swap"], **labels, **{
         f"{p}source_sample_id": pair.source.sample_id, f"{p}source_label_id": pair.source.label_id,
@@ -411,5 +588,5 @@ def _new_sample(path: Path, key: str, pair: Pair, ctx: dict, prov: dict) -> fo.S
         f"{p}confidence": prov["confidence"], f"{p}animation": prov["animation"]})
 
 
-__all__ = ["swap_instances", "check_swap", "resolve_pairs", "swap_key", "swap_pair", "region_mask",
-           "PROVENANCE_FIELDS", "KEY_FIELD", "SWAPS_DIR", "FUNCTION", "Pair"]
+__all__ = ["swap_instances", "check_swap", "resolve_pairs", "resolve_sources", "pair_automatically", "swap_key",
+           "swap_pair", "region_mask", "PROVENANCE_FIELDS", "KEY_FIELD", "SWAPS_DIR", "FUNCTION", "Pair", "Automatic", "Output"]
