@@ -269,6 +269,16 @@ def test_the_operator_swaps_with_stored_features(canvases):
     op(ds, [(ids["B"], ids["B"])], ds.name + "-op", patches_field="detections", resolution=64,
        output_dir=str(tmp / "op"))
     assert len(out) == 2
+    # the form's automatic pairing from a tag, refinement "none"
+    ds.match(fo.ViewField("name") == "A").tag_samples("src")
+    res = foo.execute_operator("@sdcorr/sdcorr/swap_instances", ctx={"dataset": ds, "params": {
+        "patches_field": "detections", "pairing": "auto", "sources": "src", "refine": "none", "resolution": 64,
+        "output_dataset": ds.name + "-auto", "output_dir": str(tmp / "op")}})
+    res.raise_exceptions()
+    assert _pairs_in(ds.name + "-auto") == {ids["B"]: ids["A"], ids["C"]: ids["A"]}
+    op(ds, sources="src", output_dataset=ds.name + "-auto", patches_field="detections", resolution=64,
+       output_dir=str(tmp / "op"))
+    assert len(fo.load_dataset(ds.name + "-auto")) == 2  # the same pairs: skipped
 
 
 def test_refinement_with_tiny_models_is_seeded_and_stays_inside_the_mask(canvases, tmp_path_factory):
@@ -292,6 +302,55 @@ def test_refinement_with_tiny_models_is_seeded_and_stays_inside_the_mask(canvase
     assert (imgs[1][~region] == imgs[0][~region]).all()  # only inside the mask
     assert (imgs[1][region] != imgs[0][region]).any()
     assert fo.load_dataset(ds.name + "-r1").first().sdcorr_swap_settings["seed"] == 7
+    same = _run(ds, tmp, [(ids["A"], ids["B"])], out="-r1", **{**kw, "refine": "img2img"})
+    assert same["skipped"] == 1  # "img2img" is True: the same settings as swaps made before inpainting
+    # inpainting inside the mask: seeded, only inside the mask, another result than img2img
+    inp = {**kw, "refine": "inpaint"}
+    for o in ("-i1", "-i2"):
+        assert _run(ds, tmp, [(ids["A"], ids["B"])], out=o, **inp)["swapped"] == 1
+    inps = [np.asarray(Image.open(fo.load_dataset(ds.name + o).first().filepath).convert("RGB")).astype(int)
+            for o in ("-i1", "-i2")]
+    assert (inps[0] == inps[1]).all() and (inps[0][~region] == imgs[0][~region]).all()
+    assert (inps[0][region] != imgs[0][region]).any() and (inps[0][region] != imgs[1][region]).any()
+    assert fo.load_dataset(ds.name + "-i1").first().sdcorr_swap_settings["refine"] == "inpaint"
+    with pytest.raises(ParameterError, match="refine"):
+        _run(ds, tmp, [(ids["A"], ids["B"])], out="-bad", refine="outpaint")
+
+
+def test_inpainting_pipeline_denoises_only_inside_the_mask(tmp_path):
+    """SD's ordinary 4-channel UNet in diffusers' inpainting pipeline: at every step the
+    latents outside the mask are put back to the image's, so two images that differ only
+    inside the mask give nearly the same output away from it (same seed; not exactly: the
+    VAE's attention sees the whole image), while the image-to-image pass carries the
+    difference everywhere (here over twice as much)."""
+    import torch
+
+    from fiftyone_sdcorr.core.extractor import FeatureExtractor
+    from fiftyone_sdcorr.core.swap import img2img_pipeline, is_inpainting, sd_parts_of
+    from fiftyone_sdcorr.core.tiny import tiny_models
+
+    sd, dino = tiny_models(tmp_path / "tiny")
+    parts = sd_parts_of(FeatureExtractor(sd, dino, device="cpu", preset="cpu", sd_size=128, dino_size=112))
+    one = np.asarray(Image.fromarray(textured_noise(64, 64, seed=1)).convert("RGB"))
+    two = one.copy()
+    two[:, 32:] = 255 - two[:, 32:]  # differs only inside the mask (the right half)
+    mask = np.zeros((64, 64), np.uint8)
+    mask[:, 32:] = 255
+    kw = dict(prompt="a photo", strength=0.8, num_inference_steps=5, guidance_scale=1.0, output_type="np")
+
+    def run(pipe, image, **extra):
+        return pipe(image=Image.fromarray(image), generator=torch.Generator("cpu").manual_seed(3), **kw,
+                    **extra).images[0]
+
+    inpaint, img2img = img2img_pipeline(parts, "inpaint"), img2img_pipeline(parts)
+    assert is_inpainting(inpaint) and not is_inpainting(img2img) and inpaint.unet.config.in_channels == 4
+    extra = dict(mask_image=Image.fromarray(mask), width=64, height=64)
+    a, b = run(inpaint, one, **extra), run(inpaint, two, **extra)
+    c, d = run(img2img, one), run(img2img, two)
+    far = (slice(None), slice(0, 16))  # away from the mask
+    kept, carried, inside = (float(np.abs(x - y).max()) for x, y in ((a[far], b[far]), (c[far], d[far]),
+                                                                         (a[:, 40:], b[:, 40:])))
+    assert kept < carried / 2 and kept < inside / 4, (kept, carried, inside)
 
 
 def test_config_defaults_are_the_forms():
