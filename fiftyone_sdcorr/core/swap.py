@@ -20,7 +20,7 @@ Pure numpy / torch / Pillow (and diffusers for the refinement); no FiftyOne impo
 from __future__ import annotations
 
 import io
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import numpy as np
 import torch

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -33,7 +33,7 @@ from fiftyone_sdcorr.core import correspondence as corr
 from fiftyone_sdcorr.core.correspondence import Prepared, PreparedBatch, match_prepared_many
 from fiftyone_sdcorr.core.features import FusedFeatures
 from fiftyone_sdcorr.dataset.config import MatchConfig
-from fiftyone_sdcorr.dataset.engine import ParameterError, reason, values_or_none
+from fiftyone_sdcorr.dataset.engine import ParameterError, reason
 from fiftyone_sdcorr.dataset.pck import points_of
 from fiftyone_sdcorr.dataset.units import Unit, Units, by_sample, link_to_objects
 
@@ -266,18 +266,7 @@ class Propagator:
         out; ``label``: only references of this label (with ``same_label``; objects)."""
         refs = [r for r in self.references if r.sample_id != exclude
                 and (label is None or not self.same_label or r.label == label)]
-        if not refs:
-            return []
-        use_emb = tgt_emb is not None and all(
-            r.embedding is not None and r.embedding.numel() == tgt_emb.numel() for r in refs)
-        t = (tgt_emb if use_emb else gvec).float().cpu()
-        sims = []
-        for r in refs:
-            v = r.embedding if use_emb else self._gvec[r.id]
-            s = float(t @ v) if v is not None and v.numel() == t.numel() else float("-inf")
-            sims.append((s, r))
-        sims.sort(key=lambda x: -x[0])
-        return sims
+        return rank_candidates(refs, gvec, tgt_emb, lambda r: r.embedding, lambda r: self._gvec[r.id])
 
     def _queries(self, ref: Reference, inst: RefInstance):
         """The (source, tokens, valid) queries of one reference instance: as is, and mirrored."""
@@ -486,6 +475,25 @@ def to_keypoints(preds: List[InstancePrediction], visibility_threshold: float) -
         ))
     return fo.Keypoints(keypoints=kps)
 
+
+
+def rank_candidates(candidates: Sequence, gvec: torch.Tensor, tgt_emb: Optional[torch.Tensor],
+                    emb_of: Callable, gvec_of: Callable) -> list:
+    """``[(cosine, candidate)]``, most similar first: by the embeddings (``emb_of``) when
+    every candidate has one of ``tgt_emb``'s size, else by the global vectors
+    (``gvec``, ``gvec_of``); a candidate without a comparable vector ranks last (-inf).
+    The one similarity rule of propagation, mask propagation and swap pairing."""
+    if not candidates:
+        return []
+    use_emb = tgt_emb is not None and all(
+        emb_of(c) is not None and emb_of(c).numel() == tgt_emb.numel() for c in candidates)
+    t = (tgt_emb if use_emb else gvec).float().cpu()
+    sims = []
+    for c in candidates:
+        v = emb_of(c) if use_emb else gvec_of(c)
+        sims.append((float(t @ v) if v is not None and v.numel() == t.numel() else float("-inf"), c))
+    sims.sort(key=lambda x: -x[0])
+    return sims
 
 
 # --------------------------------------------------------------------------- references of a run

@@ -65,7 +65,7 @@ from fiftyone_sdcorr.core.swap import (
     swap_region,
     warp_frames,
 )
-from fiftyone_sdcorr.dataset.config import FeatureConfig, MatchConfig, SwapConfig, merge_features
+from fiftyone_sdcorr.dataset.config import FeatureConfig, SwapConfig, merge_features
 from fiftyone_sdcorr.dataset.engine import (
     ParameterError,
     Run,
@@ -76,7 +76,7 @@ from fiftyone_sdcorr.dataset.engine import (
     require_field,
 )
 from fiftyone_sdcorr.dataset.feature_source import FeatureSource
-from fiftyone_sdcorr.dataset.matching import Propagator, Reference, resolve_references, unit_vector
+from fiftyone_sdcorr.dataset.matching import rank_candidates, resolve_references, unit_vector
 from fiftyone_sdcorr.dataset.progress import ProgressArg
 from fiftyone_sdcorr.dataset.units import Unit, Units, patches_field_of
 
@@ -401,25 +401,20 @@ def pair_automatically(auto: Automatic, cfg: SwapConfig, source: FeatureSource, 
         embs.update((u.id, unit_vector(v)) for u, v in zip(us.units(), us.values(cfg.embedding_field)))
     everyone = list({u.id: u for u in src + tgt}.values())
     vecs = _global_vectors(everyone, embs, source, stored, cfg.batch_size, summary)
-    refs = [Reference(u.id, u.filepath, [], features=_NO_FEATURES, embedding=embs.get(u.id), gvec=vecs[u.id],
-                      sample_id=u.sample_id, label=u.label, unit=u) for u in src if u.id in vecs]
-    engine = Propagator(refs, MatchConfig(same_label=True)) if refs else None
+    cands = [u for u in src if u.id in vecs]
     plan = []
     for t in tgt:
         if t.id not in vecs:
             continue  # its features failed: recorded
-        ranked = engine.rank(vecs[t.id], embs.get(t.id), label=t.label) if engine else []
-        best = next((r for sim, r in ranked if r.id != t.id and math.isfinite(sim)), None)
+        same = [u for u in cands if u.id != t.id and u.label == t.label]
+        ranked = rank_candidates(same, vecs[t.id], embs.get(t.id), lambda u: embs.get(u.id), lambda u: vecs[u.id])
+        best = next((u for sim, u in ranked if math.isfinite(sim)), None)
         if best is None:
             summary.fail(t.id, "no source " + (f"object labelled {t.label!r}" if t.is_object else "image")
                          + " other than itself")
         else:
-            plan.append(Pair(best.unit, t))
+            plan.append(Pair(best, t))
     return plan
-
-
-#: a reference's dense features, for a :class:`Propagator` that only ranks (no instance is matched)
-_NO_FEATURES = torch.zeros(1, 1, 1)
 
 
 def _global_vectors(units: List[Unit], embs: Dict[str, Optional[torch.Tensor]], source: FeatureSource,
