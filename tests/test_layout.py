@@ -101,3 +101,16 @@ def test_functions_read_like_a_table_of_contents(sub):
                 if n > MAX_FUNCTION_LINES:
                     long.append(f"{path.relative_to(PKG)}:{node.name} ({n} lines)")
     assert not long, long
+
+
+def test_no_unused_imports_or_undefined_names():
+    """pyflakes over the package: an unused import or an undefined name is a defect (a
+    re-export is listed in the module's ``__all__``)."""
+    import io
+
+    from pyflakes.api import checkPath
+    from pyflakes.reporter import Reporter
+
+    out = io.StringIO()
+    found = sum(checkPath(str(path), Reporter(out, out)) for path in sorted(PKG.rglob("*.py")))
+    assert found == 0, out.getvalue()
