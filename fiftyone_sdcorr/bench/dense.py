@@ -6,7 +6,10 @@ consecutive pairs of the run's fused maps.
 Reported per grid resolution: target cells matched per second, target pixels per second
 (matching and sampling together), seconds per pair, the peak device memory (CUDA) and the
 bytes the method needs by construction (the two upsampled descriptor grids plus one chunk
-of similarities), which is what bounds it on the CPU.
+of similarities), which is what bounds it on the CPU; and the plain reference: the paper's
+swapping notebook matches one target pixel at a time in a Python loop, timed here on
+:data:`LOOP_CELLS` cells of the same upsampled grids (the forward match only) and reported
+as cells per second and the ratio of the chunked match to it.
 
 No FiftyOne import.
 """
@@ -22,6 +25,23 @@ from fiftyone_sdcorr.bench.store_matching import to_device
 
 #: grid resolutions timed (60: the token grid at the paper recipe, TSS's default; 120: twice as fine)
 DENSE_RESOLUTIONS = (60, 120)
+#: target cells the plain per-pixel loop is timed on (its rate does not depend on how many)
+LOOP_CELLS = 200
+
+
+def loop_cells_per_s(source, target, resolution: int, device) -> float:
+    """The plain reference: one target cell at a time, its cosine with every source cell
+    and the argmax (forward only, no cycle: the loop's cost is a lower bound)."""
+    from fiftyone_sdcorr.core.dense import region_on_grid, upsample
+
+    n = resolution * resolution
+    src = upsample(source, resolution).reshape(n, -1)[region_on_grid(source.letterbox, resolution,
+                                                                     device=device).reshape(-1)]
+    tgt = upsample(target, resolution).reshape(n, -1)[:LOOP_CELLS]
+    with Clock(device) as c:
+        for i in range(tgt.shape[0]):
+            int((src @ tgt[i]).argmax())
+    return rate(tgt.shape[0], c.seconds)
 
 
 def _pairs(fused: list, n: int) -> list:
@@ -41,6 +61,7 @@ def dense_entry(pairs: list, device: torch.device, resolution: int) -> dict:
     cells = sum(int(m.valid.sum()) for m in matches)
     channels = int(pairs[0][0].descriptors.shape[0])
     grid = resolution * resolution
+    loop = loop_cells_per_s(*pairs[0], resolution, device)
     return {
         "resolution": resolution,
         "target_cells": cells,
@@ -51,6 +72,8 @@ def dense_entry(pairs: list, device: torch.device, resolution: int) -> dict:
         "sample_s_per_pair": cs.seconds / len(pairs),
         "peak_bytes": peak_mem(device),
         "working_bytes": int(2 * grid * channels * 4 + min(DEFAULT_CHUNK, grid) * grid * 4),
+        "loop_cells_per_s": loop,
+        "speedup_vs_loop": rate(cells, cm.seconds) / loop if loop else None,
     }
 
 
@@ -70,4 +93,4 @@ def bench_dense(fused: list, device, resolutions: Sequence[int] = DENSE_RESOLUTI
     }
 
 
-__all__ = ["DENSE_RESOLUTIONS", "bench_dense", "dense_entry"]
+__all__ = ["DENSE_RESOLUTIONS", "LOOP_CELLS", "bench_dense", "dense_entry", "loop_cells_per_s"]

@@ -102,6 +102,18 @@ def _target_rows(targets: dict) -> list:
     return rows
 
 
+def _dense_rows(dense: dict) -> List[tuple]:
+    """One row per grid resolution of the dense stage."""
+    rows = []
+    for r, e in dense["resolutions"].items():
+        mem = fmt_bytes(e["peak_bytes"]) if e.get("peak_bytes") else f"{fmt_bytes(e['working_bytes'])} by design"
+        rows.append((f"dense ({dense['device']}, grid {r})",
+                     f"{_f(e['cells_per_s'], '.4g')} cells/s, {_f(e['pixels_per_s'], '.4g')} px/s, "
+                     f"{_f(e['match_s_per_pair'], '.3g')} s/pair, {mem}; per-pixel loop "
+                     f"{_f(e.get('loop_cells_per_s'), '.4g')} cells/s: {_f(e.get('speedup_vs_loop'), '.3g')}x"))
+    return rows
+
+
 def format_table(result: dict) -> str:
     """A plain-text table of the headline figures of one result."""
     env = result["environment"]
@@ -118,6 +130,9 @@ def format_table(result: dict) -> str:
     for key in ("matching", "matching_device"):
         if key in result:
             rows += _matching_rows(key, result[key])
+    for key in ("dense", "dense_device"):
+        if key in result and "resolutions" in result[key]:
+            rows += _dense_rows(result[key])
     if "targets" in result:
         rows += _target_rows(result["targets"])
     w = max(len(k) for k, _ in rows)
@@ -224,6 +239,23 @@ def _matching_table(match: List[dict]) -> List[str]:
     return lines
 
 
+def _dense_table(results: List[dict]) -> List[str]:
+    lines = [
+        "| dense matching on | date | grid | target cells/s | target pixels/s | s per pair | memory | per-pixel loop cells/s | ratio | file |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        for key in ("dense", "dense_device"):
+            d = r.get(key) or {}
+            for g, e in (d.get("resolutions") or {}).items():
+                mem = fmt_bytes(e["peak_bytes"]) if e.get("peak_bytes") else f"{fmt_bytes(e['working_bytes'])} (by design)"
+                lines.append(
+                    f"| {r['environment']['device_name']} ({d['device']}) | {r['created_utc'][:10]} | {g} | "
+                    f"{_f(e['cells_per_s'], '.4g')} | {_f(e['pixels_per_s'], '.4g')} | {_f(e['match_s_per_pair'], '.3g')} | "
+                    f"{mem} | {_f(e.get('loop_cells_per_s'), '.4g')} | {_f(e.get('speedup_vs_loop'), '.3g')}x | `{r['_file']}` |")
+    return lines
+
+
 def report_markdown(results: List[dict]) -> str:
     """The benchmark tables of docs/performance.md (and results/BENCHMARKS.md), from result files."""
     full = [r for r in results if r["mode"] == "full"]
@@ -232,10 +264,13 @@ def report_markdown(results: List[dict]) -> str:
     # per-keypoint loop under the same name
     match = [r for r in results if r.get("speed_claim") and "matching" in r
              and r["matching"]["loop"].get("source_tokens")]
+    dense = [r for r in results if r.get("speed_claim") and any(
+        "loop_cells_per_s" in e for e in ((r.get("dense") or {}).get("resolutions") or {}).values())]
     tables = [
         _headline_table(full) + [""] + _extraction_table(full) if full else None,
         _cpu_table(cpu) if cpu else None,
         _matching_table(match) if match else None,
+        _dense_table(dense) if dense else None,
     ]
     lines = []
     for table in tables:
