@@ -333,14 +333,9 @@ class Placement:
         }
 
 
-def _shown(side) -> Any:
-    return side.display() if isinstance(side, Frame) else _display_image(side)
-
-
-def placements(current, reference) -> Dict[str, Placement]:
-    """Where each side sits in the figure; ``current`` / ``reference``: a :class:`Frame`
-    or an image path."""
-    a, b = _shown(current), _shown(reference)
+def placements(current: Frame, reference: Frame) -> Dict[str, Placement]:
+    """Where each side sits in the figure."""
+    a, b = current.display(), reference.display()
     pa = Placement(a.width, a.height, 0.0)
     pb = Placement(b.width, b.height, pa.plot_width + GAP)
     return {"current": pa, "reference": pb}
