@@ -9,8 +9,8 @@ dataset functions (FiftyOne) -> plugin (operators, panels). The tensor layers im
 no FiftyOne; the dataset-level functions below are imported lazily.
 """
 
-from fiftyone_sdcorr.core.extractor import PRESETS, FeatureExtractor, Recipe
-from fiftyone_sdcorr.core.features import (
+from fiftyone_sdcorr.core.features.extractor import PRESETS, FeatureExtractor, Recipe
+from fiftyone_sdcorr.core.features.fusion import (
     FixedProjection,
     FusedFeatures,
     RawFeatures,
@@ -20,9 +20,9 @@ from fiftyone_sdcorr.core.features import (
     fuse_raw,
     sd_descriptor,
 )
-from fiftyone_sdcorr.core.geometry import Letterbox
-from fiftyone_sdcorr.core.images import ImageLoadError, load_image
-from fiftyone_sdcorr.core.models import DEFAULT_DINO_MODEL, DEFAULT_SD_MODEL, ModelLoadError
+from fiftyone_sdcorr.core.common.geometry import Letterbox
+from fiftyone_sdcorr.core.common.images import ImageLoadError, load_image
+from fiftyone_sdcorr.core.features.models import DEFAULT_DINO_MODEL, DEFAULT_SD_MODEL, ModelLoadError
 
 __version__ = "0.1.0"
 

@@ -121,8 +121,8 @@ def expected_errors() -> Tuple[type, ...]:
     ``BenchmarkFormatError`` and ``PredictionsError``, ``ImageLoadError``), models not
     found (``ModelLoadError``), unusable feature files (``FeatureStoreError``) and
     file-system errors (``OSError``: a full disk, a permission)."""
-    from fiftyone_sdcorr.core.models import ModelLoadError
-    from fiftyone_sdcorr.core.store import FeatureStoreError
+    from fiftyone_sdcorr.core.features.models import ModelLoadError
+    from fiftyone_sdcorr.core.features.store import FeatureStoreError
 
     return (ValueError, ModelLoadError, FeatureStoreError, OSError)
 

@@ -133,7 +133,7 @@ def run(args) -> dict:
     work = args.workdir or tempfile.mkdtemp(prefix="sdcorr-demo-")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.tiny:
-        from fiftyone_sdcorr.core.tiny import tiny_models
+        from fiftyone_sdcorr.core.features.tiny import tiny_models
 
         print("=" * 72)
         print("TINY RANDOM MODELS: pipeline check; numbers are meaningless")

@@ -5,21 +5,21 @@ Two ways to get predictions:
 
 - ``--predictions FILE``: any method's predicted target keypoints, one JSON object per
   line (``{"pair": "<id>", "trg_kps": [[x, y], ...]}``; format and pair identifiers:
-  :mod:`fiftyone_sdcorr.core.pck_protocol`, :mod:`fiftyone_sdcorr.core.benchmark_formats`),
+  :mod:`fiftyone_sdcorr.core.benchmarks.pck`, :mod:`fiftyone_sdcorr.core.benchmarks.formats`),
   scored with no model loaded.
 - otherwise the models: fused SD + DINOv2 features per image, co-PCA per pair (the paper)
   or a fixed projection, nearest neighbour, optional soft-argmax and flip alignment
-  (:mod:`fiftyone_sdcorr.core.pair_matching`). ``--save-predictions FILE`` writes what the
+  (:mod:`fiftyone_sdcorr.core.matching.pair_matching`). ``--save-predictions FILE`` writes what the
   model predicts in the same JSON Lines format, one line per pair as it is done; rerun
   with the same file and settings to resume where it stopped (a half-written last line
   is dropped, a pair whose point count changed is recomputed and kept once; the file is
   cleaned by replacing it whole, so a full disk or a kill never loses saved lines).
 
 ``--format tss`` (dense flow, sd-dino's ``pck_tss.py``): :func:`evaluate_tss` reads
-``TSS_CVPR2016`` (:func:`fiftyone_sdcorr.core.benchmark_formats.read_tss`) and scores
+``TSS_CVPR2016`` (:func:`fiftyone_sdcorr.core.benchmarks.formats.read_tss`) and scores
 either a folder of flow files (``--predictions DIR``: ``<subset>/<pair folder>/flow<n>.flo``
 or ``.npy``, the ground truth's own relative paths) or the features' nearest neighbour per
-target pixel (:func:`fiftyone_sdcorr.core.dense.dense_match`); per-subset PCK@0.05 beside
+target pixel (:func:`fiftyone_sdcorr.core.matching.dense.dense_match`); per-subset PCK@0.05 beside
 the paper's.
 
 Every expected failure (a bad file, parameter or path, models not found) is one
@@ -28,7 +28,7 @@ Every expected failure (a bad file, parameter or path, models not found) is one
 model loads.
 
 Writes the results as JSON (``--out``) and a markdown table (``--markdown``, default:
-``--out`` with ``.md``), and prints the table. Protocol: :mod:`fiftyone_sdcorr.core.pck_protocol`.
+``--out`` with ``.md``), and prints the table. Protocol: :mod:`fiftyone_sdcorr.core.benchmarks.pck`.
 No FiftyOne import.
 """
 
@@ -43,7 +43,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from fiftyone_sdcorr.core.benchmark_formats import (
+from fiftyone_sdcorr.core.benchmarks.formats import (
     ALPHAS,
     FORMATS,
     PAPER_TEST_PAIRS,
@@ -58,12 +58,12 @@ from fiftyone_sdcorr.core.benchmark_formats import (
     read_tss,
     read_tss_mask,
 )
-from fiftyone_sdcorr.core.files import check_output_file, check_output_folder, with_filename, write_text_atomic
-from fiftyone_sdcorr.core.flow_io import FLOW_SUFFIXES, read_flow
-from fiftyone_sdcorr.core.models import DEFAULT_DINO_MODEL, DEFAULT_SD_MODEL
-from fiftyone_sdcorr.core.pair_matching import FEATURES, PCA_MODES, PairMatcher, PairMatchOptions
-from fiftyone_sdcorr.core.params import ParameterError, check_choice, check_int, check_str
-from fiftyone_sdcorr.core.pck_protocol import (
+from fiftyone_sdcorr.core.common.files import check_output_file, check_output_folder, with_filename, write_text_atomic
+from fiftyone_sdcorr.core.benchmarks.flow_io import FLOW_SUFFIXES, read_flow
+from fiftyone_sdcorr.core.features.models import DEFAULT_DINO_MODEL, DEFAULT_SD_MODEL
+from fiftyone_sdcorr.core.matching.pair_matching import FEATURES, PCA_MODES, PairMatcher, PairMatchOptions
+from fiftyone_sdcorr.core.common.params import ParameterError, check_choice, check_int, check_str
+from fiftyone_sdcorr.core.benchmarks.pck import (
     PredictionsError,
     aggregate,
     aggregate_tss,
@@ -123,7 +123,7 @@ def evaluate_pairs(
         format: ``"spair"``, ``"pfpascal"``, ``"ap10k"``, or ``"tss"`` (dense flow:
             :func:`evaluate_tss` with ``categories`` as its subsets, ``dense_resolution``
             and ``tss_masks``; ``split`` is not used).
-        root: the benchmark's folder (:mod:`fiftyone_sdcorr.core.benchmark_formats`).
+        root: the benchmark's folder (:mod:`fiftyone_sdcorr.core.benchmarks.formats`).
         split: the benchmark's split name (``"test"``).
         categories: only these categories; sample: at most this many pairs per category
             (seeded by ``seed``).
@@ -151,7 +151,7 @@ def evaluate_pairs(
 
     Returns:
         ``{"per_point", "per_image", "per_point_pooled", "categories", "counts", "alphas",
-        "benchmark", "method", "warnings"}`` (PCK in percent; :func:`~fiftyone_sdcorr.core.pck_protocol.aggregate`).
+        "benchmark", "method", "warnings"}`` (PCK in percent; :func:`~fiftyone_sdcorr.core.benchmarks.pck.aggregate`).
     """
     # 1. check every parameter (and where the model's work goes) before any model loads
     check_choice("format", format, EVAL_FORMATS)
@@ -256,7 +256,7 @@ def _geometry_warnings(records: Sequence[PairRecord], show: int = 5) -> List[str
 
 def _load_projection(path):
     """A saved :class:`~fiftyone_sdcorr.FixedProjection` (safetensors only: never unpickled)."""
-    from fiftyone_sdcorr.core.features import FixedProjection
+    from fiftyone_sdcorr.core.features.fusion import FixedProjection
 
     p = Path(os.path.expanduser(os.fspath(path)))
     if not p.is_file():
@@ -276,7 +276,7 @@ def _matcher(extractor, opts, projection, records, fit_images, **model) -> PairM
         extractor = _build_extractor(model)
     store = None
     if model.get("feature_cache") is not None:
-        from fiftyone_sdcorr.core.store import FeatureStore
+        from fiftyone_sdcorr.core.features.store import FeatureStore
 
         store = FeatureStore(model["feature_cache"], fsync=False)
     matcher = PairMatcher(extractor, opts, proj, raw_store=store)
@@ -289,7 +289,7 @@ def _matcher(extractor, opts, projection, records, fit_images, **model) -> PairM
 
 def _build_extractor(model: dict):
     """A :class:`~fiftyone_sdcorr.FeatureExtractor` from the model keywords of :func:`evaluate_pairs`."""
-    from fiftyone_sdcorr.core.extractor import FeatureExtractor
+    from fiftyone_sdcorr.core.features.extractor import FeatureExtractor
 
     return FeatureExtractor(model.get("sd_model", DEFAULT_SD_MODEL), model.get("dino_model", DEFAULT_DINO_MODEL),
                             device=model.get("device"), dtype=model.get("dtype"), batch_size=model.get("batch_size"),
@@ -426,7 +426,7 @@ def evaluate_tss(root, *, subsets: Optional[Sequence[str]] = None, sample: Optio
     """PCK of TSS under sd-dino's ``pck_tss.py`` protocol (docs/evaluation.md, "TSS").
 
     Args:
-        root: the ``TSS_CVPR2016`` folder (:func:`~fiftyone_sdcorr.core.benchmark_formats.read_tss`).
+        root: the ``TSS_CVPR2016`` folder (:func:`~fiftyone_sdcorr.core.benchmarks.formats.read_tss`).
         subsets: only these of FG3DCar, JODS, PASCAL; sample: the first N pairs of each.
         predictions: a folder of flow files, ``{pair}.flo`` or ``{pair}.npy`` (pair =
             ``"{subset}/{folder}/flow{n}"``: the same relative path as the ground truth),
@@ -473,7 +473,7 @@ def _check_tss_options(pca: str, **given) -> None:
 
 
 def _tss_scores(pairs, flows, progress: bool) -> list:
-    """Each pair's :class:`~fiftyone_sdcorr.core.pck_protocol.FlowScore` (ground truth
+    """Each pair's :class:`~fiftyone_sdcorr.core.benchmarks.pck.FlowScore` (ground truth
     checked finite on its mask)."""
     scores, bar = [], _progress(len(pairs), progress)
     try:
@@ -559,10 +559,10 @@ def _padded(image, size: Tuple[int, int]):
 
 def _tss_model_flow(describe, p, resolution: Optional[int], masks: str) -> np.ndarray:
     """The flow of one TSS pair from the features: both images padded to one size (as
-    sd-dino does), each target pixel's nearest source cell (:func:`~fiftyone_sdcorr.core.dense.dense_match`),
+    sd-dino does), each target pixel's nearest source cell (:func:`~fiftyone_sdcorr.core.matching.dense.dense_match`),
     cropped back to the target."""
-    from fiftyone_sdcorr.core.dense import dense_match
-    from fiftyone_sdcorr.core.images import load_image
+    from fiftyone_sdcorr.core.matching.dense import dense_match
+    from fiftyone_sdcorr.core.common.images import load_image
 
     size = (max(p.src_size[0], p.trg_size[0]), max(p.src_size[1], p.trg_size[1]))
     src, trg = (_padded(load_image(f), size) for f in (p.src, p.trg))

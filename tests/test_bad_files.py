@@ -38,7 +38,7 @@ import pytest
 
 import benchmark_fixtures as bf
 from fiftyone_sdcorr.__main__ import main
-from fiftyone_sdcorr.core.pck_protocol import read_predictions
+from fiftyone_sdcorr.core.benchmarks.pck import read_predictions
 
 SPAIR_PAIR = "000002-2008_000001-2008_000002:cat"  # T = 100, four points
 AP_PAIR = "000000000001-000000000002:antelope"
@@ -323,7 +323,7 @@ def test_a_box_far_outside_the_image_is_a_warning_in_the_result(world, capsys):
 
 
 def test_shards_true_is_not_one_shard():
-    from fiftyone_sdcorr.core.params import ParameterError
+    from fiftyone_sdcorr.core.common.params import ParameterError
     from fiftyone_sdcorr.plugin.operators_features import ComputeFusedFeatures
 
     op = ComputeFusedFeatures()
@@ -337,7 +337,7 @@ def test_shards_true_is_not_one_shard():
 # --------------------------------------------------------------------------- saved work
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from fiftyone_sdcorr.core.tiny import tiny_models
+    from fiftyone_sdcorr.core.features.tiny import tiny_models
 
     return tiny_models(tmp_path_factory.mktemp("tiny-models"))
 
@@ -411,7 +411,7 @@ def test_feature_cache_follows_the_image_content_not_its_name(world, tiny):
     after = {p: p.read_bytes() for p in cache.rglob("*.safetensors")}
     assert len(after) == 6 and all(after[p] == b for p, b in files.items())
     # a damaged cache file (here a pickle's first bytes) is recomputed, not a crash, not unpickled
-    from fiftyone_sdcorr.core.store import read_header
+    from fiftyone_sdcorr.core.features.store import read_header
 
     victim = next(p for p in after if p not in files)
     victim.write_bytes(b"\x80\x04not a safetensors file")

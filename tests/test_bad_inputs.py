@@ -73,7 +73,7 @@ class World:
 
 @pytest.fixture(scope="module")
 def world(photo_paths, tmp_path_factory):
-    from fiftyone_sdcorr.core.tiny import tiny_models
+    from fiftyone_sdcorr.core.features.tiny import tiny_models
 
     models = tiny_models(tmp_path_factory.mktemp("tiny-models"))
     root = tmp_path_factory.mktemp("bad-inputs")

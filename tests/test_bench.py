@@ -270,7 +270,7 @@ def test_flop_count_full_size_paper_recipe():
 
     from fiftyone_sdcorr.bench.common import load_config
     from fiftyone_sdcorr.bench.extraction import count_flops
-    from fiftyone_sdcorr.core.extractor import PRESETS
+    from fiftyone_sdcorr.core.features.extractor import PRESETS
 
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(load_config("sd15_unet"))
@@ -367,7 +367,7 @@ def test_cpu_preset_run_with_tiny_models(tmp_path):
     import types
 
     from fiftyone_sdcorr.bench.runs import run_cpu_preset
-    from fiftyone_sdcorr.core.tiny import tiny_models
+    from fiftyone_sdcorr.core.features.tiny import tiny_models
 
     sd_dir, dino_dir = tiny_models(tmp_path / "models")
     args = types.SimpleNamespace(images=1, warmup=0, keypoints=5, targets=2, _t0=time.perf_counter())
@@ -382,7 +382,7 @@ def test_cpu_preset_run_with_tiny_models(tmp_path):
 
 
 def test_dense_stage(tiny_run):
-    """The dense stage (core/dense.py): target cells and pixels matched per second at each
+    """The dense stage (core/matching/dense.py): target cells and pixels matched per second at each
     grid resolution, with the working memory; on the CPU in every run."""
     _, d, _ = tiny_run
     dn = d["dense"]
@@ -397,8 +397,8 @@ def test_dense_stage(tiny_run):
 def test_dense_stage_direct():
     """bench_dense on two small fused maps: every target cell of the image is matched."""
     from fiftyone_sdcorr.bench.dense import bench_dense
-    from fiftyone_sdcorr.core.features import FusedFeatures
-    from fiftyone_sdcorr.core.geometry import Letterbox
+    from fiftyone_sdcorr.core.features.fusion import FusedFeatures
+    from fiftyone_sdcorr.core.common.geometry import Letterbox
 
     g = torch.Generator().manual_seed(0)
     fused = [FusedFeatures(torch.randn(16, 8, 8, generator=g), Letterbox.fit(112, 112, 112), 14, 8) for _ in range(2)]

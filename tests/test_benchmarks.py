@@ -18,14 +18,14 @@ import pytest
 import fiftyone as fo
 
 import benchmark_fixtures as bf
-from fiftyone_sdcorr.core.benchmark_formats import (
+from fiftyone_sdcorr.core.benchmarks.formats import (
     BenchmarkFormatError,
     flip_pairs,
     keypoint_names,
     read_images,
     read_pairs,
 )
-from fiftyone_sdcorr.core.pck_protocol import (
+from fiftyone_sdcorr.core.benchmarks.pck import (
     PredictionsError,
     aggregate,
     alpha_key,
@@ -267,7 +267,7 @@ def test_skeleton_names_give_the_flip_pairs():
 # --------------------------------------------------------------------------- the model path
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from fiftyone_sdcorr.core.tiny import tiny_models
+    from fiftyone_sdcorr.core.features.tiny import tiny_models
 
     return tiny_models(tmp_path_factory.mktemp("tiny-models"))
 
@@ -478,7 +478,7 @@ def test_feature_cache_serves_reruns_and_ablations(bench_root, tiny, tmp_path):
 
 def test_cli_model_path_with_a_replacement_unet_without_noise(bench_root, tiny, tmp_path):
     """evaluate-pairs --unet-model DIR --no-noise (CleanDIFT's way), end to end on the CLI."""
-    from fiftyone_sdcorr.core.tiny import build_tiny_unet
+    from fiftyone_sdcorr.core.features.tiny import build_tiny_unet
 
     unet = build_tiny_unet(tmp_path / "unet", layout="file")
     out = tmp_path / "clean.json"

@@ -41,7 +41,7 @@ from app_server import CHROMIUM, CHROMIUM_ARGS, app_server, require_playwright  
 from panel_world import build_panel_dataset, clone_demo, demo_ids  # noqa: E402
 from snapshots import field_snapshot  # noqa: E402
 
-from fiftyone_sdcorr.core import visualize as vis  # noqa: E402
+from fiftyone_sdcorr.core.pictures import visualize as vis  # noqa: E402
 
 pytestmark = pytest.mark.browser
 

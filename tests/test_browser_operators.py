@@ -532,7 +532,7 @@ def test_objects_of_a_patches_view_through_the_forms(server, page, tmp_path):
     saved patches view; compute and propagate through their forms, as a user would: the
     forms preselect the view's patches field, and every object gets its features and its
     own predicted keypoints."""
-    from fiftyone_sdcorr.core.tiny import tiny_models
+    from fiftyone_sdcorr.core.features.tiny import tiny_models
     from test_objects import write_coco
 
     import fiftyone as fo

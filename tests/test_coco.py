@@ -16,7 +16,7 @@ from PIL import Image
 import fiftyone as fo
 import fiftyone.core.utils as fou
 
-from fiftyone_sdcorr.core.params import ParameterError
+from fiftyone_sdcorr.core.common.params import ParameterError
 from fiftyone_sdcorr.dataset.matching import InstancePrediction, resolve_flip_pairs, to_keypoints
 from fiftyone_sdcorr.dataset.progress import Progress, takes_fraction_and_label
 from fiftyone_sdcorr.dataset.skeletons import (
@@ -247,7 +247,7 @@ def test_to_keypoints_writes_coco_visibility_and_survives_a_coco_round_trip(coco
 
 
 def test_benchmark_visibility_is_coco():
-    from fiftyone_sdcorr.core.benchmark_formats import ImageRecord
+    from fiftyone_sdcorr.core.benchmarks.formats import ImageRecord
     from fiftyone_sdcorr.dataset.benchmarks import _keypoints
 
     img = ImageRecord(key="cat/x", path="/x.png", category="cat", width=100, height=50,

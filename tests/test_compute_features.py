@@ -30,9 +30,9 @@ from fiftyone.operators.executor import ExecutionRunState
 from fiftyone_sdcorr.dataset.compute_features import compute_fused_features
 
 ERROR_FIELD = "sdcorr_features_error"
-from fiftyone_sdcorr.core.extractor import FeatureExtractor
-from fiftyone_sdcorr.core.store import FeatureStore
-from fiftyone_sdcorr.core.tiny import tiny_models
+from fiftyone_sdcorr.core.features.extractor import FeatureExtractor
+from fiftyone_sdcorr.core.features.store import FeatureStore
+from fiftyone_sdcorr.core.features.tiny import tiny_models
 from snapshots import field_snapshot
 
 URI = "@sdcorr/sdcorr/compute_fused_features"
@@ -547,9 +547,9 @@ def test_selected_samples_target(photo_ds, models, tmp_path):
 def test_prompt_field_gives_each_sample_its_prompt(photo_paths, models, tmp_path):
     """With a '{label}' template and prompt_field, each sample's features are computed with
     its own label's prompt: exactly what FeatureExtractor.extract(..., labels=...) gives."""
-    from fiftyone_sdcorr.core.extractor import FeatureExtractor
-    from fiftyone_sdcorr.core.features import FixedProjection, fuse_raw
-    from fiftyone_sdcorr.core.store import FeatureStore
+    from fiftyone_sdcorr.core.features.extractor import FeatureExtractor
+    from fiftyone_sdcorr.core.features.fusion import FixedProjection, fuse_raw
+    from fiftyone_sdcorr.core.features.store import FeatureStore
 
     same = photo_paths["chelsea"]
     ds = fo.Dataset(f"sdcorr-prompt-{uuid.uuid4().hex[:8]}")

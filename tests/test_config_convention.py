@@ -22,7 +22,7 @@ from fiftyone.operators.executor import resolve_type
 from fiftyone.operators.registry import OperatorRegistry
 
 import fiftyone_sdcorr as sdc
-from fiftyone_sdcorr.core.params import ParameterError
+from fiftyone_sdcorr.core.common.params import ParameterError
 from fiftyone_sdcorr.dataset.config import (
     RANGES,
     EvaluationConfig,

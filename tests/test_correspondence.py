@@ -1,4 +1,4 @@
-"""Known-answer tests for fiftyone_sdcorr.core.correspondence (no mocks, no models).
+"""Known-answer tests for fiftyone_sdcorr.core.matching.correspondence (no mocks, no models).
 
 Images are generated (seeded textured noise) or scikit-image photos; descriptors come
 from the deterministic LocalDescriptor in tests/local_descriptor.py, or are built by hand
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from PIL import Image
 from skimage import data
 
-from fiftyone_sdcorr.core.correspondence import (
+from fiftyone_sdcorr.core.matching.correspondence import (
     Matches,
     confidence_from,
     keypoints_to_tokens,
@@ -31,8 +31,8 @@ from fiftyone_sdcorr.core.correspondence import (
     window_soft_argmax,
 )
 from fiftyone_sdcorr.bench.reference import match_points_loop
-from fiftyone_sdcorr.core.features import FusedFeatures
-from fiftyone_sdcorr.core.geometry import Letterbox
+from fiftyone_sdcorr.core.features.fusion import FusedFeatures
+from fiftyone_sdcorr.core.common.geometry import Letterbox
 
 try:
     from local_descriptor import LocalDescriptor, textured_noise

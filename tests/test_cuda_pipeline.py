@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from fiftyone_sdcorr.core.extractor import FeatureExtractor, to_host
-from fiftyone_sdcorr.core.features import FixedProjection, fuse_raw
-from fiftyone_sdcorr.core.store import encode, stored_values
-from fiftyone_sdcorr.core.tiny import build_tiny_dino, build_tiny_sd
-from fiftyone_sdcorr.core.transfer import encode_batch
+from fiftyone_sdcorr.core.features.extractor import FeatureExtractor, to_host
+from fiftyone_sdcorr.core.features.fusion import FixedProjection, fuse_raw
+from fiftyone_sdcorr.core.features.store import encode, stored_values
+from fiftyone_sdcorr.core.features.tiny import build_tiny_dino, build_tiny_sd
+from fiftyone_sdcorr.core.features.transfer import encode_batch
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 

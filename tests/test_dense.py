@@ -1,4 +1,4 @@
-"""Dense correspondence in the core layer (fiftyone_sdcorr/core/dense.py), with answers
+"""Dense correspondence in the core layer (fiftyone_sdcorr/core/matching/dense.py), with answers
 known by construction: the deterministic local descriptor (tests/local_descriptor.py) on
 a textured image and its known warps (identity, shift, scale)."""
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from fiftyone_sdcorr.core.dense import (
+from fiftyone_sdcorr.core.matching.dense import (
     dense_match, position_colors, region_on_grid, warp_image, warp_labels,
 )
 from local_descriptor import LocalDescriptor, textured_noise

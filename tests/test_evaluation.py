@@ -413,7 +413,7 @@ def test_flag_needs_two_annotations(review_ds):
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    from fiftyone_sdcorr.core.tiny import tiny_models
+    from fiftyone_sdcorr.core.features.tiny import tiny_models
 
     return tiny_models(tmp_path_factory.mktemp("tiny-models"))
 

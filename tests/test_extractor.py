@@ -10,10 +10,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from fiftyone_sdcorr import FeatureExtractor, FixedProjection, ImageLoadError, ModelLoadError, Recipe
-from fiftyone_sdcorr.core.extractor import letterbox_image
-from fiftyone_sdcorr.core.features import co_pca, fuse_pair, fuse_raw
-from fiftyone_sdcorr.core.models import load_dino, tap_module
-from fiftyone_sdcorr.core.tiny import build_tiny_dino, build_tiny_sd
+from fiftyone_sdcorr.core.features.extractor import letterbox_image
+from fiftyone_sdcorr.core.features.fusion import co_pca, fuse_pair, fuse_raw
+from fiftyone_sdcorr.core.features.models import load_dino, tap_module
+from fiftyone_sdcorr.core.features.tiny import build_tiny_dino, build_tiny_sd
 
 SMALL = dict(sd_size=192, sd_tile=128, dino_size=112)  # tiles at offsets 0 and 64
 
@@ -307,7 +307,7 @@ def test_non_dino_model_refused(tmp_path):
 
 
 def test_default_dtypes():
-    from fiftyone_sdcorr.core.models import default_dtype, resolve_dtype
+    from fiftyone_sdcorr.core.features.models import default_dtype, resolve_dtype
 
     assert default_dtype("cpu") == torch.float32
     assert resolve_dtype("bf16") == torch.bfloat16
@@ -317,7 +317,7 @@ def test_default_dtypes():
 
 # ----------------------------------------------------------------------------- compiled path
 def test_compile_policy(tiny_dirs):
-    from fiftyone_sdcorr.core.extractor import COMPILE_MIN_IMAGES, MEASURED_COMPILE_SECONDS
+    from fiftyone_sdcorr.core.features.extractor import COMPILE_MIN_IMAGES, MEASURED_COMPILE_SECONDS
 
     # auto: never on a CPU, however long the run; the threshold earns back the measured cost
     auto = FeatureExtractor(tiny_dirs[0], tiny_dirs[1], device="cpu", **SMALL)

@@ -12,7 +12,7 @@ from PIL import Image
 import fiftyone as fo
 import fiftyone.operators as foo
 
-from fiftyone_sdcorr.core import visualize as vis
+from fiftyone_sdcorr.core.pictures import visualize as vis
 from fiftyone_sdcorr.dataset.compute_features import compute_fused_features
 from local_descriptor import LocalDescriptor
 from snapshots import field_snapshot
@@ -96,7 +96,7 @@ def _form(ds, uri, params):
 
 
 def test_dense_pictures_carry_the_reference_position_colours(world):
-    from fiftyone_sdcorr.core.dense import position_colors
+    from fiftyone_sdcorr.core.matching.dense import position_colors
 
     ds, tmp, summary = world
     ids = ds.values("id")

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from fiftyone_sdcorr.core.geometry import Letterbox
+from fiftyone_sdcorr.core.common.geometry import Letterbox
 
 SHAPES = [(1, 37), (37, 1), (1, 1), (300, 400), (400, 300), (500, 500), (333, 777), (641, 479), (2, 3)]
 

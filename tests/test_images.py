@@ -1,4 +1,4 @@
-"""fiftyone_sdcorr.core.images: every input kind -> RGB as the App shows it, clear errors."""
+"""fiftyone_sdcorr.core.common.images: every input kind -> RGB as the App shows it, clear errors."""
 
 import pickle
 import struct
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from fiftyone_sdcorr.core.images import ImageLoadError, image_size, load_image
+from fiftyone_sdcorr.core.common.images import ImageLoadError, image_size, load_image
 
 
 @pytest.fixture(autouse=True)

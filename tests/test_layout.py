@@ -64,8 +64,8 @@ def test_no_private_names_across_modules():
 def test_runtime_imports_no_benchmark_and_core_no_fiftyone():
     code = (
         "import sys\n"
-        "import fiftyone_sdcorr.core.extractor, fiftyone_sdcorr.core.correspondence, fiftyone_sdcorr.core.store\n"
-        "import fiftyone_sdcorr.core.visualize, fiftyone_sdcorr.core.features, fiftyone_sdcorr.core.geometry\n"
+        "import fiftyone_sdcorr.core.features.extractor, fiftyone_sdcorr.core.matching.correspondence, fiftyone_sdcorr.core.features.store\n"
+        "import fiftyone_sdcorr.core.pictures.visualize, fiftyone_sdcorr.core.features.fusion, fiftyone_sdcorr.core.common.geometry\n"
         "assert not [m for m in sys.modules if m == 'fiftyone' or m.startswith('fiftyone.')], 'core loaded fiftyone'\n"
         "import fiftyone_sdcorr\n"
         "for name in fiftyone_sdcorr.__all__: getattr(fiftyone_sdcorr, name)\n"
@@ -114,3 +114,31 @@ def test_no_unused_imports_or_undefined_names():
     out = io.StringIO()
     found = sum(checkPath(str(path), Reporter(out, out)) for path in sorted(PKG.rglob("*.py")))
     assert found == 0, out.getvalue()
+
+
+def test_core_is_organised_by_concern_without_import_cycles():
+    """``core/`` is folders by concern, each opening with a one-line comment, and no two
+    modules of ``core/`` import each other, directly or through others (top-level and
+    deferred imports alike)."""
+    core = PKG / "core"
+    loose = [p.name for p in core.glob("*.py") if p.name != "__init__.py"]
+    assert not loose, f"modules outside a concern folder: {loose}"
+    for folder in [p for p in core.iterdir() if p.is_dir() and p.name != "__pycache__"]:
+        doc = ast.get_docstring(ast.parse((folder / "__init__.py").read_text()))
+        assert doc and len(doc.splitlines()) == 1, folder
+    name = lambda p: ".".join(p.relative_to(PKG.parent).with_suffix("").parts)  # noqa: E731
+    graph = {name(p): {m for m, _ in _imports(p) if m.startswith("fiftyone_sdcorr.core.")}
+             for p in core.rglob("*.py") if p.name != "__init__.py"}
+    state = {}
+
+    def visit(mod, path):
+        if state.get(mod) == "done" or mod not in graph:
+            return
+        assert state.get(mod) != "open", f"import cycle: {' -> '.join(path + [mod])}"
+        state[mod] = "open"
+        for dep in graph[mod]:
+            visit(dep, path + [mod])
+        state[mod] = "done"
+
+    for mod in graph:
+        visit(mod, [])

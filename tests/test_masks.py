@@ -13,7 +13,7 @@ import fiftyone as fo
 import fiftyone.operators as foo
 
 import fiftyone_sdcorr as sc
-from fiftyone_sdcorr.core.params import ParameterError
+from fiftyone_sdcorr.core.common.params import ParameterError
 from fiftyone_sdcorr.dataset.evaluate_masks import iou_per_class
 from fiftyone_sdcorr.dataset.propagate_masks import DB_MAX_PIXELS, resize_nearest
 from local_descriptor import LocalDescriptor, textured_noise

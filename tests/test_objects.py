@@ -20,9 +20,9 @@ import fiftyone as fo
 import fiftyone.operators as foo
 
 import fiftyone_sdcorr as sc
-from fiftyone_sdcorr.core.geometry import DEFAULT_CONTEXT_MARGIN
-from fiftyone_sdcorr.core.params import ParameterError
-from fiftyone_sdcorr.core.tiny import tiny_models
+from fiftyone_sdcorr.core.common.geometry import DEFAULT_CONTEXT_MARGIN
+from fiftyone_sdcorr.core.common.params import ParameterError
+from fiftyone_sdcorr.core.features.tiny import tiny_models
 from local_descriptor import LocalDescriptor, textured_noise
 
 SIZE, STRIDE = 224, 14

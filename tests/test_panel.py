@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from panel_world import GT_POINTS, SKELETON_LABELS, build_panel_dataset, clone_demo, demo_ids  # noqa: E402
 from snapshots import field_snapshot  # noqa: E402
 
-from fiftyone_sdcorr.core import visualize as vis  # noqa: E402
+from fiftyone_sdcorr.core.pictures import visualize as vis  # noqa: E402
 from fiftyone_sdcorr.plugin import panels  # noqa: E402
 
 from panel_driver import PANEL_URI, PanelDriver, image_size, place_of, to_plot  # noqa: E402,F401
@@ -216,7 +216,7 @@ def _pixels(trace):
 
 
 def test_dense_view_colours_the_crop_by_the_reference_positions(crop_world):
-    from fiftyone_sdcorr.core.dense import position_colors
+    from fiftyone_sdcorr.core.matching.dense import position_colors
 
     dataset, ids, _ = crop_world
     d = PanelDriver(dataset, current_sample=ids["target"]).call("on_load")

@@ -183,7 +183,7 @@ def test_dense_view_matches_inside_the_object_crops(world):
 
     from PIL import Image
 
-    from fiftyone_sdcorr.core.dense import position_colors
+    from fiftyone_sdcorr.core.matching.dense import position_colors
 
     def pixels(trace):
         with Image.open(io.BytesIO(base64.b64decode(trace["source"].split(",", 1)[1]))) as im:
@@ -218,8 +218,8 @@ def test_dense_pictures_per_object(world, tmp_path):
     colour map itself (within a token)."""
     from PIL import Image
 
-    from fiftyone_sdcorr.core.dense import position_colors
-    from fiftyone_sdcorr.core.geometry import Crop
+    from fiftyone_sdcorr.core.matching.dense import position_colors
+    from fiftyone_sdcorr.core.common.geometry import Crop
     from fiftyone_sdcorr.dataset.feature_views import write_dense_views
 
     ds = world

@@ -1,15 +1,15 @@
-"""core/pipeline.py: batches through a real (tiny) extractor with one batch of lookahead."""
+"""core/features/pipeline.py: batches through a real (tiny) extractor with one batch of lookahead."""
 
 import numpy as np
 import pytest
 import torch
 
-from fiftyone_sdcorr.core.extractor import FeatureExtractor
-from fiftyone_sdcorr.core.features import FixedProjection, fuse_raw
-from fiftyone_sdcorr.core.images import ImageLoadError
-from fiftyone_sdcorr.core.pipeline import pipelined
-from fiftyone_sdcorr.core.store import encode
-from fiftyone_sdcorr.core.tiny import build_tiny_dino, build_tiny_sd
+from fiftyone_sdcorr.core.features.extractor import FeatureExtractor
+from fiftyone_sdcorr.core.features.fusion import FixedProjection, fuse_raw
+from fiftyone_sdcorr.core.common.images import ImageLoadError
+from fiftyone_sdcorr.core.features.pipeline import pipelined
+from fiftyone_sdcorr.core.features.store import encode
+from fiftyone_sdcorr.core.features.tiny import build_tiny_dino, build_tiny_sd
 
 SMALL = dict(sd_size=192, sd_tile=128, dino_size=112)
 

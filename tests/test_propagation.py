@@ -18,13 +18,13 @@ import fiftyone.operators as foo
 from fiftyone.operators.delegated import DelegatedOperationService
 from fiftyone.operators.executor import ExecutionRunState
 
-from fiftyone_sdcorr.core import correspondence as corr
-from fiftyone_sdcorr.core.features import FusedFeatures
-from fiftyone_sdcorr.core.geometry import Letterbox
-from fiftyone_sdcorr.core.correspondence import Prepared, match_prepared
+from fiftyone_sdcorr.core.matching import correspondence as corr
+from fiftyone_sdcorr.core.features.fusion import FusedFeatures
+from fiftyone_sdcorr.core.common.geometry import Letterbox
+from fiftyone_sdcorr.core.matching.correspondence import Prepared, match_prepared
 from fiftyone_sdcorr.dataset.matching import flip_pairs_from_labels
 from fiftyone_sdcorr.dataset.propagate import propagate_keypoints
-from fiftyone_sdcorr.core.store import FeatureStore
+from fiftyone_sdcorr.core.features.store import FeatureStore
 from local_descriptor import LocalDescriptor
 from snapshots import field_snapshot
 
@@ -403,7 +403,7 @@ def test_refuses_existing_fields_and_empty_views(variants):
 # --------------------------------------------------------------------------- operator
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    from fiftyone_sdcorr.core.tiny import tiny_models
+    from fiftyone_sdcorr.core.features.tiny import tiny_models
 
     return tiny_models(tmp_path_factory.mktemp("tiny-models"))
 

@@ -16,10 +16,10 @@ from PIL import Image
 
 import fiftyone as fo
 
-from fiftyone_sdcorr.core.correspondence import Prepared, PreparedBatch, match_prepared, match_prepared_many
-from fiftyone_sdcorr.core.features import FusedFeatures
-from fiftyone_sdcorr.core.geometry import Letterbox
-from fiftyone_sdcorr.core.store import FeatureStore
+from fiftyone_sdcorr.core.matching.correspondence import Prepared, PreparedBatch, match_prepared, match_prepared_many
+from fiftyone_sdcorr.core.features.fusion import FusedFeatures
+from fiftyone_sdcorr.core.common.geometry import Letterbox
+from fiftyone_sdcorr.core.features.store import FeatureStore
 from fiftyone_sdcorr.dataset.config import MatchConfig, PropagationConfig
 from fiftyone_sdcorr.dataset.engine import RunSummary
 from fiftyone_sdcorr.dataset.matching import feature_source, prepare_matching

@@ -269,7 +269,7 @@ def test_on_an_imported_benchmark_swaps_use_the_recorded_skeletons(spair_root):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from fiftyone_sdcorr.core.tiny import tiny_models
+    from fiftyone_sdcorr.core.features.tiny import tiny_models
 
     return tiny_models(tmp_path_factory.mktemp("tiny-models"))
 

@@ -1,4 +1,4 @@
-"""fiftyone_sdcorr.core.store: safetensors-only, atomic, sharded feature store."""
+"""fiftyone_sdcorr.core.features.store: safetensors-only, atomic, sharded feature store."""
 
 import multiprocessing as mp
 import os
@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from fiftyone_sdcorr.core.features import FusedFeatures
-from fiftyone_sdcorr.core.geometry import Letterbox
-from fiftyone_sdcorr.core.store import (
+from fiftyone_sdcorr.core.features.fusion import FusedFeatures
+from fiftyone_sdcorr.core.common.geometry import Letterbox
+from fiftyone_sdcorr.core.features.store import (
     FORMAT_VERSION,
     FeatureNotFoundError,
     FeatureStore,
@@ -160,7 +160,7 @@ def test_default_store_root(monkeypatch, tmp_path):
 
 
 def test_no_fiftyone_import():
-    import fiftyone_sdcorr.core.store as m
+    import fiftyone_sdcorr.core.features.store as m
 
     src = Path(m.__file__).read_text()
     assert "import fiftyone\n" not in src and "from fiftyone " not in src
@@ -379,7 +379,7 @@ def test_int8_store_halves_the_bytes_and_keeps_the_nearest_neighbours(tmp_path):
     """The compact option: int8 with one scale per channel. About half the bytes of fp16;
     values within half a quantisation step; matches (nearest target token of every source
     token, cosine) nearly all equal to the fp32 descriptors'."""
-    from fiftyone_sdcorr.core.store import stored_values
+    from fiftyone_sdcorr.core.features.store import stored_values
 
     store = FeatureStore(tmp_path)
     a = _fused(seed=1)
@@ -408,7 +408,7 @@ def test_int8_store_halves_the_bytes_and_keeps_the_nearest_neighbours(tmp_path):
 
 def _nn_agreement(a, b, qa, qb) -> float:
     """Share of a's image tokens whose nearest token in b is the same for (qa, qb)."""
-    from fiftyone_sdcorr.core.correspondence import Prepared
+    from fiftyone_sdcorr.core.matching.correspondence import Prepared
 
     def nn(x, y):
         px, py = Prepared.of(x), Prepared.of(y)

@@ -1,4 +1,4 @@
-"""Instance swapping (issue 18): fiftyone_sdcorr/core/swap.py and dataset/swap.py.
+"""Instance swapping (issue 18): fiftyone_sdcorr/core/pictures/swap.py and dataset/swap.py.
 
 Answers known by construction, with the deterministic local descriptor
 (tests/local_descriptor.py): its descriptors subtract each window's mean and normalise,
@@ -22,9 +22,9 @@ import fiftyone as fo
 import fiftyone.operators as foo
 
 import fiftyone_sdcorr as sc
-from fiftyone_sdcorr.core.dense import DenseField
-from fiftyone_sdcorr.core.params import ParameterError
-from fiftyone_sdcorr.core.swap import encode_gif, paste, refine_shape, swap_region, warp_frames
+from fiftyone_sdcorr.core.matching.dense import DenseField
+from fiftyone_sdcorr.core.common.params import ParameterError
+from fiftyone_sdcorr.core.pictures.swap import encode_gif, paste, refine_shape, swap_region, warp_frames
 from fiftyone_sdcorr.dataset.config import SwapConfig
 from fiftyone_sdcorr.dataset.swap import KEY_FIELD, PROVENANCE_FIELDS
 from local_descriptor import LocalDescriptor, textured_noise
@@ -282,8 +282,8 @@ def test_the_operator_swaps_with_stored_features(canvases):
 
 
 def test_refinement_with_tiny_models_is_seeded_and_stays_inside_the_mask(canvases, tmp_path_factory):
-    from fiftyone_sdcorr.core.extractor import FeatureExtractor
-    from fiftyone_sdcorr.core.tiny import tiny_models
+    from fiftyone_sdcorr.core.features.extractor import FeatureExtractor
+    from fiftyone_sdcorr.core.features.tiny import tiny_models
 
     ds, tmp = canvases
     ids = _ids(ds)
@@ -325,9 +325,9 @@ def test_inpainting_pipeline_denoises_only_inside_the_mask(tmp_path):
     difference everywhere (here over twice as much)."""
     import torch
 
-    from fiftyone_sdcorr.core.extractor import FeatureExtractor
-    from fiftyone_sdcorr.core.swap import img2img_pipeline, is_inpainting, sd_parts_of
-    from fiftyone_sdcorr.core.tiny import tiny_models
+    from fiftyone_sdcorr.core.features.extractor import FeatureExtractor
+    from fiftyone_sdcorr.core.pictures.swap import img2img_pipeline, is_inpainting, sd_parts_of
+    from fiftyone_sdcorr.core.features.tiny import tiny_models
 
     sd, dino = tiny_models(tmp_path / "tiny")
     parts = sd_parts_of(FeatureExtractor(sd, dino, device="cpu", preset="cpu", sd_size=128, dino_size=112))

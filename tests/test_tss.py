@@ -21,9 +21,10 @@ import pytest
 from PIL import Image
 
 from fiftyone_sdcorr.__main__ import main
-from fiftyone_sdcorr.core.benchmark_formats import BenchmarkFormatError, read_tss, tss_category
-from fiftyone_sdcorr.core.flow_io import read_flo, read_flow, write_flo
-from fiftyone_sdcorr.core.pck_protocol import score_flow
+from fiftyone_sdcorr.core.benchmarks.errors import BenchmarkFormatError
+from fiftyone_sdcorr.core.benchmarks.formats import read_tss, tss_category
+from fiftyone_sdcorr.core.benchmarks.flow_io import read_flo, read_flow, write_flo
+from fiftyone_sdcorr.core.benchmarks.pck import score_flow
 from fiftyone_sdcorr.pair_eval import evaluate_pairs
 from local_descriptor import LocalDescriptor, textured_noise
 
@@ -338,7 +339,7 @@ def test_bad_files_are_benchmark_format_errors(root):
 def test_the_command_runs_the_tiny_models(root, tmp_path, capsys):
     """The FeatureExtractor path (co-PCA per pair, fused, sd, dino) end to end with tiny
     random models: every pair scored, numbers in range (not meaningful)."""
-    from fiftyone_sdcorr.core.tiny import tiny_models
+    from fiftyone_sdcorr.core.features.tiny import tiny_models
 
     sd, dino = tiny_models(tmp_path / "tiny")[:2]
     out = tmp_path / "tss.json"

@@ -6,7 +6,7 @@ writes one JSON file (schema ``sdcorr-bench/1``, see ``results/README.md``):
 - **extraction** at the paper recipe with the *full-size* architectures (SD 1.5 UNet and
   VAE, DINOv2-B) built from the configs in ``fiftyone_sdcorr/configs`` with random
   weights (speed does not depend on weight values), saved with ``save_pretrained`` and
-  loaded through :class:`~fiftyone_sdcorr.core.extractor.FeatureExtractor`, i.e. the real
+  loaded through :class:`~fiftyone_sdcorr.core.features.extractor.FeatureExtractor`, i.e. the real
   loading path:
 
   (a) *plain*: fp32, one tile per UNet call, the full UNet forward with hooks
@@ -21,12 +21,12 @@ writes one JSON file (schema ``sdcorr-bench/1``, see ``results/README.md``):
   multiply of the same device, and the agreement of (b) with (a): cosine similarity of
   the fused descriptors per token and the percentage of equal nearest neighbours.
 - **matching**: targets/s and keypoints/s with features read back from a
-  :class:`~fiftyone_sdcorr.core.store.FeatureStore`, vectorised
-  :func:`~fiftyone_sdcorr.core.correspondence.match_points` against the per-token loop
+  :class:`~fiftyone_sdcorr.core.features.store.FeatureStore`, vectorised
+  :func:`~fiftyone_sdcorr.core.matching.correspondence.match_points` against the per-token loop
   :func:`~fiftyone_sdcorr.bench.reference.match_points_loop`, same run, with the ratio.
 - **store**: bytes per sample, write and read rates.
 
-``--tiny`` runs the same code with tiny random models (:mod:`fiftyone_sdcorr.core.tiny`) and a
+``--tiny`` runs the same code with tiny random models (:mod:`fiftyone_sdcorr.core.features.tiny`) and a
 small recipe on the CPU in seconds; it proves the command and its JSON, it is not a speed
 claim. ``--cpu-preset`` measures the cost per image of the paper recipe and of
 ``PRESETS["cpu"]`` on the CPU with the full-size models (batch 1, fp32).

@@ -1,6 +1,6 @@
-"""Dense stage of the benchmark (issue 17, item 7): :func:`fiftyone_sdcorr.core.dense.dense_match`
+"""Dense stage of the benchmark (issue 17, item 7): :func:`fiftyone_sdcorr.core.matching.dense.dense_match`
 (every target cell's nearest source cell, with the cycle check) and
-:meth:`~fiftyone_sdcorr.core.dense.DenseMatch.sample` (the match at every target pixel) on
+:meth:`~fiftyone_sdcorr.core.matching.dense.DenseMatch.sample` (the match at every target pixel) on
 consecutive pairs of the run's fused maps.
 
 Reported per grid resolution: target cells matched per second, target pixels per second
@@ -32,7 +32,7 @@ LOOP_CELLS = 200
 def loop_cells_per_s(source, target, resolution: int, device) -> float:
     """The plain reference: one target cell at a time, its cosine with every source cell
     and the argmax (forward only, no cycle: the loop's cost is a lower bound)."""
-    from fiftyone_sdcorr.core.dense import region_on_grid, upsample
+    from fiftyone_sdcorr.core.matching.dense import region_on_grid, upsample
 
     n = resolution * resolution
     src = upsample(source, resolution).reshape(n, -1)[region_on_grid(source.letterbox, resolution,
@@ -50,7 +50,7 @@ def _pairs(fused: list, n: int) -> list:
 
 def dense_entry(pairs: list, device: torch.device, resolution: int) -> dict:
     """One resolution: warm-up on the first pair, then every pair matched and sampled."""
-    from fiftyone_sdcorr.core.dense import DEFAULT_CHUNK, dense_match
+    from fiftyone_sdcorr.core.matching.dense import DEFAULT_CHUNK, dense_match
 
     dense_match(*pairs[0], resolution=resolution)  # warm-up (kernels, allocator)
     reset_peak(device)

@@ -81,18 +81,18 @@ def _jpeg_files(images, n: int, folder: Path) -> List[str]:
 
 
 def bench_pipeline(sd_dir, dino_dir, device, dtype, rkw, images, args, quiet, compiled: bool = False) -> dict:
-    """``compute_fused_features``' own pipeline (:func:`fiftyone_sdcorr.core.pipeline.pipelined`)
+    """``compute_fused_features``' own pipeline (:func:`fiftyone_sdcorr.core.features.pipeline.pipelined`)
     on JPEG files of mixed sizes without FiftyOne: decoding on loader threads, the models,
     projection, fusion and store encoding on the device, files written, embeddings made;
     no database writes, no claims. For machines where FiftyOne's database cannot run (the
     lent GPU machines: no MongoDB). The projection is fitted on two other files first."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from fiftyone_sdcorr.core.extractor import PREP_THREADS
-    from fiftyone_sdcorr.core.features import FixedProjection
-    from fiftyone_sdcorr.core.images import load_image
-    from fiftyone_sdcorr.core.pipeline import pipelined
-    from fiftyone_sdcorr.core.store import FeatureStore
+    from fiftyone_sdcorr.core.features.extractor import PREP_THREADS
+    from fiftyone_sdcorr.core.features.fusion import FixedProjection
+    from fiftyone_sdcorr.core.common.images import load_image
+    from fiftyone_sdcorr.core.features.pipeline import pipelined
+    from fiftyone_sdcorr.core.features.store import FeatureStore
 
     tmp = Path(tempfile.mkdtemp(prefix="sdcorr-bench-pipe."))
     n = max(args.images, 8)
@@ -119,7 +119,7 @@ def bench_pipeline(sd_dir, dino_dir, device, dtype, rkw, images, args, quiet, co
         peak = peak_mem(device)
         out = {"images": n, "seconds": c.seconds, "images_per_s": rate(done, c.seconds), "batch": b,
                "peak_mem_bytes": peak, "computed": done, "compiled": compiled, "warmup_seconds": cw.seconds,
-               "channels_last": ext.channels_last, "call": "core.pipeline.pipelined + FeatureStore.save (no database)"}
+               "channels_last": ext.channels_last, "call": "core.features.pipeline.pipelined + FeatureStore.save (no database)"}
         log(f"pipeline (no database): {fmt_num(out['images_per_s'])} images/s at batch {b}, peak {fmt_bytes(peak)}", quiet)
         return out
     except Exception as e:  # noqa: BLE001 -- report, do not lose the rest of the bench

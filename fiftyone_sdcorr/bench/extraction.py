@@ -36,13 +36,13 @@ def build_full_models(root=None, init_device=None, seed: int = 0, quiet: bool = 
     Returns ``(sd_dir, dino_dir)``; built once (a ``.complete`` marker guards reuse).
     ``init_device="cuda"`` builds the weights on the GPU (fast random init); they are
     saved to disk either way. The tokenizer is the byte-level stand-in of
-    :mod:`fiftyone_sdcorr.core.tiny` (the real CLIP vocabulary is not shipped); the text
+    :mod:`fiftyone_sdcorr.core.features.tiny` (the real CLIP vocabulary is not shipped); the text
     encoder runs once per prompt and is never timed.
     """
     from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, Dinov2Config, Dinov2Model
 
-    from fiftyone_sdcorr.core.tiny import clip_tokenizer_files, write_model_index
+    from fiftyone_sdcorr.core.features.tiny import clip_tokenizer_files, write_model_index
 
     root = Path(root) if root is not None else default_models_dir()
     sd_dir, dino_dir = root / "sd15", root / "dinov2-base"
@@ -149,7 +149,7 @@ def count_flops(unet_config, vae_config, dino_model, recipe) -> dict:
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    from fiftyone_sdcorr.core import models as _models
+    from fiftyone_sdcorr.core.features import models as _models
 
     offs = recipe.tile_offsets()
     tiled = recipe.sd_mode == "tiled" and len(offs) > 1
@@ -221,7 +221,7 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, n: int, reps: int = 10
 
 # ====================================================================== extractor set-ups
 def make_extractor(sd_dir, dino_dir, device, dtype, batch_size, recipe_kw: dict, channels_last: bool = False):
-    from fiftyone_sdcorr.core.extractor import FeatureExtractor
+    from fiftyone_sdcorr.core.features.extractor import FeatureExtractor
 
     return FeatureExtractor(sd_dir, dino_dir, device=device, dtype=dtype, batch_size=batch_size,
                             channels_last=channels_last, **recipe_kw)
@@ -264,7 +264,7 @@ def _weights_bytes(*modules) -> int:
 def plain_extract(ext, images) -> list:
     """The plain recipe: per image, per tile one VAE + full UNet forward (hooks record the
     taps), overlaps averaged, maps copied to the host; DINO one image at a time."""
-    from fiftyone_sdcorr.core.features import RawFeatures
+    from fiftyone_sdcorr.core.features.fusion import RawFeatures
 
     out = []
     for im in images:
@@ -281,8 +281,8 @@ def staged_extract(ext, images) -> tuple:
     """What ``FeatureExtractor.extract`` does for one batch (``prepare``, the models, the
     copy to the host), with a synced clock per stage:
     ``(raws, {"preprocess": s, "sd": s, "dino": s, "to_host": s})``."""
-    from fiftyone_sdcorr.core.extractor import to_host
-    from fiftyone_sdcorr.core.features import RawFeatures
+    from fiftyone_sdcorr.core.features.extractor import to_host
+    from fiftyone_sdcorr.core.features.fusion import RawFeatures
 
     dev = ext.device
     times = {}
@@ -335,8 +335,8 @@ def agreement(raws_ref, raws_test, pca_dim: int, alpha: float) -> dict:
     """Fused descriptors of the same images from two paths (one projection, fitted on the
     reference): per-token cosine over tokens on the image, and the percentage of equal
     nearest neighbours for every on-image token of image i matched into image i+1."""
-    from fiftyone_sdcorr.core.correspondence import match_points
-    from fiftyone_sdcorr.core.features import FixedProjection, fuse_raw
+    from fiftyone_sdcorr.core.matching.correspondence import match_points
+    from fiftyone_sdcorr.core.features.fusion import FixedProjection, fuse_raw
 
     n = len(raws_ref)
     proj = FixedProjection.fit([r.sd for r in raws_ref], dim=pca_dim)
@@ -387,7 +387,7 @@ def agreement(raws_ref, raws_test, pca_dim: int, alpha: float) -> dict:
 
 
 def fused_for_store(raws, recipe) -> list:
-    from fiftyone_sdcorr.core.features import FixedProjection, fuse_raw
+    from fiftyone_sdcorr.core.features.fusion import FixedProjection, fuse_raw
 
     proj = FixedProjection.fit([r.sd for r in raws], dim=recipe.pca_dim)
     return [fuse_raw(r, proj, alpha=recipe.alpha) for r in raws]

@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from fiftyone_sdcorr.core.correspondence import check_tokens, descriptors_of
+from fiftyone_sdcorr.core.matching.correspondence import check_tokens, descriptors_of
 
 
 def match_points_loop(src_desc, tgt_desc, src_tokens, tgt_mask: Optional[torch.Tensor] = None,

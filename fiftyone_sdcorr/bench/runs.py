@@ -44,7 +44,7 @@ def parse_batches(text: str) -> List[int]:
 
 def models_for(args, device, quiet):
     if args.tiny:
-        from fiftyone_sdcorr.core.tiny import tiny_models
+        from fiftyone_sdcorr.core.features.tiny import tiny_models
 
         root = Path(args.models_dir) if args.models_dir else None
         return tiny_models(root)
@@ -64,7 +64,7 @@ def optimised_dtype(args, device: torch.device) -> torch.dtype:
     """The optimised path's dtype (bf16 falls back to fp16 on a GPU without bf16). On CUDA
     this also turns cuDNN's autotuner on: fixed shapes throughout, both paths (the
     reference code sets this too)."""
-    from fiftyone_sdcorr.core.models import resolve_dtype
+    from fiftyone_sdcorr.core.features.models import resolve_dtype
 
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -87,8 +87,8 @@ def new_result(args, device: torch.device) -> Dict:
 
 def models_entry(tiny: bool) -> dict:
     return {
-        "sd": "tiny random (fiftyone_sdcorr.core.tiny)" if tiny else "SD 1.5 architecture, random weights (configs/sd15_*.json)",
-        "dino": "tiny random (fiftyone_sdcorr.core.tiny)" if tiny else "DINOv2-B architecture, random weights (configs/dinov2_base.json)",
+        "sd": "tiny random (fiftyone_sdcorr.core.features.tiny)" if tiny else "SD 1.5 architecture, random weights (configs/sd15_*.json)",
+        "dino": "tiny random (fiftyone_sdcorr.core.features.tiny)" if tiny else "DINOv2-B architecture, random weights (configs/dinov2_base.json)",
         "loaded_with": "FeatureExtractor(sd_dir, dino_dir) from save_pretrained directories",
     }
 
@@ -165,7 +165,7 @@ def add_store_and_matching(result: dict, fused: list, device, args) -> None:
     result["matching"] = matching
     if matching_dev is not None:
         result["matching_device"] = matching_dev
-    # the dense stage (core/dense.py): one pair on the CPU, three on a GPU
+    # the dense stage (core/matching/dense.py): one pair on the CPU, three on a GPU
     result["dense"] = bench_dense(fused, "cpu", pairs=1)
     if torch.device(device).type == "cuda":
         result["dense_device"] = bench_dense(fused, device, pairs=3)
@@ -270,8 +270,8 @@ def run_matching_only(args, device, quiet) -> dict:
     halves, letterboxes of landscape/portrait/square images) so masks and geometry are the
     real ones.
     """
-    from fiftyone_sdcorr.core.features import FusedFeatures, fuse
-    from fiftyone_sdcorr.core.geometry import Letterbox
+    from fiftyone_sdcorr.core.features.fusion import FusedFeatures, fuse
+    from fiftyone_sdcorr.core.common.geometry import Letterbox
 
     g = torch.Generator().manual_seed(0)
     sizes = [(640, 480), (480, 640), (500, 500), (800, 450)]

@@ -23,7 +23,7 @@ def unit_cols(desc: torch.Tensor) -> torch.Tensor:
 
 
 def to_device(f, dev):
-    from fiftyone_sdcorr.core.features import FusedFeatures
+    from fiftyone_sdcorr.core.features.fusion import FusedFeatures
 
     return FusedFeatures(f.descriptors.to(dev), f.letterbox, f.stride, f.sd_channels, f.meta)
 
@@ -32,9 +32,9 @@ def to_device(f, dev):
 def compact_store_options(store, fused: list) -> dict:
     """Bytes per sample of each store dtype, and how many nearest neighbours (every image
     token of one image matched into the next, cosine) equal those of the float32 maps."""
-    from fiftyone_sdcorr.core.correspondence import Prepared
-    from fiftyone_sdcorr.core.features import FusedFeatures
-    from fiftyone_sdcorr.core.store import STORE_DTYPES, stored_values
+    from fiftyone_sdcorr.core.matching.correspondence import Prepared
+    from fiftyone_sdcorr.core.features.fusion import FusedFeatures
+    from fiftyone_sdcorr.core.features.store import STORE_DTYPES, stored_values
 
     def nn(x, y):
         px, py = Prepared.of(x), Prepared.of(y)
@@ -90,7 +90,7 @@ def propagate_batched(s, ts, tokens, batch: int = 64) -> dict:
     """The package API: a Propagator with one reference of the K keypoints,
     predict_many over the targets in batches (default MatchConfig: soft-argmax +
     cycle check), against predict one target at a time; same device."""
-    from fiftyone_sdcorr.core.correspondence import tokens_to_normalized
+    from fiftyone_sdcorr.core.matching.correspondence import tokens_to_normalized
 
     try:  # the dataset layer needs FiftyOne (absent on the lent GPU machines)
         from fiftyone_sdcorr.dataset.config import MatchConfig
@@ -131,7 +131,7 @@ def propagate_batched_core(s, ts, tokens, batch: int, why: str) -> dict:
     """Without FiftyOne: the Propagator's product itself, core
     ``match_prepared_many`` (soft-argmax 11 + cycle check) in batches, results on the
     host; the Propagator adds the ranking and the conversion to fo.Keypoints."""
-    from fiftyone_sdcorr.core.correspondence import Prepared, PreparedBatch, match_prepared_many
+    from fiftyone_sdcorr.core.matching.correspondence import Prepared, PreparedBatch, match_prepared_many
 
     k = int(tokens.shape[0])
     dev = s.descriptors.device
@@ -143,7 +143,7 @@ def propagate_batched_core(s, ts, tokens, batch: int, why: str) -> dict:
     n = len(ts)
     return {"targets_per_s": rate(n, cm.seconds), "keypoints_per_s": rate(n * k, cm.seconds),
             "keypoints": k, "batch": batch, "targets": n, "failed": 0, "matched": len(got),
-            "call": f"core.correspondence.match_prepared_many(PreparedBatch of up to {batch} targets, one "
+            "call": f"core.matching.correspondence.match_prepared_many(PreparedBatch of up to {batch} targets, one "
                     f"reference of {k} keypoints, soft-argmax 11 + cycle check), results to the host",
             "note": f"the dataset layer (Propagator) could not load: {why}"}
 
@@ -153,7 +153,7 @@ def time_matching(dev, s, ts, masks, tokens) -> dict:
     """Seconds of the vectorised matcher, of the reference loop (K keypoint rows timed,
     scaled to all N_s source tokens) and of soft-argmax + cycle; the loop's answers."""
     from fiftyone_sdcorr.bench.reference import match_points_loop
-    from fiftyone_sdcorr.core.correspondence import match_points
+    from fiftyone_sdcorr.core.matching.correspondence import match_points
 
     k = int(tokens.shape[0])
     # warm-up
@@ -237,7 +237,7 @@ def match_on(dev: torch.device, src, tgts: list, tokens) -> dict:
 
 def match_from_store(store, keys: list, src, tokens) -> dict:
     """End to end from the store: read each target file, then match with soft-argmax + cycle."""
-    from fiftyone_sdcorr.core.correspondence import match_points
+    from fiftyone_sdcorr.core.matching.correspondence import match_points
 
     targets, k = len(keys), int(tokens.shape[0])
     with Clock("cpu") as ce:
@@ -257,7 +257,7 @@ def bench_store_and_matching(fused: list, device: torch.device, keypoints: int, 
     them back, and match ``keypoints`` source tokens into every target.
 
     Returns ``(store entry, matching on the CPU, matching on device or None)``."""
-    from fiftyone_sdcorr.core.store import FeatureStore
+    from fiftyone_sdcorr.core.features.store import FeatureStore
 
     tmp = Path(tempfile.mkdtemp(prefix="sdcorr-bench-store."))
     try:

@@ -1,1 +1,1 @@
-"""Tensor layer: models, recipe, extractor, fusion, matching, store, pictures. No FiftyOne import."""
+"""Tensor layer, one folder per concern: features/, matching/, benchmarks/, pictures/, common/. No FiftyOne import."""

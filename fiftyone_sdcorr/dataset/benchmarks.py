@@ -1,6 +1,6 @@
 """Benchmarks into FiftyOne: SPair-71k, PF-Pascal and AP-10K as datasets with their pairs.
 
-:func:`import_benchmark` reads a split with :mod:`fiftyone_sdcorr.core.benchmark_formats`
+:func:`import_benchmark` reads a split with :mod:`fiftyone_sdcorr.core.benchmarks.formats`
 and writes one sample per image the split's pairs use:
 
 - ``filepath``; tags: the split and the format; ``category`` (string; AP-10K: the
@@ -39,7 +39,7 @@ import numpy as np
 
 import fiftyone as fo
 
-from fiftyone_sdcorr.core.benchmark_formats import (
+from fiftyone_sdcorr.core.benchmarks.formats import (
     FORMATS,
     ImageRecord,
     PairRecord,
@@ -126,7 +126,7 @@ def import_benchmark(
 
     Args:
         format: ``"spair"``, ``"pfpascal"`` or ``"ap10k"``.
-        root: the benchmark's folder (:mod:`fiftyone_sdcorr.core.benchmark_formats`).
+        root: the benchmark's folder (:mod:`fiftyone_sdcorr.core.benchmarks.formats`).
         split: the split whose pairs (and their images) are imported.
         name: the dataset's name (default ``"<format>-<split>"``); an existing dataset of
             that name is replaced only with ``overwrite=True``.

@@ -49,11 +49,11 @@ import torch
 
 import fiftyone.core.media as fom
 
-from fiftyone_sdcorr.core.extractor import PREP_THREADS
-from fiftyone_sdcorr.core.features import FixedProjection, FusedFeatures, fuse_raw
-from fiftyone_sdcorr.core.store import STORE_DTYPES, FeatureStore, encode, stored_embedding
-from fiftyone_sdcorr.core.pipeline import pipelined
-from fiftyone_sdcorr.core.transfer import EncodedFeatures
+from fiftyone_sdcorr.core.features.extractor import PREP_THREADS
+from fiftyone_sdcorr.core.features.fusion import FixedProjection, FusedFeatures, fuse_raw
+from fiftyone_sdcorr.core.features.store import STORE_DTYPES, FeatureStore, encode, stored_embedding
+from fiftyone_sdcorr.core.features.pipeline import pipelined
+from fiftyone_sdcorr.core.features.transfer import EncodedFeatures
 from fiftyone_sdcorr.dataset.claims import SampleLock, exclusive, fs_now, worker_id
 from fiftyone_sdcorr.dataset.config import FeatureConfig, merge_features
 from fiftyone_sdcorr.dataset.engine import (
@@ -292,7 +292,7 @@ class FeatureJob:
             run.step(len(self.not_images), f"{len(self.not_images)} non-image samples")
 
     def compute(self, pending: List[Tuple[str, str]], run: Run) -> None:
-        """Claimed batches through :func:`fiftyone_sdcorr.core.pipeline.pipelined`: batch
+        """Claimed batches through :func:`fiftyone_sdcorr.core.features.pipeline.pipelined`: batch
         k+1 is claimed, loaded and queued on the GPU before batch k is stored and written
         (:meth:`end_batch`), so host work overlaps the models. Extractors without
         ``prepare``/``run_prepared`` run batch by batch (:meth:`describe`)."""

@@ -26,11 +26,11 @@ from typing import Any, ClassVar, Dict, Optional, Tuple
 
 import torch
 
-from fiftyone_sdcorr.core.correspondence import DEFAULT_SOFT_WINDOW, DEFAULT_TEMPERATURE
-from fiftyone_sdcorr.core.dense import DEFAULT_RESOLUTION
-from fiftyone_sdcorr.core.extractor import PRESETS, Recipe
-from fiftyone_sdcorr.core.models import DEFAULT_DINO_MODEL, DEFAULT_SD_MODEL
-from fiftyone_sdcorr.core.params import (
+from fiftyone_sdcorr.core.matching.correspondence import DEFAULT_SOFT_WINDOW, DEFAULT_TEMPERATURE
+from fiftyone_sdcorr.core.matching.dense import DEFAULT_RESOLUTION
+from fiftyone_sdcorr.core.features.extractor import PRESETS, Recipe
+from fiftyone_sdcorr.core.features.models import DEFAULT_DINO_MODEL, DEFAULT_SD_MODEL
+from fiftyone_sdcorr.core.common.params import (
     ParameterError,
     check_bool,
     check_choice,
@@ -39,8 +39,8 @@ from fiftyone_sdcorr.core.params import (
     check_int,
     check_str,
 )
-from fiftyone_sdcorr.core.store import STORE_DTYPES as STORE_DTYPE_MAP
-from fiftyone_sdcorr.core.store import default_store_root
+from fiftyone_sdcorr.core.features.store import STORE_DTYPES as STORE_DTYPE_MAP
+from fiftyone_sdcorr.core.features.store import default_store_root
 from fiftyone_sdcorr.dataset.engine import check_field_name
 
 STORE_DTYPES = tuple(STORE_DTYPE_MAP)  # float16, bfloat16, float32, int8 (a scale per channel)
@@ -256,7 +256,7 @@ class FeatureConfig(Buildable):
         """The given extractor, or a :class:`FeatureExtractor` (models load here)."""
         if self.extractor is not None:
             return self.extractor
-        from fiftyone_sdcorr.core.extractor import FeatureExtractor
+        from fiftyone_sdcorr.core.features.extractor import FeatureExtractor
 
         rec = {f.name: getattr(self.recipe, f.name) for f in fields(Recipe)}
         return FeatureExtractor(self.sd_model, self.dino_model, device=self.device, dtype=self.dtype,
@@ -587,8 +587,8 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------- instance swapping
-from fiftyone_sdcorr.core.dense import DEFAULT_RESOLUTION as DENSE_RESOLUTION  # noqa: E402
-from fiftyone_sdcorr.core.swap import REFINE_MODES as SWAP_REFINE_MODES  # noqa: E402
+from fiftyone_sdcorr.core.matching.dense import DEFAULT_RESOLUTION as DENSE_RESOLUTION  # noqa: E402
+from fiftyone_sdcorr.core.pictures.swap import REFINE_MODES as SWAP_REFINE_MODES  # noqa: E402
 
 #: swap_instances' ranges (added to RANGES: the forms read them from there)
 RANGES.update({

@@ -32,7 +32,7 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Seque
 import fiftyone as fo
 import fiftyone.core.media as fom
 
-from fiftyone_sdcorr.core.params import (  # noqa: F401 -- the engine's parameter checks
+from fiftyone_sdcorr.core.common.params import (  # noqa: F401 -- the engine's parameter checks
     ParameterError,
     check_bool,
     check_choice,

@@ -28,9 +28,9 @@ import torch
 
 import fiftyone.core.media as fom
 
-from fiftyone_sdcorr.core.features import FixedProjection, FusedFeatures, fuse_raw
-from fiftyone_sdcorr.core.models import default_device
-from fiftyone_sdcorr.core.store import FeatureStore, FeatureStoreError, read_header
+from fiftyone_sdcorr.core.features.fusion import FixedProjection, FusedFeatures, fuse_raw
+from fiftyone_sdcorr.core.features.models import default_device
+from fiftyone_sdcorr.core.features.store import FeatureStore, FeatureStoreError, read_header
 from fiftyone_sdcorr.dataset.config import FeatureConfig
 from fiftyone_sdcorr.dataset.engine import ParameterError, find_record, recorded_fields, settings_difference
 from fiftyone_sdcorr.dataset.units import Unit, Units

@@ -9,7 +9,7 @@
   sample to every location of each sample, as an ``fo.Heatmap`` (8-bit PNG on disk,
   ``range=[0, 255]`` for cosine ``0..1``): where does "this part" appear in every image.
 - :func:`write_dense_views`: the dense correspondence of a reference to each sample
-  (:func:`~fiftyone_sdcorr.core.dense.dense_match`) as a picture per sample: the
+  (:func:`~fiftyone_sdcorr.core.matching.dense.dense_match`) as a picture per sample: the
   reference's position colours carried onto it (the paper's colour map) or the reference
   warped onto it; a media field like the PCA pictures.
 
@@ -20,8 +20,8 @@ reported. The images go to ``output_dir``, by default beside the feature store i
 a FiftyOne field name first, so it never leads outside that folder). Pictures are written
 at the downsampled size the panel uses (long side at most ``max_side``, the image's aspect);
 the resampling goes through the letterbox, so they line up with the image and its labels.
-Speaks FiftyOne (layer 4); the pictures come from :mod:`fiftyone_sdcorr.core.visualize` and
-:mod:`fiftyone_sdcorr.core.dense`.
+Speaks FiftyOne (layer 4); the pictures come from :mod:`fiftyone_sdcorr.core.pictures.visualize` and
+:mod:`fiftyone_sdcorr.core.matching.dense`.
 """
 
 from __future__ import annotations
@@ -37,9 +37,9 @@ from PIL import Image
 
 import fiftyone as fo
 
-from fiftyone_sdcorr.core import visualize as vis
-from fiftyone_sdcorr.core.dense import dense_match, position_colors, warp_image
-from fiftyone_sdcorr.core.params import check_choice, check_int
+from fiftyone_sdcorr.core.pictures import visualize as vis
+from fiftyone_sdcorr.core.matching.dense import dense_match, position_colors, warp_image
+from fiftyone_sdcorr.core.common.params import check_choice, check_int
 from fiftyone_sdcorr.dataset.config import VIEW_MODES, FeaturePCAConfig, HeatmapConfig, ViewConfig
 from fiftyone_sdcorr.dataset.engine import (
     ParameterError,
@@ -244,10 +244,10 @@ def write_dense_views(
     """Writes, for each sample, a picture of the reference's dense correspondence to it.
 
     Every pixel of a sample is matched to the reference
-    (:func:`~fiftyone_sdcorr.core.dense.dense_match` of the stored features on a
+    (:func:`~fiftyone_sdcorr.core.matching.dense.dense_match` of the stored features on a
     ``resolution`` grid) and takes, ``mode="colors"``, the colour of its match in the
     reference's position colours (the paper's colour map,
-    :func:`~fiftyone_sdcorr.core.dense.position_colors`: x to red, y to green), or,
+    :func:`~fiftyone_sdcorr.core.matching.dense.position_colors`: x to red, y to green), or,
     ``mode="warp"``, its match's pixel of the reference photo (the reference warped onto the
     sample). ``output_field`` (a string field) holds each PNG's path and is added to the
     dataset's ``app_config.media_fields``, as :func:`write_feature_pca` does. With

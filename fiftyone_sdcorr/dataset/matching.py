@@ -1,6 +1,6 @@
 """Reference keypoints matched into targets: the matching engine under propagation and
 review (FiftyOne labels in, FiftyOne labels out; the tensor work is
-:mod:`fiftyone_sdcorr.core.correspondence`).
+:mod:`fiftyone_sdcorr.core.matching.correspondence`).
 
 - **References**: each ``fo.Keypoint`` of a reference is an instance; NaN points are
   invisible; points outside ``[0, 1]`` or malformed are skipped and reported.
@@ -29,9 +29,9 @@ import torch
 
 import fiftyone as fo
 
-from fiftyone_sdcorr.core import correspondence as corr
-from fiftyone_sdcorr.core.correspondence import Prepared, PreparedBatch, match_prepared_many
-from fiftyone_sdcorr.core.features import FusedFeatures
+from fiftyone_sdcorr.core.matching import correspondence as corr
+from fiftyone_sdcorr.core.matching.correspondence import Prepared, PreparedBatch, match_prepared_many
+from fiftyone_sdcorr.core.features.fusion import FusedFeatures
 from fiftyone_sdcorr.dataset.config import MatchConfig
 from fiftyone_sdcorr.dataset.engine import ParameterError, reason
 from fiftyone_sdcorr.dataset.pck import points_of

@@ -11,8 +11,8 @@ from scipy.optimize import linear_sum_assignment
 
 import fiftyone as fo
 
-from fiftyone_sdcorr.core.geometry import points_array
-from fiftyone_sdcorr.core.images import image_size
+from fiftyone_sdcorr.core.common.geometry import points_array
+from fiftyone_sdcorr.core.common.images import image_size
 
 #: OKS fall-off constant of :func:`match_instances`. Why 0.1: arbitrary categories have no
 #: per-keypoint constants (COCO's ``k_i = 2 sigma_i`` exist only for people, 0.05 ... 0.21);

@@ -15,7 +15,7 @@
   target's label (``same_label``). ``flip=True``: the mirrored reference (described from
   the mirrored image) is matched too, its mask mirrored, and the match with the higher
   mean similarity is kept (no label swap).
-- **Dense matching** (:func:`fiftyone_sdcorr.core.dense.dense_match`): on a
+- **Dense matching** (:func:`fiftyone_sdcorr.core.matching.dense.dense_match`): on a
   ``resolution x resolution`` grid over each letterbox frame, every target cell of the
   target's region takes its nearest source cell (chunked, on the features' device); the
   region of an image is the whole image, of an object its own mask when it has one
@@ -54,8 +54,8 @@ import numpy as np
 
 import fiftyone as fo
 
-from fiftyone_sdcorr.core.dense import dense_match, warp_labels
-from fiftyone_sdcorr.core.store import default_store_root
+from fiftyone_sdcorr.core.matching.dense import dense_match, warp_labels
+from fiftyone_sdcorr.core.features.store import default_store_root
 from fiftyone_sdcorr.dataset.config import MaskPropagationConfig, merge_features
 from fiftyone_sdcorr.dataset.engine import (
     ParameterError,
@@ -120,7 +120,7 @@ def propagate_masks(
             references (never written).
         output_field: the NEW field (``fo.Segmentation``, or ``fo.Detections`` for objects).
         patches_field: the target objects (a ``fo.Detections`` field).
-        resolution: cells per side of the dense grid (``core.dense.DEFAULT_RESOLUTION``).
+        resolution: cells per side of the dense grid (``core.matching.dense.DEFAULT_RESOLUTION``).
         min_confidence: pixels matched with a lower confidence stay 0.
         confidence_field: a NEW ``fo.Heatmap`` field of the confidence (None: none).
         max_side: the longest side of an output mask, in pixels.

@@ -47,7 +47,7 @@ import numpy as np
 
 import fiftyone as fo
 
-from fiftyone_sdcorr.core.files import check_output_file, write_text_atomic
+from fiftyone_sdcorr.core.common.files import check_output_file, write_text_atomic
 from fiftyone_sdcorr.dataset.benchmarks import INFO_KEY, import_benchmark
 from fiftyone_sdcorr.dataset.config import ReviewConfig
 from fiftyone_sdcorr.dataset.engine import (

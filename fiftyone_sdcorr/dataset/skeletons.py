@@ -24,7 +24,7 @@ from typing import Any, List, Optional, Sequence
 
 import fiftyone as fo
 
-from fiftyone_sdcorr.core.params import ParameterError
+from fiftyone_sdcorr.core.common.params import ParameterError
 
 
 def keypoint_skeleton(samples, field: Optional[str], label: Optional[str] = None) -> Optional[fo.KeypointSkeleton]:

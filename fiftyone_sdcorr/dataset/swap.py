@@ -9,7 +9,7 @@ instance swapping), into NEW samples of another dataset, or of a new group slice
   propagation picks its reference. For each pair, the two units'
   dense features (stored by ``compute_fused_features``, else computed through the same
   :class:`~fiftyone_sdcorr.dataset.feature_source.FeatureSource` as propagation) are
-  matched densely inside both regions (:func:`~fiftyone_sdcorr.core.dense.dense_match`),
+  matched densely inside both regions (:func:`~fiftyone_sdcorr.core.matching.dense.dense_match`),
   and every pixel of the target region takes the colour of its match in the source; every
   other pixel is the target's, exactly.
 - **Regions**: an object's region is its instance mask (``fo.Detection.mask`` /
@@ -50,11 +50,11 @@ from PIL import Image
 import fiftyone as fo
 import fiftyone.core.media as fom
 
-from fiftyone_sdcorr.core.dense import dense_match
-from fiftyone_sdcorr.core.files import check_output_folder, write_atomic
-from fiftyone_sdcorr.core.geometry import Crop
-from fiftyone_sdcorr.core.images import load_image
-from fiftyone_sdcorr.core.swap import (
+from fiftyone_sdcorr.core.matching.dense import dense_match
+from fiftyone_sdcorr.core.common.files import check_output_folder, write_atomic
+from fiftyone_sdcorr.core.common.geometry import Crop
+from fiftyone_sdcorr.core.common.images import load_image
+from fiftyone_sdcorr.core.pictures.swap import (
     encode_gif,
     img2img_pipeline,
     match_positions,
@@ -475,7 +475,7 @@ def _refiner(source: FeatureSource, mode: str):
         if source.cfg is None or source.cfg.extractor is not None:
             raise ParameterError("parameter 'refine': the features' extractor has no Stable Diffusion components; "
                                  "pass a FeatureExtractor as extractor= (or sd_model=) to refine")
-        from fiftyone_sdcorr.core.models import load_stable_diffusion
+        from fiftyone_sdcorr.core.features.models import load_stable_diffusion
 
         parts = load_stable_diffusion(source.cfg.sd_model, source.device, source.cfg.dtype)
     return img2img_pipeline(parts, mode)

@@ -8,7 +8,7 @@ image holds several. So each dataset function works on *units*:
 - **objects** (``patches_field="detections"``, or a ``to_patches("detections")`` view): one
   unit per ``fo.Detection`` of that ``fo.Detections`` field, its id the label id; the
   unit's pixels are its box grown by the recipe's ``context_margin`` on each side
-  (:class:`~fiftyone_sdcorr.core.geometry.Crop`), letterboxed like an image; its values
+  (:class:`~fiftyone_sdcorr.core.common.geometry.Crop`), letterboxed like an image; its values
   live as attributes of the detection (``detections.detections.sdcorr_features``), as
   FiftyOne's ``compute_patch_embeddings`` stores embeddings.
 
@@ -27,9 +27,9 @@ import numpy as np
 
 import fiftyone as fo
 
-from fiftyone_sdcorr.core.geometry import DEFAULT_CONTEXT_MARGIN, Crop
-from fiftyone_sdcorr.core.images import load_crop, load_image
-from fiftyone_sdcorr.core.params import ParameterError, check_str
+from fiftyone_sdcorr.core.common.geometry import DEFAULT_CONTEXT_MARGIN, Crop
+from fiftyone_sdcorr.core.common.images import load_crop, load_image
+from fiftyone_sdcorr.core.common.params import ParameterError, check_str
 from fiftyone_sdcorr.dataset.pck import image_size_of
 
 #: field types of the values a run writes per object (label attributes)

@@ -38,7 +38,7 @@ import fiftyone as fo
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
-from fiftyone_sdcorr.core.extractor import PRESETS
+from fiftyone_sdcorr.core.features.extractor import PRESETS
 from fiftyone_sdcorr.dataset.config import DTYPES, RANGES, FeatureConfig
 from fiftyone_sdcorr.dataset.engine import ParameterError
 

@@ -17,9 +17,9 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 
 
-from fiftyone_sdcorr.core import visualize as vis
-from fiftyone_sdcorr.core.dense import dense_match, position_colors, warp_image
-from fiftyone_sdcorr.core.geometry import DEFAULT_CONTEXT_MARGIN, Crop
+from fiftyone_sdcorr.core.pictures import visualize as vis
+from fiftyone_sdcorr.core.matching.dense import dense_match, position_colors, warp_image
+from fiftyone_sdcorr.core.common.geometry import DEFAULT_CONTEXT_MARGIN, Crop
 from fiftyone_sdcorr.dataset.config import FEATURES_FIELD, N_PARTS
 from fiftyone_sdcorr.dataset.skeletons import keypoint_skeleton
 from fiftyone_sdcorr.plugin.field_roles import REFERENCE_ATTR
@@ -42,7 +42,7 @@ VIEW_MODES = {"photos": "Photos", "pca": "PCA of features", "parts": "Part clust
               "dense": "Dense correspondence", "warp": "Reference warped"}
 DENSE_VIEWS = ("dense", "warp")  # the view modes drawn from the pair's dense match
 #: cells per side of the dense grid the panel matches on (over each side's letterbox
-#: frame, :func:`~fiftyone_sdcorr.core.dense.dense_match`): finer than the token grid
+#: frame, :func:`~fiftyone_sdcorr.core.matching.dense.dense_match`): finer than the token grid
 #: (60 x 60 with the paper's recipe), about 2 s for 1536-channel features on two CPU
 #: cores; computed once per pair and cached
 DENSE_RESOLUTION = 96
@@ -90,7 +90,7 @@ def _mtime(path: Optional[str]) -> float:
 
 def _display_image(filepath: str):
     """The downsampled RGB image of a file (cached by path and mtime)."""
-    from fiftyone_sdcorr.core.images import load_image
+    from fiftyone_sdcorr.core.common.images import load_image
 
     return _CACHE.get(
         ("img", filepath, _mtime(filepath)),
@@ -101,7 +101,7 @@ def _display_image(filepath: str):
 def _load_display_crop(filepath: str, box, margin: float):
     from PIL import Image
 
-    from fiftyone_sdcorr.core.images import load_crop
+    from fiftyone_sdcorr.core.common.images import load_crop
 
     img, crop = load_crop(filepath, box, margin)
     img = vis.downsample(img, MAX_SIDE)
@@ -132,7 +132,7 @@ def _features(path: Optional[str]):
     """Stored fused features (cached), or None when there are none."""
     if not path or not os.path.isfile(path):
         return None
-    from fiftyone_sdcorr.core.store import FeatureStore
+    from fiftyone_sdcorr.core.features.store import FeatureStore
 
     return _CACHE.get(("feat", path, _mtime(path)), lambda: FeatureStore().load(path))
 
@@ -221,7 +221,7 @@ class Frame:
     box grown by the features' context margin: exactly the pixels the object's features
     describe). Points in a frame are normalised to it (to the crop for an object);
     keypoints are stored in image coordinates and converted with
-    :class:`~fiftyone_sdcorr.core.geometry.Crop`."""
+    :class:`~fiftyone_sdcorr.core.common.geometry.Crop`."""
 
     sample: Any
     features_path: Optional[str] = None

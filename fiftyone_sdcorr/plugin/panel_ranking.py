@@ -29,7 +29,7 @@ import numpy as np
 import fiftyone as fo
 from bson import ObjectId
 
-from fiftyone_sdcorr.core.geometry import DEFAULT_CONTEXT_MARGIN
+from fiftyone_sdcorr.core.common.geometry import DEFAULT_CONTEXT_MARGIN
 from fiftyone_sdcorr.dataset.config import EMBEDDING_FIELD, FEATURES_FIELD
 from fiftyone_sdcorr.dataset.engine import find_record, recorded_fields
 from fiftyone_sdcorr.dataset.units import Unit, Units, link_to_objects

@@ -18,7 +18,7 @@ Everything is one plotly figure in one coordinate system:
   other image with the fused features, and the similarity heat map is laid over the other
   image;
 - feature views: the pair's co-fitted PCA colours and a shared k-means part clustering;
-- dense views, from the pair's dense match (:func:`~fiftyone_sdcorr.core.dense.dense_match`
+- dense views, from the pair's dense match (:func:`~fiftyone_sdcorr.core.matching.dense.dense_match`
   of the reference to the current side at :data:`DENSE_RESOLUTION` cells per side, on the
   stored features of both sides: the whole images', or the object crops' own): *Dense
   correspondence*, the paper's colour map (the reference coloured by position, each pixel
@@ -49,7 +49,7 @@ from typing import Optional, Tuple
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
-from fiftyone_sdcorr.core import visualize as vis
+from fiftyone_sdcorr.core.pictures import visualize as vis
 
 from fiftyone_sdcorr.plugin.field_roles import OUTPUT_FIELD, default_fields, field_roles, free_field_name, keypoint_fields
 from fiftyone_sdcorr.plugin.panel_figure import (  # noqa: F401 -- MAX_SIDE etc. are part of the panel's API

@@ -5,13 +5,13 @@ Pure numpy / torch / Pillow (and diffusers for the refinement); no FiftyOne impo
 :func:`fiftyone_sdcorr.dataset.swap.swap_instances` reads samples, calls these, writes.
 
 - :func:`swap_region`: every pixel of the target mask takes the colour of its dense match
-  (:class:`~fiftyone_sdcorr.core.dense.DenseField`) in the source; every other pixel is
+  (:class:`~fiftyone_sdcorr.core.matching.dense.DenseField`) in the source; every other pixel is
   the target's, exactly.
 - :func:`paste`: a region put back into its image at its place.
 - :func:`refine_region`: the paper's refinement, an optional Stable Diffusion
   image-to-image pass (or inpainting inside the mask) at a low strength over the swapped
   region, built from already
-  loaded components (:class:`~fiftyone_sdcorr.core.models.StableDiffusionParts`: no
+  loaded components (:class:`~fiftyone_sdcorr.core.features.models.StableDiffusionParts`: no
   second download), seeded (a rerun gives the same pixels), blended back only inside the mask.
 - :func:`warp_frames` / :func:`encode_gif`: the warp animation (the paper's GIFs): each
   swapped pixel moves from its place in the source to its place in the target.
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fiftyone_sdcorr.core.dense import DenseField, warp_image
+from fiftyone_sdcorr.core.matching.dense import DenseField, warp_image
 
 #: the latent grid of SD's VAE and UNet: a refined region is resized to a multiple of this
 REFINE_MULTIPLE = 64
@@ -95,7 +95,7 @@ REFINE_MODES = ("img2img", "inpaint")
 def img2img_pipeline(parts, mode: str = "img2img"):
     """A diffusers ``StableDiffusionImg2ImgPipeline`` (``mode="inpaint"``:
     ``StableDiffusionInpaintPipeline``) from loaded SD components
-    (:class:`~fiftyone_sdcorr.core.models.StableDiffusionParts`): the same weights, no
+    (:class:`~fiftyone_sdcorr.core.features.models.StableDiffusionParts`): the same weights, no
     download; a DDIM sampler made from the checkpoint's scheduler config; no safety checker
     (nothing is generated from scratch, a low-strength pass over an existing image). The
     inpainting pipeline works with SD's ordinary 4-channel UNet: at every step diffusers
@@ -218,11 +218,11 @@ __all__ = ["swap_region", "paste", "png_bytes", "as_rgb", "refine_shape", "img2i
 
 def sd_parts_of(extractor):
     """The SD components an extractor computes its features with
-    (:class:`~fiftyone_sdcorr.core.models.StableDiffusionParts`), or None for a describer
-    without them. A :class:`~fiftyone_sdcorr.core.extractor.FeatureExtractor` frees its text
+    (:class:`~fiftyone_sdcorr.core.features.models.StableDiffusionParts`), or None for a describer
+    without them. A :class:`~fiftyone_sdcorr.core.features.extractor.FeatureExtractor` frees its text
     encoder once the fixed prompt is embedded: it is loaded again from the same checkpoint
     (local directory or the Hugging Face cache the extractor loaded from; safetensors only)."""
-    from fiftyone_sdcorr.core.models import StableDiffusionParts
+    from fiftyone_sdcorr.core.features.models import StableDiffusionParts
 
     if not all(getattr(extractor, a, None) is not None for a in ("unet", "vae", "scheduler", "tokenizer")):
         return None
@@ -238,7 +238,7 @@ def load_text_encoder(name: str, device, dtype):
     """The CLIP text encoder of an SD checkpoint (Hub id or directory; safetensors only)."""
     from transformers import CLIPTextModel
 
-    from fiftyone_sdcorr.core.models import ModelLoadError
+    from fiftyone_sdcorr.core.features.models import ModelLoadError
 
     try:
         model = CLIPTextModel.from_pretrained(name, subfolder="text_encoder", use_safetensors=True, dtype=dtype)

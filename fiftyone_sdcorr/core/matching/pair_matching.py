@@ -1,18 +1,18 @@
 """Benchmark pairs matched the paper's way: features per image, co-PCA per pair, nearest
 neighbour per source keypoint.
 
-For each :class:`~fiftyone_sdcorr.core.benchmark_formats.PairRecord`:
+For each :class:`~fiftyone_sdcorr.core.benchmarks.formats.PairRecord`:
 
 1. **Raw features** of both images from a :class:`~fiftyone_sdcorr.FeatureExtractor`
    (SD tap maps + DINOv2 tokens), kept in a small per-image cache (benchmark images recur
    in many pairs).
 2. **Descriptors**: ``pca="co"``, the paper: co-PCA of the pair's SD maps
-   (:func:`~fiftyone_sdcorr.core.features.fuse_pair`); ``pca="fixed"``: one
-   :class:`~fiftyone_sdcorr.core.features.FixedProjection` for every image (the cached
+   (:func:`~fiftyone_sdcorr.core.features.fusion.fuse_pair`); ``pca="fixed"``: one
+   :class:`~fiftyone_sdcorr.core.features.fusion.FixedProjection` for every image (the cached
    dataset path). ``features``: ``"fused"`` (SD and DINO halves weighted by the recipe's
    ``alpha``), ``"sd"`` (alpha 1: the DINO half is zero) or ``"dino"`` (alpha 0).
 3. **Matching**: nearest neighbour by cosine similarity over the target's image tokens
-   (:func:`~fiftyone_sdcorr.core.correspondence.match_keypoints`), optionally refined by
+   (:func:`~fiftyone_sdcorr.core.matching.correspondence.match_keypoints`), optionally refined by
    the window soft-argmax; the token centre is mapped back to target pixels.
 4. **Flip alignment** (``flip=True``, GeoAware-SC's training-free pose alignment): the
    mirrored source is matched too, with left/right keypoint ids swapped (``flip_pairs``),
@@ -43,10 +43,10 @@ import numpy as np
 import torch
 from PIL import ImageOps
 
-from fiftyone_sdcorr.core.benchmark_formats import PairRecord
-from fiftyone_sdcorr.core.correspondence import DEFAULT_SOFT_WINDOW, DEFAULT_TEMPERATURE, match_keypoints, \
+from fiftyone_sdcorr.core.benchmarks.formats import PairRecord
+from fiftyone_sdcorr.core.matching.correspondence import DEFAULT_SOFT_WINDOW, DEFAULT_TEMPERATURE, match_keypoints, \
     match_keypoints_with_flip
-from fiftyone_sdcorr.core.features import (
+from fiftyone_sdcorr.core.features.fusion import (
     FixedProjection,
     FusedFeatures,
     RawFeatures,
@@ -56,8 +56,8 @@ from fiftyone_sdcorr.core.features import (
     fuse_raw,
     sd_descriptor,
 )
-from fiftyone_sdcorr.core.images import ImageLoadError, load_image
-from fiftyone_sdcorr.core.params import ParameterError, check_bool, check_choice, check_float, check_int
+from fiftyone_sdcorr.core.common.images import ImageLoadError, load_image
+from fiftyone_sdcorr.core.common.params import ParameterError, check_bool, check_choice, check_float, check_int
 
 FEATURES = ("fused", "sd", "dino")
 PCA_MODES = ("co", "fixed")

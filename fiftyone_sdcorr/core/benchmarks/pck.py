@@ -52,8 +52,9 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from fiftyone_sdcorr.core.benchmark_formats import BenchmarkFormatError, PairRecord, checked_points
-from fiftyone_sdcorr.core.geometry import points_array
+from fiftyone_sdcorr.core.benchmarks.errors import BenchmarkFormatError
+from fiftyone_sdcorr.core.benchmarks.formats import PairRecord, checked_points
+from fiftyone_sdcorr.core.common.geometry import points_array
 
 
 def alpha_key(alpha: float) -> str:
@@ -106,7 +107,7 @@ def score_pair(pred, gt, visible, threshold: float, alphas: Sequence[float], *, 
 
 
 def score_record(record: PairRecord, pred, alphas: Sequence[float]) -> PairScore:
-    """:func:`score_pair` for a :class:`~fiftyone_sdcorr.core.benchmark_formats.PairRecord`."""
+    """:func:`score_pair` for a :class:`~fiftyone_sdcorr.core.benchmarks.formats.PairRecord`."""
     if not (math.isfinite(record.threshold) and record.threshold > 0):
         raise ValueError(f"pair {record.pair!r}: threshold size must be positive, got {record.threshold}")
     return score_pair(pred, record.trg_kps, record.visible, record.threshold, alphas,

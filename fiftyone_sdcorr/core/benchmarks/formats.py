@@ -3,7 +3,7 @@
 Each reader turns a benchmark's files into :class:`PairRecord` objects (one per test pair:
 the two images, the keypoints in pixels, which are visible, the PCK threshold size ``T``)
 and, for the importers, :class:`ImageRecord` objects (one per image). Nothing here scores
-anything (:mod:`fiftyone_sdcorr.core.pck_protocol`) or speaks FiftyOne
+anything (:mod:`fiftyone_sdcorr.core.benchmarks.pck`) or speaks FiftyOne
 (:mod:`fiftyone_sdcorr.dataset.benchmarks`). Pure Python + numpy + Pillow (scipy only for
 PF-Pascal's optional ``.mat`` files).
 
@@ -78,9 +78,11 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from fiftyone_sdcorr.core.geometry import points_array
-from fiftyone_sdcorr.core.images import image_size
-from fiftyone_sdcorr.core.params import ParameterError, check_int
+from fiftyone_sdcorr.core.common.geometry import points_array
+from fiftyone_sdcorr.core.common.images import image_size
+from fiftyone_sdcorr.core.benchmarks.errors import BenchmarkFormatError
+from fiftyone_sdcorr.core.benchmarks.flow_io import flo_size
+from fiftyone_sdcorr.core.common.params import ParameterError, check_int
 
 FORMATS = ("spair", "pfpascal", "ap10k")
 
@@ -148,13 +150,6 @@ SPAIR_NUM_KEYPOINTS = {
     "chair": 14, "cow": 21, "dog": 16, "horse": 20, "motorbike": 13, "person": 20, "pottedplant": 9,
     "sheep": 21, "train": 18, "tvmonitor": 16,
 }
-
-
-class BenchmarkFormatError(ValueError):
-    """A benchmark or predictions file is missing or not in the expected format; the
-    message names the file, the pair (when known) and the field, with what it must be
-    and what it holds. (:class:`~fiftyone_sdcorr.core.pck_protocol.PredictionsError` is
-    one for predictions files.)"""
 
 
 # --------------------------------------------------------------------------- records
@@ -791,7 +786,7 @@ class TssPair:
 
     def load_flow(self) -> np.ndarray:
         """The ground-truth flow, ``H x W x 2`` float32 on the target's grid."""
-        from fiftyone_sdcorr.core.flow_io import read_flo
+        from fiftyone_sdcorr.core.benchmarks.flow_io import read_flo
 
         return read_flo(self.flow)
 
@@ -829,7 +824,6 @@ def tss_category(subset: str, folder: str) -> str:
 def _tss_sizes(folder: Path) -> Dict[int, Tuple[int, int]]:
     """``{n: (W, H)}`` of ``image{n}.png``, with ``flow{n}.flo`` and ``mask{n}.png`` checked
     to be on the same grid (headers only)."""
-    from fiftyone_sdcorr.core.flow_io import flo_size
 
     missing = [f for f in _TSS_FILES if not (folder / f).is_file()]
     if missing:

@@ -9,11 +9,11 @@ Conventions
   (the fused vectors are two unit-norm halves, so their overall norm is ``sqrt(2)``, not
   1; for such vectors argmax cosine equals argmin L2, the recipe's nearest neighbour).
 - Token positions are ``(col, row)`` pairs, i.e. ``(x, y)`` order, like
-  :mod:`fiftyone_sdcorr.core.geometry`. Source positions are integer (long) tokens; matched
+  :mod:`fiftyone_sdcorr.core.common.geometry`. Source positions are integer (long) tokens; matched
   target positions are float, fractional when the window soft-argmax is used.
 - Keypoints are normalised image coordinates in ``[0, 1]`` (FiftyOne's convention);
   :func:`keypoints_to_tokens` and :func:`tokens_to_normalized` convert through the
-  letterbox of a :class:`~fiftyone_sdcorr.core.features.FusedFeatures`.
+  letterbox of a :class:`~fiftyone_sdcorr.core.features.fusion.FusedFeatures`.
 
 Confidence rule
 ---------------
@@ -35,7 +35,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from fiftyone_sdcorr.core.features import FusedFeatures
+from fiftyone_sdcorr.core.features.fusion import FusedFeatures
 
 #: GeoAware-SC window soft-argmax defaults.
 DEFAULT_SOFT_WINDOW = 11

@@ -33,9 +33,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as _st_save
 
-from fiftyone_sdcorr.core.features import FusedFeatures, RawFeatures
-from fiftyone_sdcorr.core.files import TMP_PREFIX, write_atomic
-from fiftyone_sdcorr.core.geometry import Letterbox
+from fiftyone_sdcorr.core.features.fusion import FusedFeatures, RawFeatures
+from fiftyone_sdcorr.core.common.files import TMP_PREFIX, write_atomic
+from fiftyone_sdcorr.core.common.geometry import Letterbox
 
 FORMAT = "fiftyone-sdcorr/dense"
 TENSORS_FORMAT = "fiftyone-sdcorr/tensors"

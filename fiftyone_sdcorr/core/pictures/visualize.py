@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from fiftyone_sdcorr.core import correspondence as corr
-from fiftyone_sdcorr.core.features import FusedFeatures
+from fiftyone_sdcorr.core.matching import correspondence as corr
+from fiftyone_sdcorr.core.features.fusion import FusedFeatures
 
 #: a qualitative palette (Tableau 10 + 10 more), readable on light and dark backgrounds
 PALETTE = (

@@ -31,7 +31,7 @@ from typing import Tuple, Union
 import numpy as np
 from PIL import Image, ImageOps
 
-from fiftyone_sdcorr.core.geometry import Crop
+from fiftyone_sdcorr.core.common.geometry import Crop
 
 ImageLike = Union[str, "os.PathLike[str]", Image.Image, np.ndarray]
 
@@ -87,7 +87,7 @@ def load_image(image: ImageLike) -> Image.Image:
 
 def load_crop(image: ImageLike, box, margin: float) -> Tuple[Image.Image, Crop]:
     """An object's crop of ``image`` (``box``: normalised ``[x, y, w, h]`` grown by ``margin``,
-    :class:`~fiftyone_sdcorr.core.geometry.Crop`) and where it sits in the image. A box
+    :class:`~fiftyone_sdcorr.core.common.geometry.Crop`) and where it sits in the image. A box
     without area or outside the image is an :class:`ImageLoadError` naming the file."""
     img = load_image(image)
     try:

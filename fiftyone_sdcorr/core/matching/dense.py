@@ -12,7 +12,7 @@ products run on the features' device in chunks of :data:`DEFAULT_CHUNK` target c
 (never a Python loop over pixels), so memory is bounded by ``chunk x source cells``.
 
 Confidence per target cell follows the keypoint rule of
-:mod:`fiftyone_sdcorr.core.correspondence`: ``clamp(similarity, 0, 1) *
+:mod:`fiftyone_sdcorr.core.matching.correspondence`: ``clamp(similarity, 0, 1) *
 exp(-(cycle_error / 2) ** 2)``, the cycle error measured in tokens between the target cell
 and the back-match (into the target region) of its source match.
 
@@ -30,9 +30,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fiftyone_sdcorr.core.correspondence import confidence_from
-from fiftyone_sdcorr.core.features import FusedFeatures
-from fiftyone_sdcorr.core.geometry import Letterbox
+from fiftyone_sdcorr.core.matching.correspondence import confidence_from
+from fiftyone_sdcorr.core.features.fusion import FusedFeatures
+from fiftyone_sdcorr.core.common.geometry import Letterbox
 
 #: cells per side of the dense grid over the letterbox frame
 DEFAULT_RESOLUTION = 256

@@ -1,6 +1,6 @@
 """Parameter checks with messages that name the parameter (no FiftyOne import).
 
-Used by :class:`~fiftyone_sdcorr.core.extractor.Recipe` and by the config objects of the
+Used by :class:`~fiftyone_sdcorr.core.features.extractor.Recipe` and by the config objects of the
 dataset layer, so every number is checked where the config is built: before any model
 loads or anything is written.
 """

@@ -17,11 +17,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from fiftyone_sdcorr.core import models as _models
-from fiftyone_sdcorr.core.features import DEFAULT_TAPS, FixedProjection, FusedFeatures, RawFeatures, fuse_raw, fuse_pair
-from fiftyone_sdcorr.core.geometry import DEFAULT_CONTEXT_MARGIN, Letterbox
-from fiftyone_sdcorr.core.images import load_image
-from fiftyone_sdcorr.core.params import ParameterError, check_bool, check_choice, check_float, check_int, check_str
+from fiftyone_sdcorr.core.features import models as _models
+from fiftyone_sdcorr.core.features.fusion import DEFAULT_TAPS, FixedProjection, FusedFeatures, RawFeatures, fuse_raw, fuse_pair
+from fiftyone_sdcorr.core.common.geometry import DEFAULT_CONTEXT_MARGIN, Letterbox
+from fiftyone_sdcorr.core.common.images import load_image
+from fiftyone_sdcorr.core.common.params import ParameterError, check_bool, check_choice, check_float, check_int, check_str
 
 logger = logging.getLogger(__name__)
 
@@ -516,7 +516,7 @@ class FeatureExtractor:
         """Raw features of each image (PIL images, arrays or file paths), float32 on the CPU.
 
         ``labels`` fill the prompt template when the recipe's prompt contains ``{label}``.
-        A file that cannot be read raises :class:`fiftyone_sdcorr.core.images.ImageLoadError`
+        A file that cannot be read raises :class:`fiftyone_sdcorr.core.common.images.ImageLoadError`
         naming it. On CUDA out-of-memory the batch is halved and retried.
         """
         if isinstance(images, (str, Image.Image, np.ndarray)) or hasattr(images, "__fspath__"):

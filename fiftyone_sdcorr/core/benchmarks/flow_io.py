@@ -3,7 +3,7 @@
 A flow field here is an ``H x W x 2`` float32 array on the grid of one image: at pixel
 ``(x, y)`` it holds ``(u, v)``, the displacement to the corresponding point ``(x + u, y + v)``
 of the other image (TSS's ``flowN.flo`` lies on ``imageN``; see
-:func:`fiftyone_sdcorr.core.benchmark_formats.read_tss`).
+:func:`fiftyone_sdcorr.core.benchmarks.formats.read_tss`).
 
 - ``.flo`` (Middlebury, as TSS ships and as ``load_flo`` in ``utils/utils_tss.py`` of
   ``Junyi42/sd-dino`` reads it): the float32 magic ``202021.25``, int32 width, int32 height,
@@ -13,7 +13,7 @@ of the other image (TSS's ``flowN.flo`` lies on ``imageN``; see
 - ``.npy``: an ``H x W x 2`` array of a real float or integer dtype, read with
   ``np.load(allow_pickle=False)``: a pickled (object) array is refused, never unpickled.
 
-Every failure is a :class:`~fiftyone_sdcorr.core.benchmark_formats.BenchmarkFormatError`
+Every failure is a :class:`~fiftyone_sdcorr.core.benchmarks.formats.BenchmarkFormatError`
 naming the file and what is wrong. No FiftyOne import.
 """
 
@@ -24,8 +24,8 @@ from typing import Tuple
 
 import numpy as np
 
-from fiftyone_sdcorr.core.benchmark_formats import BenchmarkFormatError
-from fiftyone_sdcorr.core.files import write_atomic
+from fiftyone_sdcorr.core.benchmarks.errors import BenchmarkFormatError
+from fiftyone_sdcorr.core.common.files import write_atomic
 
 FLO_MAGIC = 202021.25
 FLOW_SUFFIXES = (".flo", ".npy")

@@ -18,7 +18,7 @@ import tempfile
 import uuid
 from pathlib import Path
 
-from fiftyone_sdcorr.core.params import ParameterError
+from fiftyone_sdcorr.core.common.params import ParameterError
 
 TMP_PREFIX = ".tmp-"
 

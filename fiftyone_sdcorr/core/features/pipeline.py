@@ -14,8 +14,8 @@ from typing import Any, Iterable, Iterator, List, Optional, Sequence, Tuple, Uni
 
 import torch
 
-from fiftyone_sdcorr.core.features import FixedProjection, fuse_raw
-from fiftyone_sdcorr.core.transfer import EncodedFeatures, PendingEncoded, encode_batch
+from fiftyone_sdcorr.core.features.fusion import FixedProjection, fuse_raw
+from fiftyone_sdcorr.core.features.transfer import EncodedFeatures, PendingEncoded, encode_batch
 
 Batch = Tuple[Any, Sequence, Optional[Sequence[Optional[str]]]]  # (tag, images, labels)
 

@@ -15,7 +15,7 @@ from typing import Dict, List, Optional, Protocol, Sequence
 import torch
 import torch.nn.functional as F
 
-from fiftyone_sdcorr.core.geometry import Letterbox
+from fiftyone_sdcorr.core.common.geometry import Letterbox
 
 #: SD taps from coarse to fine, as the descriptor concatenates them ([s3 | s4 | s5]).
 DEFAULT_TAPS = ("s5", "s4", "s3")

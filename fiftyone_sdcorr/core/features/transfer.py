@@ -12,8 +12,8 @@ from typing import Dict, List
 
 import torch
 
-from fiftyone_sdcorr.core.features import FusedFeatures
-from fiftyone_sdcorr.core.store import encode, stored_embedding
+from fiftyone_sdcorr.core.features.fusion import FusedFeatures
+from fiftyone_sdcorr.core.features.store import encode, stored_embedding
 
 _COPY_STREAMS: Dict[str, "torch.cuda.Stream"] = {}
 
@@ -22,7 +22,7 @@ _COPY_STREAMS: Dict[str, "torch.cuda.Stream"] = {}
 class EncodedFeatures:
     """One image's features as a store file holds them, on the host.
 
-    ``tensors``: what :func:`fiftyone_sdcorr.core.store.encode` made (``descriptors`` in
+    ``tensors``: what :func:`fiftyone_sdcorr.core.features.store.encode` made (``descriptors`` in
     the store dtype, ``scale`` for int8); ``fused``: the geometry and metadata (its
     ``descriptors`` are the stored tensor); ``embedding``: the global vector of the stored
     values (float32, unit norm), as a recovered sample's would be computed.
