@@ -3,6 +3,8 @@
 Commands:
     bench         extraction / matching / store benchmark (fiftyone_sdcorr.bench.benchmark)
     bench-report  markdown table + plot from results/*.json
+    convert-adapter   a DIY-SC adapter checkpoint (.pth state dict) to checked safetensors
+                      (fiftyone_sdcorr.core.features.adapter; weights_only unpickling)
     demo          end-to-end demo (fiftyone_sdcorr.demo, when installed)
     evaluate-pairs    PCK on SPair-71k / PF-Pascal / AP-10K pairs, the paper's protocol
                       (fiftyone_sdcorr.pair_eval; no FiftyOne needed)
@@ -72,6 +74,22 @@ def _add_review_quality_arguments(p, formats) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _add_convert_adapter_arguments(p) -> None:
+    p.add_argument("pth", metavar="PTH", help="the PyTorch checkpoint (a state dict of tensors)")
+    p.add_argument("out", metavar="OUT.safetensors", help="the safetensors file to write")
+    p.add_argument("--source", help="metadata 'source' (default: the file's name and sha256)")
+    p.add_argument("--licence", help="metadata 'licence' (default: CC0-1.0 for the authors' checkpoint, "
+                   "else unknown)")
+
+
+def _main_convert_adapter(args) -> int:
+    from fiftyone_sdcorr.core.features.adapter import adapter_digest, convert_checkpoint
+
+    out = convert_checkpoint(args.pth, args.out, source=args.source, licence=args.licence)
+    print(f"wrote {out} (adapter digest {adapter_digest(out)})")
+    return 0
+
+
 def build_parser(with_demo_module=None) -> argparse.ArgumentParser:
     from fiftyone_sdcorr.bench import benchmark as bench
 
@@ -91,6 +109,11 @@ def build_parser(with_demo_module=None) -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench-report", help="markdown table and PNG plot from benchmark JSON files")
     bench.add_report_arguments(p)
+
+    p = sub.add_parser("convert-adapter", help="a DIY-SC adapter .pth state dict to a checked .safetensors file",
+                       description="Convert a DIY-SC adapter checkpoint (a plain state dict, read with "
+                                   "torch.load(weights_only=True) only) to safetensors, then load it back strictly.")
+    _add_convert_adapter_arguments(p)
 
     from fiftyone_sdcorr import pair_eval
 
@@ -168,6 +191,8 @@ def _run(argv: List[str]) -> int:
         from fiftyone_sdcorr.bench.benchmark import main_report
 
         return main_report(args)
+    if args.command == "convert-adapter":
+        return _main_convert_adapter(args)
     if args.command == "evaluate-pairs":
         from fiftyone_sdcorr.pair_eval import main as main_evaluate_pairs
 

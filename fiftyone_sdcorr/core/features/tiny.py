@@ -172,3 +172,32 @@ def tiny_models(root=None) -> tuple:
     """(sd_dir, dino_dir) of tiny models under ``root`` (default: a cache dir), built once."""
     root = Path(root or os.path.join(os.path.expanduser("~"), ".cache", "fiftyone_sdcorr", "tiny"))
     return build_tiny_sd(root / "sd"), build_tiny_dino(root / "dino")
+
+
+def save_tiny_adapter(path, dim: int, seed: int = 0) -> str:
+    """A tiny random DIY-SC-shaped adapter (:class:`~fiftyone_sdcorr.core.features.adapter.AggregationNetwork`,
+    one ``dim``-channel slice to ``dim`` channels, ``dim // 4`` bottleneck), every tensor
+    seeded random (GroupNorm affine too, so it is no near-identity), saved as safetensors
+    with the shipped file's metadata. ``path``: a ``.safetensors`` file, else a folder that
+    gets ``adapter.safetensors``. Returns the file's path. For the tiny DINOv2 of
+    :func:`build_tiny_dino`, ``dim`` is its hidden size, 32."""
+    from fiftyone_sdcorr.core.features.adapter import AggregationNetwork, default_norm_groups, save_adapter
+
+    dim = int(dim)
+    if dim < 4 or dim % 4:
+        raise ValueError(f"dim: a multiple of 4 (the bottleneck is dim // 4), got {dim}")
+    target = Path(path) if str(path).endswith(".safetensors") else Path(path) / "adapter.safetensors"
+    groups = default_norm_groups(dim // 4, dim)
+    module = AggregationNetwork(feature_dims=(dim,), projection_dim=dim, num_norm_groups=groups)
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, t in module.state_dict().items():
+        noise = torch.randn(t.shape, generator=gen)
+        if t.ndim == 4:  # convolution: fan-in scaled
+            tensors[name] = noise / (t.shape[1] * t.shape[2] * t.shape[3]) ** 0.5
+        elif name.endswith("norm.weight"):
+            tensors[name] = 1.0 + 0.5 * noise
+        else:  # GroupNorm biases, mixing weights, the temperatures
+            tensors[name] = 0.5 * noise
+    return save_adapter(tensors, target, source=f"fiftyone_sdcorr save_tiny_adapter(dim={dim}, seed={seed})",
+                        licence="Apache-2.0", num_norm_groups=groups)
