@@ -551,6 +551,48 @@ def test_a_choice_draws_the_figure_once_duplicates_and_echoes_draw_nothing(demo_
     assert drew() and d.state["reference_id"] == ids["reference"]
 
 
+def test_choices_in_quick_succession_the_last_one_wins(demo_copy):
+    """Two choices sent before the answer to the first came back (the CI failure of
+    test_browser.py: "Reference keypoints" then "Ground truth", the figure stuck on the
+    state the second event was sent with): each event is handled on the newest state, so
+    the figure ends on both choices; the same for the Reference and View dropdowns."""
+    import copy
+
+    dataset, ids = demo_copy
+    d = PanelDriver(dataset, current_sample=ids["crop"]).call("on_load")
+    d.call("on_change_gt_field", path="controls.gt_field", value=panels.NONE)
+    d.call("on_change_ref_field", path="controls.ref_field", value="ground_truth")
+    assert d.state["reference_id"] != ids["reference"] and not d.traces(prefix="error|")
+
+    def stale_event(state, method, path, value):
+        return {"__method__": method, "panel_id": d.panel_id, "panel_state": state, "path": path, "value": value}
+
+    # the App sets both controls, and sends both events with the state it holds
+    sent = copy.deepcopy(d.state)
+    sent["controls"].update(ref_field="keypoints", gt_field="ground_truth")
+    d.send(stale_event(copy.deepcopy(sent), "on_change_ref_field", "controls.ref_field", "keypoints"))
+    d.send(stale_event(copy.deepcopy(sent), "on_change_gt_field", "controls.gt_field", "ground_truth"))
+    assert (d.state["ref_field"], d.state["gt_field"]) == ("keypoints", "ground_truth")
+    assert d.state["reference_id"] == ids["reference"]
+    titles = [a["text"] for a in d.figure["layout"]["annotations"]]
+    assert "reference · chelsea.png" in titles, titles
+    assert len(d.traces(prefix="error|")) == 5
+
+    # three dropdowns without waiting: another reference, a view, the ground-truth shown
+    other = next(r for r in d.state["references"] if r["id"] != ids["reference"]) \
+        if len(d.state["references"]) > 1 else None
+    sent = copy.deepcopy(d.state)
+    events = [("on_change_view_mode", "controls.view_mode", "parts"),
+              ("on_change_show", "controls.show", "both")]
+    if other is not None:
+        events.insert(0, ("on_change_reference", "controls.reference", other["id"]))
+    for method, path, value in events:
+        d.send(stale_event(copy.deepcopy(sent), method, path, value))
+    assert d.traces("current|parts") and d.traces("current|gt") and d.traces("current|keypoints")
+    if other is not None:
+        assert d.state["reference_id"] == other["id"]
+
+
 def test_propagate_from_the_panel_is_safe_and_its_result_becomes_the_default(demo_copy):
     """The prompt targets the current view, names the reference shown and the panel's
     reference field, writes a NEW field, never pre-checks overwrite; running it with those

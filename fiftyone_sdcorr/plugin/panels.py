@@ -73,6 +73,7 @@ from fiftyone_sdcorr.plugin.panel_figure import (  # noqa: F401 -- MAX_SIDE etc.
     predicted_from,
     shown_pairs,
 )
+from fiftyone_sdcorr.plugin.panel_state import adopt_newest, panel_lock, record
 from fiftyone_sdcorr.plugin.panel_ranking import (
     object_features,
     rank_reference_objects,
@@ -376,12 +377,22 @@ class MatchPanel(foo.Panel):
         FiftyOne renders the whole figure (images as data URIs) after every event. Under
         load the redraws queued up (the panel's buttons kept being replaced for 30 s) and
         a late echo could undo a newer choice. Such an event is answered without a render.
+        Events sent before the answer to an earlier one came back carry a stale state:
+        they are handled on the state the server last answered with
+        (:mod:`fiftyone_sdcorr.plugin.panel_state`), so the last choice wins.
         """
         duplicate = _seen_just_now(ctx.params)  # noted first: a repeated echo is a duplicate too
-        if duplicate or _is_echo(ctx.params) or self._changes_nothing(ctx):
-            return None
-        _forget_echoes(ctx.params)  # the user took this control over
-        return super().execute(ctx)
+        pid = ctx.params.get("panel_id")
+        if pid is None:
+            return super().execute(ctx)
+        with panel_lock(pid):  # one event of a panel at a time, on the newest state
+            adopt_newest(ctx)
+            if duplicate or _is_echo(ctx.params) or self._changes_nothing(ctx):
+                return None
+            _forget_echoes(ctx.params)  # the user took this control over
+            result = super().execute(ctx)
+            record(ctx)
+            return result
 
     def _changes_nothing(self, ctx) -> bool:
         method = ctx.params.get("__method__") or ""
