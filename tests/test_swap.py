@@ -11,6 +11,7 @@ instance mask, ``C`` a half-size ``T`` (a scale). Swapping ``S`` into ``T`` must
 
 import hashlib
 import inspect
+import os
 import uuid
 from pathlib import Path
 
@@ -410,9 +411,11 @@ def test_automatic_pairing_takes_the_most_similar_source_of_the_label_never_itse
     a.tags.append("src")
     a.save()
     summary = _auto(ds, tmp, "src", ds.name + "-auto")
-    # A's person and cat are the only sources of their labels: never paired with themselves
-    assert (summary["pairs"], summary["swapped"], summary["failed"]) == (2, 2, 2), summary.text()
-    assert set(summary["errors"]) == {ids["A"], cat} and "other than itself" in summary["errors"][cat]
+    # A's person and cat are the only sources of their labels: never paired with themselves,
+    # and skipped as sources, not failed targets (issue 24)
+    assert (summary["pairs"], summary["swapped"], summary["failed"]) == (2, 2, 0), summary.text()
+    assert summary["sources_skipped"] == 2 and set(summary["skipped_sources"]) == {ids["A"], cat}
+    assert "sources_skipped 2" in summary.headline() and f"dataset {ds.name + '-auto'!r}" in summary.headline()
     assert _pairs_in(ds.name + "-auto") == {ids["B"]: ids["A"], ids["C"]: ids["A"]}
     # the same pairs given explicitly are the same new samples: skipped
     again = _run(ds, tmp, [(ids["A"], ids["B"]), (ids["A"], ids["C"])], out="-auto")
@@ -501,7 +504,7 @@ def test_output_slice_adds_the_swaps_to_their_targets_groups(grouped):
     again = sc.swap_instances(left, [(ids["A"], ids["B"])], output_slice="swap", **kw)
     assert (again["skipped"], again["swapped"]) == (1, 0) and len(ds.select_group_slices("swap")) == 1
     auto = sc.swap_instances(left, sources=[ids["A"]], output_slice="swap", **kw)  # B <- A again: skipped
-    assert (auto["skipped"], auto["failed"]) == (1, 1), auto.text()
+    assert (auto["skipped"], auto["sources_skipped"], auto["failed"]) == (1, 1, 0), auto.text()  # A: the source
 
 
 def test_output_slice_refusals(grouped, canvases):
@@ -518,3 +521,47 @@ def test_output_slice_refusals(grouped, canvases):
     with pytest.raises(ParameterError, match="not grouped"):
         sc.swap_instances(flat, [(flat.first().id, flat.first().id)], output_slice="swap", **kw)
     assert ds.group_slices == ["left", "right"] and not fo.dataset_exists(ds.name + "-x")
+
+
+# --------------------------------------------------------------------------- issue 24: refusals and the output folder
+def test_refinement_with_no_denoising_step_is_refused_naming_both_parameters(canvases):
+    """diffusers runs int(refine_steps x refine_strength) steps: 30 x 0.02 is none, refused
+    in the checks (no model loads, no output dataset); 30 x 0.04 is one step, accepted."""
+    from fiftyone_sdcorr.dataset.engine import preflight
+
+    ds, tmp = canvases
+    ids = _ids(ds)
+    for strength, steps in ((0.02, 30), (0.3, 3), (0.0, 30)):
+        with pytest.raises(ParameterError, match="'refine_strength' and 'refine_steps'.*no denoising step"):
+            _run(ds, tmp, [(ids["A"], ids["B"])], refine=True, refine_strength=strength, refine_steps=steps,
+                 sd_model=str(tmp / "no-such-model"))
+    with pytest.raises(ParameterError, match="refine_steps"):
+        _run(ds, tmp, [(ids["A"], ids["B"])], refine="inpaint", refine_strength=0.02, refine_steps=30)
+    assert not fo.dataset_exists(ds.name + "-out")
+    ok = preflight(sc.swap_instances, ds, [(ids["A"], ids["B"])], ds.name + "-out", patches_field="detections",
+                   refine=True, refine_strength=0.04, refine_steps=30, extractor=LocalDescriptor(size=224, stride=14))
+    assert ok is None
+    assert preflight(sc.swap_instances, ds, [(ids["A"], ids["B"])], ds.name + "-out", patches_field="detections",
+                     refine_strength=0.01, extractor=LocalDescriptor(size=224, stride=14)) is None  # refine off
+
+
+def test_swaps_go_beside_the_store_the_features_were_computed_with(canvases):
+    ds, tmp = canvases
+    ids = _ids(ds)
+    sc.compute_fused_features(ds, extractor=LocalDescriptor(size=224, stride=14), patches_field="detections",
+                              store_dir=str(tmp / "store"), progress=False)
+    stored = Path(ds.values("detections.detections.sdcorr_features", unwind=True)[0])
+    namespace = stored.parent.parent  # <store>/<fingerprint>
+    assert namespace.parent == tmp / "store"
+    got = sc.swap_instances(ds, [(ids["A"], ids["B"])], ds.name + "-beside", patches_field="detections",
+                            resolution=64, progress=False)
+    out = fo.load_dataset(ds.name + "-beside")
+    want = namespace / "_swaps" / str(out._doc.id)
+    assert got["swapped"] == 1 and got["output_dir"] == str(want), got.text()
+    assert Path(out.first().filepath).parent == want and os.path.isfile(out.first().filepath)
+    assert f"folder {str(want)!r}" in got.headline()
+    # an output_dir under a file is refused in the checks, naming the parameter
+    (tmp / "a-file").write_text("x")
+    with pytest.raises(ParameterError, match="'output_dir'.*file"):
+        sc.swap_instances(ds, [(ids["A"], ids["C"])], ds.name + "-x", patches_field="detections",
+                          output_dir=str(tmp / "a-file" / "swaps"), progress=False)

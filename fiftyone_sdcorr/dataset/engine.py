@@ -52,6 +52,10 @@ BUILTIN_FIELDS = frozenset(
     ("id", "_id", "filepath", "tags", "metadata", "media_type", "created_at", "last_modified_at",
      "frames", "groups", "_dataset_id", "_media_type", "_rand")
 )
+#: the summary entries that name what a run wrote, and how its headline names them
+WRITTEN = (("output_dataset", "dataset"), ("output_slice", "slice"), ("output_field", "field"),
+           ("review_field", "field"), ("confidence_field", "field"), ("eval_key", "evaluation"),
+           ("output_dir", "folder"), ("mask_dir", "mask files in"), ("store_dir", "store"))
 _FIELD_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,99}$")
 
 
@@ -309,8 +313,13 @@ class RunSummary(dict):
             logger.warning("%s: %s", self["function"], message)
             self["warnings"].append(message)
 
+    def wrote(self) -> str:
+        """What the run wrote, named (``" -> field 'pred', dataset 'swaps'"``), or ``""``."""
+        names = [f"{what} {self[key]!r}" for key, what in WRITTEN if self.get(key)]
+        return " -> " + ", ".join(names) if names else ""
+
     def headline(self) -> str:
-        return f"{self['function']}: " + ", ".join(f"{k} {self[k]}" for k in self._counts)
+        return f"{self['function']}: " + ", ".join(f"{k} {self[k]}" for k in self._counts) + self.wrote()
 
     def compact(self, max_errors: int = 20) -> dict:
         """A small JSON-able copy (what delegated runs store for ``fiftyone delegated
@@ -329,8 +338,7 @@ class RunSummary(dict):
         return out
 
     def text(self) -> str:
-        counts = ", ".join(f"{k} {self[k]}" for k in self._counts)
-        lines = [f"{self['function']}: {counts}"]
+        lines = [self.headline()]
         lines += [f"warning: {w}" for w in self["warnings"]]
         lines += [f"failed {sid}: {r}" for sid, r in list(self["errors"].items())[:10]]
         if len(self["errors"]) > 10:
@@ -447,5 +455,5 @@ __all__ = [
     "check_floats", "check_field_name", "require_field", "guard_outputs", "declare_outputs",
     "image_collection", "inputs_of", "checks_done", "preflight", "Record", "find_record", "latest_record",
     "recorded_fields", "settings_difference", "RunSummary", "Run", "values_or_none", "reason",
-    "MAX_SUMMARY_ERRORS", "BUILTIN_FIELDS",
+    "MAX_SUMMARY_ERRORS", "BUILTIN_FIELDS", "WRITTEN",
 ]

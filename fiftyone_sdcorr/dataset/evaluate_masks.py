@@ -12,10 +12,13 @@
   the background's own IoU is in ``per_class``. ``mask_targets``: given, else the
   dataset's for ``gt_field``, else its default ones, else the values seen.
 - **Objects** (``fo.Detections`` fields with instance masks, e.g. the output of
-  ``propagate_masks`` with ``patches_field``): each prediction is paired with the
-  ground-truth detection whose id its ``sdcorr_detection_id`` names, else the one with the
-  same ``instance``; both masks are drawn over their boxes on the image's pixel grid and
-  their foreground (non-zero) compared. Per class (the detection's label): pooled
+  ``propagate_masks`` with ``patches_field``): each prediction is paired, one to one, with
+  the ground-truth detection whose id its ``sdcorr_detection_id`` names, else the one with
+  the same ``instance``; the others by geometry (:func:`pair_objects`: the optimal
+  assignment on mask IoU, box IoU where a mask is missing, within a label, at IoU >=
+  :data:`MIN_PAIR_IOU`), so a ground truth in a field of its own pairs too; both masks are
+  drawn over their boxes on the image's pixel grid and their foreground (non-zero)
+  compared. Nothing paired is a warning in the summary. Per class (the detection's label): pooled
   ``sum(intersection) / sum(union)`` over its objects; ``mean_iou``: the mean over
   classes; ``mean_object_iou``: the mean over objects. With an ``eval_key``, each paired
   prediction gets ``<eval_key>_iou`` and the run is registered as a FiftyOne evaluation
@@ -27,10 +30,12 @@ from __future__ import annotations
 from typing import Dict, Optional
 
 import numpy as np
+from scipy.optimize import linear_sum_assignment
 
 import fiftyone as fo
 import fiftyone.core.evaluation as foe
 
+from fiftyone_sdcorr.dataset import label_attrs as attrs
 from fiftyone_sdcorr.dataset.config import MaskEvaluationConfig
 from fiftyone_sdcorr.dataset.engine import (
     ParameterError,
@@ -46,6 +51,8 @@ from fiftyone_sdcorr.dataset.progress import ProgressArg
 from fiftyone_sdcorr.dataset.propagate_masks import resize_nearest
 
 FUNCTION = "evaluate_masks"
+#: objects paired by geometry: at least this IoU (mask IoU, or box IoU where a mask is missing)
+MIN_PAIR_IOU = 0.1
 
 
 # --------------------------------------------------------------------------- run classes
@@ -218,14 +225,18 @@ def _evaluate_images(samples, cfg: MaskEvaluationConfig, progress) -> MaskIoURes
     out = MaskIoUResults(samples, config, cfg.eval_key, "images", iou_per_class(cm, classes), counts,
                          background=str(seg.missing) if seg.missing is not None else None)
     out.segmentation_results = seg
-    out.summary = RunSummary(FUNCTION, ("samples",), eval_key=cfg.eval_key)
+    out.summary = RunSummary(FUNCTION, ("samples",), eval_key=cfg.eval_key, pred_field=cfg.pred_field,
+                             gt_field=cfg.gt_field)
     out.summary["samples"] = len(samples)
     return out
 
 
 def _evaluate_objects(samples, cfg: MaskEvaluationConfig, progress) -> MaskIoUResults:
     """Per-object mask IoU, paired by the detection ids ``propagate_masks`` copied."""
-    summary = RunSummary(FUNCTION, ("samples", "objects", "paired"), eval_key=cfg.eval_key)
+    summary = RunSummary(FUNCTION, ("samples", "objects", "paired"), eval_key=cfg.eval_key,
+                         pred_field=cfg.pred_field, gt_field=cfg.gt_field, min_pair_iou=MIN_PAIR_IOU,
+                         paired_by={"link": 0, "geometry": 0},
+                         unpaired={"predictions": 0, "ground_truth": 0, "without_mask": 0})
     ids, fps, metas = samples.values("id"), samples.values("filepath"), samples.values("metadata")
     preds, gts = samples.values(cfg.pred_field), samples.values(cfg.gt_field)
     inter: Dict[str, int] = {}
@@ -240,6 +251,7 @@ def _evaluate_objects(samples, cfg: MaskEvaluationConfig, progress) -> MaskIoURe
             except Exception as e:  # noqa: BLE001 -- this sample only
                 summary.fail(sid, f"{type(e).__name__}: {e}")
             run.step(1)
+    _warn_unpaired(summary, cfg)
     per_class = {c: (inter.get(c, 0) / union[c] if union.get(c) else None) for c in sorted(counts)}
     config = MaskIoUEvaluationConfig(cfg.pred_field, cfg.gt_field, kind="objects")
     method = config.build()
@@ -252,30 +264,89 @@ def _evaluate_objects(samples, cfg: MaskEvaluationConfig, progress) -> MaskIoURe
     return results
 
 
+def _warn_unpaired(summary: RunSummary, cfg: MaskEvaluationConfig) -> None:
+    """Nothing paired (or nothing to pair) is a warning, never a quiet success."""
+    if not summary["objects"]:
+        summary.warn(f"no predicted object in {cfg.pred_field!r}: nothing to evaluate")
+    elif not summary["paired"]:
+        summary.warn(f"nothing paired: no object of {cfg.pred_field!r} has an object of {cfg.gt_field!r} linked to "
+                     f"it (id or instance) or overlapping it (the same label, IoU >= {MIN_PAIR_IOU}) with masks on "
+                     "both sides; the IoU is undefined")
+    elif summary["unpaired"]["predictions"]:
+        summary.warn(f"{summary['unpaired']['predictions']} of {summary['objects']} predicted object(s) without a "
+                     "ground-truth object: not in the IoU")
+
+
 def _tally_sample(fp, meta, pred, gt, inter, union, counts, object_iou, summary) -> None:
     """Adds one sample's paired objects to the pooled counts."""
     pds = list(getattr(pred, "detections", None) or [])
     gds = list(getattr(gt, "detections", None) or [])
     for g in gds:
         counts.setdefault(str(g.label), {"gt": 0, "pred": 0})["gt"] += 1
-    if not pds:
-        return
-    W, H = image_size_of(fp, meta)
-    by_id = {g.id: g for g in gds}
-    by_instance = {str(g.instance.id): g for g in gds if getattr(g, "instance", None) is not None}
     for p in pds:
-        label = str(p.label)
-        counts.setdefault(label, {"gt": 0, "pred": 0})["pred"] += 1
+        counts.setdefault(str(p.label), {"gt": 0, "pred": 0})["pred"] += 1
         summary.add("objects")
-        ref = p.get_field("sdcorr_detection_id") if p.has_field("sdcorr_detection_id") else None
-        inst = getattr(p, "instance", None)
-        g = by_id.get(ref) or (by_instance.get(str(inst.id)) if inst is not None else None)
-        if g is None or not g.has_mask or not p.has_mask:
+    W, H = image_size_of(fp, meta) if pds and gds else (0, 0)
+    pairs = pair_objects(pds, gds, W, H) if pds and gds else []
+    summary["unpaired"]["predictions"] += len(pds) - len(pairs)
+    summary["unpaired"]["ground_truth"] += len(gds) - len(pairs)
+    for p, g, how in pairs:
+        summary["paired_by"][how] += 1
+        if not g.has_mask or not p.has_mask:
+            summary["unpaired"]["without_mask"] += 1
             continue
+        label = str(p.label)
         i, u = mask_overlap(p, g, W, H)
         inter[label], union[label] = inter.get(label, 0) + i, union.get(label, 0) + u
         object_iou[p.id] = i / u if u else 1.0
         summary.add("paired")
+
+
+def pair_objects(preds, gts, width: int, height: int, min_iou: float = MIN_PAIR_IOU):
+    """``[(prediction, ground truth, "link" or "geometry")]``, one-to-one: first by link
+    (the prediction's ``sdcorr_detection_id`` names the ground-truth detection, or both
+    share an ``instance``), then the rest by geometry: the optimal assignment
+    (``scipy.optimize.linear_sum_assignment``, the largest total IoU) on mask IoU (box IoU
+    where either has no mask), within the same label, a pair only at IoU >= ``min_iou``."""
+    by_id = {g.id: g for g in gts}
+    by_instance = {str(g.instance.id): g for g in gts if getattr(g, "instance", None) is not None}
+    pairs, used, rest = [], set(), []
+    for p in preds:
+        ref = p.get_field(attrs.DETECTION_ID) if p.has_field(attrs.DETECTION_ID) else None
+        inst = getattr(p, "instance", None)
+        g = by_id.get(ref) or (by_instance.get(str(inst.id)) if inst is not None else None)
+        if g is not None and g.id not in used:
+            used.add(g.id)
+            pairs.append((p, g, "link"))
+        else:
+            rest.append(p)
+    free = [g for g in gts if g.id not in used]
+    if not rest or not free:
+        return pairs
+    iou = np.zeros((len(rest), len(free)))
+    for i, p in enumerate(rest):
+        for j, g in enumerate(free):
+            if str(p.label) == str(g.label):
+                iou[i, j] = object_iou_of(p, g, width, height)
+    rows, cols = linear_sum_assignment(iou, maximize=True)
+    return pairs + [(rest[i], free[j], "geometry") for i, j in zip(rows, cols) if iou[i, j] >= min_iou]
+
+
+def object_iou_of(a: fo.Detection, b: fo.Detection, width: int, height: int) -> float:
+    """The IoU of two detections on the ``width x height`` pixel grid: of their masks when
+    both have one, else of their boxes."""
+    ra, rb = _rect(a.bounding_box, width, height), _rect(b.bounding_box, width, height)
+    iw = min(ra[2], rb[2]) - max(ra[0], rb[0])
+    ih = min(ra[3], rb[3]) - max(ra[1], rb[1])
+    if iw <= 0 or ih <= 0:
+        return 0.0
+    if a.has_mask and b.has_mask:
+        i, u = mask_overlap(a, b, width, height)
+    else:
+        area = lambda r: (r[2] - r[0]) * (r[3] - r[1])  # noqa: E731
+        i = iw * ih
+        u = area(ra) + area(rb) - i
+    return i / u if u else 0.0
 
 
 def mask_overlap(a: fo.Detection, b: fo.Detection, width: int, height: int):
@@ -318,4 +389,5 @@ def _save_objects_run(samples, cfg: MaskEvaluationConfig, method, results, objec
 
 
 __all__ = ["evaluate_masks", "check_mask_evaluation", "iou_per_class", "mask_overlap", "MaskIoUResults",
-           "MaskIoUEvaluation", "MaskIoUEvaluationConfig", "FUNCTION"]
+           "MaskIoUEvaluation", "MaskIoUEvaluationConfig", "FUNCTION", "MIN_PAIR_IOU", "pair_objects",
+           "object_iou_of"]

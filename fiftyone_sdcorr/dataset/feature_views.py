@@ -26,6 +26,7 @@ Speaks FiftyOne (layer 4); the pictures come from :mod:`fiftyone_sdcorr.core.pic
 
 from __future__ import annotations
 
+import io
 import os
 import re
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ import fiftyone as fo
 
 from fiftyone_sdcorr.core.pictures import visualize as vis
 from fiftyone_sdcorr.core.matching.dense import dense_match, position_colors, warp_image
+from fiftyone_sdcorr.core.common.files import check_output_folder, write_atomic
 from fiftyone_sdcorr.core.common.params import check_choice, check_int
 from fiftyone_sdcorr.dataset.config import VIEW_MODES, FeaturePCAConfig, HeatmapConfig, ViewConfig
 from fiftyone_sdcorr.dataset.engine import (
@@ -53,6 +55,7 @@ from fiftyone_sdcorr.dataset.engine import (
     require_field,
 )
 from fiftyone_sdcorr.dataset.feature_source import FeatureSource
+from fiftyone_sdcorr.dataset.output_files import beside_store
 from fiftyone_sdcorr.dataset.pck import image_size_of
 from fiftyone_sdcorr.dataset.progress import ProgressArg
 from fiftyone_sdcorr.dataset.skeletons import keypoint_skeleton
@@ -122,6 +125,7 @@ def write_feature_pca(
     image_collection(samples)
     units = Units(samples, patches_field)
     items, source = _stored_features(samples, cfg, "string", units)
+    out_dir = _views_dir(cfg, next(p for _, p in items if p))
     checks_done()
     # 2. one PCA (or one part clustering) for the whole view
     summary = RunSummary("write_feature_pca", ("written",), output_field=cfg.output_field, mode=cfg.mode)
@@ -129,7 +133,7 @@ def write_feature_pca(
     fitted = _fit_features(have, cfg, source, summary)
     colors = _pca_colors(fitted) if cfg.mode == "pca" else _part_colors(fitted, cfg.n_parts)
     # 3. one colour image per sample, shown as a media field
-    out_dir = _output_dir(cfg, have[0][1], summary)
+    _output_dir(out_dir, summary)
     _pictures(samples, items, source, colors, cfg, out_dir, summary, progress, cfg.mode, lambda path, sid: path)
     _add_media_field(samples._root_dataset, cfg.output_field)
     return summary
@@ -210,13 +214,14 @@ def write_similarity_heatmaps(
     ref_unit, ref_path = _reference(units, reference_id, items, cfg.features_field)
     x, y = _reference_point(units.samples, units.dataset[ref_unit.sample_id], point, keypoints_field, keypoint,
                             ref_unit)
+    out_dir = _views_dir(cfg, ref_path)
     checks_done()
     src = source.load_stored(ref_path)
     if ref_unit.is_object:  # the point in the reference object's crop
         x, y = (float(v) for v in ref_unit.crop(source.margin).to_crop([x, y]))
     # 2. one heat map per sample
     summary = RunSummary("write_similarity_heatmaps", ("written",), output_field=cfg.output_field, point=[x, y])
-    out_dir = _output_dir(cfg, ref_path, summary)
+    _output_dir(out_dir, summary)
 
     def heat(tgt, w, h):
         up = vis.token_map_to_image(np.nan_to_num(vis.similarity_map(src, tgt, (x, y)), nan=0.0), tgt, w, h)
@@ -268,13 +273,14 @@ def write_dense_views(
     units = Units(samples, patches_field)
     items, source = _stored_features(samples, cfg, "string", units)
     ref_unit, ref_path = _reference(units, reference_id, items, cfg.features_field)
+    out_dir = _views_dir(cfg, ref_path)
     checks_done()
     # 2. the reference: its features and what its matches carry
     src = source.load_stored(ref_path)
     carried = _carried(cfg.mode, ref_unit, src, source.margin, cfg.max_side)
     summary = RunSummary("write_dense_views", ("written",), output_field=cfg.output_field, mode=cfg.mode,
                          reference_id=ref_unit.id)
-    out_dir = _output_dir(cfg, ref_path, summary)
+    _output_dir(out_dir, summary)
 
     def picture(tgt, w, h):
         return warp_image(dense_match(src, tgt, resolution=cfg.resolution, chunk=1024).sample(w, h), carried)
@@ -415,18 +421,27 @@ def _reference_point(samples, ref, point, keypoints_field, keypoint, unit=None):
     return (check_float("point x", x, lo=0.0, hi=1.0), check_float("point y", y, lo=0.0, hi=1.0))
 
 
-def _output_dir(cfg: ViewConfig, stored_path: str, summary) -> Path:
-    """``output_dir``, or ``<store namespace>/_views/<output_field>`` beside the store in use."""
+def _views_dir(cfg: ViewConfig, stored_path: str) -> Path:
+    """``output_dir``, or ``<store namespace>/_views/<output_field>`` beside the store in
+    use; checked (a folder that exists or can be made, writable): part of the checks."""
     base = Path(os.path.expanduser(cfg.output_dir)) if cfg.output_dir else \
-        Path(stored_path).parent.parent / VIEWS_DIR / cfg.output_field
+        beside_store([stored_path], stored_path) / VIEWS_DIR / cfg.output_field
+    return check_output_folder("output_dir", base)
+
+
+def _output_dir(base: Path, summary) -> Path:
+    """Makes the checked folder of the pictures (after the checks)."""
     base.mkdir(parents=True, exist_ok=True)
     summary["output_dir"] = str(base)
     return base
 
 
 def _save_png(out_dir: Path, sid: str, array: np.ndarray) -> str:
+    """Writes the picture whole (a temporary file, then renamed): a failed write raises."""
     path = out_dir / f"{sid}.png"
-    Image.fromarray(np.asarray(array).round().astype(np.uint8)).save(path)
+    buf = io.BytesIO()
+    Image.fromarray(np.asarray(array).round().astype(np.uint8)).save(buf, format="PNG")
+    write_atomic(path, buf.getvalue(), fsync=False)
     return str(path)
 
 

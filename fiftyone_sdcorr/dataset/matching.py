@@ -33,6 +33,7 @@ from fiftyone_sdcorr.core.matching import correspondence as corr
 from fiftyone_sdcorr.core.matching.correspondence import Prepared, PreparedBatch, match_prepared_many
 from fiftyone_sdcorr.core.features.fusion import FusedFeatures
 from fiftyone_sdcorr.dataset.config import MatchConfig
+from fiftyone_sdcorr.dataset import label_attrs as attrs
 from fiftyone_sdcorr.dataset.engine import ParameterError, reason
 from fiftyone_sdcorr.dataset.pck import points_of
 from fiftyone_sdcorr.dataset.units import Unit, Units, by_sample, link_to_objects
@@ -467,11 +468,11 @@ def to_keypoints(preds: List[InstancePrediction], visibility_threshold: float) -
             points=points,
             visible=visible,
             confidence=[float(c) for c in p.confidence],
-            sdcorr_reference_id=p.reference_id,
-            sdcorr_reference_ids=list(p.reference_ids),
-            sdcorr_similarity=float(p.similarity) if math.isfinite(p.similarity) else None,
-            sdcorr_instance=int(p.instance),
-            sdcorr_flipped=bool(p.flipped),
+            **{attrs.REFERENCE_ID: p.reference_id,
+               attrs.REFERENCE_IDS: list(p.reference_ids),
+               attrs.SIMILARITY: float(p.similarity) if math.isfinite(p.similarity) else None,
+               attrs.INSTANCE: int(p.instance),
+               attrs.FLIPPED: bool(p.flipped)},
         ))
     return fo.Keypoints(keypoints=kps)
 
@@ -605,6 +606,16 @@ def _object_references(sid, kps, objects, metadata, margin, embs, problems, patc
     return out
 
 
+def without_references(rows, references: Sequence[Reference], summary) -> list:
+    """The target rows ``[(unit, ...)]`` that are not references themselves (a reference
+    image, or a reference object): a reference is never predicted onto itself; how many
+    were left out goes into ``summary["references_skipped"]``."""
+    ids = {r.id for r in references}
+    keep = [row for row in rows if row[0].id not in ids]
+    summary["references_skipped"] = len(rows) - len(keep)
+    return keep
+
+
 def feature_source(samples, cfg, given: dict):
     """The features source of a propagation or review run: it checks the feature keywords
     against the configuration recorded on ``cfg.features_field`` (part of the run's checks:
@@ -655,5 +666,5 @@ __all__ = [
     "flip_pairs_from_labels", "resolve_flip_pairs", "skeleton_for", "RefInstance", "Reference",
     "parse_reference_keypoints", "unit_vector", "InstancePrediction", "Propagator", "predict_rows", "in_image", "to_keypoints",
     "BATCH_BYTES_GPU", "BATCH_BYTES_CPU",
-    "resolve_references", "load_references", "feature_source", "prepare_matching",
+    "resolve_references", "load_references", "feature_source", "prepare_matching", "without_references",
 ]

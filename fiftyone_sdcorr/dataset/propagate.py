@@ -18,7 +18,9 @@
   detection without an ``instance`` a new ``fo.Instance`` first (the only change ever
   made to the detections); off by default because FiftyOne's COCO exporter (1.22) fails
   on labels with an ``instance`` unless called with ``extra_attrs=False``.
-- **References and matching rules**: :mod:`fiftyone_sdcorr.dataset.matching`.
+- **References and matching rules**: :mod:`fiftyone_sdcorr.dataset.matching`. A reference
+  (image, or reference object) is never a target: it is not predicted onto itself, and
+  the summary counts it in ``references_skipped``.
 - **Features**: :mod:`fiftyone_sdcorr.dataset.feature_source` (stored ones of one
   fingerprint; missing ones computed with the same configuration).
 """
@@ -42,6 +44,7 @@ from fiftyone_sdcorr.dataset.engine import (
     reason,
     require_field,
 )
+from fiftyone_sdcorr.dataset.label_attrs import DETECTION_ID
 from fiftyone_sdcorr.dataset.matching import (
     feature_source,
     in_image,
@@ -49,6 +52,7 @@ from fiftyone_sdcorr.dataset.matching import (
     prepare_matching,
     resolve_references,
     to_keypoints,
+    without_references,
 )
 from fiftyone_sdcorr.dataset.progress import ProgressArg
 from fiftyone_sdcorr.dataset.units import Units, by_sample, patches_field_of, sample_batches
@@ -134,13 +138,15 @@ def propagate_keypoints(
 def _propagate(targets, ref_view, source_field: str, cfg: PropagationConfig, source, progress) -> RunSummary:
     """The run after its checks: references, then batches of targets."""
     # 2. references and their features (the models load only if features must be computed)
-    summary = RunSummary(FUNCTION, ("targets", "predicted"), output_field=cfg.output_field,
+    summary = RunSummary(FUNCTION, ("targets", "predicted", "references_skipped"),
+                         output_field=cfg.output_field,
                          error_field=cfg.error_field, combine=cfg.match.combine)
     units = Units(targets, cfg.patches_field)
     stored, embs = units.values(cfg.features_field), units.values(cfg.embedding_field)
     engine, source, problems = prepare_matching(targets, ref_view, source_field, cfg, source, summary, stored)
     # 3. predict batch by batch (a sample's objects in one batch), write in bulk, record problems per sample
-    rows = list(zip(units.link_instances() if cfg.link_instances else units.units(), stored, embs))
+    rows = without_references(list(zip(units.link_instances() if cfg.link_instances else units.units(), stored,
+                                       embs)), engine.references, summary)
     summary["targets"], summary["seconds_matching"] = len(rows), 0.0
     with Run(targets, summary, len(rows), progress, "propagating", cfg.error_field) as run:
         declare_outputs(targets, _outputs(cfg))
@@ -205,7 +211,7 @@ def _record(cfg, sid, results, problems, run: Run, margin: float) -> Optional[fo
         kps = to_keypoints(in_image(unit, preds, margin), cfg.visibility_threshold).keypoints
         if unit.is_object:
             for kp in kps:
-                kp.label, kp["sdcorr_detection_id"] = unit.label, unit.id
+                kp.label, kp[DETECTION_ID] = unit.label, unit.id
                 if unit.instance is not None:
                     kp.instance = fo.Instance(id=unit.instance)
         out += kps

@@ -55,7 +55,9 @@ import numpy as np
 import fiftyone as fo
 
 from fiftyone_sdcorr.core.matching.dense import dense_match, warp_labels
+from fiftyone_sdcorr.core.common.files import check_output_folder
 from fiftyone_sdcorr.core.features.store import default_store_root
+from fiftyone_sdcorr.dataset import label_attrs as attrs
 from fiftyone_sdcorr.dataset.config import MaskPropagationConfig, merge_features
 from fiftyone_sdcorr.dataset.engine import (
     ParameterError,
@@ -69,7 +71,15 @@ from fiftyone_sdcorr.dataset.engine import (
     reason,
     require_field,
 )
-from fiftyone_sdcorr.dataset.matching import Propagator, Reference, feature_source, resolve_references, unit_vector
+from fiftyone_sdcorr.dataset.matching import (
+    Propagator,
+    Reference,
+    feature_source,
+    resolve_references,
+    unit_vector,
+    without_references,
+)
+from fiftyone_sdcorr.dataset.output_files import beside_store, export_label_png, package_files, remove_files
 from fiftyone_sdcorr.dataset.pck import image_size_of
 from fiftyone_sdcorr.dataset.progress import ProgressArg
 from fiftyone_sdcorr.dataset.units import Unit, Units, by_sample, patches_field_of, sample_batches
@@ -152,8 +162,10 @@ def propagate_masks(
         patches_field=patches_field_of(targets, patches_field) if hasattr(targets, "_root_dataset") else patches_field)
     ref_view = check_mask_propagation(targets, references, cfg)
     source = feature_source(targets, cfg, given)
+    folder = _mask_dir(cfg, source, targets, Units(targets, cfg.patches_field).values(cfg.features_field))
+    check_output_folder("mask_dir", folder)
     checks_done()
-    return _propagate(targets, ref_view, cfg, source, progress)
+    return _propagate(targets, ref_view, cfg, source, folder, progress)
 
 
 def check_mask_propagation(targets, references, cfg: MaskPropagationConfig):
@@ -196,27 +208,45 @@ class MaskReferences:
     problems: Dict[str, List[str]]
 
 
-def _propagate(targets, ref_view, cfg: MaskPropagationConfig, source, progress) -> RunSummary:
-    """The run after its checks: references, then batches of targets."""
+def _propagate(targets, ref_view, cfg: MaskPropagationConfig, source, folder: Path, progress) -> RunSummary:
+    """The run after its checks: references, then batches of targets. A run that fails
+    before its first batch is written leaves no new field behind."""
     # 2. references, their masks and features (the models load only if features must be computed)
-    summary = RunSummary(FUNCTION, ("targets", "propagated"), output_field=cfg.output_field,
+    counts = ("targets", "propagated", "references_skipped", "masks_in_database", "masks_in_files",
+              "masks_not_written")
+    summary = RunSummary(FUNCTION, counts, output_field=cfg.output_field,
                          error_field=cfg.error_field, confidence_field=cfg.confidence_field,
-                         resolution=cfg.resolution, masks_in_database=0, masks_in_files=0)
+                         resolution=cfg.resolution, files_removed=0)
     units = Units(targets, cfg.patches_field)
     stored, embs = units.values(cfg.features_field), units.values(cfg.embedding_field)
     refs = load_mask_references(ref_view, cfg, source, summary, stored)
     engine = Propagator(refs.refs, cfg.match)
-    files = MaskFiles(_mask_dir(cfg, source, targets, stored), summary)
+    files = MaskFiles(folder, summary)
     # 3. match batch by batch (a sample's objects in one batch), write in bulk, record problems per sample
-    rows = list(zip(units.units(), stored, embs))
+    rows = without_references(list(zip(units.units(), stored, embs)), refs.refs, summary)
     summary["targets"] = len(rows)
-    with Run(targets, summary, len(rows), progress, "propagating masks", cfg.error_field) as run:
-        _declare(targets, cfg)
-        for batch in sample_batches(rows, cfg.batch_size):
-            _propagate_batch(targets, cfg, engine, refs, source, files, batch, run)
-        for sid in set(refs.problems) - {u.sample_id for u, _, _ in rows}:  # references that are not targets
-            run.note(sid, "; ".join(refs.problems[sid]))
+    created = [f for _, (f, _) in _outputs(cfg).items() if not targets._root_dataset.has_sample_field(f)]
+    written = False
+    try:
+        with Run(targets, summary, len(rows), progress, "propagating masks", cfg.error_field) as run:
+            _declare(targets, cfg)
+            for batch in sample_batches(rows, cfg.batch_size):
+                _propagate_batch(targets, cfg, engine, refs, source, files, batch, run)
+                written = True
+            for sid in set(refs.problems) - {u.sample_id for u, _, _ in rows}:  # references that are not targets
+                run.note(sid, "; ".join(refs.problems[sid]))
+    except BaseException:
+        if not written:
+            _drop_fields(targets._root_dataset, created)
+        raise
     return summary
+
+
+def _drop_fields(root, names) -> None:
+    """Removes the output fields a run created before it failed (nothing was written)."""
+    there = [n for n in names if root.has_sample_field(n)]
+    if there:
+        root.delete_sample_fields(there)
 
 
 def _declare(targets, cfg: MaskPropagationConfig) -> None:
@@ -252,10 +282,12 @@ def _propagate_batch(targets, cfg, engine, refs: MaskReferences, source, files, 
         masks[sid], heat = _record(cfg, sid, group, refs.problems, files, run)
         if heat is not None:
             heatmaps[sid] = heat
+    old = files.replaced(targets._root_dataset, cfg, list(masks)) if cfg.overwrite else []
     run.write(cfg.output_field, masks)
     if cfg.confidence_field:
         run.write(cfg.confidence_field, heatmaps)
     run.flush_errors()
+    files.remove(old)
     run.step(len(batch))
 
 
@@ -459,48 +491,54 @@ def resize_nearest(array: np.ndarray, width: int, height: int) -> np.ndarray:
 # --------------------------------------------------------------------------- one sample's labels
 def _record(cfg, sid, group, problems, files, run: Run):
     """One target sample's output label (and heat map) from its units'
-    ``(unit, MaskPrediction or error)``, or ``(None, None)`` with the failure recorded."""
+    ``(unit, MaskPrediction or error)``, or ``(None, None)`` with the failure recorded. A
+    mask whose file could not be written is a failure of its unit (never a label pointing
+    at a missing file)."""
     msgs = list(problems.get(sid, []))
     good = []
     for unit, got in group:
         if isinstance(got, Exception):
-            what = "target" if not unit.is_object else f"target object {unit.id} ({unit.label})"
-            msgs.append(f"{what}: {reason(got)}")
+            msgs.append(f"{_what(unit)}: {reason(got)}")
         else:
             good.append((unit, got))
-            run.summary.add("propagated")
-    if not good:
+    budget = [SAMPLE_DB_PIXELS]
+    stored = []
+    for unit, p in good:
+        lab = fo.Segmentation(mask=p.labels, **_attributes(p)) if not unit.is_object else _detection(unit, p)
+        if files.store(lab, "mask", budget, msgs, f"{_what(unit)}: its mask"):
+            stored.append((unit, p, lab))
+    run.summary.add("propagated", len(stored))
+    if not stored:
         run.fail(sid, "; ".join(msgs))
         return None, None
+    good = [(u, p) for u, p, _ in stored]
+    heat = _heatmap(good, cfg, run) if cfg.confidence_field else None
+    if heat is not None and not files.store(heat, "map", budget, msgs, "the confidence map"):
+        heat = None
     if msgs:
         run.note(sid, "; ".join(msgs))
     else:
         run.ok(sid)
-    budget = [SAMPLE_DB_PIXELS]
-    if not group[0][0].is_object:
-        label = fo.Segmentation(mask=good[0][1].labels, **_attributes(good[0][1]))
-        files.store(label, "mask", budget)
-    else:
-        label = fo.Detections(detections=[_detection(u, p) for u, p in good])
-        for det in label.detections:
-            files.store(det, "mask", budget)
-    heat = _heatmap(good, cfg, run) if cfg.confidence_field else None
-    if heat is not None:
-        files.store(heat, "map", budget)
-    return label, heat
+    if not good[0][0].is_object:
+        return stored[0][2], heat
+    return fo.Detections(detections=[lab for _, _, lab in stored]), heat
+
+
+def _what(unit: Unit) -> str:
+    return "target" if not unit.is_object else f"target object {unit.id} ({unit.label})"
 
 
 def _attributes(p: MaskPrediction) -> dict:
-    return dict(sdcorr_reference_id=p.reference_id,
-                sdcorr_similarity=p.similarity if np.isfinite(p.similarity) else None,
-                sdcorr_flipped=bool(p.flipped), confidence=float(p.confidence.mean()) if p.confidence.size else 0.0)
+    return {attrs.REFERENCE_ID: p.reference_id,
+            attrs.SIMILARITY: p.similarity if np.isfinite(p.similarity) else None,
+            attrs.FLIPPED: bool(p.flipped), "confidence": float(p.confidence.mean()) if p.confidence.size else 0.0}
 
 
 def _detection(unit: Unit, p: MaskPrediction) -> fo.Detection:
     """A copy of the target detection's box, label and instance with the propagated mask
     (in the reference mask's dtype: bool stays bool)."""
-    det = fo.Detection(label=unit.label, bounding_box=list(unit.box), mask=p.labels, sdcorr_detection_id=unit.id,
-                       **_attributes(p))
+    det = fo.Detection(label=unit.label, bounding_box=list(unit.box), mask=p.labels,
+                       **{attrs.DETECTION_ID: unit.id}, **_attributes(p))
     if unit.instance is not None:
         det.instance = fo.Instance(id=unit.instance)
     return det
@@ -527,30 +565,51 @@ def _heatmap(good, cfg, run: Run) -> Optional[fo.Heatmap]:
 # --------------------------------------------------------------------------- storage
 class MaskFiles:
     """Where each mask goes (module docstring, "Storage"): the database while small, else
-    a PNG named by its label's id in ``folder`` (made on the first file)."""
+    a PNG named by its label's id in ``folder`` (made on the first file), written and
+    verified (:func:`~fiftyone_sdcorr.dataset.output_files.export_label_png`)."""
 
     def __init__(self, folder: Path, summary: RunSummary):
-        self.folder, self.summary = folder, summary
+        self.folder, self.summary = Path(folder), summary
         summary["mask_dir"] = str(folder)
 
-    def store(self, label, attr: str, budget: list) -> None:
-        """``label.<attr>`` (``mask`` or ``map``) stays in the database, or is exported to a
-        file with FiftyOne's ``export_mask`` / ``export_map`` (``<attr>_path``)."""
+    def store(self, label, attr: str, budget: list, problems: list, what: str) -> bool:
+        """``label.<attr>`` (``mask`` or ``map``) stays in the database, or goes to a file
+        (``<attr>_path``); False, with the reason in ``problems``, when the file could not
+        be written (the label is then not to be kept)."""
         array = getattr(label, attr)
         if array is None:
-            return
+            return True
         n = int(np.asarray(array).size)
         if n <= DB_MAX_PIXELS and n <= budget[0]:
             budget[0] -= n
             self.summary.add("masks_in_database")
-            return
-        self.folder.mkdir(parents=True, exist_ok=True)
-        path = str(self.folder / f"{label.id}.png")
-        if attr == "mask":
-            label.export_mask(path, update=True)
-        else:
-            label.export_map(path, update=True)
+            return True
+        try:
+            export_label_png(label, attr, self.folder / f"{label.id}.png")
+        except Exception as e:  # noqa: BLE001 -- this label only
+            problems.append(f"{what} was not written to {self.folder}: {reason(e)}")
+            self.summary.add("masks_not_written")
+            return False
         self.summary.add("masks_in_files")
+        return True
+
+    def replaced(self, root, cfg: MaskPropagationConfig, sample_ids) -> List[Path]:
+        """The files of the labels about to be replaced in the output fields (only those
+        this package wrote: ``<label id>.png`` in this folder or a ``_masks`` folder)."""
+        view = root.select(sample_ids)
+        labels = []
+        for name in (cfg.output_field, cfg.confidence_field):
+            if name and root.has_sample_field(name):
+                for value in view.values(name):
+                    labels += list(value.detections or []) if isinstance(value, fo.Detections) else \
+                        [value] if value is not None else []
+        return package_files(labels, [self.folder], MASKS_DIR)
+
+    def remove(self, paths) -> None:
+        problems = remove_files(paths)
+        self.summary.add("files_removed", len(paths) - len(problems))
+        if problems:
+            self.summary.warn(f"{len(problems)} replaced mask file(s) could not be removed: {problems[0]}")
 
 
 def _mask_dir(cfg: MaskPropagationConfig, source, targets, stored) -> Path:
@@ -558,12 +617,9 @@ def _mask_dir(cfg: MaskPropagationConfig, source, targets, stored) -> Path:
     configured or default store root of the dataset when none is stored)."""
     if cfg.mask_dir:
         return Path(cfg.mask_dir)
-    first = next((p for p in stored if p), None)
-    if first:
-        return Path(first).parent.parent / MASKS_DIR
     root = source.cfg.store_root(targets) if source.cfg is not None else \
         os.path.join(default_store_root(), str(targets._root_dataset._doc.id))
-    return Path(root) / MASKS_DIR
+    return beside_store(stored, root) / MASKS_DIR
 
 
 __all__ = ["propagate_masks", "check_mask_propagation", "load_mask_references", "predict_mask", "MaskPrediction",

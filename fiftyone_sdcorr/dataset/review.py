@@ -35,6 +35,7 @@ import numpy as np
 
 import fiftyone as fo
 
+from fiftyone_sdcorr.dataset import label_attrs as attrs
 from fiftyone_sdcorr.dataset.config import ReviewConfig, merge_features
 from fiftyone_sdcorr.dataset.engine import (
     ParameterError,
@@ -284,9 +285,9 @@ def _review_instance(cfg, sid, j, g_kp, pred, scale, box, run: Run) -> fo.Keypoi
 
     return fo.Keypoint(
         label=g_kp.label, points=[list(map(float, xy)) if xy is not None else None for xy in (g_kp.points or [])],
-        sdcorr_suspicious=column("suspicious"), sdcorr_evidence=column("evidence"),
-        sdcorr_evidence_confidence=column("confidence"), sdcorr_distance=column("distance"),
-        sdcorr_reference_ids=column("reference_id"),
+        **{attrs.SUSPICIOUS: column("suspicious"), attrs.EVIDENCE: column("evidence"),
+           attrs.EVIDENCE_CONFIDENCE: column("confidence"), attrs.DISTANCE: column("distance"),
+           attrs.REFERENCE_IDS: column("reference_id")},
     )
 
 

@@ -58,6 +58,7 @@ from fiftyone_sdcorr.dataset.engine import (
     require_field,
     values_or_none,
 )
+from fiftyone_sdcorr.dataset.label_attrs import SUSPICIOUS
 from fiftyone_sdcorr.dataset.matching import resolve_flip_pairs
 from fiftyone_sdcorr.dataset.pck import image_size_of, points_of, threshold_size
 from fiftyone_sdcorr.dataset.review import flag_keypoint_annotations
@@ -248,7 +249,7 @@ def score_flags(truth: Dict[str, list], reviewed: Dict[str, Optional[fo.Keypoint
         rv_kps = list(rv.keypoints or []) if rv is not None else []
         for j, points in enumerate(instances):
             kp = rv_kps[j] if j < len(rv_kps) else None
-            flags = list(getattr(kp, "sdcorr_suspicious", None) or []) if kp is not None else []
+            flags = list(getattr(kp, SUSPICIOUS, None) or []) if kp is not None else []
             for q, t in enumerate(points):
                 if t is not None:
                     rows.append((t["kind"], t["moved"], flags[q] if q < len(flags) else None, sid,

@@ -77,6 +77,7 @@ from fiftyone_sdcorr.dataset.engine import (
 )
 from fiftyone_sdcorr.dataset.feature_source import FeatureSource
 from fiftyone_sdcorr.dataset.matching import rank_candidates, resolve_references, unit_vector
+from fiftyone_sdcorr.dataset.output_files import beside_store
 from fiftyone_sdcorr.dataset.progress import ProgressArg
 from fiftyone_sdcorr.dataset.units import Unit, Units, patches_field_of
 
@@ -188,9 +189,9 @@ def swap_instances(
         batch_size=given["batch_size"], overwrite=overwrite)
     units, plan = check_swap(samples, pairs, cfg, sources)
     source = FeatureSource(samples, cfg.features_field, given, cfg.batch_size, units)
-    store_root = FeatureConfig.build(store_dir=given["store_dir"]).store_root(samples)
+    base = swaps_folder(cfg, units, plan, FeatureConfig.build(store_dir=given["store_dir"]).store_root(samples))
     checks_done()
-    return _swap(samples, units, plan, cfg, source, store_root, progress)
+    return _swap(samples, units, plan, cfg, source, base, progress)
 
 
 # --------------------------------------------------------------------------- checks
@@ -221,9 +222,34 @@ def check_swap(samples, pairs, cfg: SwapConfig, sources=None) -> Tuple[Units, Un
     plan = resolve_pairs(units, pairs) if sources is None else \
         Automatic(units, resolve_sources(samples, sources, cfg.patches_field))
     _check_output(samples, cfg)
-    if cfg.output_dir is not None:
-        check_output_folder("output_dir", cfg.output_dir)
+    check_refine_steps(cfg)
     return units, plan
+
+
+def check_refine_steps(cfg: SwapConfig) -> None:
+    """A refinement of at least one denoising step: diffusers' image-to-image and
+    inpainting pipelines run ``min(int(refine_steps * refine_strength), refine_steps)``
+    steps, and none at all is a failure of every pair after the SD model loaded."""
+    if cfg.refine and min(int(cfg.refine_steps * cfg.refine_strength), cfg.refine_steps) < 1:
+        strength = math.ceil(1000.0 / cfg.refine_steps) / 1000.0
+        steps = math.ceil(1.0 / cfg.refine_strength) if cfg.refine_strength > 0 else None
+        raise ParameterError(
+            f"parameters 'refine_strength' and 'refine_steps': refine_strength {cfg.refine_strength} x refine_steps "
+            f"{cfg.refine_steps} gives no denoising step (diffusers runs int(strength x steps) of them); raise "
+            f"refine_strength to at least {strength}" + (f" or refine_steps to at least {steps}" if steps else "")
+            + ", or turn refine off")
+
+
+def swaps_folder(cfg: SwapConfig, units: Units, plan, store_root: str) -> Path:
+    """``output_dir``, or ``<feature store namespace>/_swaps`` beside the stored features in
+    use (the configured or default store root when none is stored), checked: a folder that
+    exists or can be made, writable. The images go to ``<it>/<output dataset id>`` unless
+    ``output_dir`` was given."""
+    if cfg.output_dir is not None:
+        return check_output_folder("output_dir", cfg.output_dir)
+    sides = [units] + ([plan.sources] if isinstance(plan, Automatic) else [])
+    stored = (p for us in sides for p in us.values(cfg.features_field))
+    return check_output_folder("output_dir", beside_store(stored, store_root) / SWAPS_DIR)
 
 
 def resolve_pairs(units: Units, pairs) -> List[Pair]:
@@ -330,14 +356,14 @@ class Output:
         return str(self.dataset._doc.id) + (f"-{self.slice}" if self.slice else "")
 
 
-def _swap(samples, units: Units, plan, cfg: SwapConfig, source, store_root: str, progress):
+def _swap(samples, units: Units, plan, cfg: SwapConfig, source, base: Path, progress):
     """The run after its checks: the output, the pairs (ranked now if automatic), what is
     done already, then batches."""
-    summary = RunSummary(FUNCTION, ("pairs", "swapped", "skipped"), output_dataset=cfg.output_dataset,
-                         output_slice=cfg.output_slice)
+    summary = RunSummary(FUNCTION, ("pairs", "swapped", "skipped", "sources_skipped"),
+                         output_dataset=cfg.output_dataset, output_slice=cfg.output_slice, skipped_sources=[])
     out = _open_output(samples, cfg)
     summary["output_dataset"] = out.dataset.name
-    out_dir = Path(cfg.output_dir) if cfg.output_dir else Path(store_root) / SWAPS_DIR / out.folder
+    out_dir = base if cfg.output_dir else base / out.folder
     summary["output_dir"] = str(out_dir)
     sides = [units] + ([plan.sources] if isinstance(plan, Automatic) else [])
     stored = {u.id: v for us in sides for u, v in zip(us.units(), us.values(cfg.features_field))}
@@ -393,8 +419,10 @@ def pair_automatically(auto: Automatic, cfg: SwapConfig, source: FeatureSource, 
     """Each target unit with its most similar source unit: :meth:`Propagator.rank` (how
     propagation picks its reference) over the global embeddings (``embedding_field``) when
     every unit has one, else the mean dense descriptors; objects: only sources of the
-    target's label; never the target itself. A target without a candidate, or a unit whose
-    features fail, is a failure of its own (by unit id)."""
+    target's label; never the target itself. A target that is itself a source and has no
+    other source is skipped (``sources_skipped``, ``skipped_sources``), not failed; any
+    other target without a candidate, or a unit whose features fail, is a failure of its
+    own (by unit id)."""
     src, tgt = auto.sources.units(), auto.targets.units()
     embs = {}
     for us in (auto.sources, auto.targets):
@@ -402,6 +430,7 @@ def pair_automatically(auto: Automatic, cfg: SwapConfig, source: FeatureSource, 
     everyone = list({u.id: u for u in src + tgt}.values())
     vecs = _global_vectors(everyone, embs, source, stored, cfg.batch_size, summary)
     cands = [u for u in src if u.id in vecs]
+    source_ids = {u.id for u in src}
     plan = []
     for t in tgt:
         if t.id not in vecs:
@@ -409,7 +438,10 @@ def pair_automatically(auto: Automatic, cfg: SwapConfig, source: FeatureSource, 
         same = [u for u in cands if u.id != t.id and u.label == t.label]
         ranked = rank_candidates(same, vecs[t.id], embs.get(t.id), lambda u: embs.get(u.id), lambda u: vecs[u.id])
         best = next((u for sim, u in ranked if math.isfinite(sim)), None)
-        if best is None:
+        if best is None and t.id in source_ids:  # a source, not a target that failed
+            summary.add("sources_skipped")
+            summary["skipped_sources"].append(t.id)
+        elif best is None:
             summary.fail(t.id, "no source " + (f"object labelled {t.label!r}" if t.is_object else "image")
                          + " other than itself")
         else:
@@ -584,4 +616,4 @@ def _new_sample(path: Path, key: str, pair: Pair, ctx: dict, prov: dict) -> fo.S
 
 
 __all__ = ["swap_instances", "check_swap", "resolve_pairs", "resolve_sources", "pair_automatically", "swap_key",
-           "swap_pair", "region_mask", "PROVENANCE_FIELDS", "KEY_FIELD", "SWAPS_DIR", "FUNCTION", "Pair", "Automatic", "Output"]
+           "swap_pair", "region_mask", "check_refine_steps", "swaps_folder", "PROVENANCE_FIELDS", "KEY_FIELD", "SWAPS_DIR", "FUNCTION", "Pair", "Automatic", "Output"]

@@ -10,10 +10,11 @@ from typing import Dict, List, Optional
 
 import fiftyone as fo
 
+from fiftyone_sdcorr.dataset import label_attrs
 from fiftyone_sdcorr.dataset.config import KEYPOINTS_FIELD
 from fiftyone_sdcorr.plugin.panel_ranking import reference_tags
 
-REFERENCE_ATTR = "sdcorr_reference_id"  # what a predicted keypoint carries
+REFERENCE_ATTR = label_attrs.REFERENCE_ID  # what a predicted keypoint carries
 OUTPUT_FIELD = KEYPOINTS_FIELD  # the first name offered for new predictions
 
 

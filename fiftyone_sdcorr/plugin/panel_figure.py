@@ -20,16 +20,17 @@ import numpy as np
 from fiftyone_sdcorr.core.pictures import visualize as vis
 from fiftyone_sdcorr.core.matching.dense import dense_match, position_colors, warp_image
 from fiftyone_sdcorr.core.common.geometry import DEFAULT_CONTEXT_MARGIN, Crop
+from fiftyone_sdcorr.dataset import label_attrs
 from fiftyone_sdcorr.dataset.config import FEATURES_FIELD, N_PARTS
 from fiftyone_sdcorr.dataset.skeletons import keypoint_skeleton
 from fiftyone_sdcorr.plugin.field_roles import REFERENCE_ATTR
 from fiftyone_sdcorr.plugin.panel_ranking import ObjectFeatures, linked_instances
 
 PLUGIN = "@sdcorr/sdcorr"
-INSTANCE_ATTR = "sdcorr_instance"
-DETECTION_ATTR = "sdcorr_detection_id"  # the target object of a keypoint predicted per object
-REVIEW_ATTR = "sdcorr_verdict"
-POINT_REVIEW_ATTR = "sdcorr_point_verdicts"
+INSTANCE_ATTR = label_attrs.INSTANCE
+DETECTION_ATTR = label_attrs.DETECTION_ID  # the target object of a keypoint predicted per object
+REVIEW_ATTR = label_attrs.VERDICT
+POINT_REVIEW_ATTR = label_attrs.POINT_VERDICTS
 REVIEW_TAGS = {"accepted": "sdcorr:accepted", "rejected": "sdcorr:rejected"}
 
 MAX_SIDE = 512  # longest side of the images sent to the browser
