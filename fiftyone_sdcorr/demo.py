@@ -94,8 +94,14 @@ def main(argv=None):
 
 
 def add_arguments(p: argparse.ArgumentParser):
+    from fiftyone_sdcorr.core.features.methods import DEFAULT_METHOD, METHODS
+
     p.add_argument("--tiny", action="store_true",
                    help="tiny random models (offline pipeline check; numbers are meaningless)")
+    p.add_argument("--method", default=None, choices=tuple(METHODS),
+                   help="; ".join(f"{k}: {m.summary}" for k, m in METHODS.items()) + f" (default {DEFAULT_METHOD})")
+    p.add_argument("--adapter", default=None, help="dino-diy: a DIY-SC adapter .safetensors (default: the shipped "
+                   "one; with --tiny a tiny random one)")
     p.add_argument("--sd-model", default=None, help="SD Hub id or directory (default: SD 1.5)")
     p.add_argument("--dino-model", default=None, help="DINOv2 Hub id or directory (default: dinov2-base)")
     p.add_argument("--preset", default=None, help="recipe preset: paper (default on CUDA) or cpu (default on CPU)")
@@ -126,6 +132,7 @@ def run(args) -> dict:
     import torch
 
     from fiftyone_sdcorr import DEFAULT_DINO_MODEL, DEFAULT_SD_MODEL
+    from fiftyone_sdcorr.core.features.methods import DEFAULT_METHOD, METHODS
     from fiftyone_sdcorr.dataset.compute_features import compute_fused_features
     from fiftyone_sdcorr.dataset.evaluate import evaluate_keypoints
     from fiftyone_sdcorr.dataset.propagate import propagate_keypoints
@@ -144,12 +151,19 @@ def run(args) -> dict:
         sd_model = args.sd_model or DEFAULT_SD_MODEL
         dino_model = args.dino_model or DEFAULT_DINO_MODEL
         preset = args.preset or ("paper" if device.startswith("cuda") else "cpu")
-    print(f"models: {sd_model} + {dino_model}; preset {preset}; device {device}; workdir {work}")
+    method, adapter = args.method or DEFAULT_METHOD, args.adapter
+    if args.tiny and not METHODS[method].uses_sd and adapter is None:  # an adapter sized to the tiny DINO
+        from fiftyone_sdcorr.core.features.tiny import TINY_DINO_WIDTH, save_tiny_adapter
+
+        adapter = save_tiny_adapter(os.path.join(work, "tiny-models", "adapter.safetensors"), dim=TINY_DINO_WIDTH)
+    models = dino_model if not METHODS[method].uses_sd else f"{sd_model} + {dino_model}"
+    print(f"method {method}: {models}; preset {preset}; device {device}; workdir {work}")
 
     ds = build_dataset(args.dataset, os.path.join(work, "images"))
     ds.persistent = True  # kept for `fiftyone app launch sdcorr-demo`; rerunning recreates it
-    summary = compute_fused_features(ds, sd_model, dino_model, preset=preset, device=device,
-                                     store_dir=os.path.join(work, "features"))
+    summary = compute_fused_features(ds, features=dict(
+        method=method, adapter=adapter, sd_model=sd_model, dino_model=dino_model, preset=preset, device=device,
+        store_dir=os.path.join(work, "features")))
     print("features:", {k: v for k, v in summary.items() if k in ("computed", "skipped", "failed")})
     refs = ds.match_tags("reference")
     targets = ds.match_tags("target")

@@ -61,6 +61,7 @@ from fiftyone_sdcorr.core.benchmarks.formats import (
 from fiftyone_sdcorr.core.common.files import check_output_file, check_output_folder, with_filename, write_text_atomic
 from fiftyone_sdcorr.core.benchmarks.flow_io import FLOW_SUFFIXES, read_flow
 from fiftyone_sdcorr.core.features.models import DEFAULT_DINO_MODEL, DEFAULT_SD_MODEL
+from fiftyone_sdcorr.core.features.methods import DEFAULT_METHOD, METHODS, get_method
 from fiftyone_sdcorr.core.matching.pair_matching import FEATURES, PCA_MODES, PairMatcher, PairMatchOptions
 from fiftyone_sdcorr.core.common.params import ParameterError, check_choice, check_int, check_str
 from fiftyone_sdcorr.core.benchmarks.pck import (
@@ -95,6 +96,8 @@ def evaluate_pairs(
     seed: int = 0,
     predictions=None,
     records: Optional[Sequence[PairRecord]] = None,
+    method: str = DEFAULT_METHOD,
+    adapter=None,
     sd_model: str = DEFAULT_SD_MODEL,
     dino_model: str = DEFAULT_DINO_MODEL,
     unet_model=None,
@@ -131,6 +134,9 @@ def evaluate_pairs(
             given no model is loaded.
         records: the pairs to evaluate instead of reading them (e.g.
             :func:`fiftyone_sdcorr.dataset.benchmarks.benchmark_pairs` of an imported dataset).
+        method, adapter: the feature method (``"sd-dino"``, the paper; ``"dino-diy"``:
+            DIY-SC's adapter on DINOv2, matched with its 15 x 15 soft-argmax window when
+            ``soft_argmax``) and its adapter file (default: the shipped one)
         sd_model, dino_model, unet_model, device, dtype, batch_size, preset, recipe: the
             :class:`~fiftyone_sdcorr.FeatureExtractor` (``recipe``: recipe field overrides;
             ``alpha`` there is the SD share of the fused descriptor).
@@ -163,6 +169,9 @@ def evaluate_pairs(
     alphas = ALPHAS[format]
     if predictions is None:
         save_predictions, feature_cache = _check_model_outputs(save_predictions, feature_cache, projection, pca)
+        opts = _match_options(method, features, pca, soft_argmax, flip, pca_device, cache_images)
+        model = dict(zip(MODEL_KEYWORDS, (sd_model, dino_model, device, dtype, batch_size, preset, recipe,
+                                          feature_cache, unet_model, method, adapter)))
     # 2. the pairs
     records = _pairs(format, root, split, categories, sample, seed, records)
     warnings: List[str] = _geometry_warnings(records)
@@ -170,16 +179,27 @@ def evaluate_pairs(
     if predictions is not None:
         scores, method = _prediction_scores(records, predictions, alphas)
     else:
-        opts = PairMatchOptions(features=features, pca=pca, soft_argmax=soft_argmax, flip=flip,
-                                pca_device=pca_device, cache_images=cache_images)
-        model = dict(sd_model=sd_model, dino_model=dino_model, device=device, dtype=dtype, batch_size=batch_size,
-                     preset=preset, recipe=recipe, feature_cache=feature_cache, unet_model=unet_model)
         scores, method = _model_scores(format, records, alphas, opts, model, extractor, projection, fit_images,
                                        save_predictions, progress, warnings)
     # 4. the paper's aggregation
     result = aggregate(scores, alphas)
     info = _benchmark_info(format, root, split, categories, sample, seed, records, result)
     return {**result, "benchmark": info, "method": method, "warnings": warnings}
+
+
+#: the model keywords of :func:`evaluate_pairs`, in the order it passes them on
+MODEL_KEYWORDS = ("sd_model", "dino_model", "device", "dtype", "batch_size", "preset", "recipe", "feature_cache",
+                  "unet_model", "method", "adapter")
+
+
+def _match_options(method: str, features, pca, soft_argmax, flip, pca_device, cache_images) -> PairMatchOptions:
+    """How pairs are matched: the options given, with the method's soft-argmax window and
+    temperature (its authors' evaluation); a method without SD has no SD ablations."""
+    m = get_method(method)
+    if not m.uses_sd and (features, pca) != ("fused", "co"):
+        raise ParameterError(f"parameters 'features' and 'pca' choose SD ablations; method {m.name!r} has no SD")
+    return PairMatchOptions(features=features, pca=pca, soft_argmax=soft_argmax, flip=flip, pca_device=pca_device,
+                            cache_images=cache_images, soft_window=m.soft_window, temperature=m.temperature)
 
 
 def _prediction_scores(records, predictions, alphas):
@@ -191,13 +211,14 @@ def _prediction_scores(records, predictions, alphas):
 
 def _evaluate_tss_format(*, root, categories, sample, predictions, extractor, features, dense_resolution, tss_masks,
                          progress, pca, save_predictions, feature_cache, projection, soft_argmax, flip, records,
-                         sd_model, dino_model, device, dtype, batch_size, preset, recipe, unet_model, **_ignored):
+                         sd_model, dino_model, device, dtype, batch_size, preset, recipe, unet_model, method,
+                         adapter, **_ignored):
     """:func:`evaluate_pairs` with ``format="tss"``: its keypoint-only options refused,
     the rest passed to :func:`evaluate_tss`."""
     _check_tss_options(pca, save_predictions=save_predictions, feature_cache=feature_cache, projection=projection,
                        soft_argmax=soft_argmax, flip=flip, records=records)
     model = dict(sd_model=sd_model, dino_model=dino_model, device=device, dtype=dtype, batch_size=batch_size,
-                 preset=preset, recipe=recipe, unet_model=unet_model)
+                 preset=preset, recipe=recipe, unet_model=unet_model, method=get_method(method).name, adapter=adapter)
     return evaluate_tss(root, subsets=categories, sample=sample, predictions=predictions, extractor=extractor,
                         features=features, dense_resolution=dense_resolution, masks=tss_masks, model=model,
                         progress=progress)
@@ -294,6 +315,7 @@ def _build_extractor(model: dict):
     return FeatureExtractor(model.get("sd_model", DEFAULT_SD_MODEL), model.get("dino_model", DEFAULT_DINO_MODEL),
                             device=model.get("device"), dtype=model.get("dtype"), batch_size=model.get("batch_size"),
                             preset=model.get("preset", "paper"), unet_model=model.get("unet_model"),
+                            method=model.get("method", DEFAULT_METHOD), adapter=model.get("adapter"),
                             **(model.get("recipe") or {}))
 
 
@@ -617,6 +639,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--markdown", help="markdown table file (default: --out with .md)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     m = p.add_argument_group("model (ignored with --predictions)")
+    m.add_argument("--method", default=DEFAULT_METHOD, choices=tuple(METHODS),
+                   help="; ".join(f"{k}: {v.summary}" for k, v in METHODS.items()))
+    m.add_argument("--adapter", help="dino-diy: a DIY-SC adapter (.safetensors; default: the shipped one)")
     m.add_argument("--sd-model", default=DEFAULT_SD_MODEL, help="SD checkpoint: Hub id or diffusers folder")
     m.add_argument("--dino-model", default=DEFAULT_DINO_MODEL, help="DINOv2 checkpoint: Hub id or folder")
     m.add_argument("--unet-model", default=None,
@@ -688,7 +713,8 @@ def main(args: argparse.Namespace) -> int:
         raise ParameterError(f"parameters 'out' and 'markdown' name the same file {out}")
     result = evaluate_pairs(
         args.format, args.root, args.split, categories=args.categories, sample=args.sample, seed=args.seed,
-        predictions=args.predictions, sd_model=args.sd_model, dino_model=args.dino_model,
+        predictions=args.predictions, method=args.method, adapter=args.adapter, sd_model=args.sd_model,
+        dino_model=args.dino_model,
         unet_model=args.unet_model, device=args.device,
         dtype=args.dtype, batch_size=args.batch_size, preset=args.preset, recipe=_recipe_of(args),
         features=args.features, pca=args.pca, soft_argmax=args.soft_argmax, flip=args.flip,

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from fiftyone_sdcorr.core.features.extractor import FeatureExtractor
+from fiftyone_sdcorr.core.features.featurizer import Featurizer
 from fiftyone_sdcorr.core.features.fusion import FixedProjection, fuse_raw
 from fiftyone_sdcorr.core.common.images import ImageLoadError
 from fiftyone_sdcorr.core.features.pipeline import pipelined
@@ -48,7 +49,7 @@ def test_lookahead_order_results_and_a_failing_batch(fx, tmp_path):
             yield tag, ims, None
 
     out = []
-    for tag, got in pipelined(fx, batches(), proj, 0.5, torch.float16):
+    for tag, got in pipelined(Featurizer(fx, proj), batches(), torch.float16):
         Recording.events.append(("yielded", tag))
         out.append((tag, got))
     # batch k comes back only after batch k+1 was pulled and queued

@@ -89,7 +89,7 @@ def bench_pipeline(sd_dir, dino_dir, device, dtype, rkw, images, args, quiet, co
     from concurrent.futures import ThreadPoolExecutor
 
     from fiftyone_sdcorr.core.features.extractor import PREP_THREADS
-    from fiftyone_sdcorr.core.features.fusion import FixedProjection
+    from fiftyone_sdcorr.core.features.featurizer import Featurizer
     from fiftyone_sdcorr.core.common.images import load_image
     from fiftyone_sdcorr.core.features.pipeline import pipelined
     from fiftyone_sdcorr.core.features.store import FeatureStore
@@ -102,14 +102,15 @@ def bench_pipeline(sd_dir, dino_dir, device, dtype, rkw, images, args, quiet, co
         if compiled:
             ext.compile_models(args.compile_mode)
         with Clock(device) as cw:
-            proj = FixedProjection.fit([r.sd for r in ext.extract(paths[:2])], dim=ext.recipe.pca_dim)
+            fz = Featurizer(ext)
+            fz.fit(fz.extract(paths[:2]))
         store = FeatureStore(tmp / "store")
         b, todo = ext.batch_size, paths[2:]
         reset_peak(device)
         with Clock(device) as c, ThreadPoolExecutor(PREP_THREADS) as pool:
             batches = ((todo[i:i + b], list(pool.map(load_image, todo[i:i + b])), None) for i in range(0, n, b))
             done = 0
-            for keys, got in pipelined(ext, batches, proj, ext.recipe.alpha, torch.float16):
+            for keys, got in pipelined(fz, batches, torch.float16):
                 if isinstance(got, Exception):
                     raise got
                 for key, enc in zip(keys, got):

@@ -289,8 +289,8 @@ def staged_extract(ext, images) -> tuple:
     with Clock(dev) as c:
         prep = ext.prepare(images)
     times["preprocess"] = c.seconds
-    with Clock(dev) as c:
-        sd_maps = ext._sd_features(prep["sd"], prep["prompts"])
+    with Clock(dev) as c:  # a method without SD: none
+        sd_maps = ext._sd_features(prep["sd"], prep["prompts"]) if ext.uses_sd else [{} for _ in images]
     times["sd"] = c.seconds
     with Clock(dev) as c:
         dino = ext.dino_tokens(prep["dino"])

@@ -12,7 +12,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
@@ -50,6 +50,15 @@ def models_for(args, device, quiet):
         return tiny_models(root)
     init = device if device.type == "cuda" else "cpu"
     return build_full_models(args.models_dir, init_device=init, quiet=quiet)
+
+
+def tiny_adapter(args, models) -> Optional[str]:
+    """With ``--tiny``: a random adapter sized to the tiny DINO, beside it; else None (the shipped one)."""
+    if not args.tiny:
+        return None
+    from fiftyone_sdcorr.core.features.tiny import TINY_DINO_WIDTH, save_tiny_adapter
+
+    return save_tiny_adapter(str(Path(models[1]).parent / "adapter.safetensors"), dim=TINY_DINO_WIDTH)
 
 
 def bench_device(args) -> torch.device:
@@ -128,7 +137,7 @@ def run_bench(args) -> dict:
     result["models"] = models_entry(args.tiny)
     # 3. --cpu-preset: the cost per image of two recipes on this CPU, nothing else
     if args.cpu_preset:
-        result.update(run_cpu_preset(args, *models, quiet))
+        result.update(run_cpu_preset(args, *models, quiet, adapter=tiny_adapter(args, models)))
         return finish(result, args)
     # 4. the settings and the images
     batches = parse_batches(args.batch)
@@ -172,21 +181,37 @@ def add_store_and_matching(result: dict, fused: list, device, args) -> None:
 
 
 # ====================================================================== --cpu-preset
-def cpu_recipe_cost(name: str, models: tuple, images: list, n: int, warmup: int, quiet: bool) -> tuple:
-    """One recipe on the CPU, batch 1, fp32: ``(its entry, the extractor, the raw features)``."""
+#: what ``--cpu-preset`` costs in one run: label -> (method, preset); the ratios are to "paper"
+CPU_RUNS = {"paper": ("sd-dino", "paper"), "cpu": ("sd-dino", "cpu"), "dino-diy": ("dino-diy", "paper"),
+            "dino-diy-cpu": ("dino-diy", "cpu")}
+
+
+def cpu_recipe_cost(name: str, models: tuple, images: list, n: int, warmup: int, quiet: bool,
+                    adapter: Optional[str] = None) -> tuple:
+    """One method and recipe (:data:`CPU_RUNS`) on the CPU, batch 1, fp32, from the image
+    to its unit descriptors: ``(its entry, the extractor, the raw features)``."""
+    from fiftyone_sdcorr.core.features.featurizer import Featurizer
+
     device = torch.device("cpu")
-    log(f"cpu-preset: recipe {name!r}: loading fp32 models", quiet)
+    method, preset = CPU_RUNS[name]
+    log(f"cpu-preset: {name!r} ({method}, preset {preset}): loading fp32 models", quiet)
+    kw = {"preset": preset} if method == "sd-dino" else {"preset": preset, "method": method, "adapter": adapter}
     with Clock(device) as cl:
-        ext = make_extractor(*models, device, torch.float32, 1, {"preset": name})
-    flops = count_flops(ext.unet.config, ext.vae.config, ext.dino, ext.recipe)
+        ext = make_extractor(*models, device, torch.float32, 1, kw)
+    flops = count_flops(ext.unet.config, ext.vae.config, ext.dino, ext.recipe) if ext.uses_sd else None
+    fz = Featurizer(ext)
     for _ in range(warmup):
         staged_extract(ext, images[:1])
-    per, stages_sum, raws = [], {"preprocess": 0.0, "sd": 0.0, "dino": 0.0}, []
+    per, stages_sum, raws = [], {"preprocess": 0.0, "sd": 0.0, "dino": 0.0, "descriptors": 0.0}, []
     cpu_per = []
     for i in range(n):
         c0 = time.process_time()
         with Clock(device) as c:
             r, st = staged_extract(ext, [images[i % len(images)]])
+            with Clock(device) as cd:  # projection + fusion, or the adapter
+                fz.fit(r)
+                fz.fuse(r)
+            st["descriptors"] = cd.seconds
         cpu_per.append(time.process_time() - c0)
         per.append(c.seconds)
         raws += r
@@ -196,7 +221,9 @@ def cpu_recipe_cost(name: str, models: tuple, images: list, n: int, warmup: int,
     mean = float(np.mean(per))
     rec = ext.recipe
     entry = {
-        "recipe": rec.to_dict(),
+        "method": method,
+        "preset": preset,
+        "recipe": rec.to_dict() if ext.uses_sd else {f: getattr(rec, f) for f in ("dino_size", "padding")},
         "load_seconds": cl.seconds,
         "s_per_image": mean,
         "s_per_image_each": per,
@@ -209,9 +236,9 @@ def cpu_recipe_cost(name: str, models: tuple, images: list, n: int, warmup: int,
         "est_idle_s_per_image": float(np.mean(cpu_per)) / max(1, torch.get_num_threads()),
         "stages_mean_s": {k: v / n for k, v in stages_sum.items()},
         "flops": flops,
-        "achieved_gflops": flops["optimised_per_image"] / mean / 1e9,
+        "achieved_gflops": flops["optimised_per_image"] / mean / 1e9 if flops else None,
         "grid": int(rec.dino_size // ext.dino_stride),
-        "sd_tiles_per_image": flops["tiles_per_image"],
+        "sd_tiles_per_image": flops["tiles_per_image"] if flops else 0,
     }
     return entry, ext, raws
 
@@ -221,6 +248,8 @@ def cpu_preset_summary(recipes: dict) -> dict:
     return {
         "recipes": recipes,
         "speedup_cpu_vs_paper": p["s_per_image"] / c["s_per_image"],
+        # seconds per image of each run over the paper recipe's, measured in the same run
+        "ratio_to_paper": {k: r["s_per_image"] / p["s_per_image"] for k, r in recipes.items()},
         "gives_up": (
             f"SD sees the image at {c['recipe']['sd_size']} px in one pass instead of {p['recipe']['sd_size']} px in "
             f"{p['sd_tiles_per_image']} overlapping {p['recipe']['sd_tile']} px tiles; DINOv2 at {c['recipe']['dino_size']} px: "
@@ -231,9 +260,11 @@ def cpu_preset_summary(recipes: dict) -> dict:
     }
 
 
-def run_cpu_preset(args, sd_dir, dino_dir, quiet) -> dict:
+def run_cpu_preset(args, sd_dir, dino_dir, quiet, adapter: Optional[str] = None) -> dict:
     """Cost per image on this CPU, full-size random models, batch 1, fp32: the paper
-    recipe and ``PRESETS["cpu"]``; plus matching / store on the paper features."""
+    recipe and ``PRESETS["cpu"]``, and ``dino-diy`` at both presets (:data:`CPU_RUNS`;
+    ``adapter``: default the shipped one, a tiny one for tiny models); plus matching /
+    store on the paper features."""
     device = torch.device("cpu")
     n = max(1, args.images)
     images = bench_images(max(n, 2))
@@ -242,8 +273,8 @@ def run_cpu_preset(args, sd_dir, dino_dir, quiet) -> dict:
     out["matmul"] = {"fp32": matmul_rate(device, torch.float32, 2048, reps=3)}
     recipes = {}
     fused_paper = None
-    for name in ("paper", "cpu"):
-        recipes[name], ext, raws = cpu_recipe_cost(name, (sd_dir, dino_dir), images, n, args.warmup, quiet)
+    for name in CPU_RUNS:
+        recipes[name], ext, raws = cpu_recipe_cost(name, (sd_dir, dino_dir), images, n, args.warmup, quiet, adapter)
         if name == "paper":
             if len(raws) < 2:
                 with Clock(device):

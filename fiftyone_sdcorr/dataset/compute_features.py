@@ -45,17 +45,18 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
-import torch
 
 import fiftyone.core.media as fom
 
 from fiftyone_sdcorr.core.features.extractor import PREP_THREADS
-from fiftyone_sdcorr.core.features.fusion import FixedProjection, FusedFeatures, fuse_raw
+from fiftyone_sdcorr.core.features.featurizer import PROJECTION_NAME, Featurizer
+from fiftyone_sdcorr.core.features.fusion import FusedFeatures
 from fiftyone_sdcorr.core.features.store import STORE_DTYPES, FeatureStore, encode, stored_embedding
 from fiftyone_sdcorr.core.features.pipeline import pipelined
 from fiftyone_sdcorr.core.features.transfer import EncodedFeatures
 from fiftyone_sdcorr.dataset.claims import SampleLock, exclusive, fs_now, worker_id
-from fiftyone_sdcorr.dataset.config import FeatureConfig, merge_features
+from fiftyone_sdcorr.dataset.config import COMPUTE_FEATURE_PARAMS, FeatureConfig, flat_feature_keywords, \
+    merge_features
 from fiftyone_sdcorr.dataset.engine import (
     Record,
     Run,
@@ -76,62 +77,54 @@ from fiftyone_sdcorr.dataset.units import Unit, Units, patches_field_of
 logger = logging.getLogger(__name__)
 
 FUNCTION = "compute_fused_features"
-PROJECTION_NAME = "projection"
 LOCKS_DIR = "_locks"
 LOG_DIR = "_log"
 COUNTS = ("total", "computed", "recovered", "skipped", "busy")
 
 
+@flat_feature_keywords(COMPUTE_FEATURE_PARAMS)
 def compute_fused_features(
     samples,
     sd_model: Optional[str] = None,
     dino_model: Optional[str] = None,
     *,
     features=None,
-    extractor=None,
-    embedding_field: Optional[str] = None,
-    features_field: Optional[str] = None,
-    store_dir=None,
-    store_dtype: Optional[str] = None,
-    pca_dim: Optional[int] = None,
-    projection_samples: Optional[int] = None,
-    preset: Optional[str] = None,
-    recipe: Optional[dict] = None,
-    batch_size: Optional[int] = None,
-    device=None,
-    dtype=None,
-    overwrite: Optional[bool] = None,
-    prompt_field: Optional[str] = None,
     patches_field: Optional[str] = None,
+    overwrite: Optional[bool] = None,
     brain_key: Optional[str] = None,
     progress: ProgressArg = None,
 ) -> RunSummary:
-    """Computes fused SD + DINOv2 features for the image samples of ``samples``, or for
+    """Computes dense features of a method for the image samples of ``samples``, or for
     their objects (``patches_field``, or a ``to_patches()`` view).
 
     Args (``None`` = the default of :class:`~fiftyone_sdcorr.dataset.config.FeatureConfig`):
         samples: a FiftyOne dataset or view of images
-        features: the settings below as one :class:`FeatureConfig` or a dict of its
-            build keywords (``sd_model``, ``preset``, ``recipe``, ``pca_dim``, ...); each
-            may also be given as its own keyword (the same setting given both ways with
-            different values is a ParameterError naming it)
-        sd_model, dino_model: Hub ids or local directories (ignored with ``extractor``)
-        extractor: any Describer (``.describe(images)``, ``.config()``); a
-            ``FeatureExtractor`` (anything with ``.extract``) gets the store's fixed projection
-        embedding_field, features_field: the output fields (``<features_field>_error`` too)
-        store_dir: feature store folder (default ``default_store_root()/<dataset id>``)
-        store_dtype: ``"float16"``, ``"bfloat16"`` or ``"float32"``
-        pca_dim: channels kept per SD tap (the recipe's; smaller = a smaller store)
-        projection_samples: images the fixed projection is fitted on (once per namespace)
-        preset, recipe: the feature recipe (:class:`fiftyone_sdcorr.Recipe` fields)
-        batch_size, device, dtype: how the models run
-        overwrite: recompute samples that have features, and allow output fields that
-            hold something else (another configuration's features, a user's field)
-        prompt_field: a field naming each sample's object for a ``{label}`` prompt template
-            (objects: their own label fills ``{label}`` when no field is given)
+        sd_model, dino_model: Hub ids or local directories (also accepted in ``features``)
+        features: a :class:`FeatureConfig` or a dict of its build keywords:
+
+            - ``method``: ``"sd-dino"`` (the paper, default) or ``"dino-diy"`` (DIY-SC's
+              adapter on DINOv2, no SD); ``adapter``: its weights (default: shipped)
+            - ``extractor``: any Describer (``.describe(images)``, ``.config()``); a
+              ``FeatureExtractor`` gets the store's fixed projection
+            - ``preset``, ``recipe``, ``pca_dim``: the recipe (:class:`fiftyone_sdcorr.Recipe`
+              fields; ``pca_dim``: channels kept per SD tap)
+            - ``batch_size``, ``device``, ``dtype``: how the models run
+            - ``store_dir`` (default ``default_store_root()/<dataset id>``), ``store_dtype``
+              (``"float16"``, ``"bfloat16"``, ``"float32"``, ``"int8"``),
+              ``projection_samples`` (images the fixed projection is fitted on, once per
+              namespace)
+            - ``embedding_field``, ``features_field``: the output fields
+              (``<features_field>_error`` too)
+            - ``prompt_field``: a field naming each sample's object for a ``{label}``
+              prompt template (objects: their own label when no field is given)
+
+            Each may also be given as its own keyword (one documented shim,
+            :func:`~fiftyone_sdcorr.dataset.config.flat_feature_keywords`).
         patches_field: a ``fo.Detections`` field: features per object (its box grown by the
             recipe's ``context_margin``), stored per label id, the embedding, path and error
             as attributes of each detection (:mod:`fiftyone_sdcorr.dataset.units`)
+        overwrite: recompute samples that have features, and allow output fields that
+            hold something else (another configuration's features, a user's field)
         brain_key: also register the embeddings as a FiftyOne similarity index (a brain
             run, sklearn backend) under this key: the App's similarity search,
             ``sort_by_similarity`` and the match panel's reference ranking use it; a
@@ -145,12 +138,8 @@ def compute_fused_features(
         ``fingerprint``, ``projection``, ``worker``
     """
     # 1. check every parameter and field before anything loads or is written
-    flat = dict(sd_model=sd_model, dino_model=dino_model, extractor=extractor, embedding_field=embedding_field,
-                features_field=features_field, store_dir=store_dir, store_dtype=store_dtype, pca_dim=pca_dim,
-                projection_samples=projection_samples, preset=preset, recipe=recipe, batch_size=batch_size,
-                device=device, dtype=dtype, prompt_field=prompt_field)
-    cfg = FeatureConfig.build(**merge_features(features, flat, tuple(flat)),
-                              objects=patches_field_of(samples, patches_field) is not None)
+    given = merge_features(features, dict(sd_model=sd_model, dino_model=dino_model), COMPUTE_FEATURE_PARAMS)
+    cfg = FeatureConfig.build(**given, objects=patches_field_of(samples, patches_field) is not None)
     image_collection(samples)
     job = FeatureJob(samples, cfg, check_bool("overwrite", False if overwrite is None else overwrite),
                      Units(samples, patches_field))
@@ -192,7 +181,8 @@ class FeatureJob:
             "features_field (its error field)": (cfg.error_field, "string"),
         }
         self.st_dtype = STORE_DTYPES[cfg.store_dtype]
-        self.projection: Optional[FixedProjection] = None
+        #: images -> descriptors of the configured method (models attached in :meth:`compute`)
+        self.featurizer = Featurizer(cfg.extractor, settings=cfg.settings())
         self.summary = RunSummary(FUNCTION, COUNTS, fingerprint=self.fingerprint, projection=None,
                                   worker=worker_id())
 
@@ -211,7 +201,7 @@ class FeatureJob:
         self.store.root.mkdir(parents=True, exist_ok=True)
         self.run_start = fs_now(self.store.root / LOCKS_DIR)
         self.summary["store_dir"] = str(self.store.root)
-        self.projection = self.load_projection()
+        self.load_projection()
 
     def recorded_store_dir(self) -> Optional[str]:
         """Without ``store_dir``: the folder the fields' features were stored in (a rerun
@@ -224,18 +214,18 @@ class FeatureJob:
             return str(recorded)
         return None
 
-    def load_projection(self) -> Optional[FixedProjection]:
-        if not self.store.has_tensors(PROJECTION_NAME):
-            return None
-        tensors, _ = self.store.load_tensors(PROJECTION_NAME)
-        proj = FixedProjection.from_state_dict(tensors)
-        self.summary["projection"] = str(self.store.tensors_path(PROJECTION_NAME))
-        return proj
+    def load_projection(self):
+        """The namespace's fixed projection into the featurizer, when it was fitted."""
+        if self.featurizer.needs_projection and self.store.has_tensors(PROJECTION_NAME):
+            self.featurizer.load_projection(self.store.load_tensors(PROJECTION_NAME)[0])
+            self.summary["projection"] = str(self.store.tensors_path(PROJECTION_NAME))
+        return self.featurizer.projection
 
     @property
     def file_fingerprint(self) -> str:
-        """What each stored file carries: the configuration and the projection's digest."""
-        return f"{self.fingerprint}:{self.projection.digest() if self.projection is not None else '-'}"
+        """What each stored file carries (:meth:`Featurizer.file_fingerprint
+        <fiftyone_sdcorr.core.features.featurizer.Featurizer.file_fingerprint>`)."""
+        return self.featurizer.file_fingerprint(self.fingerprint)
 
     def is_done(self, sid: str, emb, fpath) -> bool:
         return self._recorded(sid, emb, fpath) and self.store.check(fpath, self.file_fingerprint) is None
@@ -297,23 +287,22 @@ class FeatureJob:
         (:meth:`end_batch`), so host work overlaps the models. Extractors without
         ``prepare``/``run_prepared`` run batch by batch (:meth:`describe`)."""
         self.extractor = self.cfg.make_extractor()
-        self.uses_projection = callable(getattr(self.extractor, "extract", None))
-        self.pipelined = self.uses_projection and callable(getattr(self.extractor, "run_prepared", None))
+        self.featurizer.attach(self.extractor)
+        self.pipelined = self.featurizer.pipelined
         if callable(getattr(self.extractor, "plan_run", None)):
             self.summary["compiled"] = bool(self.extractor.plan_run(len(pending)))
-        self.alpha = float(getattr(getattr(self.extractor, "recipe", None), "alpha", 0.5))
         log_path = self.store.root / LOG_DIR / f"{self.summary['worker']}.jsonl"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "a", encoding="utf-8") as self.log, \
                 ThreadPoolExecutor(PREP_THREADS, thread_name_prefix="sdcorr-load") as self.loader:
             queue = list(pending)
-            if self.uses_projection and self.projection is None:
+            if self.featurizer.needs_projection and self.featurizer.projection is None:
                 queue = self.fit_projection(queue, run)
             started: List[dict] = []  # batches whose claims are held
             try:
                 batches = self.batches(queue, run, started)
-                done = pipelined(self.extractor, batches, self.projection, self.alpha, self.st_dtype,
-                                 self.cfg.settings()) if self.pipelined else ((b, None) for b, _, _ in batches)
+                done = pipelined(self.featurizer, batches, self.st_dtype) if self.pipelined \
+                    else ((b, None) for b, _, _ in batches)
                 for batch, got in done:
                     self.end_batch(batch, got, run)
                     started.remove(batch)
@@ -354,8 +343,7 @@ class FeatureJob:
         """Fits the namespace's projection on the first loadable pending images (once, under
         a lock), then fuses and stores those images from the same raw maps."""
         with exclusive(self.store.tensors_path(PROJECTION_NAME).with_suffix(".lock")):
-            self.projection = self.load_projection()
-            if self.projection is not None:  # another worker fitted it meanwhile
+            if self.load_projection() is not None:  # another worker fitted it meanwhile
                 return queue
             run.step(0, "fixed projection (fitted once per store namespace)")
             claimed, loaded = [], []
@@ -366,14 +354,12 @@ class FeatureJob:
             try:
                 if loaded:
                     sids = [sid for sid, _, _ in loaded]
-                    raws = self.extract([im for _, _, im in loaded], self._labels(sids))
-                    self.projection = FixedProjection.fit([r.sd for r in raws], dim=self.extractor.recipe.pca_dim)
-                    self.store.save_tensors(PROJECTION_NAME, self.projection.state_dict(), metadata={
+                    raws = self.featurizer.extract([im for _, _, im in loaded], self._labels(sids))
+                    self.store.save_tensors(PROJECTION_NAME, self.featurizer.fit(raws).state_dict(), metadata={
                         "settings": self.cfg.settings(), "fingerprint": self.fingerprint,
                         "fitted_on": sids, "fitted_at": time.time()})
                     self.summary["projection"] = str(self.store.tensors_path(PROJECTION_NAME))
-                    fused = [fuse_raw(r, self.projection, alpha=self.alpha, meta=self.cfg.settings()) for r in raws]
-                    self.finish(claimed, dict(zip(sids, fused)), run)
+                    self.finish(claimed, dict(zip(sids, self.featurizer.fuse(raws))), run)
             finally:
                 for _, _, lock in claimed:
                     lock.release()
@@ -436,47 +422,26 @@ class FeatureJob:
                 loaded.append((sid, u, got))
         return loaded
 
-    def extract(self, images, labels=None):
-        """Raw maps with the CUDA out-of-memory batch split."""
-        try:
-            return self.extractor.extract(images, labels=labels) if labels else self.extractor.extract(images)
-        except torch.cuda.OutOfMemoryError:
-            if len(images) == 1:
-                raise
-            torch.cuda.empty_cache()
-            h = len(images) // 2
-            logger.warning("CUDA out of memory on %d images; splitting the batch", len(images))
-            lo, hi = (None, None) if labels is None else (labels[:h], labels[h:])
-            return self.extract(images[:h], lo) + self.extract(images[h:], hi)
-
     def describe(self, loaded, run: Run) -> Dict[str, FusedFeatures]:
         """Fused features of loaded images; a failing batch is retried image by image so
-        that one bad sample fails alone."""
+        that one bad sample fails alone (:meth:`Featurizer.describe_each
+        <fiftyone_sdcorr.core.features.featurizer.Featurizer.describe_each>`)."""
         if not loaded:
             return {}
-        try:
-            return dict(zip([sid for sid, _, _ in loaded], self._describe([im for _, _, im in loaded],
-                                                                          [sid for sid, _, _ in loaded])))
-        except Exception as e:  # noqa: BLE001
-            if len(loaded) == 1:
-                sid, fp, _ = loaded[0]
-                run.fail(sid, f"feature computation failed for {_where(fp)}: {reason(e)}")
+        sids = [sid for sid, _, _ in loaded]
+        got = self.featurizer.describe_each([im for _, _, im in loaded], self._labels(sids))
+        out = {}
+        for (sid, fp, _), f in zip(loaded, got):
+            if isinstance(f, Exception):
+                run.fail(sid, f"feature computation failed for {_where(fp)}: {reason(f)}")
                 run.step(1)
-                self._log(sid, "failed", reason=reason(e))
-                return {}
-            out = {}
-            for item in loaded:
-                out.update(self.describe([item], run))
-            return out
+                self._log(sid, "failed", reason=reason(f))
+            else:
+                out[sid] = f
+        return out
 
     def _labels(self, sids) -> Optional[List[Optional[str]]]:
         return None if self.prompt_labels is None else [self.prompt_labels.get(s) for s in sids]
-
-    def _describe(self, images, sids) -> List[FusedFeatures]:
-        if not self.uses_projection:
-            return list(self.extractor.describe(images))
-        raws = self.extract(images, self._labels(sids))
-        return [fuse_raw(r, self.projection, alpha=self.alpha, meta=self.cfg.settings()) for r in raws]
 
     def finish(self, claimed, results: Dict[str, FusedFeatures], run: Run, recovered=frozenset()) -> None:
         """Stores new features, writes the fields in bulk, marks the samples ok."""

@@ -18,17 +18,17 @@ features: :func:`merge_features`.
 
 from __future__ import annotations
 
-import hashlib
-import json
+import functools
 import os
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, ClassVar, Dict, Optional, Tuple
 
 import torch
 
-from fiftyone_sdcorr.core.matching.correspondence import DEFAULT_SOFT_WINDOW, DEFAULT_TEMPERATURE
+from fiftyone_sdcorr.core.matching.correspondence import DEFAULT_TEMPERATURE
 from fiftyone_sdcorr.core.matching.dense import DEFAULT_RESOLUTION
 from fiftyone_sdcorr.core.features.extractor import PRESETS, Recipe
+from fiftyone_sdcorr.core.features.methods import DEFAULT_METHOD, PRECISION_KEYS, fingerprint, get_method, method_of
 from fiftyone_sdcorr.core.features.models import DEFAULT_DINO_MODEL, DEFAULT_SD_MODEL
 from fiftyone_sdcorr.core.common.params import (
     ParameterError,
@@ -68,9 +68,6 @@ EMBEDDING_FIELD = "sdcorr_embedding"
 KEYPOINTS_FIELD = "sdcorr_keypoints"
 PCA_FIELD = "sdcorr_pca"
 HEATMAP_FIELD = "sdcorr_heatmap"
-#: keys of an extractor's ``config()`` that do not change which features it computes
-#: beyond numerical precision (a GPU run in bf16 and a CPU run in fp32 share a store)
-_PRECISION_KEYS = ("dtype", "device", "batch_size")
 
 
 def _in_range(name: str, value: Any, **kw):
@@ -139,6 +136,36 @@ def _folder(param: str, value: Any) -> Optional[str]:
     return path
 
 
+def _adapter_file(method: str, value: Any) -> Optional[str]:
+    """``adapter``: an existing safetensors file, for a method with an adapter only."""
+    if value is None:
+        return None
+    if get_method(method).uses_sd:
+        raise ParameterError(f"parameter 'adapter' is for method 'dino-diy', not {method!r}")
+    if not isinstance(value, (str, os.PathLike)) or not os.path.isfile(os.path.expanduser(os.fspath(value))):
+        raise ParameterError(f"parameter 'adapter' must be a DIY-SC adapter file (.safetensors), got {value!r}")
+    path = os.path.abspath(os.path.expanduser(os.fspath(value)))
+    if not path.endswith(".safetensors"):
+        raise ParameterError(f"parameter 'adapter': {path} is not a .safetensors file; convert a .pth with "
+                             "`python -m fiftyone_sdcorr convert-adapter IN.pth OUT.safetensors`")
+    return path
+
+
+@functools.lru_cache(maxsize=8)
+def _digest_of_file(path: str, mtime: float) -> str:
+    from fiftyone_sdcorr.core.features.adapter import adapter_digest
+
+    return adapter_digest(path)
+
+
+def _adapter_digest(path: Optional[str]) -> str:
+    """The adapter's digest (the shipped one's when None), read once per file version."""
+    from fiftyone_sdcorr.core.features.adapter import DEFAULT_ADAPTER
+
+    path = str(path or DEFAULT_ADAPTER)
+    return _digest_of_file(path, os.path.getmtime(path))
+
+
 def _device(value: Any) -> Optional[str]:
     if value is None or value == "auto":
         return None
@@ -161,6 +188,11 @@ def _device(value: Any) -> Optional[str]:
 class FeatureConfig(Buildable):
     """What ``compute_fused_features`` computes, with which models, and where it goes."""
 
+    #: the feature method (:data:`~fiftyone_sdcorr.core.features.methods.METHODS`):
+    #: ``"sd-dino"`` (the paper) or ``"dino-diy"`` (DIY-SC's adapter on DINOv2, no SD)
+    method: str = DEFAULT_METHOD
+    #: ``"dino-diy"``: a DIY-SC adapter (safetensors); None: the one shipped with the package
+    adapter: Optional[str] = None
     sd_model: str = DEFAULT_SD_MODEL
     dino_model: str = DEFAULT_DINO_MODEL
     preset: str = "paper"
@@ -179,6 +211,8 @@ class FeatureConfig(Buildable):
     extractor: Any = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
+        get_method(self.method)
+        object.__setattr__(self, "adapter", _adapter_file(self.method, self.adapter))
         object.__setattr__(self, "sd_model", _model_name("sd_model", self.sd_model))
         object.__setattr__(self, "dino_model", _model_name("dino_model", self.dino_model))
         check_choice("preset", self.preset, tuple(PRESETS))
@@ -229,18 +263,22 @@ class FeatureConfig(Buildable):
     def settings(self) -> dict:
         """What decides the stored numbers: models and recipe (or the given extractor's
         config), not the precision or the device."""
+        m = get_method(self.method)
         if self.extractor is not None:
             cfg = dict(self.extractor.config())
+        elif m.uses_sd:
+            cfg = {"method": m.name, "extractor": "sd+dinov2", "sd_model": self.sd_model,
+                   "dino_model": self.dino_model, **self.recipe.to_dict()}
         else:
-            cfg = {"extractor": "sd+dinov2", "sd_model": self.sd_model, "dino_model": self.dino_model,
-                   **self.recipe.to_dict()}
+            cfg = {"method": m.name, "extractor": "dinov2+adapter", "dino_model": self.dino_model,
+                   "adapter": _adapter_digest(self.adapter), **{f: getattr(self.recipe, f) for f in m.recipe_fields}}
         if self.objects:
             cfg.update(unit="object", context_margin=self.recipe.context_margin)
-        return {k: v for k, v in cfg.items() if k not in _PRECISION_KEYS}
+        return {k: v for k, v in cfg.items() if k not in PRECISION_KEYS}
 
     def fingerprint(self) -> str:
-        blob = json.dumps(self.settings(), sort_keys=True, default=str).encode()
-        return hashlib.sha1(blob).hexdigest()[:16]
+        """:func:`~fiftyone_sdcorr.core.features.methods.fingerprint` of :meth:`settings`."""
+        return fingerprint(self.settings())
 
     def store_root(self, samples) -> str:
         """The configured store folder (``store_dir``) or the dataset's default one."""
@@ -260,20 +298,21 @@ class FeatureConfig(Buildable):
 
         rec = {f.name: getattr(self.recipe, f.name) for f in fields(Recipe)}
         return FeatureExtractor(self.sd_model, self.dino_model, device=self.device, dtype=self.dtype,
-                                batch_size=self.batch_size, **rec)
+                                batch_size=self.batch_size, method=self.method, adapter=self.adapter, **rec)
 
     @classmethod
     def from_settings(cls, settings: dict, **kw) -> "FeatureConfig":
         """The config that produced ``settings`` (a record's), for computing more of the same."""
         rec = {k: v for k, v in settings.items() if k in Recipe.__dataclass_fields__}
-        return cls.build(sd_model=settings.get("sd_model"), dino_model=settings.get("dino_model"),
-                         recipe=rec, objects=settings.get("unit") == "object", **kw)
+        return cls.build(method=method_of(settings), sd_model=settings.get("sd_model"),
+                         dino_model=settings.get("dino_model"), recipe=rec, objects=settings.get("unit") == "object",
+                         **kw)
 
 
 #: the feature settings of the functions that may compute features (propagation, review:
 #: only where stored features are missing); given flat or as one ``features=``
-FEATURE_PARAMS = ("extractor", "sd_model", "dino_model", "preset", "recipe", "pca_dim", "device", "dtype",
-                  "batch_size", "store_dir")
+FEATURE_PARAMS = ("method", "adapter", "extractor", "sd_model", "dino_model", "preset", "recipe", "pca_dim",
+                  "device", "dtype", "batch_size", "store_dir")
 
 
 def _features_dict(features, allowed: Tuple[str, ...]) -> Dict[str, Any]:
@@ -315,6 +354,33 @@ def merge_features(features, flat: Dict[str, Any], allowed: Tuple[str, ...] = FE
     return out
 
 
+#: what ``compute_fused_features`` takes in ``features=``: the settings above and where
+#: its results go
+COMPUTE_FEATURE_PARAMS = FEATURE_PARAMS + ("embedding_field", "features_field", "store_dtype",
+                                           "projection_samples", "prompt_field")
+
+
+def flat_feature_keywords(allowed: Tuple[str, ...] = FEATURE_PARAMS):
+    """The one shim for the flat feature keywords of earlier versions: a dataset function
+    decorated with it also takes each setting of ``features=`` as its own keyword
+    (``propagate_keypoints(..., sd_model=..., preset="cpu")``); they are merged into
+    ``features=`` before the function runs (:func:`merge_features`: a setting given both
+    ways with different values is a ParameterError naming it). The function itself, its
+    signature and its documentation know only ``features=``; new code passes that.
+    ``fn.feature_keywords`` lists the names (the operators' forms route them)."""
+    def decorate(fn):
+        @functools.wraps(fn)
+        def with_flat_keywords(*args, **kwargs):
+            flat = {k: kwargs.pop(k) for k in list(kwargs) if k in allowed}
+            if flat:
+                kwargs["features"] = merge_features(kwargs.get("features"), flat, allowed)
+            return fn(*args, **kwargs)
+
+        with_flat_keywords.feature_keywords = tuple(allowed)
+        return with_flat_keywords
+    return decorate
+
+
 # --------------------------------------------------------------------------- matching
 @dataclass(frozen=True)
 class MatchConfig(Buildable):
@@ -323,7 +389,10 @@ class MatchConfig(Buildable):
     combine: str = "best"
     top_k: int = 3
     soft_argmax: bool = True
-    soft_window: int = DEFAULT_SOFT_WINDOW
+    #: window side in tokens; None: the window the features' method is evaluated with by
+    #: its authors (:data:`~fiftyone_sdcorr.core.features.methods.METHODS`: sd-dino 11 as
+    #: GeoAware-SC, dino-diy 15 as DIY-SC)
+    soft_window: Optional[int] = None
     temperature: float = DEFAULT_TEMPERATURE
     flip: bool = False
     flip_pairs: Optional[Tuple[Tuple[Any, Any], ...]] = None
@@ -334,8 +403,9 @@ class MatchConfig(Buildable):
         check_choice("combine", self.combine, COMBINE_RULES)
         _in_range("top_k", self.top_k)
         check_bool("soft_argmax", self.soft_argmax)
-        _in_range("soft_window", self.soft_window)
-        if self.soft_window % 2 == 0:
+        if self.soft_window is not None:
+            _in_range("soft_window", self.soft_window)
+        if self.soft_window is not None and self.soft_window % 2 == 0:
             raise ParameterError(f"parameter 'soft_window' must be odd, got {self.soft_window}")
         _in_range("temperature", self.temperature, lo_open=True)
         check_bool("flip", self.flip)
@@ -581,6 +651,7 @@ class HeatmapConfig(ViewConfig):
 __all__ = [
     "Buildable", "FeatureConfig", "MatchConfig", "PropagationConfig", "EvaluationConfig", "ReviewConfig",
     "ViewConfig", "FeaturePCAConfig", "HeatmapConfig", "RANGES", "FEATURE_PARAMS", "merge_features",
+    "COMPUTE_FEATURE_PARAMS", "flat_feature_keywords",
     "STORE_DTYPES", "DTYPES", "COMBINE_RULES", "THRESHOLDS", "VIEW_MODES",
     "MaskPropagationConfig", "MaskEvaluationConfig", "MASKS_FIELD", "MASK_REGIONS",
 ]

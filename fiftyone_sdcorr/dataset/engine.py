@@ -32,6 +32,7 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Seque
 import fiftyone as fo
 import fiftyone.core.media as fom
 
+from fiftyone_sdcorr.core.features.methods import method_of
 from fiftyone_sdcorr.core.common.params import (  # noqa: F401 -- the engine's parameter checks
     ParameterError,
     check_bool,
@@ -259,7 +260,10 @@ class Record:
 
 def settings_difference(have: dict, want: dict, wanted: str) -> str:
     """``"key: stored <have> vs <wanted> <want>, ..."`` for each setting that differs
-    (``"fingerprint differs"`` when none does)."""
+    (``"fingerprint differs"`` when none does). A record without a method (written before
+    methods existed) is the paper's."""
+    if "method" in have or "method" in want:
+        have, want = {"method": method_of(have), **have}, {"method": method_of(want), **want}
     keys = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
     return ", ".join(f"{k}: stored {have.get(k)!r} vs {wanted} {want.get(k)!r}" for k in keys) or "fingerprint differs"
 

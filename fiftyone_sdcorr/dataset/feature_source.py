@@ -28,7 +28,9 @@ import torch
 
 import fiftyone.core.media as fom
 
-from fiftyone_sdcorr.core.features.fusion import FixedProjection, FusedFeatures, fuse_raw
+from fiftyone_sdcorr.core.features.featurizer import PROJECTION_NAME, Featurizer
+from fiftyone_sdcorr.core.features.fusion import FusedFeatures
+from fiftyone_sdcorr.core.features.methods import method_of
 from fiftyone_sdcorr.core.features.models import default_device
 from fiftyone_sdcorr.core.features.store import FeatureStore, FeatureStoreError, read_header
 from fiftyone_sdcorr.dataset.config import FeatureConfig
@@ -37,11 +39,10 @@ from fiftyone_sdcorr.dataset.units import Unit, Units
 
 logger = logging.getLogger(__name__)
 
-PROJECTION_NAME = "projection"
 #: stored files of a batch read at once (safetensors reads release the GIL)
 READ_THREADS = 8
 #: keywords of the dataset functions that choose the features (device, dtype and batch size do not)
-FEATURE_KEYWORDS = ("sd_model", "dino_model", "preset", "recipe", "pca_dim", "extractor")
+FEATURE_KEYWORDS = ("method", "adapter", "sd_model", "dino_model", "preset", "recipe", "pca_dim", "extractor")
 
 
 class OtherSettingsError(FeatureStoreError):
@@ -61,6 +62,16 @@ def _check_not_a_typo(samples, features_field: Optional[str], units: Units) -> N
             f"parameter 'features_field': field {features_field!r} does not exist; this dataset's features "
             f"are in {', '.join(repr(f) for f in stored)} (compute_fused_features). Name that field, or give "
             f"sd_model / dino_model / preset to compute new features into {features_field!r}")
+
+
+def _check_same_method(features_field: str, recorded: dict, cfg: FeatureConfig) -> None:
+    """Features of one method are never matched with, or completed by, another's."""
+    was, given = method_of(recorded), cfg.method
+    if was != given:
+        raise ParameterError(
+            f"parameter 'method': the features in {features_field!r} were computed with method {was!r}, not "
+            f"{given!r}; give method={was!r} (or nothing) to use them, or compute {given!r} features into another "
+            "features_field")
 
 
 class FeatureSource:
@@ -85,13 +96,14 @@ class FeatureSource:
             self.config_fp = record.get("fingerprint")
             settings = record.get("settings") or {}
             if self.cfg is not None and self.cfg.fingerprint() != self.config_fp:
+                _check_same_method(features_field, settings, self.cfg)
                 raise ParameterError(
                     f"parameter 'features_field': the features in {features_field!r} were computed with other "
                     f"settings ({settings_difference(settings, self.cfg.settings(), 'given')}); give the same "
                     "models and recipe, or none "
                     "to use the stored ones, or compute features with these settings into another "
                     "features_field")
-            if self.cfg is None and settings.get("extractor") == "sd+dinov2":
+            if self.cfg is None and settings.get("extractor") in ("sd+dinov2", "dinov2+adapter"):
                 self.cfg = FeatureConfig.from_settings(settings, **{k: v for k, v in run_kw.items() if k != "objects"})
             self.margin = float(settings.get("context_margin", checked.recipe.context_margin))
         elif self.cfg is None:
@@ -102,7 +114,7 @@ class FeatureSource:
         self.file_fp: Optional[str] = None  # the one fingerprint this source hands out
         self._extractor = None
         self._store: Optional[FeatureStore] = None
-        self.projection: Optional[FixedProjection] = None
+        self._featurizer: Optional[Featurizer] = None
         self.notes: List[str] = []  # what changes the result, for the run's warnings
         # features are handed out on the matching device: the given one, else CUDA when available
         self.device = torch.device(checked.device) if checked.device else default_device()
@@ -188,30 +200,29 @@ class FeatureSource:
             self._extractor = self.cfg.make_extractor()
         return self._extractor
 
-    def _projection(self, ext) -> Optional[FixedProjection]:
-        if self.projection is None and self._store is not None and self._store.has_tensors(PROJECTION_NAME):
-            tensors, _ = self._store.load_tensors(PROJECTION_NAME)
-            self.projection = FixedProjection.from_state_dict(tensors)
-        return self.projection
+    @property
+    def featurizer(self) -> Featurizer:
+        """Computes missing features with the source's configuration (models load here),
+        with the projection of the stored features' namespace once it is known."""
+        if self._featurizer is None:
+            self._featurizer = Featurizer(self.extractor, settings=self.cfg.settings())
+        fz = self._featurizer
+        if fz.needs_projection and fz.projection is None and self._store is not None \
+                and self._store.has_tensors(PROJECTION_NAME):
+            fz.load_projection(self._store.load_tensors(PROJECTION_NAME)[0])
+        return fz
 
     def describe(self, images: List[Any]) -> List[FusedFeatures]:
-        """Fused features of loaded images, with the source's configuration."""
+        """Features of loaded images, with the source's configuration."""
         if not images:
             return []
-        ext = self.extractor
-        cfg_fp = self.cfg.fingerprint()
-        if not (callable(getattr(ext, "extract", None)) and hasattr(ext, "recipe")):
-            self._accept(f"{cfg_fp}:-", "computed features")
-            return [self._on_device(f) for f in ext.describe(images)]
-        raws = ext.extract(images)
-        if self._projection(ext) is None:
-            logger.info("fitting a fixed projection on %d image(s): no stored projection", len(images))
-            self.projection = FixedProjection.fit([r.sd for r in raws], dim=ext.recipe.pca_dim)
+        fz = self.featurizer
+        if fz.needs_projection and fz.projection is None:
             self.notes.append("no stored projection: features were computed with a projection fitted on the "
                               "references (run compute_fused_features first for dataset-wide features)")
-        self._accept(f"{cfg_fp}:{self.projection.digest()}", "computed features")
-        return [self._on_device(fuse_raw(r, self.projection, alpha=ext.recipe.alpha, meta=self.cfg.settings()))
-                for r in raws]
+        feats = fz.describe(images)
+        self._accept(fz.file_fingerprint(self.cfg.fingerprint()), "computed features")
+        return [self._on_device(f) for f in feats]
 
     def _on_device(self, f: FusedFeatures) -> FusedFeatures:
         return FusedFeatures(f.descriptors.to(self.device), f.letterbox, f.stride, f.sd_channels, f.meta)

@@ -32,6 +32,7 @@ import fiftyone as fo
 from fiftyone_sdcorr.core.matching import correspondence as corr
 from fiftyone_sdcorr.core.matching.correspondence import Prepared, PreparedBatch, match_prepared_many
 from fiftyone_sdcorr.core.features.fusion import FusedFeatures
+from fiftyone_sdcorr.core.features.methods import get_method, method_of
 from fiftyone_sdcorr.dataset.config import MatchConfig
 from fiftyone_sdcorr.dataset import label_attrs as attrs
 from fiftyone_sdcorr.dataset.engine import ParameterError, reason
@@ -240,7 +241,8 @@ class Propagator:
         self.references = references
         self.combine = match.combine
         self.top_k = match.top_k
-        self.soft_window = match.soft_window if match.soft_argmax else None
+        window = match.soft_window or get_method(method_of(references[0].features.meta if references else {})).soft_window
+        self.soft_window = window if match.soft_argmax else None
         self.temperature = match.temperature
         self.flip = match.flip
         self.flip_pairs = list(flip_pairs)

@@ -39,7 +39,8 @@ import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
 from fiftyone_sdcorr.core.features.extractor import PRESETS
-from fiftyone_sdcorr.dataset.config import DTYPES, RANGES, FeatureConfig
+from fiftyone_sdcorr.core.features.methods import METHODS
+from fiftyone_sdcorr.dataset.config import DTYPES, FEATURE_PARAMS, RANGES, FeatureConfig
 from fiftyone_sdcorr.dataset.engine import ParameterError
 
 #: name of the view-target param (FiftyOne's own convention)
@@ -139,6 +140,7 @@ def model_inputs(ctx, inputs, follow: bool = True, advanced: bool = True) -> Non
     last = last_features(ctx.dataset) if follow else {}
     blank = "" if follow else " (blank: the models and recipe that computed the stored features)"
     d = (lambda key, default: last.get(key, default)) if follow else (lambda key, default: None)  # noqa: E731
+    method_input(inputs, d("method", FeatureConfig.method), blank)
     inputs.str("sd_model", default=d("sd_model", FeatureConfig.sd_model), required=False,
                label="Stable Diffusion model",
                description="Hugging Face Hub id or local directory (diffusers layout)" + blank)
@@ -167,6 +169,18 @@ def model_inputs(ctx, inputs, follow: bool = True, advanced: bool = True) -> Non
             inputs.float(key, label=label, description=desc, required=False, min=0.0, max=1.0, default=value)
         else:
             inputs.str(key, label=label, description=desc, required=False, default=value)
+
+
+def method_input(inputs, default: Optional[str], blank: str = "") -> None:
+    """The Method choice, one line on each (:data:`~fiftyone_sdcorr.core.features.methods.METHODS`),
+    and the adapter file of the methods that have one."""
+    choices = types.DropdownView()
+    for name, m in METHODS.items():
+        choices.add_choice(name, label=name, description=m.summary)
+    inputs.enum("method", choices.values(), default=default, required=False, label="Method", view=choices,
+                description="; ".join(f"{k}: {m.summary}" for k, m in METHODS.items()) + blank)
+    inputs.str("adapter", required=False, label="Adapter file (dino-diy)",
+               description="A DIY-SC adapter as .safetensors (blank: the one shipped with the plugin)")
 
 
 def _enum(inputs, name, values, default, label, description, required=False):
@@ -199,17 +213,22 @@ def function_kwargs(params: Dict[str, Any], fn: Callable[..., Any], positional: 
     names = set(inspect.signature(fn).parameters) - {"progress"}
     recipe = dict(params.get("recipe") or {})
     out: Dict[str, Any] = {}
+    features: Dict[str, Any] = {}  # feature settings the function takes only inside ``features=``
     for key, value in params.items():
         if key in PLUMBING or key in positional or key == "recipe" or _blank(value):
             continue
         if key in names:  # the function's own parameter first (review's alpha is not the recipe's)
             out[key] = value
+        elif key in getattr(fn, "feature_keywords", FEATURE_PARAMS) and "features" in names:
+            features[key] = value
         elif key in RECIPE_PARAMS:
             recipe[key] = value
         else:
             raise ParameterError(f"unknown parameter {key!r} for {fn.__name__}")
     if recipe:
-        out["recipe"] = recipe
+        (out if "recipe" in names else features)["recipe"] = recipe
+    if features:
+        out["features"] = {**(out.get("features") or {}), **features}
     return out
 
 

@@ -18,7 +18,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from fiftyone_sdcorr.core.features import models as _models
-from fiftyone_sdcorr.core.features.fusion import DEFAULT_TAPS, FixedProjection, FusedFeatures, RawFeatures, fuse_raw, fuse_pair
+from fiftyone_sdcorr.core.features.fusion import DEFAULT_TAPS, FixedProjection, FusedFeatures, RawFeatures
+from fiftyone_sdcorr.core.features.featurizer import Featurizer
+from fiftyone_sdcorr.core.features.methods import DEFAULT_METHOD, get_method
 from fiftyone_sdcorr.core.common.geometry import DEFAULT_CONTEXT_MARGIN, Letterbox
 from fiftyone_sdcorr.core.common.images import load_image
 from fiftyone_sdcorr.core.common.params import ParameterError, check_bool, check_choice, check_float, check_int, check_str
@@ -39,6 +41,10 @@ MEASURED_COMPILE_SECONDS = 131.0
 MEASURED_COMPILE_SAVING_S_PER_IMAGE = 0.0705 - 0.0316
 COMPILE_MIN_IMAGES = int(MEASURED_COMPILE_SECONDS / MEASURED_COMPILE_SAVING_S_PER_IMAGE) + 1
 
+#: the timestep a clean-latent UNet is called at (``noise=False``): CleanDIFT's
+#: ``src/sd_feature_extraction.py`` passes its ``self.timestep`` (``t_init=261``) with the
+#: clean latent for every image in ``get_features``; its ``geoaware-sc-eval`` branch does the same
+CLEAN_TIMESTEP = 261
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -61,7 +67,8 @@ class Recipe:
     alpha: float = 0.5  # SD share of the fused descriptor (paper: alpha = 0.5)
     #: add the shared noise at ``timestep`` (the paper). False: the clean latent goes into the
     #: UNet as it is, for UNets fine-tuned on clean images (CleanDIFT); ``Recipe.build`` then
-    #: sets ``timestep`` to 0 unless it is given.
+    #: sets ``timestep`` to :data:`CLEAN_TIMESTEP` (261, as CleanDIFT's own feature
+    #: extraction calls its UNet) unless it is given.
     noise: bool = True
     #: objects only (``patches_field``): context around each object's box on each side, as a
     #: fraction of the box's side, before the crop is letterboxed like an image
@@ -102,7 +109,7 @@ class Recipe:
         if unknown:
             raise ParameterError(f"unknown recipe field(s) {unknown}; fields: {sorted(cls.__dataclass_fields__)}")
         if overrides.get("noise") is False and "timestep" not in overrides:
-            overrides["timestep"] = 0  # clean-latent UNets (CleanDIFT) are called at t = 0
+            overrides["timestep"] = CLEAN_TIMESTEP  # clean-latent UNets, as CleanDIFT runs its own
         return replace(PRESETS[preset], **overrides)
 
     def to_dict(self) -> dict:
@@ -165,9 +172,16 @@ def to_host(raw: RawFeatures) -> RawFeatures:
 
 
 class FeatureExtractor:
-    """Fused SD + DINOv2 features, exactly as the paper's code computes them (docs/recipe.md, "The recipe").
+    """Features of a method (:mod:`~fiftyone_sdcorr.core.features.methods`): by default
+    fused SD + DINOv2 features, exactly as the paper's code computes them (docs/recipe.md,
+    "The recipe"); ``method="dino-diy"``: DINOv2 tokens through DIY-SC's adapter, no SD.
 
     Args:
+        method: ``"sd-dino"`` (the paper, default) or ``"dino-diy"`` (``sd_model`` and
+            ``unet_model`` are not loaded)
+        adapter: ``"dino-diy"``: a DIY-SC adapter as safetensors (default: the one shipped,
+            DIY-SC's ``0300_dino_spair``); ``python -m fiftyone_sdcorr convert-adapter``
+            converts the authors' ``.pth``
         sd_model: Hub id or local directory of an SD 1.x/2.x checkpoint (diffusers layout)
         dino_model: Hub id or local directory of a DINOv2 (with or without registers) or
             DINOv3 ViT checkpoint (transformers layout). DINOv3 has patch 16: ``dino_size``
@@ -201,11 +215,19 @@ class FeatureExtractor:
         channels_last: Optional[bool] = None,
         unet_model: Optional[str] = None,
         compile: Optional[bool] = None,
+        method: str = DEFAULT_METHOD,
+        adapter: Optional[str] = None,
         **recipe,
     ):
         # 1. settings
         if compile is not None and not isinstance(compile, bool):
             raise ParameterError(f"parameter 'compile' must be True, False or None (auto), got {compile!r}")
+        self.method = get_method(method).name
+        self.uses_sd = get_method(method).uses_sd
+        if not self.uses_sd and unet_model is not None:
+            raise ParameterError(f"parameter 'unet_model' needs Stable Diffusion: method {self.method!r} loads none")
+        if self.uses_sd and adapter is not None:
+            raise ParameterError(f"parameter 'adapter' is for method 'dino-diy', not {self.method!r}")
         self.recipe = Recipe.build(preset, **recipe)
         self.device = torch.device(device) if device is not None else _models.default_device()
         self.dtype = _models.resolve_dtype(dtype) or _models.default_dtype(self.device)
@@ -215,19 +237,18 @@ class FeatureExtractor:
         self.compile_policy = compile
         self.compiled: Optional[dict] = None
         # 2. models
-        sd = self._load_models(sd_model, dino_model)
-        self._check_dino_size()
-        # 3. the prompt embedding (then the text encoder goes, unless prompts vary per image)
+        self.adapter, self.adapter_name = None, None if adapter is None else str(adapter)
+        self.unet = self.vae = self.scheduler = self.tokenizer = self.text_encoder = None
         self._prompt_cache: Dict[str, torch.Tensor] = {}
         self._prep_pool: Optional[ThreadPoolExecutor] = None
-        self.text_encoder = sd.text_encoder
-        self._max_tokens = min(
-            int(self.tokenizer.model_max_length), int(self.text_encoder.config.max_position_embeddings)
-        )
-        self._embed_fixed_prompt()
-        # 4. batch and the shared noise
+        if self.uses_sd:
+            self._load_models(sd_model, dino_model)
+        else:
+            self._load_dino_and_adapter(dino_model)
+        self._check_dino_size()
+        # 3. batch and the shared noise
         self.batch_size = batch_size or self._auto_batch_size()
-        self._noise = torch.randn(
+        self._noise = None if not self.uses_sd else torch.randn(
             1, int(self.vae.config.latent_channels), self.recipe.noise_size, self.recipe.noise_size,
             generator=torch.Generator().manual_seed(self.recipe.noise_seed),
         )
@@ -235,8 +256,9 @@ class FeatureExtractor:
         self._imagenet: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
         self._taps_in_order = [t for t in _models.SD_TAPS if t in self.recipe.taps]
 
-    def _load_models(self, sd_model, dino_model):
-        """SD's components and DINO on the device (channels-last when asked); returns SD's bundle."""
+    def _load_models(self, sd_model, dino_model) -> None:
+        """SD's components and DINO on the device (channels-last when asked), then the
+        prompt embedding (the text encoder goes, unless prompts vary per image)."""
         sd = _models.load_stable_diffusion(sd_model, self.device, self.dtype, unet_model=self.unet_model_name)
         self.unet, self.vae, self.scheduler, self.tokenizer = sd.unet, sd.vae, sd.scheduler, sd.tokenizer
         self.dino = _models.load_dino(dino_model, self.device, self.dtype)
@@ -246,7 +268,27 @@ class FeatureExtractor:
             self.unet.to(memory_format=torch.channels_last)
             self.vae.to(memory_format=torch.channels_last)
         self.dino_stride = _models.dino_patch_size(self.dino)
-        return sd
+        self.text_encoder = sd.text_encoder
+        self._max_tokens = min(
+            int(self.tokenizer.model_max_length), int(self.text_encoder.config.max_position_embeddings)
+        )
+        self._embed_fixed_prompt()
+
+    def _load_dino_and_adapter(self, dino_model) -> None:
+        """DINO on the device and the adapter beside it (float32: it is small, and its
+        GroupNorms are its authors' float32 numbers)."""
+        from fiftyone_sdcorr.core.features.adapter import DEFAULT_ADAPTER, adapter_digest, load_adapter
+
+        self.dino = _models.load_dino(dino_model, self.device, self.dtype)
+        self.dino_stride = _models.dino_patch_size(self.dino)
+        self.adapter_name = self.adapter_name or str(DEFAULT_ADAPTER)
+        self.adapter = load_adapter(self.adapter_name, device=self.device)
+        self.adapter_digest = adapter_digest(self.adapter)
+        width = int(self.adapter.feature_dims[0]) if hasattr(self.adapter, "feature_dims") else None
+        hidden = int(getattr(self.dino.config, "hidden_size", 0) or 0)
+        if width is not None and hidden and width != hidden:
+            raise ParameterError(f"parameter 'adapter': {self.adapter_name} takes {width}-channel tokens but "
+                                 f"{self.dino_model_name!r} gives {hidden}; DIY-SC's adapter is for DINOv2-B/14")
 
     def _check_dino_size(self) -> None:
         if self.recipe.dino_size % self.dino_stride:
@@ -272,7 +314,14 @@ class FeatureExtractor:
 
     # ------------------------------------------------------------------ config
     def config(self) -> dict:
+        """What decides this extractor's numbers (and its precision): the settings a
+        store's fingerprint is made of (:func:`~fiftyone_sdcorr.core.features.methods.fingerprint`)."""
+        if not self.uses_sd:
+            return {"method": self.method, "extractor": "dinov2+adapter", "dino_model": self.dino_model_name,
+                    "adapter": self.adapter_digest, "dtype": str(self.dtype).replace("torch.", ""),
+                    **{f: getattr(self.recipe, f) for f in get_method(self.method).recipe_fields}}
         cfg = {
+            "method": self.method,
             "extractor": "sd+dinov2",
             "sd_model": self.sd_model_name,
             "dino_model": self.dino_model_name,
@@ -291,6 +340,8 @@ class FeatureExtractor:
         the batch anyway."""
         if self.device.type != "cuda":
             return 1
+        if not self.uses_sd:
+            return 16  # DINO alone: not measured yet; CUDA out-of-memory halves it
         free, _ = torch.cuda.mem_get_info(self.device)
         r = self.recipe
         tile = r.sd_tile if r.sd_mode == "tiled" and len(r.tile_offsets()) > 1 else r.sd_size
@@ -499,13 +550,14 @@ class FeatureExtractor:
             for i, m in enumerate(modules):
                 modules[i] = torch.compile(m, **kw)
 
-        self.vae.encoder = torch.compile(self.vae.encoder, **kw)
-        each(self.unet.down_blocks)
-        self.unet.mid_block = torch.compile(self.unet.mid_block, **kw)
-        for blk in self.unet.up_blocks:
-            for name in ("resnets", "attentions", "upsamplers"):
-                if getattr(blk, name, None) is not None:
-                    each(getattr(blk, name))
+        if self.uses_sd:
+            self.vae.encoder = torch.compile(self.vae.encoder, **kw)
+            each(self.unet.down_blocks)
+            self.unet.mid_block = torch.compile(self.unet.mid_block, **kw)
+            for blk in self.unet.up_blocks:
+                for name in ("resnets", "attentions", "upsamplers"):
+                    if getattr(blk, name, None) is not None:
+                        each(getattr(blk, name))
         each(_models.dino_layers(self.dino))
         self.compiled = {"mode": mode or "default", "dynamic": False, "batch_size": self.batch_size,
                          "backend": backend or "inductor"}
@@ -565,29 +617,32 @@ class FeatureExtractor:
         if self._prep_pool is None:
             self._prep_pool = ThreadPoolExecutor(max_workers=PREP_THREADS, thread_name_prefix="sdcorr-prep")
         prepared = list(self._prep_pool.map(self._prepare_one, images))
-        sd, dino = torch.stack([p[0][0] for p in prepared]), torch.stack([p[1][0] for p in prepared])
+        sd = torch.stack([p[0][0] for p in prepared]) if self.uses_sd else None
+        dino = torch.stack([p[1][0] for p in prepared])
         if self.device.type == "cuda":
-            sd, dino = sd.pin_memory(), dino.pin_memory()
+            sd, dino = None if sd is None else sd.pin_memory(), dino.pin_memory()
         return {
             "sources": [str(im) if isinstance(im, str) or hasattr(im, "__fspath__") else None for im in images],
             "sd": sd, "sd_letterboxes": [p[0][1] for p in prepared],
             "dino": dino, "dino_letterboxes": [p[1][1] for p in prepared],
-            "prompts": [self.prompt_for(lbl) for lbl in labels],
+            "prompts": [self.prompt_for(lbl) for lbl in labels] if self.uses_sd else [],
         }
 
     def _prepare_one(self, image):
         """Both letterboxes of one image as uint8 (3, S, S) tensors (scaled on the device)."""
         pil = load_image(image)
         r = self.recipe
-        sd, sd_lb = letterbox_image(pil, r.sd_size, r.padding)
         dino, dino_lb = letterbox_image(pil, r.dino_size, r.padding)
+        if not self.uses_sd:  # DINO alone: its letterbox stands for both
+            return (None, dino_lb), (_chw_uint8(dino), dino_lb)
+        sd, sd_lb = letterbox_image(pil, r.sd_size, r.padding)
         return (_chw_uint8(sd), sd_lb), (_chw_uint8(dino), dino_lb)
 
     def run_prepared(self, prep: dict) -> List[RawFeatures]:
         """The models on a :meth:`prepare`\\ d batch; the maps stay on the device (float32).
         Nothing here waits for the GPU: the work is queued and the call returns."""
-        sd_maps = self._sd_features(prep["sd"], prep["prompts"])
         dino = self.dino_tokens(prep["dino"])
+        sd_maps = self._sd_features(prep["sd"], prep["prompts"]) if self.uses_sd else [{} for _ in range(len(dino))]
         return [
             RawFeatures(
                 sd=sd_maps[i], dino=dino[i], sd_letterbox=prep["sd_letterboxes"][i],
@@ -598,16 +653,13 @@ class FeatureExtractor:
         ]
 
     def describe(self, images: Sequence, projection: Optional[FixedProjection] = None, labels=None) -> List[FusedFeatures]:
-        """Fused descriptors with a fixed projection (fitted on these images when None).
-
-        For two images, :meth:`describe_pair` is the paper's co-PCA.
+        """Unit descriptors of the method (:class:`~fiftyone_sdcorr.core.features.featurizer.Featurizer`):
+        ``"sd-dino"``: fused, with a fixed projection (fitted on these images when None);
+        ``"dino-diy"``: the adapter's. For two images, :meth:`describe_pair` is the paper's co-PCA.
         """
-        raws = self.extract(images, labels=labels)
-        if projection is None:
-            projection = FixedProjection.fit([r.sd for r in raws], dim=self.recipe.pca_dim)
-        return [fuse_raw(r, projection, alpha=self.recipe.alpha, meta=self.config()) for r in raws]
+        return Featurizer(self, projection).describe(images, labels)
 
     def describe_pair(self, image_a, image_b, labels=None) -> Tuple[FusedFeatures, FusedFeatures]:
-        """The paper's per-pair path: co-PCA of the two images' SD maps, then fusion."""
-        a, b = self.extract([image_a, image_b], labels=labels)
-        return fuse_pair(a, b, dim=self.recipe.pca_dim, alpha=self.recipe.alpha, meta=self.config())
+        """The paper's per-pair path: co-PCA of the two images' SD maps, then fusion
+        (``"dino-diy"``: each image's adapter descriptors)."""
+        return Featurizer(self).describe_pair(image_a, image_b, labels)

@@ -2,8 +2,8 @@
 
 ``pipelined`` pulls batch k+1 from the caller's iterator (the caller's CPU work for it:
 claims, decoding), queues it on the extractor's device (letterboxing on threads, uint8
-upload, the models, the fixed projection, the fusion, the store encoding, the copy back;
-see :func:`queue_batch`), and only then hands batch k back, so that storing and writing
+upload, the models, the fixed projection and fusion or the adapter, the store encoding,
+the copy back), and only then hands batch k back, so that storing and writing
 batch k overlaps the GPU's work on batch k+1. ``compute_fused_features`` runs on it, and
 so does the bench's stage without a database. No FiftyOne import.
 """
@@ -14,32 +14,22 @@ from typing import Any, Iterable, Iterator, List, Optional, Sequence, Tuple, Uni
 
 import torch
 
-from fiftyone_sdcorr.core.features.fusion import FixedProjection, fuse_raw
-from fiftyone_sdcorr.core.features.transfer import EncodedFeatures, PendingEncoded, encode_batch
+from fiftyone_sdcorr.core.features.transfer import EncodedFeatures, PendingEncoded
 
 Batch = Tuple[Any, Sequence, Optional[Sequence[Optional[str]]]]  # (tag, images, labels)
 
 
-def queue_batch(extractor, images: Sequence, labels, projection: FixedProjection, alpha: float,
-                store_dtype: torch.dtype, meta: Optional[dict] = None) -> PendingEncoded:
-    """Queues one batch on ``extractor``'s device (``prepare`` + ``run_prepared``), the
-    projection, fusion and store encoding there, and starts the copy to the host."""
-    raws = extractor.run_prepared(extractor.prepare(list(images), labels))
-    fused = [fuse_raw(r, projection, alpha=alpha, meta=meta) for r in raws]
-    return encode_batch(fused, store_dtype)
-
-
-def pipelined(extractor, batches: Iterable[Batch], projection: FixedProjection, alpha: float,
-              store_dtype: torch.dtype, meta: Optional[dict] = None,
+def pipelined(featurizer, batches: Iterable[Batch], store_dtype: torch.dtype,
               ) -> Iterator[Tuple[Any, Union[List[EncodedFeatures], Exception]]]:
     """``(tag, encoded features per image)`` for each batch, in order, batch k after
-    batch k+1 was pulled and queued. A batch that could not be queued, or whose queued
-    work failed, comes back as ``(tag, the exception)``: the caller decides (for example,
-    image by image); the pipeline goes on."""
+    batch k+1 was pulled and queued (:meth:`Featurizer.queue
+    <fiftyone_sdcorr.core.features.featurizer.Featurizer.queue>`). A batch that could not
+    be queued, or whose queued work failed, comes back as ``(tag, the exception)``: the
+    caller decides (for example, image by image); the pipeline goes on."""
     inflight = None
     for tag, images, labels in batches:
         try:
-            queued = queue_batch(extractor, images, labels, projection, alpha, store_dtype, meta) if len(images) else []
+            queued = featurizer.queue(images, labels, store_dtype) if len(images) else []
         except Exception as e:  # noqa: BLE001 -- e.g. CUDA out of memory: handed to the caller
             queued = e
         if inflight is not None:
@@ -58,4 +48,4 @@ def _collect(tag, queued):
     return tag, queued
 
 
-__all__ = ["pipelined", "queue_batch"]
+__all__ = ["pipelined"]

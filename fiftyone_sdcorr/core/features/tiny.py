@@ -110,6 +110,10 @@ def build_tiny_sd(path, seed: int = 0) -> str:
     return str(path)
 
 
+#: channels of the tiny DINOv2's tokens (a tiny adapter takes this many)
+TINY_DINO_WIDTH = 32
+
+
 def build_tiny_dino(path, seed: int = 0, registers: int = 0) -> str:
     """A tiny DINOv2 (patch 14), optionally with register tokens."""
     from transformers import Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
@@ -118,7 +122,8 @@ def build_tiny_dino(path, seed: int = 0, registers: int = 0) -> str:
     if (path / "config.json").exists():
         return str(path)
     torch.manual_seed(seed)
-    kw = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, patch_size=14, image_size=56)
+    kw = dict(hidden_size=TINY_DINO_WIDTH, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+              patch_size=14, image_size=56)
     if registers:
         model = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(num_register_tokens=registers, **kw))
     else:

@@ -44,6 +44,7 @@ import torch
 from PIL import ImageOps
 
 from fiftyone_sdcorr.core.benchmarks.formats import PairRecord
+from fiftyone_sdcorr.core.features.featurizer import Featurizer
 from fiftyone_sdcorr.core.matching.correspondence import DEFAULT_SOFT_WINDOW, DEFAULT_TEMPERATURE, match_keypoints, \
     match_keypoints_with_flip
 from fiftyone_sdcorr.core.features.fusion import (
@@ -53,7 +54,6 @@ from fiftyone_sdcorr.core.features.fusion import (
     co_pca,
     fuse,
     fuse_pair,
-    fuse_raw,
     sd_descriptor,
 )
 from fiftyone_sdcorr.core.common.images import ImageLoadError, load_image
@@ -100,12 +100,6 @@ class PairPrediction:
     flipped: bool = False
 
 
-def settings_fingerprint(extractor) -> str:
-    """What decides an extractor's raw maps (its config without precision and device)."""
-    config = {k: v for k, v in dict(extractor.config()).items() if k not in ("dtype", "device", "batch_size")}
-    return hashlib.sha1(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 class PairMatcher:
     """Predicts a benchmark pair's target keypoints with an extractor's features.
 
@@ -119,10 +113,12 @@ class PairMatcher:
 
     def __init__(self, extractor, options: PairMatchOptions = PairMatchOptions(),
                  projection: Optional[FixedProjection] = None, raw_store=None):
-        self.extractor, self.options, self.projection = extractor, options, projection
+        self.extractor, self.options = extractor, options
+        #: raw maps, the fixed projection, the adapter of a method without SD
+        self.featurizer = Featurizer(extractor, projection)
         # raw maps on disk, keyed by image, mirror, label and the extractor's settings: what
         # every ablation (sd / dino / fused, co-PCA / fixed, soft-argmax, flip) shares
-        self.raw_store, self.raw_fingerprint = raw_store, settings_fingerprint(extractor)
+        self.raw_store, self.raw_fingerprint = raw_store, self.featurizer.config_fingerprint()
         recipe = extractor.recipe
         self.pca_dim = int(recipe.pca_dim)
         self.alpha = {"fused": float(recipe.alpha), "sd": 1.0, "dino": 0.0}[options.features]
@@ -146,7 +142,7 @@ class PairMatcher:
                     self._remember(k, cached)
             uniq = [k for k in uniq if k not in got]
             images = [ImageOps.mirror(load_image(p)) if f else p for p, f in uniq]
-            for k, r in zip(uniq, self.extractor.extract(images, labels=[label_of[k] for k in uniq]) if uniq else []):
+            for k, r in zip(uniq, self.featurizer.extract(images, [label_of[k] for k in uniq]) if uniq else []):
                 got[k] = r
                 self._remember(k, r)
                 if self.raw_store is not None:
@@ -190,17 +186,23 @@ class PairMatcher:
     def fit_projection(self, paths: Sequence[str], labels: Optional[Sequence[Optional[str]]] = None) -> FixedProjection:
         """Fits the fixed projection (``pca="fixed"``) on these images' SD maps."""
         labels = list(labels) if labels is not None else [None] * len(paths)
-        maps = [r.sd for r in self.raw(list(paths), labels)]
-        self.projection = FixedProjection.fit(maps, dim=self.pca_dim)
-        return self.projection
+        self.featurizer.projection = None
+        return self.featurizer.fit(self.raw(list(paths), labels))
+
+    @property
+    def projection(self) -> Optional[FixedProjection]:
+        return self.featurizer.projection
 
     def describe(self, raws: Sequence[RawFeatures]) -> List[FusedFeatures]:
         """Fused descriptors of a pair (``[src, trg]``) or, for flip alignment, of
-        ``[src, mirrored src, trg]`` (co-PCA: one joint PCA over all their tokens)."""
+        ``[src, mirrored src, trg]`` (co-PCA: one joint PCA over all their tokens); a
+        method without SD: its own descriptors (the adapter's)."""
+        if not self.featurizer.method.uses_sd:
+            return self.featurizer.fuse(raws)
         if self.options.pca == "fixed":
             if self.projection is None:
                 raise RuntimeError("pca='fixed' needs a projection: call fit_projection() or pass one")
-            return [fuse_raw(r, self.projection, alpha=self.alpha) for r in raws]
+            return self.featurizer.fuse(raws, alpha=self.alpha)
         raws = [self._on_device(r) for r in raws]
         if len(raws) == 2:
             return list(fuse_pair(raws[0], raws[1], dim=self.pca_dim, alpha=self.alpha))
