@@ -131,3 +131,66 @@ def demo_ids(dataset):
         key = role if role not in ids else f"{role}2"
         ids[key] = sid
     return ids
+
+
+# --------------------------------------------------------------------------- masks and objects, no keypoints
+def build_mask_dataset(name, photo_paths, tmp, persistent=False, size=224):
+    """A mask-only dataset (no keypoints): ``ref`` (chelsea, tagged ``reference``) with a
+    ``fo.Segmentation`` in ``gt_masks`` (class 1 on a box around the cat's face), ``target``
+    (a copy of chelsea) and ``other`` (coffee), stored features from the local
+    descriptor, and ``pred_masks`` on the target from the real :func:`propagate_masks`.
+    Returns ``(dataset, ids, describer)``."""
+    import numpy as np
+
+    from fiftyone_sdcorr.dataset.propagate_masks import propagate_masks
+
+    tmp = Path(tmp)
+    tmp.mkdir(parents=True, exist_ok=True)
+    target_path = tmp / "chelsea_copy.jpg"
+    shutil.copy(photo_paths["chelsea"], target_path)
+    mask = np.zeros((300, 451), dtype=np.uint8)
+    mask[60:220, 120:300] = 1
+    dataset = fo.Dataset(name)
+    dataset.persistent = persistent
+    ref = fo.Sample(filepath=photo_paths["chelsea"], gt_masks=fo.Segmentation(mask=mask), tags=["reference"])
+    target = fo.Sample(filepath=str(target_path))
+    other = fo.Sample(filepath=photo_paths["coffee"])
+    dataset.add_samples([target, ref, other])
+    describer = LocalDescriptor(size=size)
+    store = FeatureStore(tmp / "store", fsync=False)
+    for sample in dataset:
+        fused = describer.describe_one(sample.filepath)
+        sample["sdcorr_features"] = str(store.save(sample.id, fused))
+        sample["sdcorr_embedding"] = fused.global_vector().numpy()
+        sample.save()
+    propagate_masks(dataset.select(target.id), [ref.id], "gt_masks", "pred_masks", extractor=describer,
+                    mask_dir=str(tmp / "masks"), progress=False)
+    return dataset, {"ref": ref.id, "target": target.id, "other": other.id}, describer
+
+
+def build_objects_dataset(name, folder, persistent=False):
+    """An objects-only dataset (no keypoints): the COCO canvases of tests/test_objects.py
+    imported as detections only, each detection with an instance mask (an ellipse in its
+    box), features per object (``compute_fused_features(patches_field="detections")``),
+    canvas0 tagged ``reference``. Returns the dataset."""
+    import numpy as np
+
+    import fiftyone_sdcorr as sc
+    from test_objects import desc, write_coco
+
+    folder = Path(folder)
+    write_coco(folder)
+    ds = fo.Dataset.from_dir(data_path=str(folder / "data"), labels_path=str(folder / "labels.json"),
+                             dataset_type=fo.types.COCODetectionDataset, label_types=["detections"],
+                             label_field="detections", name=name)
+    ds.persistent = persistent
+    yy, xx = np.mgrid[0:40, 0:30]
+    ellipse = ((yy - 19.5) / 20) ** 2 + ((xx - 14.5) / 15) ** 2 <= 1
+    for sample in ds:
+        for det in sample.detections.detections:
+            det.mask = ellipse.copy()
+        sample.save()
+    ds.match(fo.ViewField("filepath").ends_with("canvas0.png")).tag_samples("reference")
+    sc.compute_fused_features(ds, extractor=desc(), patches_field="detections", store_dir=str(folder / "store"),
+                              progress=False)
+    return ds

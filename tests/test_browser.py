@@ -625,6 +625,20 @@ def coco_objects(tmp_path_factory, server):
         ds.delete()
 
 
+def _coco_sample(ds, name):
+    import fiftyone as fo
+
+    return ds.match(fo.ViewField("filepath").ends_with(name)).first()
+
+
+def _object_names(sample, field="detections"):
+    """How the panel names the sample's objects (label, position, size in pixels)."""
+    from fiftyone_sdcorr.plugin.object_names import image_size, object_names
+
+    dets = sample[field].detections
+    return object_names([(d.label, d.bounding_box) for d in dets], image_size(sample.filepath))
+
+
 def _titles(page):
     return _plot_value(page, "return (gd.layout.annotations || []).map(a => a.text);")
 
@@ -644,18 +658,19 @@ def test_panel_on_a_sample_with_several_objects(coco_objects, playwright_api):
             page = browser.new_page(viewport={"width": 1500, "height": 1000})
             _open_sample_panel(page, url)
             _wait_plot(page, "gd.data.filter(t => t.name.startsWith('line|')).length === 5")
-            assert _titles(page) == ["current · canvas2.png · 1: person", "reference · canvas0.png · 1: person"]
-            assert _control(page, "Object").inner_text().strip() == "1: person"
+            cur, ref = _object_names(sample), _object_names(_coco_sample(ds, "canvas0.png"))
+            assert _titles(page) == [f"current · canvas2.png · {cur[1]}", f"reference · canvas0.png · {ref[1]}"]
+            assert _control(page, "Object").inner_text().strip() == cur[1]
             shot = coco_objects["tmp"] / "objects.png"
             _screenshot(page, shot)
             if UPDATE_DOCS:
                 shutil.copyfile(shot, OBJECTS_SCREENSHOT)
-            _choose_until(page, "Object", "3: person", "2: person",
-                          "(gd.layout.annotations || []).some(a => a.text === 'current · canvas2.png · 3: person')"
+            _choose_until(page, "Object", cur[3], cur[2],
+                          f"(gd.layout.annotations || []).some(a => a.text === 'current · canvas2.png · {cur[3]}')"
                           " && gd.data.filter(t => t.name.startsWith('line|')).length === 5")
             # the decoy: matched with the reference's decoy
-            _choose_until(page, "Object", "0: person", "2: person",
-                          "(gd.layout.annotations || []).some(a => a.text === 'reference · canvas0.png · 0: person')"
+            _choose_until(page, "Object", cur[0], cur[2],
+                          f"(gd.layout.annotations || []).some(a => a.text === 'reference · canvas0.png · {ref[0]}')"
                           " && gd.data.filter(t => t.name.startsWith('line|')).length === 5")
         finally:
             browser.close()
@@ -712,7 +727,8 @@ def test_swap_instances_from_the_match_panel(coco_objects, playwright_api):
             page.on("pageerror", lambda e: errors.append(str(e)))
             _open_sample_panel(page, url)
             _wait_plot(page, "gd.data.filter(t => t.name.startsWith('line|')).length === 5")
-            assert _titles(page) == ["current · canvas2.png · 1: person", "reference · canvas0.png · 1: person"]
+            assert _titles(page) == [f"current · canvas2.png · {_object_names(current)[1]}",
+                                     f"reference · canvas0.png · {_object_names(reference)[1]}"]
 
             # the button: the form opens, pre-filled with the two objects shown (clicked again
             # when the panel re-rendered under the first click and the App opened nothing)

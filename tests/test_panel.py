@@ -308,6 +308,17 @@ def test_accept_and_reject_write_filterable_review(world):
     assert kp[panels.POINT_REVIEW_ATTR][2] == "rejected"
     assert kp[panels.POINT_REVIEW_ATTR][0] is None
     assert any(r["operator_uri"] == "reload_samples" for r in d.requests)
+    # named by its keypoint name, as the figure's hover names it, and marked on the figure
+    assert "**nose**" in d.status() and "rejected" in d.status() and "point 2" not in d.status()
+    (marks,) = d.traces("current|verdicts")
+    assert marks["text"] == ["✗"]
+    (pred,) = d.traces("current|keypoints")
+    nose = pred["ids"].index("0:2")
+    assert (marks["x"][0], marks["y"][0]) == (pred["x"][nose], pred["y"][nose])
+    d.call("on_click_figure", trace="current|keypoints", id="0:0", idx=0)
+    d.call("on_accept_point")
+    assert "**left eye**" in d.status()
+    assert sorted(d.traces("current|verdicts")[0]["text"]) == ["✓", "✗"]
 
     d.call("on_clear")
     d.call("on_accept_instance")

@@ -17,7 +17,9 @@ import fiftyone as fo
 import fiftyone_sdcorr as sc
 from fiftyone_sdcorr.plugin import panel_ranking
 from panel_driver import PanelDriver, image_size, place_of
-from test_objects import NAMES, desc, write_coco
+from test_objects import NAMES, H, W, desc, write_coco
+
+from fiftyone_sdcorr.plugin.object_names import object_names
 
 STRIDE_FRACTION = 1.0 / 16  # one token of the test describer's 224 / 14 grid, as a crop fraction
 
@@ -38,6 +40,26 @@ def world(tmp_path_factory):
     assert got["predicted"] == 9, got.text()
     yield ds
     ds.delete()
+
+
+def names_of(sample):
+    """How the panel names the sample's detections (label, position, size in pixels)."""
+    dets = sample.detections.detections
+    return object_names([(d.label, d.bounding_box) for d in dets], (W, H))
+
+
+def test_objects_are_named_so_a_user_can_tell_them_apart(world):
+    """Not "0: person", "1: person": the label, where the box sits and its size; the
+    Object dropdown offers exactly these names."""
+    target = _sample(world, "canvas2.png")
+    names = names_of(target)
+    assert len(set(names)) == len(names) and all(n.startswith("person (") for n in names), names
+    assert names == [o["label"] for o in panel_ranking.sample_objects(
+        world, target.id, panel_ranking.object_features(world))]
+    assert object_names([("cat", [0.0, 0.0, 0.3, 0.2]), ("cat", [0.7, 0.7, 0.3, 0.3])], (400, 400)) == \
+        ["cat (top-left, 120×80 px)", "cat (bottom-right, 120×120 px)"]
+    assert object_names([("cat", [0.0, 0.0, 0.3, 0.2])] * 2, (400, 400)) == \
+        ["cat (top-left, 120×80 px) #1", "cat (top-left, 120×80 px) #2"]
 
 
 def _sample(ds, name):
@@ -90,7 +112,8 @@ def test_the_panel_shows_objects_side_by_side_with_their_match_lines(world):
     assert len(cur) == len(refp) == len(NAMES)
     assert np.abs(np.array(cur) - np.array(refp)).max() < STRIDE_FRACTION
     titles = [a["text"] for a in d.figure["layout"]["annotations"]]
-    assert titles == ["current · canvas2.png · 1: person", "reference · canvas0.png · 1: person"]
+    assert titles == [f"current · canvas2.png · {names_of(target)[1]}",
+                      f"reference · canvas0.png · {names_of(ref)[1]}"]
 
 
 def test_choosing_another_object_reranks_the_references(world):
@@ -102,7 +125,7 @@ def test_choosing_another_object_reranks_the_references(world):
     d.call("render")
     assert d.state["object_id"] == dets[3].id
     assert len(d.traces(prefix="line|")) == len(NAMES)
-    assert d.figure["layout"]["annotations"][0]["text"] == "current · canvas2.png · 3: person"
+    assert d.figure["layout"]["annotations"][0]["text"] == f"current · canvas2.png · {names_of(target)[3]}"
     # the decoy: its most similar reference object is the reference's decoy
     d.call("on_change_object", value=dets[0].id, path="controls.object")
     d.call("render")

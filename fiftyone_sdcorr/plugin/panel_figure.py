@@ -24,6 +24,8 @@ from fiftyone_sdcorr.dataset import label_attrs
 from fiftyone_sdcorr.dataset.config import FEATURES_FIELD, N_PARTS
 from fiftyone_sdcorr.dataset.skeletons import keypoint_skeleton
 from fiftyone_sdcorr.plugin.field_roles import REFERENCE_ATTR
+from fiftyone_sdcorr.plugin.object_names import image_size, object_names
+from fiftyone_sdcorr.plugin.panel_masks import overlay_uri
 from fiftyone_sdcorr.plugin.panel_ranking import ObjectFeatures, linked_instances
 
 PLUGIN = "@sdcorr/sdcorr"
@@ -37,7 +39,11 @@ MAX_SIDE = 512  # longest side of the images sent to the browser
 MIN_CROP_SIDE = 256  # an object's crop smaller than this is enlarged for display
 PLOT_HEIGHT = 400.0  # common height of both images, in plot units
 GAP = 24.0  # plot units between the two images
-FIGURE_HEIGHT = 420  # pixels
+FIGURE_HEIGHT = 420  # pixels: the least height of the figure
+#: the figure's height in the panel: what the panel leaves below its controls (the
+#: viewport less about 320 px of App header, tabs, controls and status), never under
+#: FIGURE_HEIGHT; plotly fills it (no fixed layout height)
+FIGURE_CSS_HEIGHT = f"max({FIGURE_HEIGHT}px, calc(100vh - 320px))"
 SIDES = ("current", "reference")
 VIEW_MODES = {"photos": "Photos", "pca": "PCA of features", "parts": "Part clusters",
               "dense": "Dense correspondence", "warp": "Reference warped"}
@@ -211,6 +217,17 @@ def predicted_from(dataset, sample_id: str, pred_field: Optional[str], detection
     return None
 
 
+def mask_predicted_from(dataset, sample_id: str, field: Optional[str], detection_id: str) -> Optional[str]:
+    """The reference object the predicted mask of the object ``detection_id`` in the
+    ``fo.Detections`` field ``field`` came from (its ``sdcorr_reference_id``), or None."""
+    if not field or not dataset.has_sample_field(f"{field}.detections"):
+        return None
+    for det in dataset.select(sample_id).values(f"{field}.detections", unwind=True):
+        if det is not None and det.get_attribute_value(DETECTION_ATTR, None) == detection_id:
+            return det.get_attribute_value(REFERENCE_ATTR, None)
+    return None
+
+
 def _finite_point(p) -> bool:
     return p is not None and len(p) == 2 and all(isinstance(v, (int, float)) and math.isfinite(v) for v in p)
 
@@ -229,7 +246,7 @@ class Frame:
     box: Optional[Tuple[float, float, float, float]] = None  # an object's normalised [x, y, w, h]
     margin: float = DEFAULT_CONTEXT_MARGIN
     object_id: Optional[str] = None
-    object_label: Optional[str] = None  # "<index>: <label>"
+    object_label: Optional[str] = None  # its name (plugin.object_names): "cat (top-left, 120×80 px)"
     features_name: str = FEATURES_FIELD  # where the features live, for messages
 
     @property
@@ -282,9 +299,11 @@ def image_frame(sample) -> Frame:
 def object_frame(sample, objects: ObjectFeatures, detection_id: str) -> Optional[Frame]:
     """The frame of one detection of ``sample`` (None when it has no such detection)."""
     dets = sample[objects.patches_field] if sample.has_field(objects.patches_field) else None
-    for i, det in enumerate(getattr(dets, "detections", None) or []):
+    dets = list(getattr(dets, "detections", None) or [])
+    for i, det in enumerate(dets):
         if det.id == detection_id and det.bounding_box is not None:
-            label = f"{i}: {det.label}" if det.label else str(i)
+            label = object_names([(d.label, d.bounding_box) for d in dets],
+                                 image_size(sample.filepath, sample.metadata))[i]
             return Frame(sample, det.get_attribute_value(objects.features, None), tuple(det.bounding_box),
                          objects.margin, det.id, label, f"{objects.patches_field}.detections.{objects.features}")
     return None
@@ -353,7 +372,7 @@ def figure_options(state) -> dict:
     opts["error_lines"], opts["heatmap"] = bool(opts["error_lines"]), bool(opts["heatmap"])
     opts["n_parts"] = int(opts["n_parts"])
     for k in ("ref_field", "gt_field", "pred_field", "click", "selected_point", "object_features", "object_id",
-              "reference_object"):
+              "reference_object", "mask_field", "pred_mask_field"):
         opts[k] = state.get(k)
     opts["ref_field"] = opts["ref_field"] or opts["gt_field"]
     instance = state.get("instance")
@@ -414,6 +433,23 @@ def _feature_view_uris(mode: str, k: int, fa, fb, places) -> Dict[str, str]:
             up = vis.token_map_to_image(grids[side].astype(np.float32), feats[side], pl.width, pl.height,
                                         mode="nearest")
             out[side] = vis.to_data_uri(vis.labels_to_rgb(up.round().astype(int)))
+    return out
+
+
+def _mask_traces(frames, places, state: dict, status: List[str]) -> List[dict]:
+    """The mask overlays (:mod:`~fiftyone_sdcorr.plugin.panel_masks`): the reference's
+    masks of ``mask_field`` and the current side's of ``pred_mask_field``."""
+    out, shown = [], []
+    for side, key in (("reference", "mask_field"), ("current", "pred_mask_field")):
+        field = state.get(key)
+        if not field:
+            continue
+        uri = overlay_uri(frames[side], field, places[side].width, places[side].height)
+        if uri is not None:
+            out.append(places[side].image_trace(f"{side}|mask", uri))
+        shown.append(f"{side} `{field}`" + ("" if uri is not None else " (none here)"))
+    if shown:
+        status.append("**Masks**: " + ", ".join(shown) + ".")
     return out
 
 
@@ -605,6 +641,38 @@ def _target_traces(j: int, kind: str, kp, frame: Frame, places, ref_pts, style: 
     return lines, [marker], n
 
 
+VERDICT_MARKS = {"accepted": ("✓", "#59a14f"), "rejected": ("✗", "#e15759")}
+
+
+def point_verdicts(kp) -> list:
+    """The per-point review of a predicted instance (``sdcorr_point_verdicts``)."""
+    return list(kp.get_attribute_value(POINT_REVIEW_ATTR, None) or []) if kp is not None else []
+
+
+def _verdict_trace(kp, frame: Frame, place: Placement, style: _Style) -> Optional[dict]:
+    """A ✓ (accepted) or ✗ (rejected) beside each reviewed point of a predicted instance
+    (trace ``current|verdicts``), or None when none is reviewed."""
+    xs, ys, txt, colors = [], [], [], []
+    pts = frame.local_points(kp.points)
+    for i, verdict in enumerate(point_verdicts(kp)[: style.n_points]):
+        if verdict in VERDICT_MARKS and i < len(pts) and _finite_point(pts[i]):
+            x, y = place.to_plot(*pts[i])
+            mark, color = VERDICT_MARKS[verdict]
+            xs.append(x), ys.append(y), txt.append(mark), colors.append(color)
+    if not xs:
+        return None
+    return {"type": "scatter", "mode": "text", "name": "current|verdicts", "x": xs, "y": ys, "text": txt,
+            "textposition": "top right", "textfont": {"color": colors, "size": 18}, "hoverinfo": "skip",
+            "showlegend": False}
+
+
+def point_name(dataset, field: Optional[str], ref_kp, index: int) -> str:
+    """The name of point ``index`` (the skeleton's or the categories' label, e.g.
+    ``right_eye``; ``point <i>`` without one)."""
+    n = max(len(getattr(ref_kp, "points", None) or []), index + 1)
+    return point_labels(dataset, field, n, getattr(ref_kp, "label", None))[index]
+
+
 def _error_lines(pred_kp, gt_kp, frame: Frame, place: Placement, style: _Style) -> List[dict]:
     """Predicted -> ground truth on the current image."""
     out = []
@@ -636,6 +704,8 @@ def _keypoint_traces(pairs, frames, places, style: _Style, state: dict):
             lines += ls
             markers += ms
             n_lines += n
+            marks = _verdict_trace(kp, frames["current"], places["current"], style) if kind == "predicted" else None
+            markers += [marks] if marks else []
         if state.get("error_lines") and pred_kp is not None and gt_kp is not None:
             lines += _error_lines(pred_kp, gt_kp, frames["current"], places["current"], style)
     return lines, markers, n_lines
@@ -645,6 +715,8 @@ def _keypoint_status(ref_insts, pairs, frames, current, state: dict) -> List[str
     ref_field = state.get("ref_field") or state.get("gt_field")
     pred_field, show = state.get("pred_field"), state.get("show") or "predicted"
     objects = frames["current"].is_object
+    if not ref_field:
+        return []
     if not ref_insts:
         return [f"The reference has no keypoints in `{ref_field}`."]
     if not pairs and objects:
@@ -715,7 +787,7 @@ def _layout(frames, places) -> dict:
                 "yref": "y", "yanchor": "bottom", "showarrow": False, "font": {"color": NEUTRAL, "size": 12}}
 
     return {
-        "height": FIGURE_HEIGHT,
+        "autosize": True,
         "margin": {"l": 4, "r": 4, "t": 30, "b": 4, "pad": 0},
         "paper_bgcolor": "rgba(0,0,0,0)",
         "plot_bgcolor": "rgba(0,0,0,0)",
@@ -745,6 +817,7 @@ def build_figure(dataset, current, reference, state: dict) -> dict:
     missing = feats["current"] is None or feats["reference"] is None
     status: List[str] = []
     data = _image_traces(frames, places, feats, state, status)
+    data += _mask_traces(frames, places, state, status)
     ref_insts, pairs = shown_pairs(dataset, current, reference, state, frames)
     style = _keypoint_style(dataset, state.get("ref_field") or state.get("gt_field"), pairs)
     lines, markers, n_lines = _keypoint_traces(pairs, frames, places, style, state)

@@ -33,6 +33,7 @@ from fiftyone_sdcorr.core.common.geometry import DEFAULT_CONTEXT_MARGIN
 from fiftyone_sdcorr.dataset.config import EMBEDDING_FIELD, FEATURES_FIELD
 from fiftyone_sdcorr.dataset.engine import find_record, recorded_fields
 from fiftyone_sdcorr.dataset.units import Unit, Units, link_to_objects
+from fiftyone_sdcorr.plugin.object_names import image_size, object_names
 
 logger = logging.getLogger(__name__)
 
@@ -118,19 +119,27 @@ def _label(base: str, tagged: bool, sim: float) -> str:
     return label + (f" · {sim:.2f}" if not math.isnan(sim) else "")
 
 
-def _references_view(dataset, current_id: str, ref_field: Optional[str]):
-    if not ref_field or not dataset.has_sample_field(ref_field):
+def _references_view(dataset, current_id: str, ref_field: Optional[str], candidates=None):
+    """The samples that can be references: with keypoints in ``ref_field``; without a
+    keypoints field (None), those of ``candidates`` (default: every sample); never the
+    current one."""
+    others = {"_id": {"$ne": ObjectId(current_id)}}
+    if not ref_field:
+        return (candidates if candidates is not None else dataset).match(others)
+    if not dataset.has_sample_field(ref_field):
         return None
-    return dataset.exists(f"{ref_field}.keypoints").match({"_id": {"$ne": ObjectId(current_id)}})
+    return dataset.exists(f"{ref_field}.keypoints").match(others)
 
 
-def rank_references(dataset, current_id: str, ref_field: Optional[str], limit: int = 200) -> List[dict]:
-    """Annotated references (samples with keypoints in ``ref_field``): tagged references
+def rank_references(dataset, current_id: str, ref_field: Optional[str], limit: int = 200,
+                    candidates=None) -> List[dict]:
+    """Annotated references (samples with keypoints in ``ref_field``; without a keypoints
+    field the samples of ``candidates``, default every sample): tagged references
     (:func:`reference_tags`) first, then the others; within each, most similar first
     (see the module docstring: the similarity index over ``sdcorr_embedding`` when there
     is one, else the cosine of the embeddings), without embeddings in dataset order.
     Returns ``[{"id", "label", "similarity", "tagged"}]`` (the current sample is left out)."""
-    refs = _references_view(dataset, current_id, ref_field)
+    refs = _references_view(dataset, current_id, ref_field, candidates)
     if refs is None:
         return []
     ids, paths, tags = refs.values("id"), refs.values("filepath"), refs.values("tags")
@@ -209,10 +218,19 @@ def object_features(dataset) -> Optional[ObjectFeatures]:
 
 def sample_objects(dataset, sample_id: str, objects: ObjectFeatures) -> List[dict]:
     """The objects of one sample, in detection order: ``[{"id", "label", "index", "area"}]``
-    (the label is ``"<index>: <label>"``; the area is the box's, normalised)."""
+    (the label names the object by its label, position and size, :func:`object_names`;
+    the area is the box's, normalised)."""
     units = objects.units(dataset.select(sample_id)).units()
-    return [{"id": u.id, "index": i, "label": f"{i}: {u.label}" if u.label else str(i),
+    names = _names_of(units)
+    return [{"id": u.id, "index": i, "label": names[i],
              "area": float(u.box[2] * u.box[3]) if u.box else 0.0} for i, u in enumerate(units)]
+
+
+def _names_of(units: List[Unit]) -> List[str]:
+    """The names of one sample's objects (:func:`object_names`)."""
+    if not units:
+        return []
+    return object_names([(u.label, u.box) for u in units], image_size(units[0].filepath))
 
 
 def reference_key(reference: dict) -> str:
@@ -230,16 +248,19 @@ def linked_instances(units: List[Unit], keypoints) -> Dict[str, int]:
 
 
 def _reference_objects(refs, units: Units, ref_field: str):
-    """``[(unit, index in its sample, linked instance)]`` of the reference samples' objects
-    (``units``) that a keypoint instance of ``ref_field`` is linked to."""
+    """``[(unit, its name in its sample, linked instance)]`` of the reference samples' objects
+    (``units``) that a keypoint instance of ``ref_field`` is linked to; without a
+    keypoints field (None) every object (no instance)."""
     by_sid: Dict[str, List[Unit]] = {}
     for u in units.units():
         by_sid.setdefault(u.sample_id, []).append(u)
     out = []
-    for sid, kps in zip(refs.values("id"), refs.values(ref_field)):
+    ids = refs.values("id")
+    for sid, kps in zip(ids, refs.values(ref_field) if ref_field else [None] * len(ids)):
         objs = by_sid.get(sid, [])
-        links = linked_instances(objs, kps)
-        out += [(u, i, links[u.id]) for i, u in enumerate(objs) if u.id in links]
+        links = linked_instances(objs, kps) if ref_field else {u.id: None for u in objs}
+        names = _names_of(objs) if links else []
+        out += [(u, names[i], links[u.id]) for i, u in enumerate(objs) if u.id in links]
     return out
 
 
@@ -248,14 +269,15 @@ def _unit_values(units: Units, name: str) -> Dict[str, object]:
 
 
 def rank_reference_objects(dataset, current_id: str, object_id: str, ref_field: Optional[str],
-                           objects: ObjectFeatures, limit: int = 200) -> List[dict]:
+                           objects: ObjectFeatures, limit: int = 200, candidates=None) -> List[dict]:
     """The reference objects (see the module docstring), most similar to the current
     object ``object_id`` first: objects of its label first (as propagation's
     ``same_label``), then those of tagged references, then by similarity (the similarity
     index over the objects' embeddings when there is one, else their cosine). Returns
     ``[{"id": sample id, "object": detection id, "instance": linked keypoint instance,
-    "label", "similarity", "tagged"}]``."""
-    refs = _references_view(dataset, current_id, ref_field)
+    "label", "similarity", "tagged"}]``. Without a keypoints field (None) every object of
+    the samples of ``candidates`` (default: every other sample) is a reference object."""
+    refs = _references_view(dataset, current_id, ref_field, candidates)
     if refs is None:
         return []
     ref_units = objects.units(refs)
@@ -277,10 +299,9 @@ def rank_reference_objects(dataset, current_id: str, object_id: str, ref_field: 
                                                      not tagged[i], ranks[i][0]))
     out = []
     for i in order[:limit]:
-        u, index, inst = cands[i]
+        u, name, inst = cands[i]
         sim = ranks[i][1]
-        base = f"{os.path.basename(u.filepath)} · {index}: {u.label}" if u.label else \
-            f"{os.path.basename(u.filepath)} · {index}"
+        base = f"{os.path.basename(u.filepath)} · {name}"
         out.append({"id": u.sample_id, "object": u.id, "instance": inst, "label": _label(base, tagged[i], sim),
                     "similarity": None if math.isnan(sim) else sim, "tagged": tagged[i]})
     return out

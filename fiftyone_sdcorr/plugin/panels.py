@@ -51,11 +51,12 @@ import fiftyone.operators.types as types
 
 from fiftyone_sdcorr.core.pictures import visualize as vis
 
+from fiftyone_sdcorr.dataset.config import MASKS_FIELD
 from fiftyone_sdcorr.plugin.field_roles import OUTPUT_FIELD, default_fields, field_roles, free_field_name, keypoint_fields
 from fiftyone_sdcorr.plugin.panel_figure import (  # noqa: F401 -- MAX_SIDE etc. are part of the panel's API
     CONTROL_DEFAULTS,
     DENSE_RESOLUTION,
-    FIGURE_HEIGHT,
+    FIGURE_CSS_HEIGHT,
     MAX_SIDE,
     PLOT_HEIGHT,
     PLUGIN,
@@ -64,15 +65,19 @@ from fiftyone_sdcorr.plugin.panel_figure import (  # noqa: F401 -- MAX_SIDE etc.
     REVIEW_TAGS,
     SHOW_MODES,
     SIDES,
+    VERDICT_MARKS,
     VIEW_MODES,
     build_figure,
     figure_options,
     instances_of,
     pair_frames,
+    mask_predicted_from,
     placements,
+    point_name,
     predicted_from,
     shown_pairs,
 )
+from fiftyone_sdcorr.plugin.panel_masks import default_mask_fields, mask_fields, masked_samples
 from fiftyone_sdcorr.plugin.panel_state import adopt_newest, panel_lock, record
 from fiftyone_sdcorr.plugin.panel_ranking import (
     object_features,
@@ -87,6 +92,12 @@ FIELD_SELECTORS = {
     "ref_field": ("Reference keypoints", False),
     "pred_field": ("Predicted", True),
     "gt_field": ("Ground truth", True),
+}
+#: the mask selectors (shown when the dataset has mask fields): the masks drawn over the
+#: reference and over the current side (:mod:`~fiftyone_sdcorr.plugin.panel_masks`)
+MASK_SELECTORS = {
+    "mask_field": ("Reference masks", True),
+    "pred_mask_field": ("Predicted masks", True),
 }
 NONE = "__none__"  # the "(none)" choice of the predicted / ground-truth selectors
 ALL_INSTANCES = "all"
@@ -306,7 +317,22 @@ class MatchPanel(foo.Panel):
             fields["pred_field"] = new[-1]
         fields["pred_known"] = roles["predicted"]
         fields["roles"] = roles
+        fields.update(self._mask_choices(ctx, same, saved))
         return fields
+
+    def _mask_choices(self, ctx, same: bool, saved: dict) -> dict:
+        """The mask fields shown (this panel's choice on this dataset, else the one
+        remembered for it, else :func:`default_mask_fields`) and ``mask_fields``, the
+        choices."""
+        dataset, state = ctx.dataset, ctx.panel.state
+        fields = mask_fields(dataset)
+        defaults = default_mask_fields(dataset, fields) if fields else {k: None for k in MASK_SELECTORS}
+        chosen = set(state.get("mask_chosen") or []) if same else set()
+        out = {"mask_fields": fields}
+        for key in MASK_SELECTORS:
+            sources = ([state.get(key)] if key in chosen else []) + ([saved[key]] if key in saved else [])
+            out[key] = next((v for v in sources if v is None or v in fields), defaults[key])
+        return out
 
     def _refresh(self, ctx, keep_reference: bool = True, object_id: Optional[str] = None):
         state = ctx.panel.state
@@ -323,7 +349,7 @@ class MatchPanel(foo.Panel):
             "selected_point": None,
             "message": None,
         }
-        for key in FIELD_SELECTORS:
+        for key in (*FIELD_SELECTORS, *MASK_SELECTORS):
             updates[f"controls.{key}"] = fields[key] or NONE
         keep = keep_reference and same and current == state.current_id
         updates.update(self._objects_and_references(ctx, current, forced, fields, keep, object_id))
@@ -341,19 +367,21 @@ class MatchPanel(foo.Panel):
         objects (``object_id``, else the chosen one kept, else the largest) and the
         reference objects ranked for it, the one its prediction came from shown first;
         else whole images and the ranked references. A forced reference (two samples
-        selected in the grid) comes first."""
+        selected in the grid) comes first. Without keypoints the references are the samples
+        with masks in the reference masks field (else every other sample), by similarity."""
         state, dataset, ref_field = ctx.panel.state, ctx.dataset, fields["ref_field"]
         objects = object_features(dataset) if current else None
         choices = sample_objects(dataset, current, objects) if objects is not None else []
         ids = [o["id"] for o in choices]
         chosen = object_id if object_id in ids else state.object_id if keep and state.object_id in ids else \
             max(choices, key=lambda o: o["area"])["id"] if choices else None
-        refs = rank_reference_objects(dataset, current, chosen, ref_field, objects) if chosen else []
+        cands = masked_samples(dataset, fields.get("mask_field"), current) if not ref_field else None
+        refs = rank_reference_objects(dataset, current, chosen, ref_field, objects, candidates=cands) if chosen else []
         if forced:
             refs = [r for r in refs if r["id"] == forced] + [r for r in refs if r["id"] != forced]
         if not refs or (forced and refs[0]["id"] != forced):  # nothing to match per object: whole images
             objects, choices, chosen = None, [], None
-            refs = rank_references(dataset, current, ref_field) if current else []
+            refs = rank_references(dataset, current, ref_field, candidates=cands) if current else []
             if forced:
                 sample = dataset[forced]
                 refs = [{"id": forced, "label": os.path.basename(sample.filepath), "similarity": None,
@@ -361,7 +389,8 @@ class MatchPanel(foo.Panel):
         keys = [reference_key(r) for r in refs]
         key = state.get("controls.reference") if keep else None
         if key not in keys and chosen and not forced:
-            key = predicted_from(dataset, current, fields.get("pred_field"), chosen)
+            key = predicted_from(dataset, current, fields.get("pred_field"), chosen) or \
+                mask_predicted_from(dataset, current, fields.get("pred_mask_field"), chosen)
         key = key if key in keys else keys[0] if keys else None
         ref = refs[keys.index(key)] if key is not None else {}
         return {"object_features": objects.to_dict() if objects is not None else None, "objects": choices,
@@ -399,7 +428,7 @@ class MatchPanel(foo.Panel):
         if not method.startswith("on_change_"):
             return False
         key, value, state = method[len("on_change_"):], ctx.params.get("value"), ctx.panel.state
-        if key in FIELD_SELECTORS:
+        if key in FIELD_SELECTORS or key in MASK_SELECTORS:
             return value not in (None, "") and (None if value == NONE else value) == state.get(key)
         if key == "reference":
             return value is not None and value == state.get("controls.reference")
@@ -432,13 +461,17 @@ class MatchPanel(foo.Panel):
         value = ctx.params.get("value")
         value = None if value in (None, "", NONE) else value
         state = ctx.panel.state
-        optional = FIELD_SELECTORS[key][1]
-        if (value is None and not optional) or (value is not None and value not in keypoint_fields(ctx.dataset)):
-            _set(ctx, {f"controls.{key}": state.get(key) or NONE})  # not a Keypoints field: keep the choice
+        masks = key in MASK_SELECTORS
+        optional = (MASK_SELECTORS if masks else FIELD_SELECTORS)[key][1]
+        valid = mask_fields(ctx.dataset) if masks else keypoint_fields(ctx.dataset)
+        if (value is None and not optional) or (value is not None and value not in valid):
+            _set(ctx, {f"controls.{key}": state.get(key) or NONE})  # not a field of that kind: keep the choice
             return
         _set(ctx, {key: value, f"controls.{key}": value or NONE, "selected_point": None, "click": None})
+        if masks:
+            _set(ctx, {"mask_chosen": sorted(set(state.get("mask_chosen") or []) | {key})})
         self._remember(ctx, **{key: value}, pred_known=list(state.pred_known or []))
-        if key == "ref_field":
+        if key == "ref_field" or (key == "mask_field" and not state.ref_field):
             self._refresh(ctx, keep_reference=True)
 
     def on_change_ref_field(self, ctx):
@@ -449,6 +482,12 @@ class MatchPanel(foo.Panel):
 
     def on_change_pred_field(self, ctx):
         self._change_field(ctx, "pred_field")
+
+    def on_change_mask_field(self, ctx):
+        self._change_field(ctx, "mask_field")
+
+    def on_change_pred_mask_field(self, ctx):
+        self._change_field(ctx, "pred_mask_field")
 
     def on_change_instance(self, ctx):
         instance = _instance_value(ctx.params.get("value"))
@@ -533,6 +572,28 @@ class MatchPanel(foo.Panel):
             params["patches_field"] = objects["patches_field"]
         return params
 
+    def propagate_masks_params(self, ctx) -> Optional[dict]:
+        """What "Propagate masks from this reference" pre-fills (no keypoints, a reference
+        masks field): as :meth:`propagate_params`, with the reference masks as the source
+        and a new masks field."""
+        state = ctx.panel.state
+        if not state.reference_id or not state.mask_field or ctx.dataset is None:
+            return None
+        params = {"view_target": view_target(ctx), "references": "ids", "reference_ids": [state.reference_id],
+                  "source_field": state.mask_field, "output_field": free_field_name(ctx.dataset, MASKS_FIELD),
+                  "overwrite": False}
+        patches = (state.object_features or {}).get("patches_field")
+        if state.object_id and patches and patches == state.mask_field:
+            params["patches_field"] = patches
+        return params
+
+    def on_propagate_masks(self, ctx):
+        params = self.propagate_masks_params(ctx)
+        if params is None:
+            ctx.panel.state.set({"message": "No reference with masks to propagate from."})
+            return
+        ctx.prompt(f"{PLUGIN}/propagate_masks", params=params)
+
     def on_propagate(self, ctx):
         params = self.propagate_params(ctx)
         if params is None:
@@ -596,8 +657,13 @@ class MatchPanel(foo.Panel):
                 tags = [t for t in (kp.tags or []) if t not in REVIEW_TAGS.values()]
                 kp.tags = tags + [REVIEW_TAGS[verdict]]
         current.save()
-        what = f"point {sel['point']}" if point else f"{len(targets)} instance(s)"
-        state.set({"message": f"Marked {what} as **{verdict}**."})
+        if point:
+            ref_kp = next((r for j, r, _, _ in shown if j == int(sel["instance"])), None)
+            what = f"**{point_name(ctx.dataset, state.ref_field or state.gt_field, ref_kp, int(sel['point']))}**"
+        else:
+            what = f"{len(targets)} instance(s)"
+        mark = VERDICT_MARKS[verdict][0] if point else ""
+        state.set({"message": f"Marked {what} as **{verdict}** {mark}".rstrip() + "."})
         ctx.ops.reload_samples()
 
     # ---- data -----------------------------------------------------------------------
@@ -626,12 +692,7 @@ class MatchPanel(foo.Panel):
                 )
             else:
                 self._controls(ctx, panel, None)
-                panel.md(
-                    f"No annotated reference: no other sample has keypoints in `{state.ref_field}`. "
-                    "Pick another *Reference keypoints* field "
-                    f"({', '.join(keypoint_fields(ctx.dataset)) or 'none'}).",
-                    name="hint",
-                )
+                panel.md(self._no_reference_hint(ctx), name="hint")
             return types.Property(panel, view=layout)
 
         current, reference = pair
@@ -651,10 +712,17 @@ class MatchPanel(foo.Panel):
             config={"displaylogo": False, "scrollZoom": True, "displayModeBar": False,
                     "responsive": True},
             on_click=self.on_click_figure,
-            height=f"{FIGURE_HEIGHT}px",
+            height=FIGURE_CSS_HEIGHT,
             width="100%",
         )
         return types.Property(panel, view=layout)
+
+    def _no_reference_hint(self, ctx) -> str:
+        state = ctx.panel.state
+        if state.ref_field:
+            return (f"No annotated reference: no other sample has keypoints in `{state.ref_field}`. "
+                    f"Pick another *Reference keypoints* field ({', '.join(keypoint_fields(ctx.dataset))}).")
+        return "No reference: this dataset has no other sample to compare this one with."
 
     def _controls(self, ctx, panel, reference):
         """One bar of controls that wraps in a narrow split: the three field selectors,
@@ -668,11 +736,14 @@ class MatchPanel(foo.Panel):
         self._display_controls(ctx, row)
 
     def _field_selectors(self, ctx, row):
+        """The keypoints fields' selectors (when the dataset has keypoints), then the mask
+        fields' (when it has masks)."""
         state = ctx.panel.state
         roles = state.roles or {}
         fields = roles.get("keypoints") or keypoint_fields(ctx.dataset)
         predicted = roles.get("predicted") or []
-        for key, (label, optional) in FIELD_SELECTORS.items():
+        self._mask_selectors(ctx, row)
+        for key, (label, optional) in FIELD_SELECTORS.items() if fields else ():
             choices = types.DropdownView(label=label, componentsProps=ITEM)
             values = list(fields)
             if key == "pred_field":  # predictions first, newest first
@@ -685,6 +756,17 @@ class MatchPanel(foo.Panel):
             if not values:
                 continue
             row.enum(key, values, default=state.get(key) or NONE, view=choices,
+                     on_change=getattr(self, f"on_change_{key}"))
+
+    def _mask_selectors(self, ctx, row):
+        state = ctx.panel.state
+        fields = state.mask_fields or []
+        for key, (label, _) in MASK_SELECTORS.items() if fields else ():
+            choices = types.DropdownView(label=label, componentsProps=ITEM)
+            for f in fields:
+                choices.add_choice(f, label=f)
+            choices.add_choice(NONE, label="(none)")
+            row.enum(key, fields + [NONE], default=state.get(key) or NONE, view=choices,
                      on_change=getattr(self, f"on_change_{key}"))
 
     def _pair_selectors(self, ctx, row, reference):
@@ -749,7 +831,10 @@ class MatchPanel(foo.Panel):
 
         if figure.get("missing_features"):
             btn("compute_features", "Compute features", "memory", self.on_compute_features, "contained")
-        btn("propagate", "Propagate from this reference", "call_split", self.on_propagate)
+        if state.ref_field:
+            btn("propagate", "Propagate from this reference", "call_split", self.on_propagate)
+        elif state.mask_field:
+            btn("propagate_masks", "Propagate masks from this reference", "call_split", self.on_propagate_masks)
         if state.object_id and state.reference_object:
             btn("swap", "Swap instances", "swap_horiz", self.on_swap)
         if state.pred_field:
