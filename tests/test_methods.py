@@ -205,3 +205,33 @@ def test_evaluate_pairs_refuses_sd_ablations_for_a_method_without_sd(tmp_path):
 def test_shipped_adapter_fits_dinov2_base_width():
     a = load_adapter()
     assert a.feature_dims == (768,) and a.projection_dim == 768
+
+
+def test_public_dataset_functions_take_their_settings_in_groups():
+    """No public dataset function takes more than about 15 parameters besides ``features=``;
+    the flat keywords of earlier versions are merged into their groups by the one shim."""
+    import inspect
+
+    from fiftyone_sdcorr.dataset.config import MATCH_PARAMS, flat_keywords
+
+    dataset_functions = [getattr(sdc, n) for n in sdc.__all__ if inspect.isfunction(getattr(sdc, n))
+                         and getattr(sdc, n).__module__.startswith("fiftyone_sdcorr.dataset.")]
+    assert len(dataset_functions) >= 12
+    sizes = {f.__name__: len([p for p in inspect.signature(f).parameters if p != "features"])
+             for f in dataset_functions}
+    assert max(sizes.values()) <= 16, sizes
+    for f in (sdc.propagate_keypoints, sdc.flag_keypoint_annotations, sdc.propagate_masks, sdc.swap_instances,
+              sdc.compute_fused_features):
+        params = inspect.signature(f).parameters
+        assert "features" in params and not {"extractor", "preset", "device", "dtype", "features_field"} & set(params)
+    # what the shim does, on a function that returns what it was given
+    shim = flat_keywords(match=True, refine=True)(lambda **kw: kw)
+    got = shim(sd_model="a/b", features={"preset": "cpu"}, flip=True, match={"top_k": 2}, refine="inpaint",
+               refine_steps=50)
+    assert got == {"features": {"preset": "cpu", "sd_model": "a/b"}, "match": {"top_k": 2, "flip": True},
+                   "refine": {"mode": "inpaint", "steps": 50}}
+    with pytest.raises(ParameterError, match="'flip' is given twice"):
+        shim(flip=True, match={"flip": False})
+    with pytest.raises(ParameterError, match="'match': unknown setting"):
+        shim(flip=True, match={"flipp": False})
+    assert set(MATCH_PARAMS) >= {"flip", "soft_argmax", "soft_window", "top_k", "combine", "same_label"}

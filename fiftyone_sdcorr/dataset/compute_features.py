@@ -55,7 +55,7 @@ from fiftyone_sdcorr.core.features.store import STORE_DTYPES, FeatureStore, enco
 from fiftyone_sdcorr.core.features.pipeline import pipelined
 from fiftyone_sdcorr.core.features.transfer import EncodedFeatures
 from fiftyone_sdcorr.dataset.claims import SampleLock, exclusive, fs_now, worker_id
-from fiftyone_sdcorr.dataset.config import COMPUTE_FEATURE_PARAMS, FeatureConfig, flat_feature_keywords, \
+from fiftyone_sdcorr.dataset.config import COMPUTE_FEATURE_PARAMS, FeatureConfig, flat_keywords, \
     merge_features
 from fiftyone_sdcorr.dataset.engine import (
     Record,
@@ -82,7 +82,7 @@ LOG_DIR = "_log"
 COUNTS = ("total", "computed", "recovered", "skipped", "busy")
 
 
-@flat_feature_keywords(COMPUTE_FEATURE_PARAMS)
+@flat_keywords(COMPUTE_FEATURE_PARAMS)
 def compute_fused_features(
     samples,
     sd_model: Optional[str] = None,
@@ -119,7 +119,7 @@ def compute_fused_features(
               prompt template (objects: their own label when no field is given)
 
             Each may also be given as its own keyword (one documented shim,
-            :func:`~fiftyone_sdcorr.dataset.config.flat_feature_keywords`).
+            :func:`~fiftyone_sdcorr.dataset.config.flat_keywords`).
         patches_field: a ``fo.Detections`` field: features per object (its box grown by the
             recipe's ``context_margin``), stored per label id, the embedding, path and error
             as attributes of each detection (:mod:`fiftyone_sdcorr.dataset.units`)

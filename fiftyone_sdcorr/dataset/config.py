@@ -85,6 +85,9 @@ def _build(cls, given: Dict[str, Any]):
     kw, rest = {}, dict(given)
     for name, sub in cls.NESTED.items():
         whole = rest.pop(name, None)
+        if isinstance(whole, dict):  # ``match={"flip": True}``: its settings, as if given flat
+            rest.update(_known(name, whole, [f.name for f in fields(sub)]))
+            whole = None
         flat = {k: rest.pop(k) for k in [f.name for f in fields(sub)] if k in rest}
         if whole is not None and not isinstance(whole, sub):
             raise ParameterError(f"parameter {name!r} must be a {sub.__name__}, got {type(whole).__name__}")
@@ -95,6 +98,13 @@ def _build(cls, given: Dict[str, Any]):
         raise ParameterError(f"unknown parameter(s) {unknown} for {cls.__name__}")
     kw.update({k: v for k, v in rest.items() if v is not None or k in cls.NONE_IS_A_VALUE})
     return cls(**kw)
+
+
+def _known(param: str, settings: Dict[str, Any], allowed) -> Dict[str, Any]:
+    unknown = sorted(set(settings) - set(allowed))
+    if unknown:
+        raise ParameterError(f"parameter {param!r}: unknown setting(s) {unknown}; allowed: {list(allowed)}")
+    return dict(settings)
 
 
 class Buildable:
@@ -354,31 +364,11 @@ def merge_features(features, flat: Dict[str, Any], allowed: Tuple[str, ...] = FE
     return out
 
 
-#: what ``compute_fused_features`` takes in ``features=``: the settings above and where
+#: the fields features are read from (every function that reads stored features takes them in ``features=``)
+FEATURE_FIELDS = ("features_field", "embedding_field")
+#: what ``compute_fused_features`` takes in ``features=``: the settings above, and where
 #: its results go
-COMPUTE_FEATURE_PARAMS = FEATURE_PARAMS + ("embedding_field", "features_field", "store_dtype",
-                                           "projection_samples", "prompt_field")
-
-
-def flat_feature_keywords(allowed: Tuple[str, ...] = FEATURE_PARAMS):
-    """The one shim for the flat feature keywords of earlier versions: a dataset function
-    decorated with it also takes each setting of ``features=`` as its own keyword
-    (``propagate_keypoints(..., sd_model=..., preset="cpu")``); they are merged into
-    ``features=`` before the function runs (:func:`merge_features`: a setting given both
-    ways with different values is a ParameterError naming it). The function itself, its
-    signature and its documentation know only ``features=``; new code passes that.
-    ``fn.feature_keywords`` lists the names (the operators' forms route them)."""
-    def decorate(fn):
-        @functools.wraps(fn)
-        def with_flat_keywords(*args, **kwargs):
-            flat = {k: kwargs.pop(k) for k in list(kwargs) if k in allowed}
-            if flat:
-                kwargs["features"] = merge_features(kwargs.get("features"), flat, allowed)
-            return fn(*args, **kwargs)
-
-        with_flat_keywords.feature_keywords = tuple(allowed)
-        return with_flat_keywords
-    return decorate
+COMPUTE_FEATURE_PARAMS = FEATURE_PARAMS + FEATURE_FIELDS + ("store_dtype", "projection_samples", "prompt_field")
 
 
 # --------------------------------------------------------------------------- matching
@@ -430,6 +420,79 @@ def _check_matching_run(cfg) -> None:
     _field_or_none("embedding_field", cfg.embedding_field)
     _in_range("batch_size", cfg.batch_size)
     check_bool("overwrite", cfg.overwrite)
+
+
+#: the settings ``match=`` holds (each also a keyword of its own, :func:`flat_keywords`)
+MATCH_PARAMS = tuple(f.name for f in fields(MatchConfig))
+#: ``swap_instances``' ``refine=`` settings as flat keywords -> their names in ``refine=``
+REFINE_PARAMS = {"refine_strength": "strength", "refine_steps": "steps", "refine_guidance": "guidance",
+                 "refine_prompt": "prompt", "refine_size": "size"}
+
+
+def flat_keywords(features: Tuple[str, ...] = FEATURE_PARAMS + FEATURE_FIELDS, match: bool = False,
+                  refine: bool = False):
+    """The one shim for the flat keywords of earlier versions. A dataset function takes
+    its settings in groups: ``features=`` (models, recipe, device, store, the features'
+    fields), ``match=`` (:class:`MatchConfig`: ``flip``, ``soft_argmax``, ...) and, for
+    ``swap_instances``, ``refine=`` (``{"mode", "strength", "steps", "guidance", "prompt",
+    "size"}``). Decorated with this, it also takes each setting as its own keyword
+    (``propagate_keypoints(..., sd_model=..., flip=True)``, ``refine_steps=50``); they are
+    merged into their group before the function runs (a setting given both ways with
+    different values is a ParameterError naming it). The function itself, its signature
+    and its documentation know only the groups; new code passes those.
+    ``fn.flat_keywords``: flat name -> group (the operators' forms route their params with it)."""
+    routes = {**{k: "features" for k in features}, **({k: "match" for k in MATCH_PARAMS} if match else {}),
+              **({k: "refine" for k in REFINE_PARAMS} if refine else {})}
+
+    def decorate(fn):
+        @functools.wraps(fn)
+        def with_flat_keywords(*args, **kwargs):
+            flat: Dict[str, Dict[str, Any]] = {}
+            for k in [k for k in kwargs if k in routes]:
+                flat.setdefault(routes[k], {})[k] = kwargs.pop(k)
+            if "features" in flat:
+                kwargs["features"] = merge_features(kwargs.get("features"), flat["features"], features)
+            if "match" in flat:
+                kwargs["match"] = _merge_group("match", kwargs.get("match"), flat["match"], MATCH_PARAMS)
+            if "refine" in flat:
+                given = {REFINE_PARAMS[k]: v for k, v in flat["refine"].items()}
+                kwargs["refine"] = _merge_group("refine", refine_settings(kwargs.get("refine")), given, REFINE_KEYS)
+            return fn(*args, **kwargs)
+
+        with_flat_keywords.flat_keywords = dict(routes)
+        return with_flat_keywords
+    return decorate
+
+
+def _merge_group(param: str, whole, flat: Dict[str, Any], allowed) -> Dict[str, Any]:
+    """A group given whole (None, a dict, or a config object) merged with its flat keywords."""
+    if whole is None:
+        whole = {}
+    elif not isinstance(whole, dict):
+        whole = {k: getattr(whole, k) for k in allowed if hasattr(whole, k)}
+    out = dict(_known(param, whole, allowed))
+    for k, v in flat.items():
+        if v is None:
+            continue
+        if out.get(k) is not None and not _same(out[k], v):
+            raise ParameterError(f"parameter {k!r} is given twice with different values: {v!r} and {out[k]!r} in "
+                                 f"{param!r}; give it once")
+        out[k] = v
+    return out
+
+
+#: the settings ``refine=`` holds
+REFINE_KEYS = ("mode",) + tuple(REFINE_PARAMS.values())
+
+
+def refine_settings(refine) -> Dict[str, Any]:
+    """``swap_instances``' ``refine=``: ``None``, ``False``, ``True`` / ``"img2img"``,
+    ``"inpaint"`` (the mode alone) or a dict of :data:`REFINE_KEYS` -> that dict."""
+    if refine is None:
+        return {}
+    if isinstance(refine, dict):
+        return _known("refine", refine, REFINE_KEYS)
+    return {"mode": refine}
 
 
 @dataclass(frozen=True)
@@ -651,7 +714,7 @@ class HeatmapConfig(ViewConfig):
 __all__ = [
     "Buildable", "FeatureConfig", "MatchConfig", "PropagationConfig", "EvaluationConfig", "ReviewConfig",
     "ViewConfig", "FeaturePCAConfig", "HeatmapConfig", "RANGES", "FEATURE_PARAMS", "merge_features",
-    "COMPUTE_FEATURE_PARAMS", "flat_feature_keywords",
+    "COMPUTE_FEATURE_PARAMS", "FEATURE_FIELDS", "MATCH_PARAMS", "flat_keywords", "refine_settings",
     "STORE_DTYPES", "DTYPES", "COMBINE_RULES", "THRESHOLDS", "VIEW_MODES",
     "MaskPropagationConfig", "MaskEvaluationConfig", "MASKS_FIELD", "MASK_REGIONS",
 ]

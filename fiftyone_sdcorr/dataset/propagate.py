@@ -32,7 +32,8 @@ from typing import Optional
 
 import fiftyone as fo
 
-from fiftyone_sdcorr.dataset.config import PropagationConfig, merge_features
+from fiftyone_sdcorr.dataset.config import FEATURE_FIELDS, FEATURE_PARAMS, PropagationConfig, flat_keywords, \
+    merge_features
 from fiftyone_sdcorr.dataset.engine import (
     Run,
     RunSummary,
@@ -61,6 +62,7 @@ FUNCTION = "propagate_keypoints"
 DEFAULT_VISIBILITY_THRESHOLD = PropagationConfig.visibility_threshold
 
 
+@flat_keywords(match=True)
 def propagate_keypoints(
     targets,
     references,
@@ -68,15 +70,10 @@ def propagate_keypoints(
     output_field: str,
     *,
     features=None,
-    extractor=None, sd_model=None, dino_model=None, device=None, dtype=None,  # flat forms of ``features``
-    batch_size: Optional[int] = None, preset: Optional[str] = None, recipe: Optional[dict] = None,
-    pca_dim: Optional[int] = None, store_dir=None,
-    features_field: Optional[str] = None, embedding_field: Optional[str] = None,
+    match=None,
     visibility_threshold: Optional[float] = None,
-    soft_argmax: Optional[bool] = None, soft_window: Optional[int] = None, temperature: Optional[float] = None,
-    flip: Optional[bool] = None, flip_pairs=None,
-    combine: Optional[str] = None, top_k: Optional[int] = None,
-    patches_field: Optional[str] = None, same_label: Optional[bool] = None, link_instances: Optional[bool] = None,
+    patches_field: Optional[str] = None,
+    link_instances: Optional[bool] = None,
     overwrite: Optional[bool] = None,
     progress: ProgressArg = None,
 ) -> RunSummary:
@@ -85,7 +82,9 @@ def propagate_keypoints(
 
     Every keyword defaults to ``None``: the default of
     :class:`~fiftyone_sdcorr.dataset.config.PropagationConfig` /
-    :class:`~fiftyone_sdcorr.dataset.config.MatchConfig`.
+    :class:`~fiftyone_sdcorr.dataset.config.MatchConfig`. Each setting of ``features`` and
+    ``match`` may also be given as its own keyword (``flip=True``, ``sd_model=...``: the one
+    shim, :func:`~fiftyone_sdcorr.dataset.config.flat_keywords`).
 
     Args:
         targets: a dataset or view of the samples to label.
@@ -93,22 +92,22 @@ def propagate_keypoints(
             ``fo.Keypoints`` in ``source_field``.
         source_field: the references' keypoints field (never written).
         output_field: the NEW ``fo.Keypoints`` field for the predictions.
-        features: the features, only where they must be computed: a
-            :class:`~fiftyone_sdcorr.dataset.config.FeatureConfig` or a dict of
-            ``extractor``, ``sd_model``, ``dino_model``, ``preset``, ``recipe``,
-            ``pca_dim`` (what features), ``device``, ``dtype``, ``batch_size``,
-            ``store_dir`` (how missing ones are computed); by default the configuration
-            recorded on ``features_field`` by ``compute_fused_features`` (given ones must
-            match it). Each may also be given as its own keyword (the same setting given
-            both ways with different values is a ParameterError); ``batch_size`` is
-            also the number of targets matched at once.
-        features_field, embedding_field: stored dense features and global vectors.
+        features: which features: a :class:`~fiftyone_sdcorr.dataset.config.FeatureConfig`
+            or a dict of ``features_field``, ``embedding_field`` (the stored dense features
+            and global vectors), and, only where features must be computed, ``method``,
+            ``adapter``, ``extractor``, ``sd_model``, ``dino_model``, ``preset``,
+            ``recipe``, ``pca_dim``, ``device``, ``dtype``, ``batch_size``, ``store_dir``;
+            by default the configuration recorded on ``features_field`` by
+            ``compute_fused_features`` (given ones must match it); ``batch_size`` is also
+            the number of targets matched at once.
+        match: a :class:`~fiftyone_sdcorr.dataset.config.MatchConfig` or a dict of its
+            settings: ``soft_argmax``, ``soft_window`` (None: the method's), ``temperature``
+            (window soft-argmax refinement); ``flip``, ``flip_pairs`` (flip alignment; pairs
+            by index or skeleton label, default from the skeleton's ``left_*``/``right_*``
+            labels); ``combine``, ``top_k`` (``"best"`` or ``"per_point"`` over the
+            ``top_k`` most similar); ``same_label`` (objects).
         visibility_threshold: points with confidence below it become ``[nan, nan]``.
-        soft_argmax, soft_window, temperature: window soft-argmax refinement.
-        flip, flip_pairs: flip alignment (pairs by index or skeleton label; default: from
-            the skeleton's ``left_*``/``right_*`` labels).
-        combine, top_k: ``"best"`` or ``"per_point"`` over the ``top_k`` most similar.
-        patches_field, same_label, link_instances: per object (module docstring).
+        patches_field, link_instances: per object (module docstring).
         overwrite: allow writing to an existing ``output_field``.
         progress: True/False/None (a progress bar; None: FiftyOne's setting) or
             ``callable(fraction, label)``.
@@ -119,14 +118,11 @@ def propagate_keypoints(
         ``flip_pairs``, ``seconds_matching``.
     """
     # 1. check every parameter and field before anything loads or is written
-    given = merge_features(features, dict(
-        extractor=extractor, sd_model=sd_model, dino_model=dino_model, preset=preset, recipe=recipe, pca_dim=pca_dim,
-        device=device, dtype=dtype, batch_size=batch_size, store_dir=store_dir))
+    given = merge_features(features, {}, FEATURE_PARAMS + FEATURE_FIELDS)
     cfg = PropagationConfig.build(
-        source_field=source_field, output_field=output_field, features_field=features_field,
-        embedding_field=embedding_field, visibility_threshold=visibility_threshold, batch_size=given["batch_size"],
-        overwrite=overwrite, combine=combine, top_k=top_k, soft_argmax=soft_argmax, soft_window=soft_window,
-        temperature=temperature, flip=flip, flip_pairs=flip_pairs, same_label=same_label,
+        source_field=source_field, output_field=output_field, features_field=given.get("features_field"),
+        embedding_field=given.get("embedding_field"), visibility_threshold=visibility_threshold,
+        batch_size=given.get("batch_size"), overwrite=overwrite, match=match,
         patches_field=patches_field_of(targets, patches_field) if hasattr(targets, "_root_dataset") else patches_field,
         link_instances=link_instances)
     ref_view = check_propagation(targets, references, cfg)

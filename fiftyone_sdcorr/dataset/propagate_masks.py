@@ -58,7 +58,8 @@ from fiftyone_sdcorr.core.matching.dense import dense_match, warp_labels
 from fiftyone_sdcorr.core.common.files import check_output_folder
 from fiftyone_sdcorr.core.features.store import default_store_root
 from fiftyone_sdcorr.dataset import label_attrs as attrs
-from fiftyone_sdcorr.dataset.config import MaskPropagationConfig, merge_features
+from fiftyone_sdcorr.dataset.config import FEATURE_FIELDS, FEATURE_PARAMS, MaskPropagationConfig, flat_keywords, \
+    merge_features
 from fiftyone_sdcorr.dataset.engine import (
     ParameterError,
     Run,
@@ -93,6 +94,7 @@ DB_MAX_PIXELS = 512 * 512
 SAMPLE_DB_PIXELS = 4 * DB_MAX_PIXELS
 
 
+@flat_keywords()
 def propagate_masks(
     targets,
     references,
@@ -110,10 +112,6 @@ def propagate_masks(
     same_label: Optional[bool] = None,
     overwrite: Optional[bool] = None,
     features=None,
-    extractor=None, sd_model=None, dino_model=None, device=None, dtype=None,  # flat forms of ``features``
-    batch_size: Optional[int] = None, preset: Optional[str] = None, recipe: Optional[dict] = None,
-    pca_dim: Optional[int] = None, store_dir=None,
-    features_field: Optional[str] = None, embedding_field: Optional[str] = None,
     progress: ProgressArg = None,
 ) -> RunSummary:
     """Propagates masks from references to every target sample, or to every target object
@@ -140,9 +138,10 @@ def propagate_masks(
         flip: also match the mirrored reference; the better mean similarity wins.
         same_label: objects: only reference objects of the target's label.
         overwrite: allow writing to existing output fields.
-        features, extractor, sd_model, ..., store_dir: the features, only where they must
-            be computed (as in :func:`fiftyone_sdcorr.propagate_keypoints`).
-        features_field, embedding_field: stored dense features and global vectors.
+        features: the stored dense features and global vectors (``features_field``,
+            ``embedding_field``) and how missing ones are computed, as in
+            :func:`fiftyone_sdcorr.propagate_keypoints` (each setting may also be given as
+            its own keyword).
         progress: True/False/None or ``callable(fraction, label)``.
 
     Returns:
@@ -151,14 +150,12 @@ def propagate_masks(
         ``confidence_field``, ``mask_dir``, ``masks_in_database``, ``masks_in_files``.
     """
     # 1. check every parameter and field before anything loads or is written
-    given = merge_features(features, dict(
-        extractor=extractor, sd_model=sd_model, dino_model=dino_model, preset=preset, recipe=recipe, pca_dim=pca_dim,
-        device=device, dtype=dtype, batch_size=batch_size, store_dir=store_dir))
+    given = merge_features(features, {}, FEATURE_PARAMS + FEATURE_FIELDS)
     cfg = MaskPropagationConfig.build(
-        source_field=source_field, output_field=output_field, features_field=features_field,
-        embedding_field=embedding_field, resolution=resolution, min_confidence=min_confidence,
+        source_field=source_field, output_field=output_field, features_field=given.get("features_field"),
+        embedding_field=given.get("embedding_field"), resolution=resolution, min_confidence=min_confidence,
         confidence_field=confidence_field, max_side=max_side, mask_dir=mask_dir, target_region=target_region,
-        flip=flip, same_label=same_label, batch_size=given["batch_size"], overwrite=overwrite,
+        flip=flip, same_label=same_label, batch_size=given.get("batch_size"), overwrite=overwrite,
         patches_field=patches_field_of(targets, patches_field) if hasattr(targets, "_root_dataset") else patches_field)
     ref_view = check_mask_propagation(targets, references, cfg)
     source = feature_source(targets, cfg, given)

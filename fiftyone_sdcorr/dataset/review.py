@@ -36,7 +36,8 @@ import numpy as np
 import fiftyone as fo
 
 from fiftyone_sdcorr.dataset import label_attrs as attrs
-from fiftyone_sdcorr.dataset.config import ReviewConfig, merge_features
+from fiftyone_sdcorr.dataset.config import FEATURE_FIELDS, FEATURE_PARAMS, ReviewConfig, flat_keywords, \
+    merge_features
 from fiftyone_sdcorr.dataset.engine import (
     ParameterError,
     Run,
@@ -83,6 +84,7 @@ class PointReview(NamedTuple):
     reference_id: Optional[str]
 
 
+@flat_keywords(match=True)
 def flag_keypoint_annotations(
     samples,
     gt_field: str,
@@ -92,13 +94,8 @@ def flag_keypoint_annotations(
     review_field: Optional[str] = None,
     alpha: Optional[float] = None, min_confidence: Optional[float] = None,
     bbox_field: Optional[str] = None, threshold: Optional[str] = None,
-    combine: Optional[str] = None, top_k: Optional[int] = None,
     features=None,
-    extractor=None, sd_model=None, dino_model=None, device=None, dtype=None,  # flat forms of ``features``
-    batch_size: Optional[int] = None, preset: Optional[str] = None, recipe: Optional[dict] = None,
-    pca_dim: Optional[int] = None, store_dir=None,
-    features_field: Optional[str] = None, embedding_field: Optional[str] = None,
-    soft_argmax: Optional[bool] = None, flip: Optional[bool] = None, flip_pairs=None,
+    match=None,
     patches_field: Optional[str] = None,
     overwrite: Optional[bool] = None,
     progress: ProgressArg = None,
@@ -118,9 +115,8 @@ def flag_keypoint_annotations(
         review_field: new ``fo.Keypoints`` field for the per-point review.
         alpha, min_confidence: the flagging rule (module docstring).
         bbox_field, threshold: threshold size, as in :func:`evaluate_keypoints`.
-        combine, top_k, soft_argmax, flip, flip_pairs, features (or its flat keywords
-            ``extractor``, ``sd_model``, ...): the matching and the features, as in
-            :func:`propagate_keypoints`.
+        features, match: the features and the matching, as in :func:`propagate_keypoints`
+            (each setting may also be given as its own keyword: ``flip=True``, ...).
         patches_field: a ``fo.Detections`` field (or a ``to_patches()`` view): the evidence
             is predicted per object, from reference objects of other samples, and paired
             with the annotations by geometry; the objects' boxes are the default
@@ -134,14 +130,12 @@ def flag_keypoint_annotations(
         "distance", "confidence", "evidence"}]}), ``failed``, ``errors``, ``warnings``.
     """
     # 1. check every parameter and field before anything loads or is written
-    given = merge_features(features, dict(
-        extractor=extractor, sd_model=sd_model, dino_model=dino_model, preset=preset, recipe=recipe, pca_dim=pca_dim,
-        device=device, dtype=dtype, batch_size=batch_size, store_dir=store_dir))
+    given = merge_features(features, {}, FEATURE_PARAMS + FEATURE_FIELDS)
     cfg = ReviewConfig.build(
         gt_field=gt_field, review_field=review_field, tag=tag, alpha=alpha, min_confidence=min_confidence,
-        bbox_field=bbox_field, threshold=threshold, features_field=features_field, embedding_field=embedding_field,
-        batch_size=given["batch_size"], overwrite=overwrite, combine=combine, top_k=top_k, soft_argmax=soft_argmax,
-        flip=flip, flip_pairs=flip_pairs,
+        bbox_field=bbox_field, threshold=threshold, features_field=given.get("features_field"),
+        embedding_field=given.get("embedding_field"), batch_size=given.get("batch_size"), overwrite=overwrite,
+        match=match,
         patches_field=patches_field_of(samples, patches_field) if hasattr(samples, "_root_dataset") else patches_field)
     annotated, ref_view = check_review(samples, references, cfg)
     source = feature_source(annotated, cfg, given)

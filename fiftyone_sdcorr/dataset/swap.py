@@ -65,7 +65,8 @@ from fiftyone_sdcorr.core.pictures.swap import (
     swap_region,
     warp_frames,
 )
-from fiftyone_sdcorr.dataset.config import FeatureConfig, SwapConfig, merge_features
+from fiftyone_sdcorr.dataset.config import FEATURE_FIELDS, FEATURE_PARAMS, FeatureConfig, SwapConfig, flat_keywords, \
+    merge_features, refine_settings
 from fiftyone_sdcorr.dataset.engine import (
     ParameterError,
     Run,
@@ -109,6 +110,7 @@ class Pair:
         return f"{self.source.id}->{self.target.id}"
 
 
+@flat_keywords(refine=True)
 def swap_instances(
     samples,
     pairs=None,
@@ -117,16 +119,10 @@ def swap_instances(
     sources=None, output_slice: Optional[str] = None,
     patches_field: Optional[str] = None, mask_field: Optional[str] = None,
     resolution: Optional[int] = None, min_confidence: Optional[float] = None,
-    refine: Optional[Union[bool, str]] = None, refine_strength: Optional[float] = None,
-    refine_steps: Optional[int] = None, refine_guidance: Optional[float] = None, refine_prompt: Optional[str] = None,
-    refine_size: Optional[int] = None,
+    refine: Optional[Union[bool, str, dict]] = None,
     seed: Optional[int] = None, animation: Optional[bool] = None, animation_frames: Optional[int] = None,
     output_dir=None,
     features=None,
-    extractor=None, sd_model=None, dino_model=None, device=None, dtype=None,  # flat forms of ``features``
-    batch_size: Optional[int] = None, preset: Optional[str] = None, recipe: Optional[dict] = None,
-    pca_dim: Optional[int] = None, store_dir=None,
-    features_field: Optional[str] = None, embedding_field: Optional[str] = None,
     overwrite: Optional[bool] = None,
     progress: ProgressArg = None,
 ) -> RunSummary:
@@ -155,17 +151,19 @@ def swap_instances(
         mask_field: whole-image pairs: a ``fo.Segmentation`` field (non-zero = region).
         resolution: cells per side of the dense grid; min_confidence: target pixels whose
             match is less confident keep their colour.
-        refine (False, ``"img2img"`` or True, ``"inpaint"``), refine_strength,
-            refine_steps, refine_guidance, refine_prompt (``{label}`` is the target's
-            label), refine_size, seed: the optional SD pass over the swapped region with
-            the features' SD weights (image-to-image over the crop, or inpainting inside
-            the mask), blended in only inside the region; seeded.
+        refine: the optional SD pass over the swapped region with the features' SD weights
+            (image-to-image over the crop, or inpainting inside the mask), blended in only
+            inside the region: False, ``"img2img"`` (or True), ``"inpaint"``, or a dict of
+            ``mode`` (one of those), ``strength``, ``steps``, ``guidance``, ``prompt``
+            (``{label}`` is the target's label), ``size`` (each also a flat keyword
+            ``refine_strength=``, ...: the one shim,
+            :func:`~fiftyone_sdcorr.dataset.config.flat_keywords`); seed: its seed.
         animation, animation_frames: a warp animation GIF beside each new image.
         output_dir: where new images go (default ``<feature store>/_swaps/<dataset id>``).
-        features (and its flat keywords), features_field: as in
-            :func:`~fiftyone_sdcorr.dataset.propagate.propagate_keypoints`; ``batch_size``
-            is also the number of pairs whose features are fetched at once.
-        embedding_field: automatic pairing: the stored global embeddings ranked by.
+        features: as in :func:`~fiftyone_sdcorr.dataset.propagate.propagate_keypoints`
+            (``features_field``; ``embedding_field``: automatic pairing ranks by these
+            global embeddings; ``batch_size`` is also the number of pairs whose features
+            are fetched at once).
         overwrite: redo pairs already swapped with these settings (their samples replaced).
         progress: True/False/None or ``callable(fraction, label)``.
 
@@ -176,20 +174,19 @@ def swap_instances(
         ``output_slice``, ``output_dir``.
     """
     # 1. check every parameter, pair and field before anything loads or is written
-    given = merge_features(features, dict(
-        extractor=extractor, sd_model=sd_model, dino_model=dino_model, preset=preset, recipe=recipe, pca_dim=pca_dim,
-        device=device, dtype=dtype, batch_size=batch_size, store_dir=store_dir))
+    given = merge_features(features, {}, FEATURE_PARAMS + FEATURE_FIELDS)
+    rf = refine_settings(refine)
     cfg = SwapConfig.build(
-        output_dataset=output_dataset, output_slice=output_slice, mask_field=mask_field, features_field=features_field,
+        output_dataset=output_dataset, output_slice=output_slice, mask_field=mask_field,
+        features_field=given.get("features_field"),
         patches_field=patches_field_of(samples, patches_field) if hasattr(samples, "_root_dataset") else patches_field,
-        embedding_field=embedding_field, resolution=resolution,
-        min_confidence=min_confidence, refine=refine, refine_strength=refine_strength, refine_steps=refine_steps,
-        refine_guidance=refine_guidance, refine_prompt=refine_prompt, refine_size=refine_size, seed=seed,
+        embedding_field=given.get("embedding_field"), resolution=resolution, min_confidence=min_confidence,
+        **{f"refine_{k}" if k != "mode" else "refine": v for k, v in rf.items()}, seed=seed,
         animation=animation, animation_frames=animation_frames, output_dir=output_dir,
-        batch_size=given["batch_size"], overwrite=overwrite)
+        batch_size=given.get("batch_size"), overwrite=overwrite)
     units, plan = check_swap(samples, pairs, cfg, sources)
     source = FeatureSource(samples, cfg.features_field, given, cfg.batch_size, units)
-    base = swaps_folder(cfg, units, plan, FeatureConfig.build(store_dir=given["store_dir"]).store_root(samples))
+    base = swaps_folder(cfg, units, plan, FeatureConfig.build(store_dir=given.get("store_dir")).store_root(samples))
     checks_done()
     return _swap(samples, units, plan, cfg, source, base, progress)
 

@@ -213,22 +213,31 @@ def function_kwargs(params: Dict[str, Any], fn: Callable[..., Any], positional: 
     names = set(inspect.signature(fn).parameters) - {"progress"}
     recipe = dict(params.get("recipe") or {})
     out: Dict[str, Any] = {}
-    features: Dict[str, Any] = {}  # feature settings the function takes only inside ``features=``
+    # settings the function takes only inside a group (features=, match=, refine=):
+    # flat name -> group (config.flat_keywords)
+    routes = getattr(fn, "flat_keywords", {k: "features" for k in FEATURE_PARAMS})
+    groups: Dict[str, Dict[str, Any]] = {}
     for key, value in params.items():
         if key in PLUMBING or key in positional or key == "recipe" or _blank(value):
             continue
         if key in names:  # the function's own parameter first (review's alpha is not the recipe's)
             out[key] = value
-        elif key in getattr(fn, "feature_keywords", FEATURE_PARAMS) and "features" in names:
-            features[key] = value
+        elif key in routes and routes[key] in names:
+            groups.setdefault(routes[key], {})[key] = value
         elif key in RECIPE_PARAMS:
             recipe[key] = value
         else:
             raise ParameterError(f"unknown parameter {key!r} for {fn.__name__}")
     if recipe:
-        (out if "recipe" in names else features)["recipe"] = recipe
-    if features:
-        out["features"] = {**(out.get("features") or {}), **features}
+        (out if "recipe" in names else groups.setdefault("features", {}))["recipe"] = recipe
+    if groups:
+        from fiftyone_sdcorr.dataset.config import flat_keywords
+
+        # the flat keywords merged into their groups as the Python call does (one shim)
+        merged = flat_keywords(tuple(k for k, g in routes.items() if g == "features"),
+                               match="match" in groups, refine="refine" in groups)(lambda **kw: kw)
+        out.update(merged(**{k: out.get(k) for k in groups if k in out},
+                          **{k: v for g in groups.values() for k, v in g.items()}))
     return out
 
 
