@@ -164,7 +164,7 @@ def build_mask_dataset(name, photo_paths, tmp, persistent=False, size=224):
         sample["sdcorr_embedding"] = fused.global_vector().numpy()
         sample.save()
     propagate_masks(dataset.select(target.id), [ref.id], "gt_masks", "pred_masks", extractor=describer,
-                    mask_dir=str(tmp / "masks"), progress=False)
+                    resolution=32, mask_dir=str(tmp / "masks"), progress=False)  # a coarse grid: fast
     return dataset, {"ref": ref.id, "target": target.id, "other": other.id}, describer
 
 

@@ -31,6 +31,7 @@ from fiftyone.operators.registry import OperatorRegistry
 from fiftyone_sdcorr.dataset.compute_features import compute_fused_features
 from fiftyone_sdcorr.dataset.engine import Run, RunSummary, preflight
 from fiftyone_sdcorr.dataset.propagate import propagate_keypoints
+from fiftyone_sdcorr.plugin.common import form_labels, in_form_words
 from local_descriptor import LocalDescriptor
 from snapshots import field_snapshot
 
@@ -65,6 +66,12 @@ def _form(ds, name, params, **request):
                                     {"dataset_name": ds.name, "params": params, **request}))
     assert isinstance(prop, fo.operators.types.Property), prop
     return {k: (bool(p.invalid), p.error_message) for k, p in prop.type.properties.items()}
+
+
+def _labels(ds, name, params):
+    """``{param: label}`` of the form's inputs."""
+    prop = asyncio.run(resolve_type(OperatorRegistry(), PREFIX + name, {"dataset_name": ds.name, "params": params}))
+    return form_labels(prop.type)
 
 
 def _refusal(ds, name, params, **ctx):
@@ -110,8 +117,10 @@ def test_a_form_refuses_what_its_run_refuses_with_the_same_message(world, name, 
     # the refusal is under the input it concerns, in the function's own words ...
     assert list(invalid) == [param], invalid
     assert text in invalid[param], invalid
-    # ... and it is exactly what running these values says
-    assert invalid[param] in _refusal(ds, name, params)
+    # ... and it is exactly what running these values says, naming the input by its label
+    labels = _labels(ds, name, params)
+    assert invalid[param] in in_form_words(_refusal(ds, name, params), labels)
+    assert f"parameter '{param}'" not in invalid[param] and f"*{labels[param]}*" in invalid[param], invalid
     # resolving the form (on every change) wrote nothing, and neither did the refused run
     ds.reload()
     assert field_snapshot(ds) == before

@@ -52,15 +52,27 @@ class OtherSettingsError(FeatureStoreError):
 def _check_not_a_typo(samples, features_field: Optional[str], units: Units) -> None:
     """A features field that does not exist, with no model given, on a dataset whose
     features are in other fields: most likely a typo, and computing would fetch the
-    default models (about 5 GB) instead of using the stored features."""
+    default models (about 5 GB) instead of using the stored features. Features stored per
+    object (records named ``<objects field>__<attribute>``) are used by choosing that
+    field as the objects (``patches_field``): naming the record as a features field
+    would match whole images instead, so the advice never says so."""
     root = samples._root_dataset
     if not features_field or root.has_sample_field(units.path(features_field)):
         return
     stored = recorded_fields(root, "compute_fused_features")
-    if stored:
+    objects = sorted({name.split("__", 1)[0] for name in stored
+                      if "__" in name and root.has_sample_field(name.split("__", 1)[0] + ".detections")})
+    images = [name for name in stored if name.split("__", 1)[0] not in objects]
+    hints = []
+    if images:
+        hints.append(f"this dataset's features are in {', '.join(repr(f) for f in images)} "
+                     "(compute_fused_features): name that field")
+    if objects and units.patches_field not in objects:
+        hints.append(f"its object features are on the objects of {', '.join(repr(f) for f in objects)}: choose "
+                     f"{objects[0]!r} as Objects (patches_field={objects[0]!r})")
+    if hints:
         raise ParameterError(
-            f"parameter 'features_field': field {features_field!r} does not exist; this dataset's features "
-            f"are in {', '.join(repr(f) for f in stored)} (compute_fused_features). Name that field, or give "
+            f"parameter 'features_field': field {features_field!r} does not exist; {'; '.join(hints)}; or give "
             f"sd_model / dino_model / preset to compute new features into {features_field!r}")
 
 

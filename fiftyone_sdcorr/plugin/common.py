@@ -72,11 +72,14 @@ def target_view_input(ctx, inputs, name: str = VIEW_TARGET, action: str = "Proce
     return get_target_view(ctx, name)
 
 
-def patches_input(ctx, inputs, target) -> None:
+def patches_input(ctx, inputs, target) -> Optional[str]:
     """The optional ``patches_field`` choice: whole images (blank), or the objects of a
-    ``fo.Detections`` field; a patches view's own field is preselected."""
+    ``fo.Detections`` field; preselected: a patches view's own field, else the objects
+    field of the dataset's object features when it has no whole-image features
+    (:func:`default_patches_field`). Returns the value the form holds."""
     fields = sorted(ctx.dataset.get_field_schema(embedded_doc_type=fo.Detections)) if ctx.dataset is not None else []
-    default = target.patches_field if target is not None and getattr(target, "_is_patches", False) else None
+    default = target.patches_field if target is not None and getattr(target, "_is_patches", False) else \
+        default_patches_field(ctx.dataset)
     label, desc = "Objects (patches field)", "Blank: whole images. A fo.Detections field: one unit per object (its box)"
     if fields:
         choices = types.DropdownView()
@@ -86,6 +89,24 @@ def patches_input(ctx, inputs, target) -> None:
                     description=desc, view=choices)
     else:
         inputs.str("patches_field", required=False, default=default, label=label, description=desc)
+    return ctx.params["patches_field"] if "patches_field" in ctx.params else default
+
+
+def default_patches_field(dataset) -> Optional[str]:
+    """The objects field of the dataset's object features (a ``compute_fused_features``
+    record for it, or ``<field>.detections.sdcorr_features``) when the dataset has no
+    whole-image features; else None (whole images)."""
+    from fiftyone_sdcorr.dataset.config import FEATURES_FIELD
+    from fiftyone_sdcorr.dataset.engine import recorded_fields
+    from fiftyone_sdcorr.plugin.panel_ranking import object_features
+
+    objects = object_features(dataset) if dataset is not None else None
+    if objects is None:
+        return None
+    images = [f for f in recorded_fields(dataset, "compute_fused_features") if "__" not in f]
+    if images or (dataset.has_sample_field(FEATURES_FIELD) and dataset.count(FEATURES_FIELD) > 0):
+        return None
+    return objects.patches_field
 
 
 def get_target_view(ctx, name: str = VIEW_TARGET):
@@ -393,11 +414,31 @@ def check_form(ctx, inputs, call: Callable[[], tuple]) -> Optional[str]:
     message = str(error)
     m = _PARAM_RE.match(message)
     prop = inputs.properties.get(m.group(1)) if m else None
+    message = in_form_words(message, form_labels(inputs))
     if prop is None:
         prop = inputs.str(CHECK_PARAM, required=False, label="Cannot run with these values",
                           view=types.Error(label="Cannot run with these values", description=message))
     prop.invalid, prop.error_message = True, message
     return message
+
+
+def form_labels(inputs) -> Dict[str, str]:
+    """``{param: the label its input shows}`` of a form's inputs."""
+    out = {}
+    for name, prop in inputs.properties.items():
+        label = getattr(getattr(prop, "view", None), "label", None) or getattr(prop, "label", None)
+        if label:
+            out[name] = label
+    return out
+
+
+def in_form_words(message: str, labels: Dict[str, str]) -> str:
+    """A refusal as the form says it: each ``parameter 'x'`` it names becomes the label
+    of that input (*Source masks field*, not ``source_field``)."""
+    return _PARAM_ANY_RE.sub(lambda m: f"*{labels[m.group(1)]}*" if m.group(1) in labels else m.group(0), message)
+
+
+_PARAM_ANY_RE = re.compile(r"parameters? '(\w+)'")
 
 
 # --------------------------------------------------------------------------- progress

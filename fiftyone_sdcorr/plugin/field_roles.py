@@ -39,8 +39,12 @@ def predicted_fields(dataset, fields: Optional[List[str]] = None) -> List[str]:
     ``sdcorr_reference_id``), oldest first: by the field's ``created_at`` where FiftyOne
     records it, else in schema order (newest last either way)."""
     fields = keypoint_fields(dataset) if fields is None else fields
-    pred = [f for f in fields if _is_predicted_field(dataset, f)]
+    return oldest_first(dataset, [f for f in fields if _is_predicted_field(dataset, f)])
 
+
+def oldest_first(dataset, names: List[str]) -> List[str]:
+    """``names`` by the field's ``created_at`` where FiftyOne records it, else in the
+    order given (the newest last either way)."""
     def created(i_name):
         i, name = i_name
         try:
@@ -49,7 +53,26 @@ def predicted_fields(dataset, fields: Optional[List[str]] = None) -> List[str]:
             at = None
         return (at is not None, at.timestamp() if at is not None else 0.0, i)
 
-    return [name for _, name in sorted(enumerate(pred), key=created)]
+    return [name for _, name in sorted(enumerate(names), key=created)]
+
+
+def last_evaluation(dataset, fields: List[str]) -> Dict[str, Optional[str]]:
+    """``{"pred_field", "gt_field"}`` of the newest FiftyOne evaluation run of the dataset
+    whose predictions are one of ``fields`` and whose fields still exist (Nones without
+    one): the form of the next evaluation starts from what the last one compared."""
+    found = []
+    for key in (dataset.list_evaluations() if dataset is not None else []):
+        try:
+            info = dataset.get_evaluation_info(key)
+        except Exception:  # noqa: BLE001 -- a run of a backend that is not installed
+            continue
+        pred, gt = getattr(info.config, "pred_field", None), getattr(info.config, "gt_field", None)
+        if pred in fields and gt in fields:
+            found.append((info.timestamp, pred, gt))
+    if not found:
+        return {"pred_field": None, "gt_field": None}
+    _, pred, gt = max(found, key=lambda t: t[0])
+    return {"pred_field": pred, "gt_field": gt}
 
 
 def field_roles(dataset) -> Dict[str, List[str]]:

@@ -25,7 +25,7 @@ from fiftyone_sdcorr.dataset.config import (
 )
 from fiftyone_sdcorr.dataset.engine import ParameterError
 from fiftyone_sdcorr.plugin import common
-from fiftyone_sdcorr.plugin.field_roles import default_fields, free_field_name
+from fiftyone_sdcorr.plugin.field_roles import default_fields, free_field_name, last_evaluation
 from fiftyone_sdcorr.plugin.references import (
     choice_input,
     label_fields,
@@ -160,11 +160,12 @@ class EvaluateKeypoints(common.RunOperator):
         inputs = types.Object()
         target = common.target_view_input(ctx, inputs, action="Evaluate")
         kp_fields = label_fields(ctx, [fo.Keypoints])
-        roles = _roles(ctx)
+        roles = _roles(ctx)  # the newest prediction; the ground truth of the last evaluation, else the panel's
+        last = last_evaluation(ctx.dataset, kp_fields)
         choice_input(inputs, "pred_field", kp_fields, "Predicted keypoints", "fo.Keypoints predictions",
-                      default=roles.get("pred_field"))
+                      default=roles.get("pred_field") or last["pred_field"])
         choice_input(inputs, "gt_field", kp_fields, "Ground-truth keypoints", "fo.Keypoints ground truth",
-                      default=roles.get("gt_field"))
+                      default=last["gt_field"] or roles.get("gt_field"))
         inputs.str("eval_key", default=EvaluationConfig.eval_key, required=False, label="Evaluation key")
         inputs.str("alphas", default=", ".join(f"{a:g}" for a in EvaluationConfig.alphas), required=False,
                    label="Alphas",

@@ -17,6 +17,7 @@ from fiftyone import ViewField as F
 from fiftyone_sdcorr.dataset.config import MASK_REGIONS, MASKS_FIELD, MaskEvaluationConfig, MaskPropagationConfig
 from fiftyone_sdcorr.plugin import common
 from fiftyone_sdcorr.plugin.field_roles import free_field_name
+from fiftyone_sdcorr.plugin.panel_masks import evaluation_defaults
 from fiftyone_sdcorr.plugin.references import (
     choice_input,
     label_fields,
@@ -30,6 +31,20 @@ MASK_DOCS = (fo.Segmentation, fo.Detections)
 
 def _mask_fields(ctx) -> list:
     return label_fields(ctx, MASK_DOCS)
+
+
+def _source_fields(ctx, patches_field) -> list:
+    """The source masks fields that fit the unit chosen: with objects, the fo.Detections
+    fields with instance masks (the objects field first); on whole images, the
+    fo.Segmentation fields (every mask field when there is none of that kind)."""
+    fields = _mask_fields(ctx)
+    if ctx.dataset is None:
+        return fields
+    dets = set(label_fields(ctx, [fo.Detections]))
+    fit = [f for f in fields if (f in dets) == bool(patches_field)]
+    if patches_field in fit:
+        fit = [patches_field] + [f for f in fit if f != patches_field]
+    return fit or fields
 
 
 def _masked(dataset, source_field):
@@ -64,14 +79,14 @@ class PropagateMasks(common.RunOperator):
     def resolve_input(self, ctx):
         inputs = types.Object()
         target = common.target_view_input(ctx, inputs, action="Propagate to")
-        choice_input(inputs, "source_field", _mask_fields(ctx), "Source masks field",
-                "Images: the references' fo.Segmentation; objects: a fo.Detections field with instance masks")
+        patches = common.patches_input(ctx, inputs, target)
+        choice_input(inputs, "source_field", _source_fields(ctx, patches), "Source masks field",
+                     "Images: the references' fo.Segmentation; objects: a fo.Detections field with instance masks")
         reference_inputs(ctx, inputs, "a mask")
         inputs.str("output_field", default=free_field_name(ctx.dataset, MASKS_FIELD) if ctx.dataset is not None
                    else None, required=False, label="Output field",
                    description="A new field: fo.Segmentation (images) or fo.Detections (objects)")
         _run_inputs(inputs)
-        common.patches_input(ctx, inputs, target)
         _object_inputs(inputs)
         common.model_inputs(ctx, inputs, follow=False, advanced=False)
         if target is not None:
@@ -153,9 +168,11 @@ class EvaluateMasks(common.RunOperator):
         inputs = types.Object()
         target = common.target_view_input(ctx, inputs, action="Evaluate")
         fields = _mask_fields(ctx)
-        choice_input(inputs, "pred_field", fields, "Predicted masks", "fo.Segmentation or fo.Detections with masks")
+        defaults = evaluation_defaults(ctx.dataset) if ctx.dataset is not None else {}
+        choice_input(inputs, "pred_field", fields, "Predicted masks", "fo.Segmentation or fo.Detections with masks",
+                     default=defaults.get("pred_field"))
         choice_input(inputs, "gt_field", fields, "Ground-truth masks", "The same kind as the predictions",
-                default=fields[1] if len(fields) > 1 else None)
+                     default=defaults.get("gt_field"))
         inputs.str("eval_key", default=MaskEvaluationConfig.eval_key, required=False, label="Evaluation key")
         inputs.bool("overwrite", default=MaskEvaluationConfig.overwrite, label="Replace an evaluation of this key")
         if target is not None:

@@ -25,6 +25,7 @@ from fiftyone_sdcorr.dataset.engine import ParameterError
 from fiftyone_sdcorr.dataset.feature_views import DENSE_MODES, DENSE_RESOLUTION_RANGE, DenseViewConfig
 from fiftyone_sdcorr.plugin import common
 from fiftyone_sdcorr.plugin.field_roles import free_field_name
+from fiftyone_sdcorr.plugin.object_names import image_size, object_names
 
 
 def _views_config():
@@ -42,6 +43,23 @@ def _reference_id(ctx):
     if ctx.selected:
         return ctx.selected[0]
     return None
+
+
+def sample_objects_of(ctx, patches_field: str) -> list:
+    """``[(detection id, name)]`` of the open (else the first selected) sample's objects in
+    ``patches_field``, the largest first, named as the match panel names them
+    (:func:`~fiftyone_sdcorr.plugin.object_names.object_names`)."""
+    sid = ctx.current_sample or (ctx.selected[0] if ctx.selected else None)
+    if not sid or ctx.dataset is None or not ctx.dataset.has_sample_field(f"{patches_field}.detections"):
+        return []
+    try:
+        sample = ctx.dataset[sid]
+    except KeyError:
+        return []
+    dets = [d for d in (getattr(sample[patches_field], "detections", None) or []) if d.bounding_box is not None]
+    names = object_names([(d.label, d.bounding_box) for d in dets], image_size(sample.filepath, sample.metadata))
+    order = sorted(range(len(dets)), key=lambda i: -dets[i].bounding_box[2] * dets[i].bounding_box[3])
+    return [(dets[i].id, names[i]) for i in order]
 
 
 class WriteFeaturePCA(common.RunOperator):
@@ -195,9 +213,21 @@ class WriteDenseViews(common.RunOperator):
     def resolve_input(self, ctx):
         inputs = types.Object()
         target = common.target_view_input(ctx, inputs, action="Write dense pictures for")
-        inputs.str("reference_id", default=_reference_id(ctx), required=False, label="Reference sample id",
-                   description="The sample every sample is matched to (default: the open or first selected "
-                   "sample); with objects, the reference detection's id")
+        patches = common.patches_input(ctx, inputs, target)
+        objects = sample_objects_of(ctx, patches) if patches else []
+        if objects:  # the open (or first selected) sample's objects, by name
+            choices = types.DropdownView()
+            for oid, name in objects:
+                choices.add_choice(oid, label=name)
+            inputs.enum("reference_id", choices.values(), default=objects[0][0], required=False,
+                        label="Reference object", view=choices,
+                        description="The object of the open sample every object is matched to")
+        else:
+            inputs.str("reference_id", default=None if patches else _reference_id(ctx), required=False,
+                       label="Reference object id" if patches else "Reference sample id",
+                       description="The reference detection's id (open a sample to choose among its objects)"
+                       if patches else "The sample every sample is matched to (default: the open or first "
+                       "selected sample)")
         field = DenseViewConfig.output_field
         inputs.str("output_field", default=free_field_name(ctx.dataset, field) if ctx.dataset else field,
                    required=False, label="Output field",
@@ -215,7 +245,6 @@ class WriteDenseViews(common.RunOperator):
                    label="Stored features field")
         inputs.str("output_dir", required=False, label="Output directory",
                    description="Where the PNG pictures go (default: next to the feature store)")
-        common.patches_input(ctx, inputs, target)
         inputs.bool("overwrite", default=DenseViewConfig.overwrite, label="Overwrite an existing output field")
         if target is not None:
             inputs.view("count", types.Notice(label=f"{len(target)} samples"))
@@ -225,7 +254,9 @@ class WriteDenseViews(common.RunOperator):
     def run_call(self, ctx):
         from fiftyone_sdcorr.dataset.feature_views import write_dense_views
 
-        rid = _reference_id(ctx)
+        patches = ctx.params.get("patches_field")
+        objects = sample_objects_of(ctx, patches) if patches and not ctx.params.get("reference_id") else []
+        rid = objects[0][0] if objects else _reference_id(ctx)
         if not rid:
             raise ParameterError("parameter 'reference_id': no reference sample; give its id, open a sample "
                                  "or select one")

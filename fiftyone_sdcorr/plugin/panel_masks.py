@@ -23,7 +23,7 @@ import fiftyone as fo
 from bson import ObjectId
 
 from fiftyone_sdcorr.core.pictures import visualize as vis
-from fiftyone_sdcorr.plugin.field_roles import REFERENCE_ATTR
+from fiftyone_sdcorr.plugin.field_roles import REFERENCE_ATTR, last_evaluation, oldest_first
 from fiftyone_sdcorr.plugin.object_names import image_size
 from fiftyone_sdcorr.plugin.panel_ranking import reference_tags
 
@@ -76,6 +76,7 @@ def default_mask_fields(dataset, fields: Optional[List[str]] = None) -> Dict[str
         return view.count(f"{f}.detections") if _is_detections(dataset, f) else view.count(f)
 
     ann = max(annotations, key=lambda f: (count(f), -annotations.index(f))) if annotations else None
+    predicted = oldest_first(dataset, predicted)
     return {"mask_field": ann, "pred_mask_field": predicted[-1] if predicted else ann}
 
 
@@ -87,6 +88,28 @@ def masked_samples(dataset, field: Optional[str], current_id: Optional[str] = No
     view = dataset.exists(f"{field}.detections") if _is_detections(dataset, field) else dataset.exists(field)
     others = view.match({"_id": {"$ne": ObjectId(current_id)}}) if current_id else view
     return view if len(others) else None
+
+
+def evaluation_defaults(dataset) -> Dict[str, Optional[str]]:
+    """The evaluate_masks form's defaults: the predictions are the newest predicted masks
+    field (never the annotations the predictions came from); the ground truth is the one
+    of the last mask evaluation when it still exists, else the annotations with the most
+    masks on samples that are not tagged references (a separate ground-truth field wins
+    over the references' own)."""
+    fields = mask_fields(dataset)
+    last = last_evaluation(dataset, fields)
+    predicted = oldest_first(dataset, [f for f in fields if is_predicted(dataset, f)])
+    annotations = [f for f in fields if f not in predicted]
+    tags = reference_tags(dataset)
+    others = dataset.match_tags(tags, bool=False) if tags else dataset
+
+    def count(f):
+        return others.count(f"{f}.detections") if _is_detections(dataset, f) else others.count(f)
+
+    gt = last["gt_field"] or (max(annotations, key=lambda f: (count(f), -annotations.index(f)))
+                              if annotations else None)
+    pred = predicted[-1] if predicted else last["pred_field"] or next((f for f in fields if f != gt), None)
+    return {"pred_field": pred, "gt_field": gt}
 
 
 def _label_map(sample, field: str, size) -> Optional[np.ndarray]:
@@ -156,4 +179,4 @@ def overlay_uri(frame, field: Optional[str], width: int, height: int) -> Optiona
     return vis.to_data_uri(rgba, fmt="png")
 
 
-__all__ = ["mask_fields", "is_predicted", "default_mask_fields", "masked_samples", "overlay_uri", "MASK_ALPHA"]
+__all__ = ["mask_fields", "is_predicted", "default_mask_fields", "evaluation_defaults", "masked_samples", "overlay_uri", "MASK_ALPHA"]
