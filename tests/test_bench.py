@@ -366,17 +366,22 @@ def test_cpu_preset_run_with_tiny_models(tmp_path):
     import time
     import types
 
-    from fiftyone_sdcorr.bench.runs import run_cpu_preset
+    from fiftyone_sdcorr.bench.runs import run_cpu_preset, tiny_adapter
     from fiftyone_sdcorr.core.features.tiny import tiny_models
 
-    sd_dir, dino_dir = tiny_models(tmp_path / "models")
-    args = types.SimpleNamespace(images=1, warmup=0, keypoints=5, targets=2, _t0=time.perf_counter())
-    out = run_cpu_preset(args, sd_dir, dino_dir, quiet=True)
+    models = tiny_models(tmp_path / "models")
+    args = types.SimpleNamespace(images=1, warmup=0, keypoints=5, targets=2, _t0=time.perf_counter(), tiny=True)
+    out = run_cpu_preset(args, *models, quiet=True, adapter=tiny_adapter(args, models))
     recipes = out["cpu_preset"]["recipes"]
-    assert set(recipes) == {"paper", "cpu"}
+    assert set(recipes) == {"paper", "cpu", "dino-diy", "dino-diy-cpu"}  # both methods, both presets
     for r in recipes.values():
-        assert set(r["stages_mean_s"]) == {"preprocess", "sd", "dino"} and _pos(r["s_per_image"])
+        assert set(r["stages_mean_s"]) == {"preprocess", "sd", "dino", "descriptors"} and _pos(r["s_per_image"])
     assert recipes["paper"]["grid"] == 60 and recipes["cpu"]["grid"] < 60
+    assert recipes["dino-diy"]["grid"] == 60 and recipes["dino-diy-cpu"]["grid"] < 60
+    assert [recipes[k]["method"] for k in recipes] == ["sd-dino", "sd-dino", "dino-diy", "dino-diy"]
+    assert recipes["dino-diy"]["stages_mean_s"]["sd"] < 0.01 and recipes["dino-diy"]["flops"] is None  # no SD run
+    ratio = out["cpu_preset"]["ratio_to_paper"]
+    assert ratio["paper"] == 1.0 and all(_pos(v) for v in ratio.values())
     assert out["matching"]["keypoints"] == 5 and out["store"]["samples"] == 2
     assert set(out["targets"]) == {"matching_speedup_cpu"}
 

@@ -64,10 +64,13 @@ def _cpu_preset_rows(cpu_preset: dict) -> list:
     rows = []
     for name, r in cpu_preset["recipes"].items():
         st = r["stages_mean_s"]
-        rows.append((f"recipe {name!r} (grid {r['grid']})", f"{r['s_per_image']:.2f} s/image wall ({r['images_per_hour']:.0f}/h), {r['flops']['optimised_per_image'] / 1e12:.2f} TFLOP, {r['achieved_gflops']:.0f} GFLOP/s"))
+        flops = (f", {r['flops']['optimised_per_image'] / 1e12:.2f} TFLOP, {r['achieved_gflops']:.0f} GFLOP/s"
+                 if r.get("flops") else "")
+        ratio = cpu_preset.get("ratio_to_paper", {}).get(name)
+        rows.append((f"{r.get('method', 'sd-dino')} {name!r} (grid {r['grid']})", f"{r['s_per_image']:.2f} s/image wall ({r['images_per_hour']:.0f}/h)" + (f", {ratio:.2f}x the paper recipe's time" if ratio is not None else "") + flops))
         if "cpu_s_per_image" in r:
             rows.append(("    process CPU time", f"{r['cpu_s_per_image']:.1f} CPU-s/image over {r['torch_threads']} threads (idle-machine estimate {r['est_idle_s_per_image']:.1f} s/image)"))
-        rows.append(("    prep | SD | DINO", f"{st['preprocess']:.2f} s | {st['sd']:.2f} s | {st['dino']:.2f} s"))
+        rows.append(("    prep | SD | DINO | descriptors", f"{st['preprocess']:.2f} s | {st['sd']:.2f} s | {st['dino']:.2f} s | {st.get('descriptors', 0.0):.2f} s"))
     rows.append(("cpu preset speedup vs paper", f"{cpu_preset['speedup_cpu_vs_paper']:.2f}x"))
     return rows
 
@@ -206,16 +209,20 @@ def _extraction_table(full: List[dict]) -> List[str]:
 
 def _cpu_table(cpu: List[dict]) -> List[str]:
     lines = [
-        "| CPU | date | recipe | s/image (wall) | CPU-s/image (threads) | images/hour | TFLOP/image | token grid | load avg (1 min) | file |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| CPU | date | method | recipe | s/image (wall) | x paper recipe | CPU-s/image (threads) | images/hour | "
+        "TFLOP/image | token grid | load avg (1 min) | file |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in cpu:
         la = r["environment"].get("load_average_start") or [None]
         for name, rec in r["cpu_preset"]["recipes"].items():
             cpu_s = f"{rec['cpu_s_per_image']:.1f} ({rec['torch_threads']})" if "cpu_s_per_image" in rec else "n/a"
+            tflop = f"{rec['flops']['optimised_per_image'] / 1e12:.2f}" if rec.get("flops") else "n/a"
+            ratio = (r["cpu_preset"].get("ratio_to_paper") or {}).get(name)
             lines.append(
-                f"| {r['environment']['device_name']} | {r['created_utc'][:10]} | {name} | {rec['s_per_image']:.1f} | "
-                f"{cpu_s} | {rec['images_per_hour']:.0f} | {rec['flops']['optimised_per_image'] / 1e12:.2f} | "
+                f"| {r['environment']['device_name']} | {r['created_utc'][:10]} | {rec.get('method', 'sd-dino')} | "
+                f"{rec.get('preset', name)} | {rec['s_per_image']:.1f} | {_f(ratio, '.2f')} | "
+                f"{cpu_s} | {rec['images_per_hour']:.0f} | {tflop} | "
                 f"{rec['grid']}x{rec['grid']} | {_f(la[0], '.1f')} | `{r['_file']}` |"
             )
     return lines
