@@ -20,6 +20,7 @@
 #      and the stage without a database (compute_fused_features' own pipeline,
 #      core/features/pipeline.py, on the same JPEG files: files written, embeddings made), which the
 #      headline target reads when the FiftyOne stage is skipped,
+#   2b. the cost per image of each method (bench --methods: sd-dino and dino-diy, both presets),
 #   3. the same with torch.compile (time-boxed; skipped with SDCORR_BENCH_COMPILE=0),
 #   4. bench-report over results/.
 # JSON goes to results/ (commit it) and, with the report and one log (gpu_bench.log), to
@@ -75,6 +76,11 @@ timeout 300 "$PY" -m fiftyone_sdcorr bench --device cuda --images 32 --plain-ima
 RC=$?
 stamp "benchmark exit $RC"
 
+METH="results/methods-$NAME-$DAY.json"
+stamp "2b/4 methods on the GPU (sd-dino paper / cpu preset, dino-diy 840 / 448 px, batch 1, bf16) -> $METH"
+timeout 150 "$PY" -m fiftyone_sdcorr bench --methods --device cuda --images 8 --warmup 1 --out "$METH" 2>&1
+stamp "methods benchmark exit $?"
+
 if [ "${SDCORR_BENCH_COMPILE:-1}" = "1" ] && [ "$RC" = "0" ]; then
     LEFT=$(( ${SDCORR_BENCH_BUDGET_S:-420} - ($(date +%s) - T0) ))
     if [ "$LEFT" -gt 90 ]; then
@@ -92,6 +98,7 @@ stamp "4/4 report"
 if [ -n "${OUT:-}" ]; then
     cp -f "$MAIN" "$OUT/" 2>/dev/null
     cp -f "$COMP" "$OUT/" 2>/dev/null
+    cp -f "$METH" "$OUT/" 2>/dev/null
     cp -f results/BENCHMARKS.md results/benchmarks.png "$OUT/" 2>/dev/null
 fi
 stamp "done (main benchmark exit $RC)"

@@ -24,6 +24,9 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tiny", action="store_true", help="tiny random models and a small recipe (seconds on a CPU; not a speed claim)")
     p.add_argument("--matching-only", action="store_true", help="only the feature store and matching benchmarks, on fused maps of the paper's size (1536 x 60 x 60) from random values (no models)")
     p.add_argument("--cpu-preset", action="store_true", help="cost per image on this CPU, full-size models, paper recipe vs PRESETS['cpu'] (batch 1, fp32)")
+    p.add_argument("--methods", action="store_true", help="cost per image of each method on --device, batch 1 "
+                   "(fp32 on CPU, bf16 on CUDA): what --cpu-preset costs (sd-dino paper / cpu preset, dino-diy at "
+                   "840 / 448 px), with the ratio to the paper recipe")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
     p.add_argument("--out", default=None, help="JSON path (default: results/bench-<device>-<date>.json)")
     p.add_argument("--images", type=int, default=None, help="images timed per optimised batch size (default 32 on CUDA, 4 on CPU; --cpu-preset: per recipe, default 2)")

@@ -88,7 +88,8 @@ def new_result(args, device: torch.device) -> Dict:
     return {
         "schema": SCHEMA,
         "created_utc": now(),
-        "mode": "cpu-preset" if args.cpu_preset else ("tiny" if args.tiny else "full"),
+        "mode": "cpu-preset" if args.cpu_preset else ("methods" if getattr(args, "methods", False)
+                                                      else ("tiny" if args.tiny else "full")),
         "speed_claim": not args.tiny,
         "environment": environment(device),
     }
@@ -136,8 +137,8 @@ def run_bench(args) -> dict:
     models = models_for(args, device, quiet)
     result["models"] = models_entry(args.tiny)
     # 3. --cpu-preset: the cost per image of two recipes on this CPU, nothing else
-    if args.cpu_preset:
-        result.update(run_cpu_preset(args, *models, quiet, adapter=tiny_adapter(args, models)))
+    if args.cpu_preset or getattr(args, "methods", False):
+        result.update(run_cpu_preset(args, *models, quiet, adapter=tiny_adapter(args, models), device=device))
         return finish(result, args)
     # 4. the settings and the images
     batches = parse_batches(args.batch)
@@ -187,17 +188,17 @@ CPU_RUNS = {"paper": ("sd-dino", "paper"), "cpu": ("sd-dino", "cpu"), "dino-diy"
 
 
 def cpu_recipe_cost(name: str, models: tuple, images: list, n: int, warmup: int, quiet: bool,
-                    adapter: Optional[str] = None) -> tuple:
-    """One method and recipe (:data:`CPU_RUNS`) on the CPU, batch 1, fp32, from the image
-    to its unit descriptors: ``(its entry, the extractor, the raw features)``."""
+                    adapter: Optional[str] = None, device: torch.device = torch.device("cpu")) -> tuple:
+    """One method and recipe (:data:`CPU_RUNS`) on ``device`` (the CPU: fp32; CUDA: bf16),
+    batch 1, from the image to its unit descriptors: ``(its entry, the extractor, the raw features)``."""
     from fiftyone_sdcorr.core.features.featurizer import Featurizer
 
-    device = torch.device("cpu")
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     method, preset = CPU_RUNS[name]
-    log(f"cpu-preset: {name!r} ({method}, preset {preset}): loading fp32 models", quiet)
+    log(f"cpu-preset: {name!r} ({method}, preset {preset}): loading {dtype} models on {device}", quiet)
     kw = {"preset": preset} if method == "sd-dino" else {"preset": preset, "method": method, "adapter": adapter}
     with Clock(device) as cl:
-        ext = make_extractor(*models, device, torch.float32, 1, kw)
+        ext = make_extractor(*models, device, dtype, 1, kw)
     flops = count_flops(ext.unet.config, ext.vae.config, ext.dino, ext.recipe) if ext.uses_sd else None
     fz = Featurizer(ext)
     for _ in range(warmup):
@@ -260,21 +261,23 @@ def cpu_preset_summary(recipes: dict) -> dict:
     }
 
 
-def run_cpu_preset(args, sd_dir, dino_dir, quiet, adapter: Optional[str] = None) -> dict:
+def run_cpu_preset(args, sd_dir, dino_dir, quiet, adapter: Optional[str] = None,
+                   device: torch.device = torch.device("cpu")) -> dict:
     """Cost per image on this CPU, full-size random models, batch 1, fp32: the paper
     recipe and ``PRESETS["cpu"]``, and ``dino-diy`` at both presets (:data:`CPU_RUNS`;
     ``adapter``: default the shipped one, a tiny one for tiny models); plus matching /
-    store on the paper features."""
-    device = torch.device("cpu")
+    store on the paper features. ``device``: ``--methods`` runs the same on a GPU (bf16)."""
     n = max(1, args.images)
     images = bench_images(max(n, 2))
-    out = {"settings": {"images_per_recipe": n, "batch": 1, "dtype": "float32", "warmup_images": args.warmup,
+    dtype = "float32" if device.type == "cpu" else "bfloat16"
+    out = {"settings": {"images_per_recipe": n, "batch": 1, "dtype": dtype, "warmup_images": args.warmup,
                         "keypoints": args.keypoints, "targets": args.targets}}
     out["matmul"] = {"fp32": matmul_rate(device, torch.float32, 2048, reps=3)}
     recipes = {}
     fused_paper = None
     for name in CPU_RUNS:
-        recipes[name], ext, raws = cpu_recipe_cost(name, (sd_dir, dino_dir), images, n, args.warmup, quiet, adapter)
+        recipes[name], ext, raws = cpu_recipe_cost(name, (sd_dir, dino_dir), images, n, args.warmup, quiet, adapter,
+                                                   device)
         if name == "paper":
             if len(raws) < 2:
                 with Clock(device):
