@@ -28,6 +28,12 @@ class PanelDriver:
     def call(self, method, **params):
         return self.send({"__method__": method, "panel_id": self.panel_id, "panel_state": self.state, **params})
 
+    def choose(self, key, value):
+        """A user's choice in the dropdown ``key``, as the App sends it: the control shows the
+        value in the panel state first, then its change event goes with that state."""
+        self.state.setdefault("controls", {})[key] = value
+        return self.call(f"on_change_{key}", path=f"controls.{key}", value=value)
+
     def send(self, params):
         """Sends an event with exactly these params (the App's request); keeps them in
         ``last_params``; ``requests`` are the App messages of the answer."""

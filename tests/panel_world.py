@@ -179,6 +179,7 @@ def build_objects_dataset(name, folder, persistent=False):
     from test_objects import desc, write_coco
 
     folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
     write_coco(folder)
     ds = fo.Dataset.from_dir(data_path=str(folder / "data"), labels_path=str(folder / "labels.json"),
                              dataset_type=fo.types.COCODetectionDataset, label_types=["detections"],

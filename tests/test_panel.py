@@ -597,7 +597,8 @@ def test_choices_in_quick_succession_the_last_one_wins(demo_copy):
               ("on_change_show", "controls.show", "both")]
     if other is not None:
         events.insert(0, ("on_change_reference", "controls.reference", other["id"]))
-    for method, path, value in events:
+    for method, path, value in events:  # the App shows each choice in its control before it sends it
+        sent["controls"][path.split(".", 1)[1]] = value
         d.send(stale_event(copy.deepcopy(sent), method, path, value))
     assert d.traces("current|parts") and d.traces("current|gt") and d.traces("current|keypoints")
     if other is not None:

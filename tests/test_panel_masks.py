@@ -42,6 +42,7 @@ def test_mask_only_dataset_opens_with_masks_over_both_sides(masks):
     assert (d.state["mask_field"], d.state["pred_mask_field"]) == ("gt_masks", "pred_masks")
     props = d.properties()
     assert "ref_field" not in props and {"mask_field", "pred_mask_field", "reference"} <= set(props)
+    assert not {"show", "error_lines"} & set(props)  # no keypoint options without keypoints
     (ref_mask,) = d.traces("reference|mask")
     (cur_mask,) = d.traces("current|mask")
     assert image_size(ref_mask) == image_size(d.traces("reference|photo")[0])
@@ -49,10 +50,10 @@ def test_mask_only_dataset_opens_with_masks_over_both_sides(masks):
     assert "No annotated reference" not in d.status() and "gt_masks" in d.status()
     assert "propagate_masks" in props and "propagate" not in props
     # the dense view, on the stored features
-    d.call("on_change_view_mode", path="controls.view_mode", value="dense")
+    d.choose("view_mode", "dense")
     assert d.traces("current|dense") and d.traces("reference|dense")
     # the mask selectors drive the overlays
-    d.call("on_change_pred_mask_field", path="controls.pred_mask_field", value=panels.NONE)
+    d.choose("pred_mask_field", panels.NONE)
     assert not d.traces("current|mask") and d.traces("reference|mask")
     # "Propagate masks from this reference": the form pre-filled with it, a new field
     d.call("on_propagate_masks")
@@ -86,10 +87,10 @@ def test_objects_only_dataset_opens_on_objects_and_offers_swap(objects):
     # the reference object switch draws the other crop
     other = refs[-1]
     before = d.traces("reference|photo")[0]["source"]
-    d.call("on_change_reference", path="controls.reference", value=other["object"])
+    d.choose("reference", other["object"])  # as the App sends it: the control already shows it
     assert d.state["reference_object"] == other["object"]
     assert d.traces("reference|photo")[0]["source"] != before
     titles = [a["text"] for a in d.figure["layout"]["annotations"]]
     assert titles[1].endswith(other["label"].split(" · ")[1]), (titles, other["label"])
-    d.call("on_change_view_mode", path="controls.view_mode", value="warp")
+    d.choose("view_mode", "warp")
     assert d.traces("current|warp")

@@ -430,8 +430,9 @@ class MatchPanel(foo.Panel):
         key, value, state = method[len("on_change_"):], ctx.params.get("value"), ctx.panel.state
         if key in FIELD_SELECTORS or key in MASK_SELECTORS:
             return value not in (None, "") and (None if value == NONE else value) == state.get(key)
-        if key == "reference":
-            return value is not None and value == state.get("controls.reference")
+        if key == "reference":  # the App shows the choice in controls.reference before it sends it
+            shown = state.reference_object or state.reference_id
+            return value is not None and value == shown
         if key == "object":
             return value is not None and value == state.object_id
         if key == "instance":
@@ -805,19 +806,22 @@ class MatchPanel(foo.Panel):
             view_choices.add_choice(k, label=v)
         row.enum("view_mode", list(VIEW_MODES), default=opts["view_mode"],
                  view=view_choices, on_change=self.on_change_view_mode)
+        keypoints = bool(ctx.panel.state.ref_field)  # without keypoints: no keypoint options
         show_choices = types.DropdownView(label="Keypoints", componentsProps=ITEM)
         for k, v in SHOW_MODES.items():
             show_choices.add_choice(k, label=v)
-        row.enum("show", list(SHOW_MODES), default=opts["show"],
-                 view=show_choices, on_change=self.on_change_show)
+        if keypoints:
+            row.enum("show", list(SHOW_MODES), default=opts["show"],
+                     view=show_choices, on_change=self.on_change_show)
         if opts["view_mode"] == "parts":
             parts = types.DropdownView(label="Parts", componentsProps=ITEM)
             for k in PART_CHOICES:
                 parts.add_choice(k, label=str(k))
             row.enum("n_parts", list(PART_CHOICES), default=opts["n_parts"],
                      view=parts, on_change=self.on_change_n_parts)
-        row.bool("error_lines", default=opts["error_lines"], label="Error lines",
-                 view=types.SwitchView(componentsProps=SMALL_ITEM), on_change=self.on_change_error_lines)
+        if keypoints:
+            row.bool("error_lines", default=opts["error_lines"], label="Error lines",
+                     view=types.SwitchView(componentsProps=SMALL_ITEM), on_change=self.on_change_error_lines)
         row.bool("heatmap", default=opts["heatmap"], label="Heat map",
                  view=types.SwitchView(componentsProps=SMALL_ITEM), on_change=self.on_change_heatmap)
 
