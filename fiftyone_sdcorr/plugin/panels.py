@@ -25,6 +25,9 @@ Everything is one plotly figure in one coordinate system:
   of the current side by the colour of its match, opacity = confidence), and *Reference
   warped* (the reference photo or crop carried onto the current side; *Photos* shows the
   current photo as it is);
+- masks (:mod:`fiftyone_sdcorr.plugin.panel_masks`): the *Reference masks* and *Predicted
+  masks* fields drawn over the two sides; without keypoints the panel still opens, the
+  reference chosen by similarity among the samples with masks (or every other sample);
 - actions: propagate from this reference (prompts ``propagate_keypoints``), accept /
   reject a predicted point or instance (label attribute ``sdcorr_verdict``, per-point list
   ``sdcorr_point_verdicts`` and label tags ``sdcorr:accepted`` / ``sdcorr:rejected``, all
