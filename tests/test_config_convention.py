@@ -84,7 +84,7 @@ def _points(ds, field):
 def test_features_as_a_dict_or_a_config_equals_the_flat_keywords(pair):
     ds, d = pair, LocalDescriptor(size=448, stride=14)
     ref = [ds.first().id]
-    kw = dict(visibility_threshold=0.0, progress=False)
+    kw = dict(visibility_threshold=0.0, include_references=True, progress=False)
     sdc.propagate_keypoints(ds, ref, "gt", "flat", extractor=d, **kw)
     sdc.propagate_keypoints(ds, ref, "gt", "as_dict", features={"extractor": d}, **kw)
     sdc.propagate_keypoints(ds, ref, "gt", "as_config", features=FeatureConfig.build(extractor=d), **kw)

@@ -133,7 +133,7 @@ def test_objects_from_coco_propagate_evaluate_review_export(coco, tmp_path):
     ranked = ds.to_patches("detections").sort_by_similarity(full[0], brain_key="sdcorr_objects", k=6)
     assert set(ranked.values("detections.id")[:6]) == set(full)  # the six full-size copies, decoys after
     got = sc.propagate_keypoints(ds, "ref", "keypoints", "pred", patches_field="detections", flip=True,
-                                 extractor=desc(), progress=False)
+                                 extractor=desc(), include_references=True, progress=False)
     assert got["targets"] == got["predicted"] == 9 and not got["failed"], got.text()
     assert got["reference_objects"] == 2  # the reference's decoy and its copy, linked by geometry
     assert sorted(map(tuple, got["flip_pairs"])) == [(1, 2), (3, 4)]  # from the COCO names
@@ -197,7 +197,8 @@ def test_patches_view_runs_write_on_the_source_detections(coco, tmp_path):
                                       progress=False)
     assert again["skipped"] == 9 and again["computed"] == 0  # the same units, resumed
     before = ds.values("detections.detections.bounding_box")
-    got = sc.propagate_keypoints(patches, "ref", "keypoints", "pred", link_instances=True, progress=False)
+    got = sc.propagate_keypoints(patches, "ref", "keypoints", "pred", link_instances=True, include_references=True,
+                                 progress=False)
     assert got["predicted"] == 9, got.text()
     assert all(i is not None for i in ds.values("detections.detections.instance", unwind=True))
     assert ds.values("detections.detections.bounding_box") == before  # only an instance was added
@@ -225,7 +226,7 @@ def test_operators_on_a_patches_view(coco, tmp_path):
     assert all(p is not None for p in ds.values("detections.detections.sdcorr_features", unwind=True))
     res = foo.execute_operator("@sdcorr/sdcorr/propagate_keypoints", ctx={"dataset": ds, "view": patches, "params": {
         "source_field": "keypoints", "output_field": "pred", "references": "tag", "reference_tag": "ref",
-        "patches_field": "detections"}})
+        "patches_field": "detections", "include_references": True}})
     res.raise_exceptions()
     ds.reload()
     assert [len(k.keypoints) for k in ds.values("pred")] == [2, 3, 4]

@@ -137,9 +137,12 @@ def test_identity_recovers_every_point_within_half_a_token(photo_paths, soft):
                                               fo.Keypoint(label="obj", points=pts[:3])])
             s.save()
             refs.append(s.id)
+        # references are not targets unless asked: skipped and counted, nothing written
+        skipped = propagate_keypoints(ds, refs, "gt", "none", extractor=desc(), progress=False)
+        assert (skipped["targets"], skipped["references_skipped"], ds.count("none")) == (0, 2, 0)
         summary = propagate_keypoints(ds, refs, "gt", "pred", extractor=desc(), soft_argmax=soft,
-                                      visibility_threshold=0.0, progress=False)
-        assert summary["predicted"] == 2 and summary["failed"] == 0
+                                      include_references=True, visibility_threshold=0.0, progress=False)
+        assert summary["predicted"] == 2 and summary["failed"] == 0 and summary["references_skipped"] == 0
         for s in ds:
             w, h = Image.open(s.filepath).size
             half = 0.5 * _token_px(w, h)
@@ -257,6 +260,7 @@ def test_visibility_threshold_nan_points(variants):
     ds = _dataset([variants["orig"][0], variants["flip"][0]], ref_points=CAT_POINTS)
     try:
         propagate_keypoints(ds, [ds.first().id], "gt", "pred", extractor=desc(), visibility_threshold=0.9,
+                            include_references=True,
                             progress=False)
         for s in ds:
             kp = s.pred.keypoints[0]
@@ -289,7 +293,7 @@ def test_uses_stored_features(variants, tmp_path):
             s["sdcorr_features"] = str(store.save(s.id, d.describe([s.filepath])[0]))
             s.save()
         summary = propagate_keypoints(ds, [ds.first().id], "gt", "pred", extractor=_NoCompute(),
-                                      visibility_threshold=0.0, progress=False)
+                                      visibility_threshold=0.0, include_references=True, progress=False)
         assert summary["predicted"] == 2, summary
         w, h = Image.open(variants["crop"][0]).size
         want = [variants["crop"][1](p) for p in CAT_POINTS]
@@ -310,7 +314,7 @@ def test_propagation_on_cuda_equals_cpu(variants, tmp_path):
             s["sdcorr_features"] = str(store.save(s.id, d.describe([s.filepath])[0], dtype=torch.float32))
             s.save()
         ref = [ds.first().id]
-        kw = dict(extractor=_NoCompute(), visibility_threshold=0.0, flip=False, progress=False)
+        kw = dict(extractor=_NoCompute(), visibility_threshold=0.0, flip=False, include_references=True, progress=False)
         assert propagate_keypoints(ds, ref, "gt", "on_cpu", device="cpu", **kw)["predicted"] == 3
         assert propagate_keypoints(ds, ref, "gt", "on_gpu", device="cuda", **kw)["predicted"] == 3
         a = np.array(ds.values("on_cpu.keypoints.points"), dtype=float)
@@ -344,7 +348,7 @@ def test_bad_samples_recorded_rest_completes(variants, tmp_path):
     try:
         refs = [s[0].id, s[1].id, s[2].id, s[5].id]
         summary = propagate_keypoints(ds, refs, "gt", "pred", extractor=desc(), visibility_threshold=0.0,
-                                      progress=False)
+                                      include_references=True, progress=False)
         assert summary["predicted"] == 3 and summary["failed"] == 3, summary
         assert summary["references_used"] == [s[0].id]
         assert sorted(summary["references_left_out"]) == sorted([s[1].id, s[2].id, s[5].id])
@@ -416,7 +420,7 @@ def test_operator_immediate_and_delegated(variants, models):
     ds = _dataset([variants["orig"][0], variants["crop"][0], variants["small"][0]], ref_points=CAT_POINTS)
     try:
         before = field_snapshot(ds)
-        params = dict(sd_model=sd, dino_model=dino, device="cpu", recipe=TINY_RECIPE, source_field="gt",
+        params = dict(sd_model=sd, dino_model=dino, device="cpu", recipe=TINY_RECIPE, source_field="gt", include_references=True,
                       output_field="op_pred", references="selected", visibility_threshold=0.0, batch_size=2)
         res = foo.execute_operator(URI, ctx={"dataset": ds, "view": ds.view(), "params": params,
                                              "selected": [ds.first().id]})
@@ -433,7 +437,7 @@ def test_operator_immediate_and_delegated(variants, models):
         # delegated, through the programmatic __call__ (references by id, a second field)
         op = foo.get_operator(URI)
         res = op(ds, "gt", "op_pred2", references=[ds.first().id], sd_model=sd, dino_model=dino,
-                 device="cpu", recipe=TINY_RECIPE, combine="per_point", delegate=True)
+                 device="cpu", recipe=TINY_RECIPE, combine="per_point", include_references=True, delegate=True)
         res.raise_exceptions()
         assert res.delegated
         svc = DelegatedOperationService()
@@ -490,9 +494,9 @@ def test_stored_and_computed_features_mix(variants, models, tmp_path, caplog):
         # the same settings given explicitly, or none (the recorded ones): the same answer
         summary = propagate_keypoints(ds, [ref.id], "gt", "pred", sd_model=sd, dino_model=dino, device="cpu",
                                       recipe=dict(sd_size=128, sd_mode="whole", dino_size=56), pca_dim=8,
-                                      visibility_threshold=0.0, progress=False)
+                                      visibility_threshold=0.0, include_references=True, progress=False)
         again = propagate_keypoints(ds, [ref.id], "gt", "pred2", device="cpu", visibility_threshold=0.0,
-                                    progress=False)
+                                    include_references=True, progress=False)
         assert again["predicted"] == 3
         assert ds.values("pred2.keypoints.points") == ds.values("pred.keypoints.points")
         assert summary["predicted"] == 3 and summary["failed"] == 0, summary["errors"]

@@ -513,12 +513,15 @@ class PropagationConfig(Buildable):
     patches_field: Optional[str] = None
     #: objects: add a new fo.Instance to target detections that have none
     link_instances: bool = False
+    #: also predict onto the references themselves (default: they are skipped and counted)
+    include_references: bool = False
 
     def __post_init__(self):
         check_field_name("source_field", self.source_field)
         check_field_name("output_field", self.output_field)
         _in_range("visibility_threshold", self.visibility_threshold)
         check_bool("link_instances", self.link_instances)
+        check_bool("include_references", self.include_references)
         _check_matching_run(self)
 
     @property
@@ -620,6 +623,8 @@ class MaskPropagationConfig(Buildable):
     same_label: bool = True
     batch_size: int = 8
     overwrite: bool = False
+    #: also propagate onto the references themselves (default: they are skipped and counted)
+    include_references: bool = False
     patches_field: Optional[str] = None
 
     def __post_init__(self):
@@ -632,6 +637,7 @@ class MaskPropagationConfig(Buildable):
         object.__setattr__(self, "mask_dir", _folder("mask_dir", self.mask_dir))
         check_choice("target_region", self.target_region, MASK_REGIONS)
         check_bool("flip", self.flip)
+        check_bool("include_references", self.include_references)
         check_bool("same_label", self.same_label)
         _check_matching_run(self)
 

@@ -608,10 +608,14 @@ def _object_references(sid, kps, objects, metadata, margin, embs, problems, patc
     return out
 
 
-def without_references(rows, references: Sequence[Reference], summary) -> list:
+def without_references(rows, references: Sequence[Reference], summary, include: bool = False) -> list:
     """The target rows ``[(unit, ...)]`` that are not references themselves (a reference
-    image, or a reference object): a reference is never predicted onto itself; how many
-    were left out goes into ``summary["references_skipped"]``."""
+    image, or a reference object): a reference is not predicted onto itself unless
+    ``include`` (``include_references=True``); how many were left out goes into
+    ``summary["references_skipped"]``."""
+    if include:
+        summary["references_skipped"] = 0
+        return list(rows)
     ids = {r.id for r in references}
     keep = [row for row in rows if row[0].id not in ids]
     summary["references_skipped"] = len(rows) - len(keep)

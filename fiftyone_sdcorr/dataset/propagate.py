@@ -74,6 +74,7 @@ def propagate_keypoints(
     visibility_threshold: Optional[float] = None,
     patches_field: Optional[str] = None,
     link_instances: Optional[bool] = None,
+    include_references: Optional[bool] = None,
     overwrite: Optional[bool] = None,
     progress: ProgressArg = None,
 ) -> RunSummary:
@@ -108,6 +109,8 @@ def propagate_keypoints(
             ``top_k`` most similar); ``same_label`` (objects).
         visibility_threshold: points with confidence below it become ``[nan, nan]``.
         patches_field, link_instances: per object (module docstring).
+        include_references: also predict onto the references (default: they are skipped,
+            counted in ``references_skipped``).
         overwrite: allow writing to an existing ``output_field``.
         progress: True/False/None (a progress bar; None: FiftyOne's setting) or
             ``callable(fraction, label)``.
@@ -124,7 +127,7 @@ def propagate_keypoints(
         embedding_field=given.get("embedding_field"), visibility_threshold=visibility_threshold,
         batch_size=given.get("batch_size"), overwrite=overwrite, match=match,
         patches_field=patches_field_of(targets, patches_field) if hasattr(targets, "_root_dataset") else patches_field,
-        link_instances=link_instances)
+        link_instances=link_instances, include_references=include_references)
     ref_view = check_propagation(targets, references, cfg)
     source = feature_source(targets, cfg, given)
     checks_done()
@@ -142,7 +145,7 @@ def _propagate(targets, ref_view, source_field: str, cfg: PropagationConfig, sou
     engine, source, problems = prepare_matching(targets, ref_view, source_field, cfg, source, summary, stored)
     # 3. predict batch by batch (a sample's objects in one batch), write in bulk, record problems per sample
     rows = without_references(list(zip(units.link_instances() if cfg.link_instances else units.units(), stored,
-                                       embs)), engine.references, summary)
+                                       embs)), engine.references, summary, cfg.include_references)
     summary["targets"], summary["seconds_matching"] = len(rows), 0.0
     with Run(targets, summary, len(rows), progress, "propagating", cfg.error_field) as run:
         declare_outputs(targets, _outputs(cfg))

@@ -111,6 +111,7 @@ def propagate_masks(
     flip: Optional[bool] = None,
     same_label: Optional[bool] = None,
     overwrite: Optional[bool] = None,
+    include_references: Optional[bool] = None,
     features=None,
     progress: ProgressArg = None,
 ) -> RunSummary:
@@ -138,6 +139,8 @@ def propagate_masks(
         flip: also match the mirrored reference; the better mean similarity wins.
         same_label: objects: only reference objects of the target's label.
         overwrite: allow writing to existing output fields.
+        include_references: also propagate onto the references (default: they are skipped,
+            counted in ``references_skipped``).
         features: the stored dense features and global vectors (``features_field``,
             ``embedding_field``) and how missing ones are computed, as in
             :func:`fiftyone_sdcorr.propagate_keypoints` (each setting may also be given as
@@ -156,6 +159,7 @@ def propagate_masks(
         embedding_field=given.get("embedding_field"), resolution=resolution, min_confidence=min_confidence,
         confidence_field=confidence_field, max_side=max_side, mask_dir=mask_dir, target_region=target_region,
         flip=flip, same_label=same_label, batch_size=given.get("batch_size"), overwrite=overwrite,
+        include_references=include_references,
         patches_field=patches_field_of(targets, patches_field) if hasattr(targets, "_root_dataset") else patches_field)
     ref_view = check_mask_propagation(targets, references, cfg)
     source = feature_source(targets, cfg, given)
@@ -220,7 +224,7 @@ def _propagate(targets, ref_view, cfg: MaskPropagationConfig, source, folder: Pa
     engine = Propagator(refs.refs, cfg.match)
     files = MaskFiles(folder, summary)
     # 3. match batch by batch (a sample's objects in one batch), write in bulk, record problems per sample
-    rows = without_references(list(zip(units.units(), stored, embs)), refs.refs, summary)
+    rows = without_references(list(zip(units.units(), stored, embs)), refs.refs, summary, cfg.include_references)
     summary["targets"] = len(rows)
     created = [f for _, (f, _) in _outputs(cfg).items() if not targets._root_dataset.has_sample_field(f)]
     written = False
