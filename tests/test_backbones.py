@@ -150,7 +150,7 @@ def _unet_inputs(fx, run):
 def test_replacement_unet_directory_without_noise(dirs):
     fx = FeatureExtractor(dirs["sd"], dirs["dino"], device="cpu", unet_model=dirs["unet_dir"], noise=False,
                           sd_mode="whole", **SMALL)
-    assert fx.recipe.noise is False and fx.recipe.timestep == 0
+    assert fx.recipe.noise is False and fx.recipe.timestep == 261  # CleanDIFT's own timestep
     assert fx.config()["unet_model"] == dirs["unet_dir"] and fx.config()["noise"] is False
     # the weights are the replacement's, not the base checkpoint's
     base = FeatureExtractor(dirs["sd"], dirs["dino"], device="cpu", sd_mode="whole", **SMALL)
@@ -162,10 +162,10 @@ def test_replacement_unet_directory_without_noise(dirs):
     pixels = fx._sd_input(img)[0][None]
     emb = fx._prompt_embedding("")
     seen, taps = _unet_inputs(fx, lambda: fx.unet_taps(pixels, emb))
-    lat, manual = _manual_taps(fx, pixels, emb, 0, lambda lat: lat)
+    lat, manual = _manual_taps(fx, pixels, emb, 261, lambda lat: lat)
     (x, t), = seen
     assert torch.equal(x, lat)  # the clean latent, no noise added
-    assert t.tolist() == [0]
+    assert t.tolist() == [261]
     for tap in fx.recipe.taps:
         torch.testing.assert_close(taps[tap], manual[tap])
     (raw,) = fx.extract([img])
@@ -179,7 +179,7 @@ def test_replacement_unet_state_dict_file_tiled(dirs):
     assert all(torch.equal(v, sd[k]) for k, v in fx.unet.state_dict().items())
     seen, raws = _unet_inputs(fx, lambda: fx.extract([_image()]))
     assert len(seen) == 1 and seen[0][0].shape[0] == 4  # the 2x2 tiles in one pass
-    assert seen[0][1].tolist() == [0] * 4
+    assert seen[0][1].tolist() == [261] * 4
     assert tuple(raws[0].sd["s3"].shape[-2:]) == (12, 12)
 
 
@@ -204,7 +204,7 @@ def test_noise_on_is_the_paper_recipe(dirs):
 def test_defaults_unchanged():
     r = Recipe()
     assert r.noise is True and "noise" not in r.to_dict()  # settings / fingerprints as before
-    assert Recipe.build(noise=False).timestep == 0
+    assert Recipe.build(noise=False).timestep == 261
     assert Recipe.build(noise=False, timestep=50).timestep == 50
     assert Recipe.build(noise=False).to_dict()["noise"] is False
     with pytest.raises(ValueError, match="noise"):

@@ -490,4 +490,4 @@ def test_cli_model_path_with_a_replacement_unet_without_noise(bench_root, tiny, 
     res = json.loads(out.read_text())
     _well_formed(res)
     method = res["method"]
-    assert method["unet_model"] == str(unet) and method["noise"] is False and method["timestep"] == 0, method
+    assert method["unet_model"] == str(unet) and method["noise"] is False and method["timestep"] == 261, method

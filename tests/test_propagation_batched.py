@@ -186,7 +186,8 @@ def test_propagation_batches_change_nothing_and_broken_stored_features_fail_alon
         s.save()
     refs = ds.exists("gt").values("id")
     try:
-        kw = dict(features_field="feats", embedding_field=None, visibility_threshold=0.0, progress=False)
+        kw = dict(features_field="feats", embedding_field=None, visibility_threshold=0.0, include_references=True,
+                  progress=False)
         one = propagate_keypoints(ds, refs, "gt", "p1", batch_size=1, **kw)
         many = propagate_keypoints(ds, refs, "gt", "p8", batch_size=8, combine="per_point", top_k=2, **kw)
         per_point = propagate_keypoints(ds, refs, "gt", "p8b", batch_size=1, combine="per_point", top_k=2, **kw)

@@ -325,21 +325,6 @@ FEATURE_PARAMS = ("method", "adapter", "extractor", "sd_model", "dino_model", "p
                   "device", "dtype", "batch_size", "store_dir")
 
 
-def _features_dict(features, allowed: Tuple[str, ...]) -> Dict[str, Any]:
-    """``features=`` (None, a :class:`FeatureConfig` or a dict of its build keywords) as a dict."""
-    if features is None:
-        return {}
-    if isinstance(features, FeatureConfig):
-        return {k: getattr(features, k) for k in allowed if k in FeatureConfig.__dataclass_fields__}
-    if not isinstance(features, dict):
-        raise ParameterError("parameter 'features' must be a FeatureConfig or a dict of its settings, got "
-                             f"{type(features).__name__}")
-    unknown = sorted(set(features) - set(allowed))
-    if unknown:
-        raise ParameterError(f"parameter 'features': unknown setting(s) {unknown}; allowed: {list(allowed)}")
-    return dict(features)
-
-
 def _same(a, b) -> bool:
     if a is b:
         return True
@@ -350,18 +335,13 @@ def _same(a, b) -> bool:
 
 
 def merge_features(features, flat: Dict[str, Any], allowed: Tuple[str, ...] = FEATURE_PARAMS) -> Dict[str, Any]:
-    """The feature settings of a call: ``features=`` merged with the flat keywords ``flat``
-    (``None`` = not given). A setting given both ways with different values is a
-    ParameterError naming it."""
-    out = dict(flat)
-    for key, value in _features_dict(features, allowed).items():
-        if value is None:
-            continue
-        if out.get(key) is not None and not _same(out[key], value):
-            raise ParameterError(f"parameter {key!r} is given twice with different values: {out[key]!r} and "
-                                 f"{value!r} in 'features'; give it once")
-        out[key] = value
-    return out
+    """The feature settings of a call: ``features=`` (None, a :class:`FeatureConfig` or a
+    dict of its build keywords) merged with the flat keywords ``flat`` (``None`` = not
+    given). A setting given both ways with different values is a ParameterError naming it."""
+    if features is not None and not isinstance(features, (dict, FeatureConfig)):
+        raise ParameterError("parameter 'features' must be a FeatureConfig or a dict of its settings, got "
+                             f"{type(features).__name__}")
+    return _merge_group("features", features, flat, allowed)
 
 
 #: the fields features are read from (every function that reads stored features takes them in ``features=``)
