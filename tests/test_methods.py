@@ -235,3 +235,21 @@ def test_public_dataset_functions_take_their_settings_in_groups():
     with pytest.raises(ParameterError, match="'match': unknown setting"):
         shim(flip=True, match={"flipp": False})
     assert set(MATCH_PARAMS) >= {"flip", "soft_argmax", "soft_window", "top_k", "combine", "same_label"}
+
+
+def test_missing_features_of_a_dino_diy_store_are_computed_with_its_own_adapter(models, photo_paths, tmp_path):
+    """Features a run must compute (a mirrored reference for flip alignment) use the adapter
+    the stored ones were computed with (its path is recorded beside its digest)."""
+    _, dino, adapter = models
+    ds = _dataset(photo_paths)
+    try:
+        sdc.compute_fused_features(ds, features=dict(method="dino-diy", adapter=adapter, dino_model=dino,
+                                                     preset="cpu", device="cpu", store_dir=str(tmp_path)),
+                                   progress=False)
+        ref = ds.first()
+        ref["gt"] = fo.Keypoints(keypoints=[fo.Keypoint(label="cat", points=[(0.3, 0.4), (0.6, 0.5)])])
+        ref.save()
+        got = sdc.propagate_keypoints(ds, [ref.id], "gt", "pred", flip=True, progress=False)
+        assert got["predicted"] == 1 and not [w for w in got["warnings"] if "unavailable" in w], got.text()
+    finally:
+        ds.delete()

@@ -272,7 +272,7 @@ class FeatureJob:
         self.record.write([cfg.embedding_field, cfg.features_field, cfg.error_field], run={
             "preset": cfg.preset, "device": cfg.device, "dtype": cfg.dtype, "batch_size": cfg.batch_size,
             "store_dir": self.store_dir, "store_dtype": cfg.store_dtype, "features_field": cfg.features_field,
-            "embedding_field": cfg.embedding_field})
+            "embedding_field": cfg.embedding_field, "adapter": cfg.adapter})
         declare_outputs(self.samples, self.outputs, self.units)
         if self.summary["skipped"]:
             run.step(self.summary["skipped"], f"{self.summary['skipped']} already done")

@@ -20,6 +20,7 @@ and the projection that produced them, :mod:`.compute_features`):
 from __future__ import annotations
 
 import logging
+import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
@@ -86,6 +87,23 @@ def _check_same_method(features_field: str, recorded: dict, cfg: FeatureConfig) 
             "features_field")
 
 
+def _recorded_config(features_field: str, record: dict, run_kw: dict) -> FeatureConfig:
+    """The configuration that computed the stored features, to compute missing ones alike:
+    the recorded settings, and the adapter file the run used (its path is recorded beside
+    the settings, its digest in them). A configuration that no longer gives the recorded
+    fingerprint (the adapter file changed or is gone) is refused naming the adapter."""
+    settings = record.get("settings") or {}
+    adapter = (record.get("run") or {}).get("adapter")
+    adapter = adapter if adapter and os.path.isfile(adapter) else None
+    cfg = FeatureConfig.from_settings(settings, adapter=adapter, **{k: v for k, v in run_kw.items() if k != "objects"})
+    if cfg.adapter is None and settings.get("adapter") and cfg.fingerprint() != record.get("fingerprint"):
+        raise ParameterError(
+            f"parameter 'adapter': the features in {features_field!r} were computed with adapter "
+            f"{settings.get('adapter')!r} ({(record.get('run') or {}).get('adapter') or 'the shipped one'}), which is "
+            "not there any more; give that adapter file as adapter= to compute missing features")
+    return cfg
+
+
 class FeatureSource:
     """Features by sample id; see the module docstring."""
 
@@ -116,7 +134,7 @@ class FeatureSource:
                     "to use the stored ones, or compute features with these settings into another "
                     "features_field")
             if self.cfg is None and settings.get("extractor") in ("sd+dinov2", "dinov2+adapter"):
-                self.cfg = FeatureConfig.from_settings(settings, **{k: v for k, v in run_kw.items() if k != "objects"})
+                self.cfg = _recorded_config(features_field, record, run_kw)
             self.margin = float(settings.get("context_margin", checked.recipe.context_margin))
         elif self.cfg is None:
             _check_not_a_typo(samples, features_field, units)
