@@ -191,8 +191,8 @@ def test_output_folders_under_a_file_or_unwritable_are_refused_before_anything_i
     with pytest.raises(ParameterError, match="'output_dir'.*cannot write"):
         sc.write_dense_views(ds, ref, "dense", output_dir=str(locked), resolution=16, progress=False)
     assert ds.get_field_schema() == schema
-    # through the operator: a ParameterError naming the parameter, not a raw NotADirectoryError
-    with pytest.raises(Exception, match="'mask_dir'"):
+    # through the operator: an error naming the input (its path and its form label), not a raw NotADirectoryError
+    with pytest.raises(Exception, match=r"Path: mask_dir\. Reason: \*Mask folder.*a-file"):
         foo.execute_operator(PREFIX + "propagate_masks", ctx={"dataset": ds, "view": ds.view(), "params": dict(
             source_field="gt", output_field="op_pred", references="tag", reference_tag="ref", resolution=32,
             mask_dir=str(tmp / "a-file" / "m"))}).raise_exceptions()
