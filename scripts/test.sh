@@ -22,6 +22,38 @@ if [ ! -x "$PY" ]; then
     exit 2
 fi
 
+# Two lanes at once: with no selection of tests (no -m, -k, file or node id; flags such as
+# -ra, -q, -x are fine), the browser tests (Chromium, the App server: mostly waiting) and the
+# rest (mostly CPU) run as two pytest processes side by side, each in its own throw-away
+# world (database, plugins dir, App server), one torch thread each. Their outputs follow
+# one another, then one closing line for both. SDCORR_TEST_LANES=1 runs one process.
+selected=0
+for a in "$@"; do
+    case "$a" in -m|-k|tests*|*.py|*::*) selected=1 ;; esac
+done
+if [ "${SDCORR_TEST_LANE:-}" = "" ] && [ "$selected" = "0" ] && [ "${SDCORR_TEST_LANES:-2}" = "2" ]; then
+    LOGS="$(mktemp -d "${TMPDIR:-/tmp}/sdcorr-lanes.XXXXXX")"
+    SDCORR_TEST_LANE=browser OMP_NUM_THREADS=1 bash "$0" "$@" -m browser > "$LOGS/browser.log" 2>&1 &
+    PB=$!
+    SDCORR_TEST_LANE=rest OMP_NUM_THREADS=1 bash "$0" "$@" -m "not browser" > "$LOGS/rest.log" 2>&1 &
+    PR=$!
+    wait "$PR"; RR=$?
+    wait "$PB"; RB=$?
+    for lane in rest browser; do
+        echo "================================ lane: $lane ================================"
+        cat "$LOGS/$lane.log"
+    done
+    count() { grep -E "^=+ .*(passed|failed|error).* in [0-9.]+s" "$LOGS/$1.log" | tail -1 \
+              | grep -oE "[0-9]+ $2" | grep -oE "^[0-9]+" || echo 0; }
+    P=$(( $(count rest passed) + $(count browser passed) ))
+    F=$(( $(count rest failed) + $(count browser failed) + $(count rest error) + $(count browser error) ))
+    S=$(( $(count rest skipped) + $(count browser skipped) ))
+    rm -rf "$LOGS"
+    echo "total: $P passed, $F failed, $S skipped"
+    [ "$RR" = "0" ] && [ "$RB" = "0" ] && exit 0
+    exit 1
+fi
+
 SDCORR_TMP="$(mktemp -d "${TMPDIR:-/tmp}/sdcorr-test.XXXXXX")"
 mkdir -p "$SDCORR_TMP/db" "$SDCORR_TMP/plugins"
 ln -s "$REPO" "$SDCORR_TMP/plugins/sdcorr"
