@@ -23,8 +23,8 @@ if [ ! -x "$PY" ]; then
 fi
 
 # Two lanes at once: with no selection of tests (no -m, -k, file or node id; flags such as
-# -ra, -q, -x are fine), the browser tests (Chromium, the App server: mostly waiting) and the
-# rest (mostly CPU) run as two pytest processes side by side, each in its own throw-away
+# -ra, -q, -x are fine), the browser tests (Chromium, the App server: mostly waiting) with
+# the bad-files tests, and the rest (mostly CPU) run as two pytest processes side by side, each in its own throw-away
 # world (database, plugins dir, App server), one torch thread each. Their outputs follow
 # one another, then one closing line for both. SDCORR_TEST_LANES=1 runs one process.
 selected=0
@@ -33,9 +33,11 @@ for a in "$@"; do
 done
 if [ "${SDCORR_TEST_LANE:-}" = "" ] && [ "$selected" = "0" ] && [ "${SDCORR_TEST_LANES:-2}" = "2" ]; then
     LOGS="$(mktemp -d "${TMPDIR:-/tmp}/sdcorr-lanes.XXXXXX")"
-    SDCORR_TEST_LANE=browser OMP_NUM_THREADS=1 bash "$0" "$@" -m browser > "$LOGS/browser.log" 2>&1 &
+    # the browser files and, to even the lanes out, the bad-files tests (subprocess-heavy)
+    LANE_A=(tests/test_browser.py tests/test_browser_masks.py tests/test_browser_operators.py tests/test_bad_files.py)
+    SDCORR_TEST_LANE=browser OMP_NUM_THREADS=1 bash "$0" "$@" "${LANE_A[@]}" > "$LOGS/browser.log" 2>&1 &
     PB=$!
-    SDCORR_TEST_LANE=rest OMP_NUM_THREADS=1 bash "$0" "$@" -m "not browser" > "$LOGS/rest.log" 2>&1 &
+    SDCORR_TEST_LANE=rest OMP_NUM_THREADS=1 bash "$0" "$@" tests "${LANE_A[@]/#/--ignore=}" > "$LOGS/rest.log" 2>&1 &
     PR=$!
     wait "$PR"; RR=$?
     wait "$PB"; RB=$?
