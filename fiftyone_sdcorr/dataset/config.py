@@ -28,7 +28,8 @@ import torch
 from fiftyone_sdcorr.core.matching.correspondence import DEFAULT_TEMPERATURE
 from fiftyone_sdcorr.core.matching.dense import DEFAULT_RESOLUTION
 from fiftyone_sdcorr.core.features.extractor import PRESETS, Recipe
-from fiftyone_sdcorr.core.features.methods import DEFAULT_METHOD, PRECISION_KEYS, fingerprint, get_method, method_of
+from fiftyone_sdcorr.core.features.methods import DEFAULT_METHOD, PRECISION_KEYS, fingerprint, get_method, method_of, \
+    method_settings
 from fiftyone_sdcorr.core.features.models import DEFAULT_DINO_MODEL, DEFAULT_SD_MODEL
 from fiftyone_sdcorr.core.common.params import (
     ParameterError,
@@ -273,15 +274,12 @@ class FeatureConfig(Buildable):
     def settings(self) -> dict:
         """What decides the stored numbers: models and recipe (or the given extractor's
         config), not the precision or the device."""
-        m = get_method(self.method)
         if self.extractor is not None:
             cfg = dict(self.extractor.config())
-        elif m.uses_sd:
-            cfg = {"method": m.name, "extractor": "sd+dinov2", "sd_model": self.sd_model,
-                   "dino_model": self.dino_model, **self.recipe.to_dict()}
         else:
-            cfg = {"method": m.name, "extractor": "dinov2+adapter", "dino_model": self.dino_model,
-                   "adapter": _adapter_digest(self.adapter), **{f: getattr(self.recipe, f) for f in m.recipe_fields}}
+            digest = None if get_method(self.method).uses_sd else _adapter_digest(self.adapter)
+            cfg = method_settings(self.method, self.recipe, sd_model=self.sd_model, dino_model=self.dino_model,
+                                  adapter_digest=digest)
         if self.objects:
             cfg.update(unit="object", context_margin=self.recipe.context_margin)
         return {k: v for k, v in cfg.items() if k not in PRECISION_KEYS}

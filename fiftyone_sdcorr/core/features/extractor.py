@@ -20,7 +20,7 @@ from PIL import Image
 from fiftyone_sdcorr.core.features import models as _models
 from fiftyone_sdcorr.core.features.fusion import DEFAULT_TAPS, FixedProjection, FusedFeatures, RawFeatures
 from fiftyone_sdcorr.core.features.featurizer import Featurizer
-from fiftyone_sdcorr.core.features.methods import DEFAULT_METHOD, get_method
+from fiftyone_sdcorr.core.features.methods import DEFAULT_METHOD, get_method, method_settings
 from fiftyone_sdcorr.core.common.geometry import DEFAULT_CONTEXT_MARGIN, Letterbox
 from fiftyone_sdcorr.core.common.images import load_image
 from fiftyone_sdcorr.core.common.params import ParameterError, check_bool, check_choice, check_float, check_int, check_str
@@ -238,6 +238,7 @@ class FeatureExtractor:
         self.compiled: Optional[dict] = None
         # 2. models
         self.adapter, self.adapter_name = None, None if adapter is None else str(adapter)
+        self.adapter_digest: Optional[str] = None  # dino-diy: the loaded adapter's
         self.unet = self.vae = self.scheduler = self.tokenizer = self.text_encoder = None
         self._prompt_cache: Dict[str, torch.Tensor] = {}
         self._prep_pool: Optional[ThreadPoolExecutor] = None
@@ -316,19 +317,10 @@ class FeatureExtractor:
     def config(self) -> dict:
         """What decides this extractor's numbers (and its precision): the settings a
         store's fingerprint is made of (:func:`~fiftyone_sdcorr.core.features.methods.fingerprint`)."""
-        if not self.uses_sd:
-            return {"method": self.method, "extractor": "dinov2+adapter", "dino_model": self.dino_model_name,
-                    "adapter": self.adapter_digest, "dtype": str(self.dtype).replace("torch.", ""),
-                    **{f: getattr(self.recipe, f) for f in get_method(self.method).recipe_fields}}
-        cfg = {
-            "method": self.method,
-            "extractor": "sd+dinov2",
-            "sd_model": self.sd_model_name,
-            "dino_model": self.dino_model_name,
-            "dtype": str(self.dtype).replace("torch.", ""),
-            **self.recipe.to_dict(),
-        }
-        if self.unet_model_name is not None:  # absent by default: settings stay as they were
+        cfg = method_settings(self.method, self.recipe, sd_model=self.sd_model_name, dino_model=self.dino_model_name,
+                              adapter_digest=self.adapter_digest)
+        cfg["dtype"] = str(self.dtype).replace("torch.", "")
+        if self.uses_sd and self.unet_model_name is not None:  # absent by default: settings stay as they were
             cfg["unet_model"] = self.unet_model_name
         return cfg
 

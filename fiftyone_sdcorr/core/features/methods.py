@@ -80,6 +80,18 @@ def fingerprint(settings: dict) -> str:
     return hashlib.sha1(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def method_settings(method: str, recipe, *, sd_model, dino_model, adapter_digest=None) -> dict:
+    """What decides the numbers of ``method``'s features (models, adapter, the recipe fields
+    it reads): the settings ``FeatureExtractor.config`` and ``FeatureConfig.settings`` both
+    report, and :func:`fingerprint` hashes."""
+    m = get_method(method)
+    if m.uses_sd:
+        return {"method": m.name, "extractor": "sd+dinov2", "sd_model": str(sd_model), "dino_model": str(dino_model),
+                **recipe.to_dict()}
+    return {"method": m.name, "extractor": "dinov2+adapter", "dino_model": str(dino_model), "adapter": adapter_digest,
+            **{f: getattr(recipe, f) for f in m.recipe_fields}}
+
+
 def method_of(settings: dict) -> str:
     """The method recorded in ``settings`` (records written before methods existed: the paper's)."""
     return str((settings or {}).get("method") or DEFAULT_METHOD)
